@@ -1,0 +1,1 @@
+"""Command-line interface: one click command per module, imported lazily so `--help` stays fast and torch-free."""

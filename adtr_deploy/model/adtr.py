@@ -1,0 +1,223 @@
+"""ADTR: a frozen pretrained CNN, and a transformer that reconstructs its features; the reconstruction error is the anomaly map.
+
+`ADTR.forward` IS the inference graph that gets exported (TorchScript, ONNX, TensorRT) and tested for parity: uint8 RGB images
+(N, H, W, 3) in, anomaly map (N, 1, H, W) and image score (N,) out, float32. It has no Python branches on tensor values and
+every shape is static except the batch axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adtr_deploy.model.config import ADTRConfig
+from adtr_deploy.model.efficientnet import build_efficientnet
+
+
+class Attention(nn.Module):
+    """Multi-head attention written with plain matmul/softmax, so every exporter sees the same simple ops."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"d_model {d_model} is not divisible by nhead {nhead}")
+        self.nhead = nhead
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = 1.0 / math.sqrt(d_model // nhead)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        h = self.nhead
+        q = self.q_proj(q).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Lq, dh)
+        k = self.k_proj(k).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Lk, dh)
+        v = self.v_proj(v).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Lk, dh)
+        attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)  # (B, h, Lq, Lk)
+        out = self.dropout(attn) @ v  # (B, h, Lq, dh)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, Lq, d)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm encoder layer; the positional embedding is added to queries and keys, not values."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.self_attn = Attention(d_model, nhead, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        qk = src + pos
+        src = self.norm1(src + self.dropout1(self.self_attn(qk, qk, src)))
+        return self.norm2(src + self.dropout2(self.ffn(src)))
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention over the queries, cross-attention into the encoder memory, FFN."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.self_attn = Attention(d_model, nhead, dropout)
+        self.cross_attn = Attention(d_model, nhead, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        qk = tgt + pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)))
+        tgt = self.norm2(tgt + self.dropout2(self.cross_attn(tgt + pos, memory + pos, memory)))
+        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """2-D learned position embedding: a row table and a column table of d/2 dims each, concatenated (UniAD's layout)."""
+
+    def __init__(self, grid: tuple[int, int], d_model: int):
+        super().__init__()
+        self.grid = grid
+        self.row_embed = nn.Embedding(grid[0], d_model - d_model // 2)
+        self.col_embed = nn.Embedding(grid[1], d_model // 2)
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self) -> torch.Tensor:
+        h, w = self.grid
+        col = self.col_embed.weight.unsqueeze(0).expand(h, w, -1)  # (h, w, d/2)
+        row = self.row_embed.weight.unsqueeze(1).expand(h, w, -1)  # (h, w, d/2)
+        return torch.cat([col, row], dim=-1).flatten(0, 1)  # (h*w, d)
+
+
+class ReconstructionTransformer(nn.Module):
+    """Encoder over the projected features; the decoder's input is the learnable auxiliary query, the memory is the encoder."""
+
+    def __init__(self, cfg: ADTRConfig, channels: int):
+        super().__init__()
+        d, grid = cfg.d_model, cfg.grid
+        self.input_proj = nn.Linear(channels, d)  # the paper's 1x1 conv, per token
+        self.output_proj = nn.Linear(d, channels)
+        self.pos_embed = LearnedPositionEmbedding(grid, d)
+        self.query_embed = nn.Embedding(grid[0] * grid[1], d)
+        args = (d, cfg.nhead, cfg.dim_feedforward, cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.num_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(*args) for _ in range(cfg.num_decoder_layers))
+        self.decoder_norm = nn.LayerNorm(d)
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and not name.startswith("pos_embed"):
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, HW, C) original feature tokens -> (B, HW, C) reconstructed tokens."""
+        pos = self.pos_embed().unsqueeze(0)  # (1, HW, d)
+        memory = self.input_proj(tokens)  # (B, HW, d)
+        for layer in self.encoder:
+            memory = layer(memory, pos)
+        tgt = self.query_embed.weight.unsqueeze(0).expand_as(memory)  # (B, HW, d): the auxiliary query
+        for layer in self.decoder:
+            tgt = layer(tgt, memory, pos)
+        return self.output_proj(self.decoder_norm(tgt))
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    k = k / k.sum()
+    return (k[:, None] * k[None, :])[None, None]  # (1, 1, K, K)
+
+
+class ADTR(nn.Module):
+    """The ADTR reference module. `forward` is the exported inference graph; `forward_train` feeds the losses."""
+
+    def __init__(self, cfg: ADTRConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_efficientnet(
+            cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, image_size=cfg.input_size, padding=cfg.padding
+        )
+        self.channels = sum(self.backbone.stage_channels(cfg.stages))
+        self.backbone.truncate(max(cfg.stages))
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+        self.transformer = ReconstructionTransformer(cfg, self.channels)
+        # Normalization inside the graph: uint8 pixels -> (x / 255 - mean) / std == x * a + b.
+        mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("pixel_shift", -mean / std, persistent=False)
+        if cfg.blur_sigma > 0:
+            self.register_buffer("blur_kernel", gaussian_kernel(cfg.blur_sigma), persistent=False)
+        else:
+            self.blur_kernel = None
+
+    def train(self, mode: bool = True) -> ADTR:
+        super().train(mode)
+        self.backbone.eval()  # frozen: BatchNorm statistics never move
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters training changes (the transformer); the backbone comes from its pretrained weights."""
+        return {f"transformer.{k}": v for k, v in self.transformer.state_dict().items()}
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) RGB -> multi-scale backbone features on the stride-16 grid (N, C, h, w)."""
+        x = images.permute(0, 3, 1, 2).to(torch.float32) * self.pixel_scale + self.pixel_shift  # (N, 3, H, W)
+        grid = self.cfg.grid
+        feats = self.backbone.forward_stages(x, self.cfg.stages)
+        feats = [F.interpolate(f, size=grid, mode="bilinear", align_corners=True) for f in feats]
+        return torch.cat(feats, dim=1)  # (N, C, h, w)
+
+    def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) features -> (N, C, h, w) reconstruction by the transformer."""
+        tokens = features.flatten(2).transpose(1, 2)  # (N, hw, C)
+        rec = self.transformer(tokens)  # (N, hw, C)
+        return rec.transpose(1, 2).unflatten(2, self.cfg.grid)  # (N, C, h, w)
+
+    def anomaly_outputs(self, features: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token L2 reconstruction error -> map at input size (N, 1, H, W) and image score (N,)."""
+        err = torch.sqrt(torch.sum((features - reconstruction) ** 2, dim=1, keepdim=True))  # (N, 1, h, w)
+        amap = F.interpolate(err, size=self.cfg.input_size, mode="bilinear", align_corners=True)  # (N, 1, H, W)
+        if self.blur_kernel is not None:
+            pad = self.blur_kernel.shape[-1] // 2
+            amap = F.conv2d(F.pad(amap, (pad, pad, pad, pad), mode="replicate"), self.blur_kernel)
+        pooled = F.avg_pool2d(amap, self.cfg.score_pool, stride=1)
+        score = torch.amax(pooled, dim=(1, 2, 3))  # (N,)
+        return amap, score
+
+    def forward_train(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images -> (original features, reconstructed features); the backbone runs without gradients."""
+        with torch.no_grad():
+            feats = self.forward_features(images)
+        return feats, self.reconstruct(feats)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.forward_features(images)
+        return self.anomaly_outputs(feats, self.reconstruct(feats))
+
+
+def build_adtr(cfg: ADTRConfig) -> ADTR:
+    return ADTR(cfg)

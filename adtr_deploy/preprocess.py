@@ -1,0 +1,119 @@
+"""The one preprocessing implementation (numpy + OpenCV), shared by training, evaluation and the runtime.
+
+Training, evaluation and deployment must see identical pixels, so every path that turns a file or a frame into model input
+goes through `load_image` / `prepare` here. The graph itself does normalization (see ModelSpec.mean/std), so the output here is
+uint8 RGB at the model's input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
+
+# One interpolation everywhere. INTER_AREA is the right filter for downscaling camera frames (no aliasing); it equals
+# bilinear when upscaling.
+RESIZE_INTERPOLATION = cv2.INTER_AREA
+
+
+class ImageDecodeError(ValueError):
+    """A file could not be read or decoded as an image."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def to_rgb_uint8(img: np.ndarray, *, bgr: bool = True) -> np.ndarray:
+    """Convert any decoded image (grey, 16-bit, float, RGBA/BGRA) to contiguous uint8 RGB (H, W, 3).
+
+    `bgr` says the colour order of a 3/4-channel input: True for OpenCV-decoded images and frames, False for RGB arrays.
+    """
+    if img is None or not isinstance(img, np.ndarray) or img.size == 0:
+        raise ImageDecodeError("empty image")
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        img = np.clip(img * (255.0 if float(img.max(initial=0)) <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    elif img.dtype == np.bool_:
+        img = img.astype(np.uint8) * 255
+    elif img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.ndim != 3:
+        raise ImageDecodeError(f"unsupported image shape {img.shape}")
+    channels = img.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return np.ascontiguousarray(img[:, :, ::-1]) if bgr else np.ascontiguousarray(img)
+    if channels == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    raise ImageDecodeError(f"unsupported number of channels {channels}")
+
+
+def decode_image(data: bytes | np.ndarray, name: str = "<bytes>") -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, ...) to uint8 RGB."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray | memoryview) else data
+    if buf.size == 0:
+        raise ImageDecodeError(f"{name} is empty (0 bytes); replace it with a valid image file")
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageDecodeError(f"{name} is not a readable image (corrupt or unsupported format); replace or remove it")
+    return to_rgb_uint8(img, bgr=True)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 RGB (H, W, 3) at its original size. Raises ImageDecodeError with a clear message."""
+    path = Path(path)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)  # works with non-ASCII paths, unlike cv2.imread
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(f"{path} is a folder, not an image file") from None
+    except OSError as exc:
+        raise ImageDecodeError(f"{path} cannot be read ({exc.strerror}); check the file and its permissions") from None
+    return decode_image(data, name=str(path))
+
+
+def resize(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize uint8 RGB to (H, W) = size with the project's single interpolation."""
+    h, w = int(size[0]), int(size[1])
+    if img.shape[0] == h and img.shape[1] == w:
+        return np.ascontiguousarray(img)
+    return cv2.resize(img, (w, h), interpolation=RESIZE_INTERPOLATION)
+
+
+def prepare(image: np.ndarray, size: Sequence[int], *, bgr: bool = False) -> np.ndarray:
+    """Any decoded image or frame -> uint8 RGB (H, W, 3) at the model's input size."""
+    return resize(to_rgb_uint8(image, bgr=bgr), size)
+
+
+def load_image(path: str | Path, size: Sequence[int]) -> np.ndarray:
+    """Read and prepare an image file: the path every training and runtime image takes."""
+    return resize(read_image(path), size)
+
+
+def load_mask(path: str | Path | None, size: Sequence[int]) -> np.ndarray:
+    """Read a ground-truth mask as bool (H, W) at `size` (nearest neighbour, so labels stay exact). None -> all False."""
+    h, w = int(size[0]), int(size[1])
+    if path is None:
+        return np.zeros((h, w), dtype=bool)
+    data = np.fromfile(str(path), dtype=np.uint8)
+    m = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    if m is None:
+        raise ImageDecodeError(f"mask {path} is not a readable image; replace it with a PNG mask")
+    if m.shape != (h, w):
+        m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+    return m > (127 if int(m.max(initial=0)) > 1 else 0)  # 0/255 masks, and 0/1 masks too
+
+
+def stack_batch(images: Iterable[np.ndarray]) -> np.ndarray:
+    """A list of prepared images -> contiguous uint8 batch (N, H, W, 3)."""
+    return np.ascontiguousarray(np.stack(list(images), axis=0).astype(np.uint8, copy=False))

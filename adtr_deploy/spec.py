@@ -1,0 +1,123 @@
+"""ModelSpec: everything a runtime needs to know about an exported model (stdlib only).
+
+The spec travels with every artifact: as `model.json` beside it, in ONNX `metadata_props`, in TorchScript `_extra_files`.
+Score normalization and the threshold live here, so a user can change them without re-exporting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPEC_VERSION = 1
+SPEC_FILENAME = "model.json"
+METADATA_KEY = "adtr_spec"  # key in ONNX metadata_props and the TorchScript _extra_files name prefix
+
+
+class SpecError(ValueError):
+    """A model spec is missing, malformed or from an unsupported version."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Statistics of held-out good images; they turn raw scores into normalized ones and give a default threshold.
+
+    normalized = 0.5 * (raw - mean) / (threshold - mean), clipped to [0, 1]: the good mean maps to 0, the threshold to 0.5.
+    """
+
+    score_mean: float = 0.0
+    score_std: float = 1.0
+    score_max: float = 1.0
+    threshold: float = 1.0  # image-score threshold: score > threshold -> anomaly
+    map_mean: float = 0.0
+    map_std: float = 1.0
+    map_threshold: float = 1.0  # pixel threshold for masks and overlays
+    num_images: int = 0
+    method: str = "uncalibrated"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The contract between an exported graph and the runtime that feeds it."""
+
+    input_size: tuple[int, int] = (224, 224)  # (H, W)
+    input_name: str = "image"
+    input_layout: str = "NHWC"  # uint8 RGB batch, normalization happens inside the graph
+    input_dtype: str = "uint8"
+    color: str = "RGB"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # applied inside the graph, on [0, 1] pixels
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    output_names: tuple[str, str] = ("anomaly_map", "score")
+    calibration: Calibration = field(default_factory=Calibration)
+    preset: str = "lite0"
+    backbone: str = "efficientnet-lite0"
+    format: str = "pytorch"  # pytorch | torchscript | onnx | tensorrt
+    precision: str = "fp32"
+    spec_version: int = SPEC_VERSION
+    package_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # versions, sha256, engine details, training info
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
+
+    def replace(self, **changes: Any) -> ModelSpec:
+        if "calibration" in changes and isinstance(changes["calibration"], dict):
+            changes["calibration"] = Calibration(**changes["calibration"])
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        if not isinstance(data, dict):
+            raise SpecError("The model spec is not a JSON object; re-export the model with adtr-export.")
+        version = int(data.get("spec_version", 0))
+        if version > SPEC_VERSION:
+            raise SpecError(
+                f"The model spec has version {version}, newer than this adtr-deploy supports ({SPEC_VERSION}); "
+                "upgrade adtr-deploy."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        cal_fields = {f.name for f in dataclasses.fields(Calibration)}
+        kwargs["calibration"] = Calibration(**{k: v for k, v in dict(data.get("calibration") or {}).items() if k in cal_fields})
+        for key in ("input_size", "mean", "std", "output_names"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"The model spec is not valid JSON ({exc}); re-export the model with adtr-export.") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the spec as JSON atomically (temporary file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelSpec:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"No model spec at {path}; export the model with adtr-export, which writes it beside the model.")
+        return cls.from_json(path.read_text())
+
+
+def spec_path_for(model_path: str | Path) -> Path:
+    """The `model.json` that sits beside an exported artifact."""
+    return Path(model_path).with_name(SPEC_FILENAME)

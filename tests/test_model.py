@@ -1,0 +1,183 @@
+"""The ADTR model and its backbones: real weights, parameter layout, shapes, frozen backbone, traceable/exportable forward."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from adtr_deploy.model import ADTR, get_preset
+from adtr_deploy.model.efficientnet import EfficientNet, WeightsError, build_efficientnet, load_weights, same_padding
+from adtr_deploy.preprocess import resize
+from tests.conftest import texture_images
+
+
+def _imagenet_input(img: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(resize(img, (224, 224))).permute(2, 0, 1).float()[None] / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.mark.e2e
+def test_lite0_real_weights_classify_chelsea_and_coffee():
+    from skimage import data
+
+    model = build_efficientnet("efficientnet-lite0", pretrained=True)
+    with torch.no_grad():
+        cat = model(_imagenet_input(data.chelsea())).argmax(1).item()
+        coffee = model(_imagenet_input(data.coffee())).argmax(1).item()
+    assert cat == 285  # Egyptian cat
+    assert coffee == 967  # espresso
+
+
+@pytest.mark.e2e
+def test_tf_same_padding_fits_the_weights_better_than_symmetric():
+    """The Lite weights were trained in TensorFlow with 'SAME' padding: with it the correct classes get higher likelihood."""
+    from skimage import data
+
+    nll = {}
+    for padding in ("same", "symmetric"):
+        model = build_efficientnet("efficientnet-lite0", pretrained=True, padding=padding)
+        with torch.no_grad():
+            lp_cat = model(_imagenet_input(data.chelsea())).log_softmax(1)[0, 285]
+            lp_coffee = model(_imagenet_input(data.coffee())).log_softmax(1)[0, 967]
+        nll[padding] = -(lp_cat + lp_coffee).item()
+    assert nll["same"] < nll["symmetric"]
+
+
+def test_same_padding_is_asymmetric_like_tensorflow():
+    assert same_padding(224, 3, 2) == (0, 1)
+    assert same_padding(56, 5, 2) == (1, 2)
+    assert same_padding(14, 5, 1) == (2, 2)
+
+
+def test_b4_has_the_efficientnet_pytorch_layout_and_parameter_count(tmp_path):
+    model = EfficientNet("efficientnet-b4")
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 19.34e6) < 0.05e6
+    keys = model.state_dict().keys()
+    for key in ("_conv_stem.weight", "_bn0.running_var", "_blocks.0._se_reduce.weight", "_blocks.31._project_conv.weight",
+                "_conv_head.weight", "_fc.bias"):
+        assert key in keys
+    assert model.stage_channels([1, 2, 3, 4, 5]) == [24, 32, 56, 160, 448]  # 720 channels, as in the paper
+    # A state dict in that layout loads strictly from a user-given file.
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "efficientnet-b4.pth"
+    torch.save(state, path)
+    other = EfficientNet("efficientnet-b4")
+    load_weights(other, str(path))
+    assert torch.equal(other._blocks[5]._depthwise_conv.weight, state["_blocks.5._depthwise_conv.weight"])
+
+
+def test_wrong_or_missing_backbone_weights_give_a_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(EfficientNet("efficientnet-b4"), str(tmp_path / "missing.pth"))
+    path = tmp_path / "b0.pth"
+    torch.save(EfficientNet("efficientnet-b0").state_dict(), path)
+    with pytest.raises(WeightsError, match="does not fit efficientnet-b4"):
+        load_weights(EfficientNet("efficientnet-b4"), str(path))
+    with pytest.raises(WeightsError, match="--weights"):
+        build_efficientnet("efficientnet-b4", pretrained=True)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_forward_shapes_and_dtypes(batch):
+    model = ADTR(get_preset("tiny")).eval()
+    x = torch.from_numpy(texture_images(batch, 64))
+    with torch.no_grad():
+        amap, score = model(x)
+    assert amap.shape == (batch, 1, 64, 64) and amap.dtype == torch.float32
+    assert score.shape == (batch,) and score.dtype == torch.float32
+    assert torch.all(amap >= 0) and torch.all(score > 0)
+    # The score is the max of the average-pooled map, so it lies between the map's mean and max.
+    assert torch.all(score <= amap.flatten(1).max(1).values + 1e-6)
+
+
+def test_paper_preset_matches_the_paper():
+    cfg = get_preset("paper")
+    assert cfg.backbone == "efficientnet-b4" and cfg.stages == (1, 2, 3, 4, 5) and cfg.input_size == (224, 224)
+    assert (cfg.num_encoder_layers, cfg.num_decoder_layers, cfg.nhead, cfg.d_model, cfg.dim_feedforward) == (4, 4, 8, 256, 1024)
+    assert cfg.grid == (14, 14)
+    model = ADTR(cfg.replace(pretrained=False))
+    assert model.channels == 720
+
+
+def test_backbone_is_frozen_and_stays_in_eval_mode():
+    model = ADTR(get_preset("tiny"))
+    model.train()
+    assert not model.backbone.training
+    x = torch.from_numpy(texture_images(2, 64))
+    feats, rec = model.forward_train(x)
+    torch.nn.functional.mse_loss(rec, feats).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.transformer.parameters() if p.requires_grad)
+
+
+def test_chosen_stages_set_the_channel_count():
+    cfg = get_preset("tiny-lite0")
+    assert ADTR(cfg.replace(stages=(4, 5), pretrained=False)).channels == 112 + 320
+    assert ADTR(cfg.replace(pretrained=False)).channels == 16 + 24 + 40 + 112 + 320
+
+
+def test_reconstruction_error_is_the_anomaly_map():
+    model = ADTR(get_preset("tiny")).eval()
+    x = torch.from_numpy(texture_images(2, 64))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        amap, _ = model.anomaly_outputs(feats, feats)  # a perfect reconstruction has no anomaly
+        assert amap.abs().max() == 0
+        amap2, _ = model(x)
+        assert amap2.abs().max() > 0
+
+
+def test_gaussian_blur_option_smooths_the_map():
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    plain = ADTR(cfg).eval()
+    blurred = ADTR(cfg.replace(blur_sigma=2.0)).eval()
+    blurred.load_state_dict(plain.state_dict())
+    x = torch.from_numpy(texture_images(2, 64))
+    with torch.no_grad():
+        a, _ = plain(x)
+        b, _ = blurred(x)
+    assert b.diff(dim=-1).abs().mean() < a.diff(dim=-1).abs().mean()
+
+
+def test_reference_traces_to_torchscript_with_any_batch():
+    model = ADTR(get_preset("tiny")).eval()
+    traced = torch.jit.trace(model, torch.from_numpy(texture_images(2, 64)))
+    x = torch.from_numpy(texture_images(5, 64, seed=1))
+    with torch.no_grad():
+        ref, got = model(x), traced(x)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+
+
+def test_reference_exports_to_onnx_with_a_dynamic_batch_axis(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = ADTR(get_preset("tiny")).eval()
+    path = tmp_path / "m.onnx"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(
+        model, (torch.from_numpy(texture_images(2, 64)),), str(path), input_names=["image"],
+        output_names=["anomaly_map", "score"], dynamic_shapes={"images": {0: batch}}, opset_version=18,
+    )
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 4):
+        x = texture_images(n, 64, seed=n)
+        amap, score = sess.run(None, {"image": x})
+        with torch.no_grad():
+            ref_map, ref_score = model(torch.from_numpy(x))
+        np.testing.assert_allclose(amap, ref_map.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(score, ref_score.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_importing_the_package_imports_neither_torch_nor_onnxruntime():
+    import subprocess
+
+    code = "import sys, adtr_deploy, adtr_deploy.spec; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
