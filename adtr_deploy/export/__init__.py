@@ -1,0 +1,1 @@
+"""Export to TorchScript, ONNX and TensorRT, each verified against the PyTorch reference."""

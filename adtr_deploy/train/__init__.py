@@ -1,0 +1,1 @@
+"""Training (ADTR, ADTR+), losses, checkpoints and calibration (torch)."""
