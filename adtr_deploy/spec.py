@@ -88,7 +88,9 @@ class ModelSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         cal_fields = {f.name for f in dataclasses.fields(Calibration)}
-        kwargs["calibration"] = Calibration(**{k: v for k, v in dict(data.get("calibration") or {}).items() if k in cal_fields})
+        kwargs["calibration"] = Calibration(
+            **{k: v for k, v in dict(data.get("calibration") or {}).items() if k in cal_fields}
+        )
         for key in ("input_size", "mean", "std", "output_names"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
@@ -99,7 +101,9 @@ class ModelSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SpecError(f"The model spec is not valid JSON ({exc}); re-export the model with adtr-export.") from None
+            raise SpecError(
+                f"The model spec is not valid JSON ({exc}); re-export the model with adtr-export."
+            ) from None
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
@@ -114,7 +118,9 @@ class ModelSpec:
     def load(cls, path: str | Path) -> ModelSpec:
         path = Path(path)
         if not path.is_file():
-            raise SpecError(f"No model spec at {path}; export the model with adtr-export, which writes it beside the model.")
+            raise SpecError(
+                f"No model spec at {path}; export the model with adtr-export, which writes it beside the model."
+            )
         return cls.from_json(path.read_text())
 
 

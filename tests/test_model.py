@@ -59,8 +59,14 @@ def test_b4_has_the_efficientnet_pytorch_layout_and_parameter_count(tmp_path):
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - 19.34e6) < 0.05e6
     keys = model.state_dict().keys()
-    for key in ("_conv_stem.weight", "_bn0.running_var", "_blocks.0._se_reduce.weight", "_blocks.31._project_conv.weight",
-                "_conv_head.weight", "_fc.bias"):
+    for key in (
+        "_conv_stem.weight",
+        "_bn0.running_var",
+        "_blocks.0._se_reduce.weight",
+        "_blocks.31._project_conv.weight",
+        "_conv_head.weight",
+        "_fc.bias",
+    ):
         assert key in keys
     assert model.stage_channels([1, 2, 3, 4, 5]) == [24, 32, 56, 160, 448]  # 720 channels, as in the paper
     # A state dict in that layout loads strictly from a user-given file.
@@ -99,7 +105,13 @@ def test_forward_shapes_and_dtypes(batch):
 def test_paper_preset_matches_the_paper():
     cfg = get_preset("paper")
     assert cfg.backbone == "efficientnet-b4" and cfg.stages == (1, 2, 3, 4, 5) and cfg.input_size == (224, 224)
-    assert (cfg.num_encoder_layers, cfg.num_decoder_layers, cfg.nhead, cfg.d_model, cfg.dim_feedforward) == (4, 4, 8, 256, 1024)
+    assert (cfg.num_encoder_layers, cfg.num_decoder_layers, cfg.nhead, cfg.d_model, cfg.dim_feedforward) == (
+        4,
+        4,
+        8,
+        256,
+        1024,
+    )
     assert cfg.grid == (14, 14)
     model = ADTR(cfg.replace(pretrained=False))
     assert model.channels == 720
@@ -162,8 +174,13 @@ def test_reference_exports_to_onnx_with_a_dynamic_batch_axis(tmp_path):
     path = tmp_path / "m.onnx"
     batch = torch.export.Dim("batch", min=1, max=64)
     torch.onnx.export(
-        model, (torch.from_numpy(texture_images(2, 64)),), str(path), input_names=["image"],
-        output_names=["anomaly_map", "score"], dynamic_shapes={"images": {0: batch}}, opset_version=18,
+        model,
+        (torch.from_numpy(texture_images(2, 64)),),
+        str(path),
+        input_names=["image"],
+        output_names=["anomaly_map", "score"],
+        dynamic_shapes={"images": {0: batch}},
+        opset_version=18,
     )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 4):

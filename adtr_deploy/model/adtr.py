@@ -197,7 +197,9 @@ class ADTR(nn.Module):
         rec = self.transformer(tokens)  # (N, hw, C)
         return rec.transpose(1, 2).unflatten(2, self.cfg.grid)  # (N, C, h, w)
 
-    def anomaly_outputs(self, features: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def anomaly_outputs(
+        self, features: torch.Tensor, reconstruction: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token L2 reconstruction error -> map at input size (N, 1, H, W) and image score (N,)."""
         err = torch.sqrt(torch.sum((features - reconstruction) ** 2, dim=1, keepdim=True))  # (N, 1, h, w)
         amap = F.interpolate(err, size=self.cfg.input_size, mode="bilinear", align_corners=True)  # (N, 1, H, W)

