@@ -1,9 +1,79 @@
-"""`adtr evaluate` (placeholder until its issue lands)."""
+"""`adtr-eval` / `adtr eval`: measure a checkpoint or an exported model on a test split."""
+
+from __future__ import annotations
 
 import click
 
+from adtr_deploy.cli.common import user_errors
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def command() -> None:
-    """Not implemented yet: this command is being built."""
-    raise click.ClickException("this command is not implemented yet")
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(exists=True, path_type=str),
+    help="A checkpoint.pt (or its run folder) from adtr-train, or an exported model (model.onnx, model.torchscript, "
+    "model.engine, or its export folder) run through the deployment runtime.",
+)
+@click.option(
+    "--data",
+    "data_root",
+    required=True,
+    type=click.Path(path_type=str),
+    help="Data folder with a test split: an MVTec-AD root or CIFAR-10/100 'python version' batches.",
+)
+@click.option("--category", default=None, help="MVTec-AD category, or the normal CIFAR class (name or index).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help="Write the metrics here as JSON (and per-image scores to <name>_scores.csv beside it); default: print only.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image decoding processes.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def command(
+    model_path: str,
+    data_root: str,
+    category: str | None,
+    out: str | None,
+    device: str,
+    batch_size: int,
+    workers: int,
+    quiet: bool,
+) -> None:
+    """Evaluate a model on the test split: image AUROC, pixel AUROC and PRO (where masks exist), F1-max.
+
+    metrics.json keys: image_auroc, pixel_auroc (null without masks), pro, f1_max, threshold (the F1-max threshold on
+    raw scores), num_images, plus per-defect image AUROC and the backend used.
+
+    \b
+    Examples:
+      adtr-eval --model runs/brick/checkpoint.pt --data demo_data --category brick --out runs/brick/metrics.json
+      adtr-eval --model export/model.onnx --data demo_data --category brick --out export/metrics.json
+    """
+    import json
+
+    from adtr_deploy.train.evaluate import evaluate_model
+
+    metrics = evaluate_model(
+        model_path,
+        data_root,
+        category,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        out=out,
+        progress=not quiet,
+    )
+    if out is None:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    parts = [
+        f"{k} {metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if metrics.get(k) is not None
+    ]
+    click.echo(f"{metrics['num_images']} images ({metrics['backend']}): " + ", ".join(parts))
+    click.echo(f"metrics: {out}")

@@ -1,0 +1,249 @@
+"""Evaluation of a checkpoint (PyTorch) or an exported model (through the runtime) on a test split.
+
+The same code runs on both, so the accuracy of what is deployed is measured, not assumed: images go through the shared
+preprocessing, anomaly maps are compared with the masks at the model's input size, and the metrics come from
+`adtr_deploy.metrics.evaluate`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adtr_deploy.data.datasets import AnomalyData, image_loader, open_dataset
+from adtr_deploy.data.mvtec import Sample
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+class TorchRunner:
+    """An ADTR module behind the runtime backends' interface: uint8 (N, H, W, 3) -> (maps, scores) as numpy."""
+
+    name = "pytorch"
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.input_size = tuple(model.cfg.input_size)
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.as_tensor(batch).to(self.device)
+        with torch.no_grad():
+            amap, score = self.model(x)
+        return amap.float().cpu().numpy(), score.float().cpu().numpy()
+
+
+class BackendRunner:
+    """An exported model opened by the runtime (ONNX Runtime, TorchScript, TensorRT ...)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.name = backend.name
+        self.input_size = tuple(backend.spec.input_size)
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        arr = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        amap, score = self.backend.run(arr)
+        return np.asarray(amap, dtype=np.float32), np.asarray(score, dtype=np.float32).reshape(-1)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for an adtr-train checkpoint (or a run folder holding one); False for exported artifacts.
+
+    TorchScript files also end in .pt, and both are zip archives: a TorchScript archive has a code/ folder and
+    constants.pkl, a torch.save archive has neither.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return (path / "checkpoint.pt").is_file()
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return True  # not a TorchScript archive; read_checkpoint says what is wrong with it
+    return not any("/code/" in n or n.endswith("constants.pkl") for n in names)
+
+
+def open_runner(model_path: str | Path, device: str = "cpu"):
+    """A checkpoint -> TorchRunner (PyTorch eager); anything else -> BackendRunner through adtr_deploy.runtime.open_model."""
+    check_device(device)
+    if is_checkpoint(model_path):
+        from adtr_deploy.model.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(model_path)
+        return TorchRunner(model, device)
+    from adtr_deploy.runtime import open_model
+
+    return BackendRunner(open_model(model_path, device))
+
+
+def check_device(device: str) -> None:
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"device {device!r} is not supported; use cpu or cuda")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU here; use --device cpu")
+
+
+@dataclass
+class Predictions:
+    scores: np.ndarray  # (N,) float32 raw image scores
+    maps: np.ndarray | None  # (M, 1, H, W) float32 for the M samples with pixel ground truth, when kept
+    masks: np.ndarray | None  # (M, 1, H, W) bool, same samples
+    pixel_index: np.ndarray | None  # (M,) indices of those samples
+
+
+def predict(
+    runner,
+    samples: list[Sample] | tuple[Sample, ...],
+    *,
+    batch_size: int = 16,
+    workers: int = 0,
+    keep_maps: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+) -> Predictions:
+    """Run a model over samples; keep the maps (and load the masks) only of samples with pixel ground truth."""
+    from tqdm import tqdm
+
+    size = runner.input_size
+    scores = np.zeros(len(samples), dtype=np.float32)
+    maps, masks, pix = [], [], []
+    loader = image_loader(samples, size, batch_size=batch_size, workers=workers, masks=keep_maps)
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        amap, score = runner.run(batch["image"])
+        idx = batch["index"].numpy()
+        scores[idx] = score
+        if keep_maps:
+            for j, i in enumerate(idx):
+                if samples[i].has_pixel_truth:
+                    maps.append(amap[j])
+                    masks.append(batch["mask"][j].numpy())
+                    pix.append(i)
+    if not keep_maps or not pix:
+        return Predictions(scores, None, None, None)
+    return Predictions(scores, np.stack(maps), np.stack(masks), np.asarray(pix))
+
+
+def _clean(value: Any) -> Any:
+    """numpy scalars -> floats, NaN -> None, so metrics.json is plain JSON."""
+    if value is None:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def compute_metrics(samples, preds: Predictions) -> dict[str, Any]:
+    """Image metrics over every test image; pixel metrics over the images that have pixel ground truth."""
+    from adtr_deploy.metrics import evaluate, image_auroc
+
+    labels = np.asarray([s.label for s in samples], dtype=np.int64)
+    result = dict(evaluate(preds.scores, labels))
+    result["pixel_auroc"], result["pro"] = None, None
+    if preds.maps is not None and any(labels[preds.pixel_index] == 1):
+        px = evaluate(preds.scores[preds.pixel_index], labels[preds.pixel_index], preds.maps, preds.masks)
+        result["pixel_auroc"], result["pro"] = px["pixel_auroc"], px["pro"]
+        result["pixel_images"] = len(preds.pixel_index)
+    result["num_images"] = len(samples)
+    result["num_anomalous"] = int(labels.sum())
+    good = labels == 0
+    per_defect = {}
+    for defect in sorted({s.defect for s in samples if s.label == 1}):
+        sel = good | np.asarray([s.defect == defect for s in samples])
+        per_defect[defect] = {
+            "image_auroc": _clean(image_auroc(preds.scores[sel], labels[sel])) if good.any() else None,
+            "num_images": int(sel.sum() - good.sum()),
+        }
+    result["per_defect"] = per_defect
+    return {k: _clean(v) for k, v in result.items()}
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def scores_path_for(metrics_path: str | Path) -> Path:
+    """The per-image score table beside metrics.json: metrics.json -> metrics_scores.csv."""
+    p = Path(metrics_path)
+    return p.with_name(f"{p.stem}_scores.csv")
+
+
+def write_results(metrics: dict[str, Any], samples, scores: np.ndarray, out: str | Path) -> Path:
+    """metrics.json (atomically) and the per-image scores CSV beside it (path, label, defect, score)."""
+    out = Path(out)
+    table = scores_path_for(out)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    tmp = table.with_name(f".{table.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "defect", "score"])
+        for s, score in zip(samples, scores):
+            w.writerow([str(s.path), s.label, s.defect, f"{float(score):.6g}"])
+    os.replace(tmp, table)
+    return write_json_atomic(metrics, out)
+
+
+def evaluate_runner(
+    runner, data: AnomalyData, *, batch_size: int = 16, workers: int = 0, progress: bool = False
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics of a runner on the test split of `data`, and the raw scores in test order."""
+    if not data.has_test:
+        raise ValueError(
+            f"{data.root} has no test split for {data.category or 'this data'}; evaluation needs test images "
+            "(MVTec-AD layout test/good and test/<defect>, or CIFAR test_batch)"
+        )
+    preds = predict(
+        runner, data.test, batch_size=batch_size, workers=workers, keep_maps=data.has_masks, progress=progress
+    )
+    metrics = compute_metrics(data.test, preds)
+    metrics["backend"] = runner.name
+    metrics["input_size"] = list(runner.input_size)
+    metrics["data"] = data.info()
+    return metrics, preds.scores
+
+
+def evaluate_model(
+    model_path: str | Path,
+    data_root: str | Path,
+    category: str | int | None,
+    *,
+    device: str = "cpu",
+    batch_size: int = 16,
+    workers: int = 0,
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint or an exported model on the test split of `data_root`/`category`.
+
+    Returns the metrics dict (image_auroc, pixel_auroc, pro, f1_max, threshold, num_images, ...). With `out`, writes it
+    there as JSON and the per-image scores as `<stem>_scores.csv` beside it.
+    """
+    data = open_dataset(data_root, category)
+    if not data.has_test:
+        raise ValueError(
+            f"{data_root} has no test split; evaluation needs the MVTec-AD test folders or CIFAR test_batch"
+        )
+    runner = open_runner(model_path, device)
+    metrics, scores = evaluate_runner(runner, data, batch_size=batch_size, workers=workers, progress=progress)
+    metrics = {"model": str(Path(model_path).resolve()), **metrics}
+    if out is not None:
+        write_results(metrics, data.test, scores, out)
+    return metrics

@@ -1,0 +1,354 @@
+"""The ADTR training loop: frozen backbone features cached once, the transformer trained on them, then calibration and
+evaluation.
+
+The backbone never changes and training uses no augmentation, so each image's features are computed once and kept on the
+training device; an epoch then costs only the transformer (`cache_features=False` recomputes them every step, for
+comparison and for data too large to cache). A run folder holds:
+
+    checkpoint.pt       written atomically every `checkpoint_every` epochs, with train_state for --resume
+    train_log.jsonl     one line per epoch: epoch, loss, lr, seconds, images_per_s
+    metrics.json        test-split metrics when the data has a test split (+ metrics_scores.csv)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adtr_deploy.calibration import calibrate
+from adtr_deploy.data.datasets import AnomalyData, image_loader
+from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.model.adtr import ADTR
+from adtr_deploy.model.checkpoint import read_checkpoint, save_checkpoint
+from adtr_deploy.model.config import ADTRConfig
+from adtr_deploy.train.evaluate import TorchRunner, check_device, evaluate_runner, predict, write_results
+from adtr_deploy.train.losses import get_loss
+
+# Default epochs on the CPU. The paper trains 500 epochs on a GPU; with cached features an epoch of a few hundred images
+# takes seconds on 2 cores, and the demo data reaches its accuracy well before this (see docs/train.md).
+DEFAULT_EPOCHS = 30
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.jsonl"
+METRICS_NAME = "metrics.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about how a model is trained (the model itself is an ADTRConfig)."""
+
+    epochs: int = DEFAULT_EPOCHS
+    batch_size: int = 16  # the paper's
+    lr: float = 1e-4  # AdamW, the paper's defaults
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.1  # max grad norm (UniAD's code)
+    lr_drop_at: float = 0.8  # lr x lr_drop after this fraction of the epochs (the paper: 400 of 500)
+    lr_drop: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True  # float16 autocast + GradScaler; only ever on CUDA
+    val_fraction: float = 0.1  # held-out train/good images for calibration, never trained on
+    min_val_images: int = 4
+    cache_features: bool = True
+    cache_dtype: str = "float32"  # or "float16": half the cache memory, features rounded to fp16
+    workers: int = 0  # DataLoader worker processes for image decoding
+    eval_batch_size: int = 32
+    checkpoint_every: int = 1
+    mode: str = "adtr"  # selects the loss (train/losses.py)
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "betas" in kwargs:
+            kwargs["betas"] = tuple(kwargs["betas"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def drop_epoch(self) -> int:
+        """The epoch count after which the learning rate drops (MultiStepLR milestone)."""
+        return max(1, int(round(self.lr_drop_at * self.epochs)))
+
+
+def split_validation(samples: tuple[Sample, ...] | list[Sample], cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """Deterministic (seeded) split of the training images into (train indices, calibration indices)."""
+    n = len(samples)
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction {cfg.val_fraction} must be between 0 and 1 (e.g. 0.1)")
+    n_val = max(cfg.min_val_images, int(round(cfg.val_fraction * n)))
+    if n - n_val < 1:
+        raise ValueError(
+            f"only {n} training images: {n_val} are held out for calibration, so at least {n_val + 1} are needed; "
+            "add good images"
+        )
+    perm = np.random.default_rng(cfg.seed).permutation(n)
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG the loop may touch, as tensors and plain data (the checkpoint must load with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch `epoch`: a function of (seed, epoch) only, so a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+@torch.no_grad()
+def cache_features(model: ADTR, samples, cfg: TrainConfig, device: torch.device, *, progress: bool) -> torch.Tensor:
+    """Backbone features of every sample, once: (N, C, h, w) on `device` in cfg.cache_dtype."""
+    from tqdm import tqdm
+
+    dtype = {"float32": torch.float32, "float16": torch.float16}.get(cfg.cache_dtype)
+    if dtype is None:
+        raise ValueError(f"cache dtype {cfg.cache_dtype!r} is not float32 or float16")
+    h, w = model.cfg.grid
+    cache = torch.empty((len(samples), model.channels, h, w), dtype=dtype, device=device)
+    loader = image_loader(samples, model.cfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
+    for batch in tqdm(loader, desc="caching features", unit="batch", disable=not progress, leave=False):
+        cache[batch["index"].to(device)] = model.forward_features(batch["image"].to(device)).to(dtype)
+    return cache
+
+
+class _Log:
+    """train_log.jsonl: on resume, lines after the checkpoint's epoch are dropped (those epochs run again)."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        lines = path.read_text().splitlines() if path.is_file() and keep_until > 0 else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) <= keep_until]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def _write_calibration_images(samples: list[Sample], folder: Path) -> list[str]:
+    """Absolute paths of the calibration images; samples without a file (CIFAR) are written there as lossless PNGs."""
+    import cv2
+
+    paths = []
+    for i, s in enumerate(samples):
+        if s.pixels is None:
+            paths.append(str(Path(s.path).resolve()))
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        p = folder / f"val_{i:05d}.png"
+        cv2.imwrite(str(p), np.ascontiguousarray(s.pixels[..., ::-1]))  # RGB -> BGR for OpenCV
+        paths.append(str(p.resolve()))
+    return paths
+
+
+def train(
+    model_cfg: ADTRConfig,
+    cfg: TrainConfig,
+    data: AnomalyData,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    evaluate: bool = True,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Train ADTR on `data`, calibrate on held-out good images, evaluate on the test split; returns the checkpoint path.
+
+    With `resume`, continue from out_dir/checkpoint.pt (its weights, optimizer, scheduler, RNG states and epoch): the
+    result equals that of an uninterrupted run. `on_epoch_end` receives each epoch's log record (tests use it to
+    interrupt a run).
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    check_device(cfg.device)
+    if cfg.epochs < 1:
+        raise ValueError(f"--epochs {cfg.epochs} must be at least 1")
+    device = torch.device(cfg.device)
+    loss_fn = get_loss(cfg.mode)
+    train_idx, val_idx = split_validation(data.train, cfg)
+    train_samples = [data.train[i] for i in train_idx]
+    val_samples = [data.train[i] for i in val_idx]
+    data_order = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in val_samples]}
+
+    state = None
+    if resume:
+        ckpt = read_checkpoint(ckpt_path)
+        state = ckpt.get("train_state")
+        if not state:
+            raise ValueError(f"{ckpt_path} has no training state to resume from; start a new run without --resume")
+        if state["data_order"] != data_order:
+            raise ValueError(
+                f"the training images differ from those of the run in {out_dir} (or --seed/--val-fraction changed); "
+                "resume with the same data and options, or start a new run"
+            )
+        from adtr_deploy.model.checkpoint import model_from_checkpoint
+
+        model = model_from_checkpoint(ckpt)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Seed before building: the transformer's initial weights come from the torch RNG.
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = ADTR(model_cfg)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[cfg.drop_epoch], gamma=cfg.lr_drop)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start = int(state["epoch"])
+        if start > cfg.epochs:
+            raise ValueError(f"the run in {out_dir} already trained {start} epochs, more than --epochs {cfg.epochs}")
+
+    info = {
+        "data": data.info(),
+        "train": cfg.to_dict(),
+        "split": {"train_images": len(train_samples), "calibration_images": len(val_samples)},
+    }
+    log = _Log(out_dir / LOG_NAME, keep_until=start)
+    cache = cache_features(model, train_samples, cfg, device, progress=cfg.progress) if cfg.cache_features else None
+    if state is not None:
+        _set_rng_state(state["rng"], device)  # after caching: nothing random happens before the next epoch
+
+    def checkpoint(epoch: int, **extra: Any) -> None:
+        train_state = {
+            "epoch": epoch,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": _rng_state(device),
+            "data_order": data_order,
+        }
+        save_checkpoint(ckpt_path, model, mode=cfg.mode, train_state=train_state, info=info, **extra)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.epochs, initial=start, desc="train", unit="epoch", disable=not cfg.progress)
+    epoch = start
+    try:
+        for epoch in range(start + 1, cfg.epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            order = epoch_order(len(train_samples), cfg.seed, epoch)
+            total, seen = 0.0, 0
+            if cache is not None:
+                batches = (
+                    {"index": idx, "label": torch.zeros_like(idx), "features": cache[idx.to(device)].float()}
+                    for idx in order.split(cfg.batch_size)
+                )
+            else:
+                batches = image_loader(
+                    train_samples, model.cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers, order=order
+                )
+            for batch in batches:
+                loss = _step(model, batch, loss_fn, opt, scaler, params, cfg, device, use_amp)
+                n = len(batch["index"])
+                total, seen = total + loss * n, seen + n
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            seconds = time.perf_counter() - t0
+            record = {
+                "epoch": epoch,
+                "loss": total / seen,
+                "lr": lr,
+                "seconds": round(seconds, 4),
+                "images_per_s": round(seen / seconds, 2),
+            }
+            if not math.isfinite(record["loss"]):
+                raise RuntimeError(f"the loss became {record['loss']} at epoch {epoch}; lower --lr or check the data")
+            if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+                checkpoint(epoch)
+            log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+    except KeyboardInterrupt:
+        bar.close()
+        raise KeyboardInterrupt(
+            f"training interrupted; {ckpt_path} holds the last complete checkpoint, continue with --resume"
+        ) from None
+    bar.close()
+    del cache
+
+    # Calibration: raw scores and maps of held-out good images -> normalization statistics and a default threshold.
+    runner = TorchRunner(model, device)
+    val = predict(runner, val_samples, batch_size=cfg.eval_batch_size, workers=cfg.workers, keep_maps=True)
+    calibration = calibrate(val.scores, val.maps)
+    info["calibration_images"] = _write_calibration_images(val_samples, out_dir / "calibration_images")
+    checkpoint(cfg.epochs, calibration=calibration)
+
+    if evaluate and data.has_test:
+        metrics, scores = evaluate_runner(
+            runner, data, batch_size=cfg.eval_batch_size, workers=cfg.workers, progress=cfg.progress
+        )
+        metrics = {"model": str(ckpt_path.resolve()), **metrics}
+        write_results(metrics, data.test, scores, out_dir / METRICS_NAME)
+        checkpoint(cfg.epochs, calibration=calibration, metrics=metrics)
+    return ckpt_path
+
+
+def _step(model, batch, loss_fn, opt, scaler, params, cfg: TrainConfig, device, use_amp: bool) -> float:
+    """One optimization step; the loss function sees (features, reconstruction, batch)."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        feats = batch.get("features")
+        if feats is None:
+            with torch.no_grad():
+                feats = model.forward_features(batch["image"])
+        rec = model.reconstruct(feats)
+        loss = loss_fn(feats, rec, batch)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return float(loss.detach())
