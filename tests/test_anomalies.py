@@ -19,8 +19,10 @@ from adtr_deploy.data.anomalies import (
     MaskedAnomalyFolder,
     MixedAnomalySampler,
     check_no_test_leak,
+    load_normal,
     mvtec_test_split,
 )
+from adtr_deploy.data.mvtec import Sample
 from tests.conftest import texture_images
 
 SIZE = (64, 64)
@@ -161,6 +163,12 @@ def test_mixed_sampler_loads_normal_images_from_paths(tmp_path, normals):
     s = MixedAnomalySampler([CutPaste()], SIZE, normals=paths, length=3, seed=0)
     item = s[0]
     assert item["image"].shape == (64, 64, 3) and item["mask"].any()
+    # The training code's Sample records work too: a file, or decoded pixels (CIFAR).
+    samples = [Sample(path=paths[0]), Sample(path=tmp_path / "cifar[3]", pixels=normals[1])]
+    assert load_normal(samples[0], SIZE).shape == (64, 64, 3)
+    np.testing.assert_array_equal(load_normal(samples[1], SIZE), normals[1])
+    s = MixedAnomalySampler([CutPaste()], SIZE, normals=samples, length=3, seed=0)
+    assert s[1]["mask"].any()
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ def test_masks_at_input_size_become_soft_token_fractions():
     mask[0, 2:4, 4:8] = True  # all of token (1,1)
     y = mask_to_grid(mask, (2, 2))
     assert y.tolist() == [[[0.25, 0.0], [0.0, 1.0]]]
+    assert mask_to_grid(mask[:, None], (2, 2)).tolist() == y.tolist()  # the image loader's (N, 1, H, W) layout
 
     feats = torch.tensor([0.5, 0.1, 0.2, 1.0]).reshape(1, 1, 2, 2)
     rec = torch.zeros_like(feats)

@@ -308,8 +308,8 @@ class ArrayImages:
 class MixedAnomalySampler:
     """A fixed-length, indexable stream of anomalies mixed from several sources.
 
-    sources: sources, or (source, weight) pairs (weights are relative). normals: normal training images (paths, or uint8
-    RGB arrays) that synthetic sources paste on. Item i is a pure function of (seed, epoch, i): the same index gives the
+    sources: sources, or (source, weight) pairs (weights are relative). normals: normal training images (paths, uint8
+    RGB arrays, or data `Sample`s) that synthetic sources paste on. Item i is a pure function of (seed, epoch, i): the same index gives the
     same anomaly in any worker and any order; `set_epoch` draws fresh ones each epoch. `exclude`: the evaluated test
     split (folders and/or files); construction fails if any anomaly file lies in it (see `check_no_test_leak`).
     """
@@ -319,7 +319,7 @@ class MixedAnomalySampler:
         sources: Sequence[AnomalySource | tuple[AnomalySource, float]],
         size: Size,
         *,
-        normals: Sequence[str | Path | np.ndarray] | np.ndarray = (),
+        normals: Sequence[object] | np.ndarray = (),
         length: int = 1000,
         seed: int = 0,
         exclude: str | Path | Iterable[str | Path] | None = None,
@@ -368,10 +368,20 @@ class MixedAnomalySampler:
         source = self.sources[k]
         normal = None
         if source.needs_normal:
-            ref = self.normals[int(rng.integers(len(self.normals)))]
-            normal = ref if isinstance(ref, np.ndarray) else load_image(ref, self.size)
+            normal = load_normal(self.normals[int(rng.integers(len(self.normals)))], self.size)
         image, mask = source.draw(rng, self.size, normal)
         return {"image": image, "mask": mask, "label": 1, "source": source.name}
+
+
+def load_normal(ref: object, size: Size) -> np.ndarray:
+    """A normal image reference -> uint8 RGB at `size`: an RGB array, a path, or a data Sample (its `pixels` for CIFAR
+    records, else its `path`)."""
+    if isinstance(ref, np.ndarray):
+        return prepare(ref, size)
+    pixels = getattr(ref, "pixels", None)
+    if pixels is not None:
+        return prepare(pixels, size)
+    return load_image(getattr(ref, "path", ref), size)
 
 
 def mvtec_test_split(root: str | Path, category: str) -> list[Path]:

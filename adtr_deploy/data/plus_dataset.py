@@ -10,19 +10,18 @@ Every item is a dict of tensors that torch's default collate stacks into the bat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from adtr_deploy.data.anomalies import MixedAnomalySampler
-from adtr_deploy.preprocess import load_image, prepare
+from adtr_deploy.data.anomalies import MixedAnomalySampler, load_normal
 
 
 class PlusDataset(Dataset):
     """Index i < len(normals): good image i (label 0); then the anomaly sampler's items (label 1), at the sampler's size.
 
+    normals: the good TRAINING images (paths, uint8 RGB arrays or data `Sample`s), without the held-out calibration ones.
     normal_masks: whether good images carry pixel labels (an all-False mask, has_mask True), i.e. take part in L_px.
     Default: exactly when some anomaly source gives masks. With image-level anomalies only (CIFAR-10 + CIFAR-100, an
     external folder) nothing carries pixel labels, so the loss is L_img alone, as in the paper's CIFAR protocol.
@@ -30,7 +29,7 @@ class PlusDataset(Dataset):
 
     def __init__(
         self,
-        normals: Sequence[str | Path | np.ndarray] | np.ndarray,
+        normals: Sequence[object] | np.ndarray,
         anomalies: MixedAnomalySampler,
         *,
         normal_masks: bool | None = None,
@@ -50,8 +49,7 @@ class PlusDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         h, w = self.size
         if index < len(self.normals):
-            ref = self.normals[index]
-            image = prepare(ref, self.size) if isinstance(ref, np.ndarray) else load_image(ref, self.size)
+            image = load_normal(self.normals[index], self.size)
             mask, has_mask, label = np.zeros((h, w), dtype=bool), self.normal_masks, 0
         else:
             item = self.anomalies[index - len(self.normals)]

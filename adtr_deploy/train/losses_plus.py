@@ -56,13 +56,16 @@ def push(x: torch.Tensor, eps: float = PUSH_EPS) -> torch.Tensor:
 
 
 def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Masks (N, H, W) bool/float at input size -> soft pixel labels (N, h, w) in [0, 1]: the anomalous fraction per token.
+    """Masks (N, H, W) or (N, 1, H, W), bool/float at input size -> soft pixel labels (N, h, w) in [0, 1]: the anomalous
+    fraction of each token.
 
     Adaptive average pooling is an exact area average when H, W are multiples of h, w (224 -> 14: 16x16 pixels per token)
     and a close one otherwise. Masks already at (h, w) pass through unchanged.
     """
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]  # (N, H, W): the training loop's image loader stacks masks as (N, 1, H, W)
     if mask.dim() != 3:
-        raise ValueError(f"masks must be (N, H, W), got {tuple(mask.shape)}")
+        raise ValueError(f"masks must be (N, H, W) or (N, 1, H, W), got {tuple(mask.shape)}")
     y = mask.float().clamp(0.0, 1.0).unsqueeze(1)  # (N, 1, H, W)
     return F.adaptive_avg_pool2d(y, grid).squeeze(1)  # (N, h, w)
 
@@ -123,7 +126,7 @@ def adtr_plus_loss(
     """The ADTR+ training loss of one batch: w_px * L_px + w_img * L_img (scalar).
 
     batch keys (the plus_dataset yields all three; any subset that defines the labels works):
-      "mask"     (B, H, W) bool/float pixel labels at input size (zeros for good images);
+      "mask"     (B, H, W) or (B, 1, H, W) bool/float pixel labels at input size (zeros for good images);
       "has_mask" (B,) bool, which samples' masks are real labels; default: all of them when "mask" is given. Samples
                  without one (external / image-level anomalies) take no part in L_px;
       "label"    (B,) image labels; default: mask.any() per sample.
@@ -136,7 +139,7 @@ def adtr_plus_loss(
     if mask is None and labels is None:
         raise ValueError('an ADTR+ batch needs "mask" and/or "label"; the ADTR+ data set provides both')
     if labels is None:
-        labels = mask.flatten(1).any(1)
+        labels = mask.flatten(1).to(torch.bool).any(1)
     total = w_img * image_loss_per_sample(phi, labels.to(phi.device), alpha, k).mean()
     if mask is not None:
         has_mask = batch.get("has_mask")
