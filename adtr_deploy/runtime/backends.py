@@ -1,101 +1,173 @@
 """Inference backends: one small class per engine, chosen from the model file's suffix. No torch at import time.
 
 Every backend takes a uint8 RGB batch (N, H, W, 3) at the spec's input size and returns (anomaly_map (N, 1, H, W) float32,
-score (N,) float32). It reads the ModelSpec from `model.json` beside the file, or from the artifact's own metadata.
+score (N,) float32). It reads the ModelSpec from `model.json` beside the file, or from the artifact's own metadata, and
+refuses a spec that does not describe the graph it opened.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME, ModelSpec, SpecError, spec_path_for
+from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, parse_device, read_spec
+from adtr_deploy.runtime.tensorrt import TensorRTBackend
+from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME, ModelSpec
 
+__all__ = [
+    "BACKENDS",
+    "NAMED_BACKENDS",
+    "Backend",
+    "BackendError",
+    "OnnxRuntimeBackend",
+    "TensorRTBackend",
+    "TorchScriptBackend",
+    "open_model",
+    "read_spec",
+]
 
-class BackendError(RuntimeError):
-    """A model cannot be opened or run by the requested backend."""
-
-
-def read_spec(model_path: str | Path, embedded: str | None = None) -> ModelSpec:
-    """The spec beside the artifact (`model.json`) wins; the artifact's embedded copy is the fallback."""
-    beside = spec_path_for(model_path)
-    if beside.is_file():
-        return ModelSpec.load(beside)
-    if embedded:
-        return ModelSpec.from_json(embedded)
-    raise SpecError(
-        f"{model_path} has no {SPEC_FILENAME} beside it and no embedded spec; export it with adtr-export, which writes both"
-    )
-
-
-class Backend:
-    """Base class: `spec`, `name`, `device`, and `run(batch) -> (maps, scores)`."""
-
-    name = "base"
-
-    def __init__(self, path: str | Path, spec: ModelSpec, device: str):
-        self.path = Path(path)
-        self.spec = spec
-        self.device = device
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def check_batch(self, batch: np.ndarray) -> np.ndarray:
-        h, w = self.spec.input_size
-        if batch.ndim != 4 or batch.shape[1:] != (h, w, 3):
-            raise BackendError(f"input batch has shape {batch.shape}; the model takes (N, {h}, {w}, 3) uint8 RGB")
-        return np.ascontiguousarray(batch, dtype=np.uint8)
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "device": self.device, "model": str(self.path)}
+# --device -> ONNX Runtime execution providers, most preferred first. ORT silently drops a provider it cannot load,
+# so the session's get_providers() is checked against the first entry after the session is made.
+ORT_PROVIDERS: dict[str, list[str]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 
 
 class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU, CUDA or TensorRT execution provider.
+
+    Options: `threads` (intra-op threads), `allow_fallback` (run on whatever ORT picked, with a warning, instead of
+    refusing), `io_binding` (default: on for GPU devices), `trt_cache_dir` (TensorRT engine cache, default
+    `trt_cache/` beside the model), `fp16` (TensorRT provider in fp16; default: the spec's precision).
+    """
+
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu", *, threads: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        *,
+        threads: int | None = None,
+        allow_fallback: bool = False,
+        io_binding: bool | None = None,
+        trt_cache_dir: str | Path | None = None,
+        fp16: bool | None = None,
+    ):
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendError(
                 "onnxruntime is not installed; install it with pip install 'adtr-deploy[cpu]' (or [gpu] on an NVIDIA machine)"
             ) from None
+        kind, index = parse_device(device)
+        path = Path(path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}.get(device)
-        if providers is None:
-            raise BackendError(f"device {device!r} is not supported by the onnxruntime backend; use cpu or cuda")
+        # The spec decides the TensorRT precision unless the caller says otherwise; read it before the session exists.
+        spec_hint = read_spec(path, None) if path.with_name(SPEC_FILENAME).is_file() else None
+        if fp16 is None:
+            fp16 = bool(spec_hint and spec_hint.precision == "fp16")
+        providers = self._providers(kind, index, path, trt_cache_dir, fp16)
+        wanted = ORT_PROVIDERS[kind][0]
+        available = ort.get_available_providers()
+        missing = wanted not in available
+        # Asking for a provider this onnxruntime build lacks only makes ORT log a warning and skip it; we skip it
+        # ourselves and say why below.
+        providers = [p for p in providers if (p[0] if isinstance(p, tuple) else p) in available]
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ORT warns about unavailable providers; we say it better below
+                self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:
             raise BackendError(f"{path} is not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         super().__init__(path, read_spec(path, meta.get(METADATA_KEY)), device)
         self.providers = self.session.get_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
-            raise BackendError(
-                "CUDA was requested but ONNX Runtime fell back to the CPU (no GPU, or onnxruntime-gpu/CUDA libraries missing); "
-                "install adtr-deploy[gpu] on a machine with an NVIDIA GPU, or use --device cpu"
+        self.fallback: str | None = None
+        if missing or self.providers[0] != wanted:
+            self.fallback = (
+                f"--device {kind} asks for ONNX Runtime's {wanted}, but this session runs on {self.providers[0]} "
+                + (
+                    "because the installed onnxruntime has no such provider (install onnxruntime-gpu, not onnxruntime, "
+                    "via adtr-deploy[gpu])"
+                    if missing
+                    else "because the provider failed to load (no GPU, or its CUDA/cuDNN/TensorRT libraries are missing)"
+                )
             )
-        self.input_name = self.session.get_inputs()[0].name
-        names = [o.name for o in self.session.get_outputs()]
-        if self.input_name != self.spec.input_name or tuple(names) != tuple(self.spec.output_names):
-            raise BackendError(
-                f"{path} has input {self.input_name!r} and outputs {names}, but its spec says {self.spec.input_name!r} and "
-                f"{list(self.spec.output_names)}; the spec belongs to another model: re-export"
-            )
+            if not allow_fallback:
+                raise BackendError(
+                    self.fallback + "; fix that, or use --device cpu (or --allow-fallback to run anyway)"
+                )
+            warnings.warn(self.fallback, RuntimeWarning, stacklevel=2)
+
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        check_graph_io(self.spec, path, inp.name, inp.shape, self.output_names)
+        if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
+            self.max_batch = inp.shape[0]
+        # Outputs are fetched by the spec's names, so a graph that orders them differently still works.
+        self._fetch = list(self.spec.output_names)
+        on_gpu = self.providers[0] != "CPUExecutionProvider"
+        self.io_binding = on_gpu if io_binding is None else io_binding
+        self._ort_device = ("cuda", index) if on_gpu else ("cpu", 0)
+        self._ort = ort
+
+    @staticmethod
+    def _providers(kind: str, index: int, path: Path, trt_cache_dir, fp16: bool) -> list:
+        cuda = ("CUDAExecutionProvider", {"device_id": index})
+        if kind == "cpu":
+            return ["CPUExecutionProvider"]
+        if kind == "cuda":
+            return [cuda, "CPUExecutionProvider"]
+        cache = Path(trt_cache_dir) if trt_cache_dir else path.parent / "trt_cache"
+        cache.mkdir(parents=True, exist_ok=True)  # engines take minutes to build: keep them between runs
+        trt = (
+            "TensorrtExecutionProvider",
+            {
+                "device_id": index,
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+                "trt_fp16_enable": bool(fp16),
+            },
+        )
+        return [trt, cuda, "CPUExecutionProvider"]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        amap, score = self.session.run(None, {self.input_name: self.check_batch(batch)})
-        return amap, score
+        batch = self.check_batch(batch)
+        if self.io_binding:
+            return self._run_bound(batch)
+        amap, score = self.session.run(self._fetch, {self.input_name: batch})
+        return self.as_outputs(amap, score)
+
+    def _run_bound(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """IO binding: the input is copied once from host to the device, outputs stay on the device until the copy back,
+        so ORT does not stage them through its own host buffers."""
+        device, index = self._ort_device
+        binding = self.session.io_binding()
+        x = self._ort.OrtValue.ortvalue_from_numpy(batch, device, index)
+        binding.bind_ortvalue_input(self.input_name, x)
+        for name in self._fetch:
+            binding.bind_output(name, device, index)
+        self.session.run_with_iobinding(binding)
+        amap, score = binding.copy_outputs_to_cpu()
+        return self.as_outputs(amap, score)
 
     def describe(self) -> dict:
-        return {**super().describe(), "providers": self.providers}
+        return {
+            **super().describe(),
+            "providers": self.providers,
+            "io_binding": self.io_binding,
+            "fallback": self.fallback,
+        }
 
 
 class TorchScriptBackend(Backend):
@@ -107,45 +179,92 @@ class TorchScriptBackend(Backend):
         try:
             import torch
         except ImportError:
-            raise BackendError("the TorchScript backend needs torch; install it, or run the .onnx model instead") from None
+            raise BackendError(
+                "the TorchScript backend needs torch; install it, or run the .onnx model instead"
+            ) from None
+        kind, index = parse_device(device)
+        if kind == "tensorrt":
+            raise BackendError("--device tensorrt needs an .onnx or .engine model; TorchScript runs on cpu or cuda")
+        torch_device = "cpu" if kind == "cpu" else f"cuda:{index}"
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise BackendError("--device cuda was requested but torch sees no CUDA GPU; use --device cpu")
         extra = {SPEC_FILENAME: ""}
         try:
-            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            self.module = torch.jit.load(str(path), map_location=torch_device, _extra_files=extra)
         except Exception as exc:
-            raise BackendError(f"{path} is not a loadable TorchScript model ({str(exc).splitlines()[0][:200]})") from None
+            raise BackendError(
+                f"{path} is not a loadable TorchScript model ({str(exc).splitlines()[0][:200]})"
+            ) from None
         super().__init__(path, read_spec(path, extra[SPEC_FILENAME] or None), device)
         self.module.eval()
         self._torch = torch
+        self._device = torch_device
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        """TorchScript keeps no I/O names, so the spec is checked by shape: one image through must give an
+        (1, 1, H, W) map and a (1,) score at the spec's input size."""
+        h, w = self.spec.input_size
+        try:
+            amap, score = self.run(np.zeros((1, h, w, 3), np.uint8))
+            ok = amap.shape == (1, 1, h, w) and score.shape == (1,)
+        except Exception:
+            ok = False
+        if not ok:
+            raise BackendError(
+                f"{self.path} does not produce a ({h}, {w}) anomaly map and a score from a {h}x{w} image, as its "
+                "model.json says: the spec belongs to another model; re-export the model so the two match"
+            )
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            amap, score = self.module(torch.from_numpy(self.check_batch(batch)).to(self.device))
-        return amap.float().cpu().numpy(), score.float().cpu().numpy()
+            amap, score = self.module(torch.from_numpy(self.check_batch(batch)).to(self._device))
+        return self.as_outputs(amap.float().cpu().numpy(), score.float().cpu().numpy())
 
 
-# suffix -> backend class; other engines (TensorRT, Triton) are added beside these.
+# suffix -> backend class (the default choice for a model file).
 BACKENDS: dict[str, type[Backend]] = {
     ".onnx": OnnxRuntimeBackend,
+    ".engine": TensorRTBackend,
+    ".plan": TensorRTBackend,
     ".torchscript": TorchScriptBackend,
     ".pt": TorchScriptBackend,
 }
 
+# --backend NAME -> backend class, for an explicit choice (a served model, e.g. Triton, has no local file to look at).
+NAMED_BACKENDS: dict[str, type[Backend]] = {
+    "onnxruntime": OnnxRuntimeBackend,
+    "tensorrt": TensorRTBackend,
+    "torchscript": TorchScriptBackend,
+}
 
-def open_model(path: str | Path, device: str = "cpu", **options) -> Backend:
-    """Open an exported model with the backend its suffix names. `path` may also be an export folder."""
-    path = Path(path)
-    if path.is_dir():
-        found = [p for p in sorted(path.iterdir()) if p.suffix in BACKENDS or p.suffix == ".engine"]
-        if not found:
-            raise BackendError(f"{path} holds no exported model (model.onnx, model.torchscript, model.engine)")
-        path = found[0]
-    if not path.is_file():
-        raise BackendError(f"model file {path} does not exist; give the file that adtr-export wrote")
-    cls = BACKENDS.get(path.suffix)
+
+def open_model(path: str | Path, device: str = "cpu", *, backend: str | None = None, **options) -> Backend:
+    """Open an exported model. The backend is `backend` by name, or else chosen by the file's suffix; `path` may also be
+    an export folder (the first model file in it is used)."""
+    if backend not in (None, "auto"):
+        cls = NAMED_BACKENDS.get(backend)
+        if cls is None:
+            raise BackendError(f"unknown backend {backend!r}; choose one of auto, {', '.join(NAMED_BACKENDS)}")
+        return cls(_model_file(path) if cls.local else path, device, **options)
+    path = _model_file(path)
+    cls = BACKENDS.get(path.suffix.lower())
     if cls is None:
         raise BackendError(f"{path.name}: unknown model type {path.suffix!r}; expected one of {', '.join(BACKENDS)}")
     return cls(path, device, **options)
+
+
+def _model_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        found = [p for p in sorted(path.iterdir()) if p.suffix.lower() in BACKENDS]
+        if not found:
+            raise BackendError(f"{path} holds no exported model (model.onnx, model.engine or model.torchscript)")
+        return found[0]
+    if not path.is_file():
+        raise BackendError(f"model file {path} does not exist; give the file that adtr-export wrote")
+    return path
 
 
 def embedded_spec_json(spec: ModelSpec) -> str:

@@ -1,0 +1,118 @@
+"""Shared artifacts for the runtime tests: one tiny ADTR exported to ONNX once per test process, plus image files.
+
+The export is cached for the whole session (test_runtime, test_sources and test_run_cli all use it) because even the
+tiny model takes seconds to export on 2 cores.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from adtr_deploy.spec import Calibration, ModelSpec
+from tests.conftest import texture_images
+
+INPUT_SIZE = 64
+
+
+@functools.cache
+def _workdir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="adtr-runtime-tests-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.cache
+def reference_model():
+    """The PyTorch reference (tiny preset, fixed seed), in eval mode."""
+    import torch
+
+    from adtr_deploy.model import ADTR, get_preset
+
+    torch.manual_seed(0)
+    return ADTR(get_preset("tiny")).eval()
+
+
+def reference_outputs(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        amap, score = reference_model()(torch.from_numpy(batch))
+    return amap.numpy(), score.numpy()
+
+
+@functools.cache
+def calibration() -> Calibration:
+    """Calibration from real images through the reference, so thresholds split real scores (not a made-up number)."""
+    from adtr_deploy.calibration import calibrate
+
+    maps, scores = reference_outputs(texture_images(6, INPUT_SIZE, seed=100))
+    cal = calibrate(scores, maps)
+    # A threshold at the median of these scores makes both decisions occur on texture images.
+    return dataclasses.replace(cal, threshold=float(np.median(scores)))
+
+
+def spec() -> ModelSpec:
+    return ModelSpec(
+        input_size=(INPUT_SIZE, INPUT_SIZE),
+        preset="tiny",
+        backbone="efficientnet-test",
+        format="onnx",
+        calibration=calibration(),
+    )
+
+
+@functools.cache
+def onnx_model() -> Path:
+    """model.onnx + model.json (dynamic batch, uint8 NHWC input "image", outputs "anomaly_map", "score").
+
+    The TorchScript-based exporter (dynamo=False) is used because it is several times faster than the dynamo exporter
+    on 2 cores; the graph it gives is the same reference module's forward.
+    """
+    import torch
+
+    out = _workdir() / "export"
+    out.mkdir()
+    path = out / "model.onnx"
+    torch.onnx.export(
+        reference_model(),
+        (torch.from_numpy(texture_images(2, INPUT_SIZE)),),
+        str(path),
+        input_names=["image"],
+        output_names=["anomaly_map", "score"],
+        dynamic_axes={"image": {0: "batch"}},
+        opset_version=18,
+        dynamo=False,
+    )
+    spec().save(out / "model.json")
+    return path
+
+
+def copy_model(dest: Path, spec_override: ModelSpec | None = None) -> Path:
+    """A copy of the exported model in `dest` (optionally with another model.json), for tests that change the spec."""
+    dest.mkdir(parents=True, exist_ok=True)
+    src = onnx_model()
+    shutil.copy(src, dest / src.name)
+    (spec_override or spec()).save(dest / "model.json")
+    return dest / src.name
+
+
+def write_images(folder: Path, n: int, *, seed: int = 0, sizes=((96, 80), (64, 64), (120, 150))) -> list[Path]:
+    """Real texture crops written as PNG/JPEG files at assorted sizes (the runtime must resize them itself)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    imgs = texture_images(n, 160, seed=seed)
+    paths = []
+    for i, img in enumerate(imgs):
+        h, w = sizes[i % len(sizes)]
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+        path = folder / f"img_{i:02d}.{'png' if i % 2 == 0 else 'jpg'}"
+        cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return paths
