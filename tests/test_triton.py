@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from adtr_deploy.export.triton import TritonConfigError, parse_config, write_triton_repository
-from adtr_deploy.runtime.backends import BackendError, OnnxRuntimeBackend
+from adtr_deploy.runtime.backends import NAMED_BACKENDS, BackendError, OnnxRuntimeBackend, open_model
 from adtr_deploy.spec import ModelSpec, SpecError
 from tests.conftest import texture_images
 
@@ -370,11 +370,14 @@ def http_server(repo):
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_http_client_equals_local_onnxruntime(http_server, exported, binary):
+def test_http_client_equals_local_onnxruntime(http_server, exported, binary, monkeypatch):
     from adtr_deploy.runtime.triton import TritonBackend
 
     server, model = http_server
-    backend = TritonBackend("adtr", url=server.url, protocol="http", timeout_s=TIMEOUT_S, binary=binary)
+    # Opened the way the runtime opens every backend by name: open_model(model, device, backend=..., **options).
+    monkeypatch.setitem(NAMED_BACKENDS, "triton", TritonBackend)
+    backend = open_model("adtr", backend="triton", url=server.url, protocol="http", timeout_s=TIMEOUT_S, binary=binary)
+    assert isinstance(backend, TritonBackend)
     try:
         assert backend.spec == ModelSpec.load(exported.with_name("model.json"))  # read from the served config
         assert backend.max_batch_size == 4

@@ -35,13 +35,18 @@ KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 DATA_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 TRT_PRECISIONS = ("fp32", "fp16")
 
-# The entry for the export CLI's table of formats (wired in by the export command, see docs/triton.md).
+# The row for the export CLI's table of formats (adtr_deploy/export/formats.py keys, plus what differs): Triton is not a
+# new graph format but a repository around an exported ONNX model (or TensorRT engine), so it names the format it
+# packages and a `writer` taking that artifact, instead of an `exporter` taking the torch model.
 TRITON_FORMAT = {
-    "name": "triton",
-    "writes": "REPO/MODEL/config.pbtxt + REPO/MODEL/1/model.onnx (or model.plan) + REPO/MODEL/model.json",
-    "from": "an exported model.onnx (onnxruntime_onnx) or model.engine (tensorrt_plan) with its model.json",
-    "function": "adtr_deploy.export.triton:write_triton_repository",
-    "needs": "nothing to write; tritonclient[grpc] to validate the config against Triton's ModelConfig schema",
+    "filename": "model_repository/adtr/config.pbtxt",  # under --out; "adtr" is the default model name
+    "suffix": ".pbtxt",
+    "packages": ("onnx", "tensorrt"),  # onnx -> platform onnxruntime_onnx; tensorrt -> tensorrt_plan (GPU only)
+    "writer": "adtr_deploy.export.triton:write_triton_repository",
+    "dynamic_batch": True,  # Triton's dynamic batcher, up to max_batch_size
+    "precisions": ("fp32", "fp16"),  # those of the packaged artifact
+    "needs_gpu": False,
+    "runs_on": "Triton Inference Server: ONNX Runtime backend on CPU or GPU instances, or TensorRT plan on GPU",
 }
 
 

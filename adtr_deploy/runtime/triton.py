@@ -56,12 +56,16 @@ class TritonBackend(Backend):
         self.timeout_s = float(timeout_s)
         self.binary = binary
         self._client_mod, self.client = self._connect()
-        self._check_ready()
-        self.config = self._model_config()
-        spec = ModelSpec.load(spec_path) if spec_path else _spec_from_config(self.config, self.url, self.model_name)
-        super().__init__(Path(self.model_name), spec, device="remote")
-        self.max_batch_size = int(self.config.get("max_batch_size", 0) or 0)
-        self._check_io()
+        try:
+            self._check_ready()
+            self.config = self._model_config()
+            spec = ModelSpec.load(spec_path) if spec_path else _spec_from_config(self.config, self.url, self.model_name)
+            super().__init__(Path(self.model_name), spec, device="remote")
+            self.max_batch_size = int(self.config.get("max_batch_size", 0) or 0)
+            self._check_io()
+        except BaseException:
+            self.close()  # a refused backend must not leave a connection pool behind
+            raise
 
     # --- connection -------------------------------------------------------------------------------------------------
     def _connect(self):
