@@ -105,6 +105,24 @@ def test_repository_layout_and_config_parse_into_tritons_model_config(exported, 
     assert ModelSpec.from_json(cfg.parameters["adtr_spec"].string_value) == spec
 
 
+def test_external_weights_travel_with_the_model(exported, tmp_path):
+    """The dynamo exporter writes weights to model.onnx.data: Triton needs that file beside 1/model.onnx."""
+    import onnx
+    import onnxruntime as ort
+
+    src = tmp_path / "export"
+    src.mkdir()
+    onnx.save(onnx.load(str(exported)), str(src / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)  # fmt: skip
+    (src / "model.json").write_text(exported.with_name("model.json").read_text())
+    model_dir = write_triton_repository(src / "model.onnx", tmp_path / "repo")
+    assert (model_dir / "1" / "model.onnx.data").read_bytes() == (src / "model.onnx.data").read_bytes()
+    x = texture_images(2, 64, seed=5)
+    served = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(served.run(None, {"image": x})[1], ref.run(None, {"image": x})[1])
+
+
 def test_gpu_config_carries_instance_gpus_and_the_ort_tensorrt_accelerator(exported, tmp_path):
     model_dir = write_triton_repository(
         exported, tmp_path, kind="gpu", gpus=(0, 1), max_batch_size=16, preferred_batch_sizes=(4, 8),

@@ -345,6 +345,7 @@ def _external_data(model_path: Path, proto) -> list[str]:
 
 
 def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.copyfile(src, tmp)
     tmp.replace(dst)
