@@ -1,1 +1,30 @@
-"""Export to TorchScript, ONNX and TensorRT, each verified against the PyTorch reference."""
+"""Export to TorchScript, ONNX and TensorRT, each verified against the PyTorch reference.
+
+`export_checkpoint(checkpoint, fmt, out_dir, ...) -> ExportResult` is the entry point (adtr-export calls it). Importing
+this package is cheap: torch, onnx and tensorrt load only when an export runs, so the torch-free runtime can import
+`adtr_deploy.export.tensorrt.check_engine_compatible` and `adtr_deploy.export.formats` freely.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from adtr_deploy.export.formats import FORMATS, PRECISIONS, ExportOptions
+
+# name -> module that defines it, imported on first use (PEP 562)
+_LAZY = {
+    "export_checkpoint": "adtr_deploy.export.exporter",
+    "ExportResult": "adtr_deploy.export.exporter",
+    "verify_artifact": "adtr_deploy.export.verify",
+    "VerificationError": "adtr_deploy.export.verify",
+    "check_engine_compatible": "adtr_deploy.export.tensorrt",
+}
+
+__all__ = ["FORMATS", "PRECISIONS", "ExportOptions", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'adtr_deploy.export' has no attribute {name!r}")

@@ -1,0 +1,286 @@
+"""export_checkpoint: checkpoint -> artifact + model.json (+ verification.json), written atomically and verified.
+
+Every artifact is first written into a hidden staging folder inside the output folder, verified there, and only then
+renamed into place; a failure or an interruption removes the staging folder, so no half-written or unverified artifact
+ever appears under its real name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adtr_deploy import __version__
+from adtr_deploy.export.formats import ALL, FORMATS, ExportOptions, check_format_precision
+from adtr_deploy.export.verify import FULL_BATCH, VerificationError, collect_images, verify_artifact
+from adtr_deploy.spec import SPEC_FILENAME, ModelSpec
+
+VERIFICATION_FILENAME = "verification.json"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """One exported artifact: where it is, its spec, and the verification numbers (None with verify=False)."""
+
+    format: str
+    path: Path
+    spec_path: Path
+    spec: ModelSpec
+    verification: dict[str, Any] | None
+    notes: tuple[str, ...] = ()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what made the artifact (those that are installed)."""
+    out = {"package": __version__, "python": platform.python_version()}
+    for name in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "tensorrt"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # not installed, or broken: leave it out
+            continue
+    return out
+
+
+def preset_of(config: dict[str, Any], info: dict[str, Any]) -> str:
+    """The preset whose architecture the checkpoint has (weights source aside), else what training recorded."""
+    from adtr_deploy.model.config import PRESETS, ADTRConfig
+
+    def arch(cfg: ADTRConfig) -> dict:
+        return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("pretrained", "weights", "dropout")}
+
+    mine = arch(ADTRConfig.from_dict(config))
+    return next((name for name, cfg in PRESETS.items() if arch(cfg) == mine), str(info.get("preset") or "custom"))
+
+
+def base_spec(ckpt: dict[str, Any], fmt: str, options: ExportOptions, checkpoint_path: Path) -> ModelSpec:
+    from adtr_deploy.model.checkpoint import calibration_of
+    from adtr_deploy.model.config import ADTRConfig
+
+    cfg = ADTRConfig.from_dict(ckpt["config"])
+    info = ckpt.get("info") or {}
+    return ModelSpec(
+        input_size=tuple(cfg.input_size),
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        calibration=calibration_of(ckpt),
+        preset=preset_of(ckpt["config"], info),
+        backbone=cfg.backbone,
+        format=fmt,
+        precision=options.precision,
+        package_version=__version__,
+        extra={
+            "versions": versions(),
+            "batch": {"min": 1, "max": options.batch_max, "dynamic": FORMATS[fmt]["dynamic_batch"]},
+            "checkpoint": {
+                "path": str(checkpoint_path),
+                "sha256": sha256_of(checkpoint_path),
+                "format_version": ckpt.get("format_version"),
+                "package_version": ckpt.get("package_version"),
+                "mode": ckpt.get("mode"),
+            },
+            "metrics": ckpt.get("metrics"),
+            "data": info.get("data"),
+        },
+    )
+
+
+def _resolve(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _publish(files: list[Path], spec_file: Path, out_dir: Path) -> None:
+    """Rename staged files into place: old artifact out first, spec next, the artifact last (its presence = done)."""
+    artifact, companions = files[0], files[1:]
+    final = out_dir / artifact.name
+    if final.exists():
+        final.unlink()
+    for f in (*companions, spec_file):
+        os.replace(f, out_dir / f.name)
+    os.replace(artifact, final)
+
+
+def _export_one(
+    model,
+    ckpt: dict[str, Any],
+    checkpoint_path: Path,
+    fmt: str,
+    out_dir: Path,
+    options: ExportOptions,
+    images,
+    source: str,
+) -> ExportResult:
+    row = FORMATS[fmt]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "tensorrt" and options.timing_cache is None:
+        options = dataclasses.replace(options, timing_cache=str(out_dir / "timing.cache"))
+    spec = base_spec(ckpt, fmt, options, checkpoint_path)
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{fmt}-", dir=out_dir))
+    try:
+        artifact = staging / row["filename"]
+        made = _resolve(row["exporter"])(model, artifact, spec=spec, options=options)
+        files = [Path(f) for f in made["files"]]
+        extra = {**spec.extra, **made["extra"], "sha256": sha256_of(artifact), "files": [f.name for f in files]}
+        opset = (made["extra"].get("onnx") or made["extra"].get("tensorrt", {}).get("onnx") or {}).get("opset")
+        if opset is not None:
+            extra["versions"] = {**extra["versions"], "opset": opset}
+        spec = spec.replace(extra=extra)
+        spec_file = spec.save(staging / SPEC_FILENAME)
+        verification: dict[str, Any] | None = None
+        if images is not None:
+            device = options.device if row["needs_gpu"] else "cpu"
+            verification = verify_artifact(
+                model,
+                artifact,
+                images,
+                options.precision,
+                device=device,
+                batch_size=min(FULL_BATCH, options.batch_max),
+                source=source,
+            )
+            verification["artifact"] = str(out_dir / artifact.name)
+            verification["published"] = bool(verification["passed"])
+            _write_json(out_dir / VERIFICATION_FILENAME, verification)
+            if not verification["passed"]:
+                raise VerificationError(
+                    f"verification failed: {verification['reason']}; {fmt} {options.precision} artifact not written "
+                    f"(numbers in {out_dir / VERIFICATION_FILENAME})"
+                )
+        else:
+            _write_json(out_dir / VERIFICATION_FILENAME, {"skipped": True, "reason": "--no-verify", "passed": None})
+        _publish(files, spec_file, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(
+        format=fmt,
+        path=out_dir / artifact.name,
+        spec_path=out_dir / SPEC_FILENAME,
+        spec=spec,
+        verification=verification,
+        notes=tuple(made.get("notes", ())),
+    )
+
+
+def _tensorrt_ready(device: str) -> str | None:
+    """None when TensorRT and a GPU are usable, else the one-sentence reason."""
+    from adtr_deploy.export.tensorrt import TensorRTUnavailable, environment
+
+    try:
+        environment(device)
+    except TensorRTUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    precision: str = "fp32",
+    verify: bool = True,
+    verify_images: str | None = None,
+    batch_max: int = 64,
+    dynamo: bool = True,
+    opset: int = 18,
+    simplify: bool = False,
+    batch_opt: int | None = None,
+    workspace_gb: float = 4.0,
+    device: str = "cuda:0",
+    timing_cache: str | None = None,
+) -> ExportResult | list[ExportResult]:
+    """Export a checkpoint (file or run folder) to `fmt` in `out_dir`, with model.json, verified against the reference.
+
+    fmt is one of FORMATS ("onnx", "torchscript", "tensorrt"), or "all": then every format that supports `precision`
+    goes into its own sub-folder (out_dir/onnx, ...), TensorRT only where it and a GPU are present, and a list of
+    results comes back. Raises ValueError/RuntimeError with one sentence on bad input, VerificationError on a failed
+    parity check (nothing is published then).
+    """
+    from adtr_deploy.export.onnx import check_opset
+    from adtr_deploy.export.tensorrt import TensorRTUnavailable, profile_shapes
+
+    if fmt != ALL:
+        check_format_precision(fmt, precision)
+    else:
+        check_format_precision("onnx", precision)
+    if int(batch_max) < 1:
+        raise ValueError(f"--batch-max must be at least 1, not {batch_max}")
+    check_opset(opset, dynamo)
+    options = ExportOptions(
+        precision=precision,
+        opset=opset,
+        dynamo=dynamo,
+        simplify=simplify,
+        batch_max=int(batch_max),
+        batch_opt=batch_opt,
+        workspace_gb=workspace_gb,
+        device=device,
+        timing_cache=timing_cache,
+    )
+    notes: list[str] = []
+    if fmt == ALL:
+        formats = [f for f, row in FORMATS.items() if precision in row["precisions"]]
+        if "tensorrt" in formats:
+            reason = _tensorrt_ready(device)
+            if reason:
+                formats.remove("tensorrt")
+                notes.append(f"tensorrt skipped: {reason}")
+    else:
+        formats = [fmt]
+        if fmt == "tensorrt":
+            reason = _tensorrt_ready(device)
+            if reason:
+                raise TensorRTUnavailable(reason)
+            profile_shapes((1, 1), options.batch_max, options.batch_opt)  # validates the batch range early
+
+    from adtr_deploy.model.checkpoint import model_from_checkpoint, read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)
+    path = Path(checkpoint)
+    checkpoint_path = path / "checkpoint.pt" if path.is_dir() else path
+    model = model_from_checkpoint(ckpt)
+    images, source = (None, "")
+    if verify:
+        images, source = collect_images(model.cfg.input_size, verify_images=verify_images, checkpoint=ckpt)
+
+    out_dir = Path(out_dir)
+    if fmt != ALL:
+        result = _export_one(model, ckpt, checkpoint_path, fmt, out_dir, options, images, source)
+        return dataclasses.replace(result, notes=(*notes, *result.notes))
+    results = []
+    summary: dict[str, Any] = {}
+    try:
+        for f in formats:
+            result = _export_one(model, ckpt, checkpoint_path, f, out_dir / f, options, images, source)
+            results.append(result)
+            summary[f] = result.verification
+    finally:
+        if summary:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(out_dir / VERIFICATION_FILENAME, {**summary, "notes": notes})
+    if results:
+        results[0] = dataclasses.replace(results[0], notes=(*notes, *results[0].notes))
+    return results

@@ -1,0 +1,356 @@
+"""TensorRT engines built from our ONNX export with the TensorRT Python API (TensorRT 10 and 11).
+
+- Explicit batch (the only mode since TensorRT 10) with one optimization profile: batch 1 .. --batch-max, tuned for
+  `opt`. A timing cache file makes rebuilds fast; the workspace is a memory pool limit.
+- Precision follows TRT_RECIPES. TensorRT 10 builds "weakly typed" networks from the FP32 ONNX and takes FP16 from a
+  builder flag, with the fragile layers pinned to FP32. TensorRT 11 removed those flags (and the INT8 calibrator):
+  every network is strongly typed, so FP16 comes from our FP16 ONNX, whose types TensorRT then follows exactly.
+- An engine only runs on the GPU model and TensorRT version that built it. Both (and the compute capability and CUDA
+  version) are recorded in model.json `extra["tensorrt"]`; `check_engine_compatible(spec)` refuses a mismatch.
+
+Nothing here imports torch or tensorrt at module level: the runtime calls `check_engine_compatible` without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adtr_deploy.export.formats import ExportOptions
+from adtr_deploy.spec import ModelSpec
+
+INSTALL_HINT = "pip install 'adtr-deploy[tensorrt]' on a machine with an NVIDIA GPU"
+MIN_MAJOR = 10
+DEFAULT_OPT_BATCH = 8
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT or a CUDA GPU is missing on this machine."""
+
+
+class EngineCompatibilityError(RuntimeError):
+    """A serialized engine was built for another GPU or TensorRT version than this machine has."""
+
+
+# --- pure Python: versions, profiles, precision recipes, compatibility ---------------------------------------------
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'10.3.0.26' -> (10, 3, 0, 26); '11.0.0b1' -> (11, 0, 0). Raises ValueError when there is no number."""
+    parts = []
+    for piece in str(text).strip().split("."):
+        m = re.match(r"\d+", piece)
+        if not m:
+            break
+        parts.append(int(m.group()))
+        if m.end() != len(piece):
+            break
+    if not parts:
+        raise ValueError(f"{text!r} is not a version number")
+    return tuple(parts)
+
+
+def profile_shapes(input_size: tuple[int, int], batch_max: int, batch_opt: int | None = None) -> dict[str, tuple]:
+    """The optimization profile of the image input: (min, opt, max) NHWC shapes over the batch range 1..batch_max."""
+    batch_max = int(batch_max)
+    if batch_max < 1:
+        raise ValueError(f"--batch-max must be at least 1, not {batch_max}")
+    opt = min(DEFAULT_OPT_BATCH, batch_max) if batch_opt is None else int(batch_opt)
+    if not 1 <= opt <= batch_max:
+        raise ValueError(f"the optimization batch {opt} must lie between 1 and --batch-max {batch_max}")
+    h, w = int(input_size[0]), int(input_size[1])
+    return {"min": (1, h, w, 3), "opt": (opt, h, w, 3), "max": (batch_max, h, w, 3)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one TensorRT generation builds one precision."""
+
+    onnx_precision: str  # which ONNX the network is parsed from
+    strongly_typed: bool  # tensor types come from the ONNX (the only mode in TensorRT 11)
+    set_flags: tuple[str, ...] = ()  # BuilderFlag names to set
+    clear_flags: tuple[str, ...] = ()  # BuilderFlag names to clear (when the flag exists)
+    pin_fp32_layers: bool = False  # weak typing: keep fragile layer types in FP32 (with a precision-constraint flag)
+
+
+# (generation, precision) -> Recipe. TF32 is cleared for FP32 so that FP32 engines meet the 1e-4 tolerance.
+# INT8 (issue 10) joins as ("weak", "int8") with the INT8 flag and a calibrator, and ("strong", "int8") from a Q/DQ ONNX.
+TRT_RECIPES: dict[tuple[str, str], Recipe] = {
+    ("weak", "fp32"): Recipe(onnx_precision="fp32", strongly_typed=False, clear_flags=("TF32",)),
+    ("weak", "fp16"): Recipe(
+        onnx_precision="fp32",
+        strongly_typed=False,
+        set_flags=("FP16", "PREFER_PRECISION_CONSTRAINTS"),
+        pin_fp32_layers=True,
+    ),
+    ("strong", "fp32"): Recipe(onnx_precision="fp32", strongly_typed=True, clear_flags=("TF32",)),
+    ("strong", "fp16"): Recipe(onnx_precision="fp16", strongly_typed=True),
+}
+
+# Layer types pinned to FP32 in weakly typed FP16 builds: the same ops our FP16 ONNX keeps in FP32 (see fp16.py).
+FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE", "UNARY", "POOLING", "RESIZE")
+
+
+def generation(version: str | tuple[int, ...]) -> str:
+    major = (parse_version(version) if isinstance(version, str) else tuple(version))[0]
+    if major < MIN_MAJOR:
+        raise TensorRTUnavailable(
+            f"TensorRT {major} is too old; adtr-deploy needs TensorRT 10 or newer ({INSTALL_HINT})"
+        )
+    return "weak" if major < 11 else "strong"
+
+
+def build_recipe(version: str | tuple[int, ...], precision: str) -> Recipe:
+    """The recipe for this TensorRT version and precision; ValueError when the pair is not supported."""
+    gen = generation(version)
+    recipe = TRT_RECIPES.get((gen, precision))
+    if recipe is None:
+        known = ", ".join(sorted({p for g, p in TRT_RECIPES if g == gen}))
+        raise ValueError(f"TensorRT {version} engines can be built in {known}, not {precision!r}")
+    return recipe
+
+
+# Keys of extra["tensorrt"] that must match the machine that runs the engine.
+MUST_MATCH = ("tensorrt_version", "compute_capability")
+
+
+def compatibility_problems(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between the build environment (from model.json) and this one; empty when the engine can run."""
+    problems = []
+    for key in MUST_MATCH:
+        if recorded.get(key) is None:
+            problems.append(f"the engine's model.json does not record its {key.replace('_', ' ')}")
+        elif str(recorded[key]) != str(current.get(key)):
+            problems.append(
+                f"it was built with {key.replace('_', ' ')} {recorded[key]}, this machine has {current.get(key)}"
+            )
+    return problems
+
+
+# --- the environment: TensorRT and the GPU -------------------------------------------------------------------------
+
+
+def require_tensorrt():
+    """The tensorrt module, or TensorRTUnavailable with one sentence saying what to install."""
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError:
+        raise TensorRTUnavailable(f"TensorRT is not installed; install it with {INSTALL_HINT}") from None
+
+
+def device_index(device: str | int) -> int:
+    """'cuda:1' / 'cuda' / '1' / 1 -> CUDA device index."""
+    text = str(device).strip().lower()
+    m = re.fullmatch(r"(?:cuda|gpu)?:?(\d*)", text)
+    if not m:
+        raise ValueError(f"device {device!r} is not a CUDA device; use cuda, cuda:0, cuda:1, ...")
+    return int(m.group(1) or 0)
+
+
+def _gpu_from_cuda_python(index: int) -> dict[str, Any]:
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart  # cuda-python before 12.6
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count <= index:
+        raise TensorRTUnavailable(f"no CUDA GPU with index {index} is visible")
+    err, props = cudart.cudaGetDeviceProperties(index)
+    _, runtime_version = cudart.cudaRuntimeGetVersion()
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {
+        "gpu": name.strip("\x00 "),
+        "compute_capability": f"{props.major}.{props.minor}",
+        "cuda_version": f"{runtime_version // 1000}.{(runtime_version % 1000) // 10}",
+    }
+
+
+def _gpu_from_torch(index: int) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() <= index:
+        raise TensorRTUnavailable(f"no CUDA GPU with index {index} is visible")
+    major, minor = torch.cuda.get_device_capability(index)
+    return {
+        "gpu": torch.cuda.get_device_name(index),
+        "compute_capability": f"{major}.{minor}",
+        "cuda_version": torch.version.cuda,
+    }
+
+
+# Ways to ask about the GPU, tried in order: cuda-python (part of the tensorrt extra, no torch), then torch.
+GPU_PROBES = (_gpu_from_cuda_python, _gpu_from_torch)
+
+
+def gpu_info(index: int = 0) -> dict[str, Any]:
+    reasons = []
+    for probe in GPU_PROBES:
+        try:
+            return probe(index)
+        except ImportError as exc:
+            reasons.append(str(exc))
+        except TensorRTUnavailable:
+            raise
+        except Exception as exc:  # a driver error is reported the same way as a missing GPU
+            reasons.append(f"{type(exc).__name__}: {exc}")
+    raise TensorRTUnavailable(
+        f"TensorRT needs an NVIDIA GPU and none could be queried ({'; '.join(reasons)[:200]}); "
+        f"build the engine on the machine that will run it, with {INSTALL_HINT}"
+    )
+
+
+def environment(device: str | int = 0) -> dict[str, Any]:
+    """TensorRT version and GPU facts of this machine, in the shape recorded in extra["tensorrt"]."""
+    trt = require_tensorrt()
+    index = device_index(device)
+    return {"tensorrt_version": trt.__version__, "device_index": index, **gpu_info(index)}
+
+
+def check_engine_compatible(spec: ModelSpec, device: str | int = 0) -> None:
+    """Raise EngineCompatibilityError unless this machine's GPU and TensorRT match those that built the engine.
+
+    For the runtime's TensorRT backend: call it before deserializing, so a mismatch is one clear sentence instead of
+    TensorRT's deserialization error. The GPU's name is informative only; the compute capability decides.
+    """
+    recorded = dict(spec.extra.get("tensorrt") or {})
+    if not recorded:
+        raise EngineCompatibilityError(
+            "the engine's model.json has no TensorRT build record; re-export it with adtr-export --format tensorrt"
+        )
+    current = environment(device)
+    problems = compatibility_problems(recorded, current)
+    if problems:
+        raise EngineCompatibilityError(
+            f"this TensorRT engine cannot run here: {'; '.join(problems)}; rebuild it on this machine with "
+            "adtr-export --format tensorrt"
+        )
+
+
+# --- building --------------------------------------------------------------------------------------------------------
+
+
+def _pin_fragile_layers(trt, network) -> int:
+    """Weak typing only: ask for FP32 on normalization, softmax, reductions, sqrt, pooling and resize layers."""
+    types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES if hasattr(trt.LayerType, name)}
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in types:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned += 1
+    return pinned
+
+
+def _network_flags(trt, recipe: Recipe) -> int:
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    # TensorRT 11 is strongly typed always; the flag is set where it still exists so 10 and 11 read the same.
+    return (1 << int(flag)) if recipe.strongly_typed and flag is not None else 0
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    *,
+    recipe: Recipe,
+    input_name: str,
+    shapes: dict[str, tuple],
+    workspace_gb: float,
+    timing_cache: Path | None,
+) -> dict[str, Any]:
+    """Parse the ONNX, configure the builder from the recipe, build and write the serialized engine."""
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt, recipe))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"TensorRT cannot parse the ONNX graph ({(errors or ['no details'])[0][:300]})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    for name in recipe.set_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in recipe.clear_flags:
+        if hasattr(trt.BuilderFlag, name):
+            config.clear_flag(getattr(trt.BuilderFlag, name))
+    pinned = _pin_fragile_layers(trt, network) if recipe.pin_fp32_layers else 0
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError("TensorRT could not build the engine (see its log above); try a larger --workspace-gb")
+    _atomic_write(engine_path, bytes(plan))
+    if timing_cache is not None:
+        _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return {"layers": network.num_layers, "pinned_fp32_layers": pinned}
+
+
+def export_tensorrt(model, path: Path, *, spec: ModelSpec, options: ExportOptions) -> dict[str, Any]:
+    """ONNX (FP32 or FP16, as the recipe says) -> serialized engine at `path`; the ONNX is a temporary beside it."""
+    import torch
+
+    from adtr_deploy.export.onnx import export_onnx
+
+    trt = require_tensorrt()
+    env = environment(options.device)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env["device_index"])  # TensorRT builds on the current CUDA device
+    recipe = build_recipe(trt.__version__, options.precision)
+    shapes = profile_shapes(spec.input_size, options.batch_max, options.batch_opt)
+    onnx_path = path.with_name(path.stem + ".build.onnx")
+    onnx_options = ExportOptions(
+        precision=recipe.onnx_precision,
+        opset=options.opset,
+        dynamo=options.dynamo,
+        simplify=options.simplify,
+        batch_max=options.batch_max,
+    )
+    try:
+        onnx_details = export_onnx(model, onnx_path, spec=spec, options=onnx_options)
+        timing_cache = Path(options.timing_cache) if options.timing_cache else None
+        built = build_engine(
+            onnx_path,
+            path,
+            recipe=recipe,
+            input_name=spec.input_name,
+            shapes=shapes,
+            workspace_gb=options.workspace_gb,
+            timing_cache=timing_cache,
+        )
+    finally:
+        for extra_file in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+            if extra_file.exists():
+                extra_file.unlink()
+    record = {
+        **env,
+        "precision": options.precision,
+        "strongly_typed": recipe.strongly_typed,
+        "builder_flags": list(recipe.set_flags),
+        "cleared_flags": list(recipe.clear_flags),
+        "profile": {k: list(v) for k, v in shapes.items()},
+        "workspace_gb": options.workspace_gb,
+        "timing_cache": str(timing_cache) if timing_cache else None,
+        "onnx": onnx_details["extra"]["onnx"],
+        **built,
+    }
+    return {"extra": {"tensorrt": record}, "notes": onnx_details["notes"], "files": [path]}
