@@ -289,25 +289,39 @@ def _marker(seed: int, image_size: int, counts: dict[str, int]) -> dict:
     return {"format_version": FORMAT_VERSION, "seed": int(seed), "image_size": int(image_size), "counts": counts}
 
 
+def _split_dirs(split: str) -> tuple[str, str | None]:
+    """Image folder and mask folder (None for good images) of a split, relative to the category folder."""
+    if split == "train":
+        return "train/good", None
+    return f"test/{split}", (f"ground_truth/{split}" if split in DEFECTS else None)
+
+
 def _is_complete(folder: Path, expected: dict) -> bool:
-    """The folder holds a finished demo category written with the same parameters."""
+    """The folder holds a finished demo category written with the same parameters, with every file still there."""
     try:
-        return json.loads((folder / MARKER_NAME).read_text()) == expected
+        if json.loads((folder / MARKER_NAME).read_text()) != expected:
+            return False
     except (OSError, ValueError):
         return False
+    for split, n in expected["counts"].items():
+        for sub in _split_dirs(split):
+            if sub is not None and len(list((folder / sub).glob("*.png"))) != n:
+                return False
+    return True
 
 
 def _write_category(tmp: Path, category: str, seed: int, image_size: int, counts: dict[str, int]) -> None:
     def write_one(split: str, i: int) -> None:
         image, _, mask = make_sample(category, split, i, seed=seed, image_size=image_size)
-        _write_png(tmp / ("train/good" if split == "train" else f"test/{split}") / f"{i:03d}.png", image)
+        image_dir, mask_dir = _split_dirs(split)
+        _write_png(tmp / image_dir / f"{i:03d}.png", image)
         if mask is not None:
-            _write_png(tmp / "ground_truth" / split / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
+            _write_png(tmp / mask_dir / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
 
     for split in counts:
-        (tmp / ("train/good" if split == "train" else f"test/{split}")).mkdir(parents=True)
-        if split in DEFECTS:
-            (tmp / "ground_truth" / split).mkdir(parents=True)
+        for sub in _split_dirs(split):
+            if sub is not None:
+                (tmp / sub).mkdir(parents=True)
     for name in DEMO_CATEGORIES:  # load the photos once, before the threads start ("patch" uses the other ones)
         _source(name)
     jobs = [(split, i) for split, n in counts.items() for i in range(n)]
