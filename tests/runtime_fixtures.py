@@ -116,3 +116,98 @@ def write_images(folder: Path, n: int, *, seed: int = 0, sizes=((96, 80), (64, 6
         cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         paths.append(path)
     return paths
+
+
+def jpeg_frames(n: int, size: tuple[int, int] = (72, 96), seed: int = 3) -> list[bytes]:
+    """n real-texture JPEG frames (H, W = size)."""
+    out = []
+    for img in texture_images(n, 128, seed=seed):
+        img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        assert ok
+        out.append(buf.tobytes())
+    return out
+
+
+class MjpegServer:
+    """A local HTTP MJPEG camera on 127.0.0.1 (multipart/x-mixed-replace JPEG frames), for stream tests.
+
+    plan: what each successive connection does, as ("stream", n_frames, then) with then in
+    "cut" (stop mid-frame and drop the connection), "hold" (keep the connection open, silent, until stopped) or
+    "close" (end cleanly); connections beyond the plan repeat its last entry. After a "cut", requests get HTTP 503 for
+    `down_s` seconds: the camera is away. Every loop is bounded by n_frames and by stop().
+    """
+
+    def __init__(self, plan, *, interval_s: float = 0.02, down_s: float = 0.0, content_length: bool = True):
+        import http.server
+        import threading
+
+        self.plan = list(plan)
+        self.interval_s = interval_s
+        self.down_s = down_s
+        self.content_length = content_length
+        self.frames = jpeg_frames(6)
+        self.connections = 0
+        self.sent = 0
+        self.down_until = 0.0
+        self.stopped = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                owner._serve(self)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.mjpg"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def _part(self, jpg: bytes) -> bytes:
+        head = b"--frame\r\nContent-Type: image/jpeg\r\n"
+        if self.content_length:
+            head += b"Content-Length: %d\r\n" % len(jpg)
+        return head + b"\r\n" + jpg + b"\r\n"
+
+    def _serve(self, h) -> None:
+        import time
+
+        if time.time() < self.down_until:
+            h.send_error(503, "camera away")
+            return
+        kind, n, then = self.plan[min(self.connections, len(self.plan) - 1)]
+        self.connections += 1
+        h.send_response(200)
+        h.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        h.end_headers()
+        try:
+            for i in range(n):
+                if self.stopped.is_set():
+                    return
+                h.wfile.write(self._part(self.frames[i % len(self.frames)]))
+                h.wfile.flush()
+                self.sent += 1
+                self.stopped.wait(self.interval_s)
+            if then == "cut":
+                jpg = self.frames[0]
+                h.wfile.write(self._part(jpg)[: len(jpg) // 2])  # half a frame, then the line goes dead
+                h.wfile.flush()
+                self.down_until = time.time() + self.down_s
+                h.close_connection = True
+            elif then == "hold":
+                self.stopped.wait(30)
+            else:
+                h.wfile.write(b"--frame--\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def __enter__(self) -> MjpegServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,9 +1,195 @@
-"""`adtr run` (placeholder until its issue lands)."""
+"""`adtr-run` / `adtr run`: run an exported model over images, folders, videos, cameras and streams (torch-free).
+
+Only click is imported at module level, so `adtr-run --help` is instant and never imports torch or an inference engine.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
 
 import click
 
+from adtr_deploy.cli.common import user_errors
+
+
+class _Progress:
+    """One self-updating status line on a terminal; silent when stderr is not a terminal (logs, CI)."""
+
+    def __init__(self, total: int | None, enabled: bool):
+        self.total = total
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, record: dict, counts: dict) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        done = f"{counts['images']}/{self.total}" if self.total else str(counts["images"])
+        rate = counts["ok"] / max(now - self.t0, 1e-9)
+        line = f"\r{done} images  {counts['anomalies']} anomalies  {counts['errors']} errors  {rate:.1f} images/s"
+        click.echo(line, nl=False, err=True)
+
+    def end(self) -> None:
+        if self.enabled and self.last:
+            click.echo("", err=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (docker stop, systemd) ends the run like Ctrl-C: summary written, nothing lost
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def command() -> None:
-    """Not implemented yet: this command is being built."""
-    raise click.ClickException("this command is not implemented yet")
+@click.option(
+    "--model",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Exported model: model.onnx, model.engine, model.torchscript (or its folder).",
+)
+@click.option(
+    "--source",
+    required=True,
+    help="IMAGE, FOLDER (recursive), GLOB ('imgs/*.png'), LIST (.txt, one path per line), VIDEO, CAMERA_INDEX (0) or URL (rtsp://, http:// MJPEG).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output folder: results.jsonl, summary.json, overlays/.",
+)
+@click.option(
+    "--device",
+    default=None,
+    help="cpu, cuda[:N] or tensorrt[:N] (ONNX Runtime's TensorRT provider). Default: cpu; cuda for .engine.",
+)
+@click.option(
+    "--backend", default="auto", show_default=True, help="auto (by file suffix), onnxruntime, tensorrt or torchscript."
+)
+@click.option(
+    "--batch-size",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1024),
+    help="Images per inference call (files and videos; live sources run the newest frame).",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Raw score threshold; replaces the calibrated one in the model's metadata.",
+)
+@click.option("--save-overlays", is_flag=True, help="Write heatmap overlays with score and decision to OUT/overlays/.")
+@click.option(
+    "--save-video",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the annotated frames as a video (.avi MJPG or .mp4).",
+)
+@click.option(
+    "--show", is_flag=True, help="Show annotated frames in a window (q or Esc stops); skipped without a display."
+)
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after this many images/frames.")
+@click.option(
+    "--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this many seconds."
+)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Decode/preprocess threads.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a stream may stall before it counts as dropped and is reopened.",
+)
+@click.option(
+    "--allow-fallback",
+    is_flag=True,
+    help="Run on the CPU (with a warning) when the requested GPU provider cannot load, instead of refusing.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress line and no summary on the terminal.")
+@user_errors
+def command(
+    model: Path,
+    source: str,
+    out_dir: Path,
+    device: str | None,
+    backend: str,
+    batch_size: int,
+    threshold: float | None,
+    save_overlays: bool,
+    save_video: Path | None,
+    show: bool,
+    max_frames: int | None,
+    duration: float | None,
+    workers: int,
+    timeout_s: float,
+    allow_fallback: bool,
+    quiet: bool,
+) -> None:
+    """Run an exported ADTR model over images, a video, a camera or a stream; write OUT/results.jsonl (one record per
+    image or frame) and OUT/summary.json.
+
+    \b
+    Examples:
+      adtr-run --model export/model.onnx --source images/ --out runs/a --save-overlays
+      adtr-run --model export/model.onnx --source line.mp4 --out runs/b --batch-size 8 --save-video runs/b/annotated.avi
+      adtr-run --model export/model.onnx --source rtsp://cam.local/stream --out runs/c --device cuda
+    """
+    from adtr_deploy.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, backend_class, open_model
+    from adtr_deploy.runtime.pipeline import Pipeline, RunOptions
+    from adtr_deploy.runtime.sources import open_source
+
+    cls = backend_class(model, backend)
+    if device is None:
+        device = "cuda" if cls is TensorRTBackend else "cpu"
+    options = {"allow_fallback": allow_fallback} if cls is OnnxRuntimeBackend else {}
+    src = open_source(source, timeout_s=timeout_s, queue_size=max(16, 2 * batch_size))
+    engine = open_model(model, device, backend=backend, **options)
+    run_options = RunOptions(
+        batch_size=batch_size,
+        workers=workers,
+        threshold=threshold,
+        save_overlays=save_overlays,
+        save_video=save_video,
+        show=show,
+        max_frames=max_frames,
+        duration=duration,
+    )
+    log = (lambda msg: None) if quiet else (lambda msg: click.echo(f"Note: {msg}", err=True))
+    fallback = getattr(engine, "fallback", None)
+    if fallback:
+        log(fallback + "; running anyway because of --allow-fallback")
+    progress = _Progress(src.total, enabled=not quiet)
+    pipeline = Pipeline(engine, src, out_dir, run_options, on_record=progress, log=log)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        summary = pipeline.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.end()
+        engine.close()
+    if not quiet:
+        _print_summary(summary, out_dir)
+    if summary["stopped"] == "interrupted" and not summary["live"]:
+        raise SystemExit(130)  # a batch job cut short is not a success; for a live source Ctrl-C is the normal end
+
+
+def _print_summary(s: dict, out_dir: Path) -> None:
+    fps = f", {s['throughput_fps']:.1f} images/s" if s["throughput_fps"] else ""
+    click.echo(
+        f"{s['images']} images: {s['anomalies']} anomalous, {s['ok'] - s['anomalies']} normal, {s['errors']} errors{fps}."
+    )
+    if s["live"]:
+        gaps = s["gaps"]
+        down = sum(g["duration_s"] or 0 for g in gaps)
+        click.echo(
+            f"Live: {s['dropped_frames']} stale frames dropped, {len(gaps)} outages ({down:.1f} s), {s['reconnects']} reconnects."
+        )
+    if s["stopped"] == "interrupted":
+        click.echo("Stopped by Ctrl-C; every record processed so far is in results.jsonl.")
+    click.echo(f"Results: {out_dir / 'results.jsonl'}  Summary: {out_dir / 'summary.json'}")

@@ -25,6 +25,8 @@ __all__ = [
     "OnnxRuntimeBackend",
     "TensorRTBackend",
     "TorchScriptBackend",
+    "backend_class",
+    "model_file",
     "open_model",
     "read_spec",
 ]
@@ -240,22 +242,29 @@ NAMED_BACKENDS: dict[str, type[Backend]] = {
 }
 
 
-def open_model(path: str | Path, device: str = "cpu", *, backend: str | None = None, **options) -> Backend:
-    """Open an exported model. The backend is `backend` by name, or else chosen by the file's suffix; `path` may also be
-    an export folder (the first model file in it is used)."""
+def backend_class(path: str | Path, backend: str | None = None) -> type[Backend]:
+    """The class that opens `path`: `backend` by name, or else the one its file suffix names."""
     if backend not in (None, "auto"):
         cls = NAMED_BACKENDS.get(backend)
         if cls is None:
             raise BackendError(f"unknown backend {backend!r}; choose one of auto, {', '.join(NAMED_BACKENDS)}")
-        return cls(_model_file(path) if cls.local else path, device, **options)
-    path = _model_file(path)
+        return cls
+    path = model_file(path)
     cls = BACKENDS.get(path.suffix.lower())
     if cls is None:
         raise BackendError(f"{path.name}: unknown model type {path.suffix!r}; expected one of {', '.join(BACKENDS)}")
-    return cls(path, device, **options)
+    return cls
 
 
-def _model_file(path: str | Path) -> Path:
+def open_model(path: str | Path, device: str = "cpu", *, backend: str | None = None, **options) -> Backend:
+    """Open an exported model. The backend is `backend` by name, or else chosen by the file's suffix; `path` may also be
+    an export folder (the first model file in it is used). `options` go to the backend class."""
+    cls = backend_class(path, backend)
+    return cls(model_file(path) if cls.local else path, device, **options)
+
+
+def model_file(path: str | Path) -> Path:
+    """The model file itself: `path`, or the first model file in an export folder."""
     path = Path(path)
     if path.is_dir():
         found = [p for p in sorted(path.iterdir()) if p.suffix.lower() in BACKENDS]

@@ -45,13 +45,18 @@ class Postprocessor:
 
     def __call__(self, maps: np.ndarray, scores: np.ndarray) -> list[Prediction]:
         scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+        anomalous = scores > self.threshold  # the decision is on raw scores, exactly
         normalized = normalize_scores(scores, self.calibration)
+        # float32 rounding can put a score that equals the threshold a hair above 0.5: keep the two views in agreement
+        normalized = np.where(
+            anomalous, np.maximum(normalized, np.nextafter(np.float32(0.5), 1)), np.minimum(normalized, 0.5)
+        )
         return [
             Prediction(
                 anomaly_map=np.asarray(maps[i, 0], dtype=np.float32),
                 score=float(scores[i]),
                 normalized_score=float(normalized[i]),
-                is_anomaly=bool(scores[i] > self.threshold),
+                is_anomaly=bool(anomalous[i]),
             )
             for i in range(scores.shape[0])
         ]

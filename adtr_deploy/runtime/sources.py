@@ -12,13 +12,15 @@ carries a path or the encoded bytes, and the pipeline's workers decode them thro
 
 from __future__ import annotations
 
+import base64
 import glob
+import http.client
 import queue
 import re
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +44,8 @@ class Frame:
     key: str  # unique, filesystem-safe name for this frame's outputs (overlays)
     timestamp: float  # seconds: position in a video, capture time (Unix epoch) for images and live frames
     path: Path | None = None
-    data: bytes | None = None
-    image: np.ndarray | None = None
+    data: bytes | None = field(default=None, repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)
     bgr: bool = True  # colour order of `image`
     error: str | None = None  # known to be unreadable before decoding (missing file, not an image)
     gap: dict | None = None  # live: the stream outage that ended just before this frame
@@ -191,6 +193,9 @@ class _Connection:
     def close(self) -> None:
         pass
 
+    def interrupt(self) -> None:
+        """Called from another thread to stop a blocked read soon; the reader thread still calls close()."""
+
 
 class _CaptureConnection(_Connection):
     """A camera or FFmpeg-readable stream (RTSP, HTTP video) through cv2.VideoCapture."""
@@ -222,11 +227,13 @@ class _CaptureConnection(_Connection):
 class _MjpegConnection(_Connection):
     """An HTTP multipart/x-mixed-replace stream of JPEGs (IP cameras, MJPEG servers), parsed with the stdlib.
 
-    Packets are handed out still encoded, so frames that are dropped as stale are never decoded."""
+    Packets are handed out still encoded, so frames that are dropped as stale are never decoded. Without a
+    Content-Length header a part ends at the next boundary, so each frame waits for the next one to begin."""
 
-    def __init__(self, response, boundary: bytes):
+    def __init__(self, response, boundary: bytes, sock):
         self.response = response
         self.boundary = b"--" + boundary
+        self.sock = sock
         self.fps = None
 
     def frames(self) -> Iterator[bytes]:
@@ -270,29 +277,55 @@ class _MjpegConnection(_Connection):
             if body:
                 yield body
 
-    def close(self) -> None:
+    def interrupt(self) -> None:
         try:
-            self.response.close()
-        except Exception:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv(); close() alone does not
+        except (OSError, AttributeError):
             pass
+
+    def close(self) -> None:
+        self.interrupt()
+        self.response.close()
 
 
 def _open_url(url: str, timeout_s: float) -> _Connection:
-    """HTTP(S): parse MJPEG ourselves (reliable timeouts and reconnects); anything else goes to OpenCV/FFmpeg."""
-    if url.lower().startswith(("http://", "https://")):
-        try:
-            response = urllib.request.urlopen(url, timeout=timeout_s)
-        except urllib.error.HTTPError as exc:
-            raise OSError(f"HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise OSError(str(getattr(exc, "reason", exc))) from None
-        ctype = response.headers.get("Content-Type", "")
-        m = re.search(r"multipart/x-mixed-replace.*boundary=\"?([^\";]+)\"?", ctype, re.IGNORECASE)
-        if m:
-            boundary = m.group(1).strip()
-            return _MjpegConnection(response, boundary[2:].encode() if boundary.startswith("--") else boundary.encode())
-        response.close()
-    return _CaptureConnection(url, timeout_s)
+    """HTTP(S): parse MJPEG ourselves (reliable timeouts, prompt shutdown); anything else goes to OpenCV/FFmpeg."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return _CaptureConnection(url, timeout_s)
+    cls = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname or "", parts.port, timeout=timeout_s)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = {}
+    if parts.username is not None:  # IP cameras often take user:password@host
+        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+    try:
+        conn.request("GET", path, headers=headers)
+        sock = conn.sock  # kept before getresponse(), which may hand the socket over to the response
+        response = conn.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise OSError(str(exc) or type(exc).__name__) from None
+    if response.status != 200:
+        conn.close()
+        raise OSError(f"HTTP {response.status} {response.reason}")
+    ctype = response.getheader("Content-Type", "")
+    m = re.search(r"multipart/x-mixed-replace.*boundary=\"?([^\";]+)\"?", ctype, re.IGNORECASE)
+    if m:
+        boundary = m.group(1).strip()
+        return _MjpegConnection(response, (boundary[2:] if boundary.startswith("--") else boundary).encode(), sock)
+    conn.close()
+    return _CaptureConnection(url, timeout_s)  # HTTP video (MP4, HLS, ...) for FFmpeg
+
+
+def redact(url: str) -> str:
+    """A URL without its password, for records and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 class LiveSource(Source):
@@ -307,7 +340,7 @@ class LiveSource(Source):
     def __init__(
         self, target: int | str, *, timeout_s: float = 5.0, backoff_s: float = 0.5, backoff_max_s: float = 10.0
     ):
-        name = f"camera:{target}" if isinstance(target, int) else str(target)
+        name = f"camera:{target}" if isinstance(target, int) else redact(str(target))
         super().__init__(name)
         self.target = target
         self.timeout_s = timeout_s
@@ -334,7 +367,7 @@ class LiveSource(Source):
         try:
             self._conn = self._connect()
         except OSError as exc:
-            what = f"camera {self.target}" if isinstance(self.target, int) else f"stream {self.target}"
+            what = f"camera {self.target}" if isinstance(self.target, int) else f"stream {self.name}"
             raise ValueError(
                 f"cannot open {what} ({exc}); check the address or index and that it is reachable"
             ) from None
@@ -421,7 +454,9 @@ class LiveSource(Source):
         self._stop.set()
         conn = self._conn
         if conn is not None:
-            conn.close()  # unblocks a reader waiting on the socket
+            # Only interrupt here: VideoCapture is not thread-safe, so the reader thread releases its own connection
+            # once its current read returns (within the read timeout).
+            conn.interrupt()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_s + 1)
 

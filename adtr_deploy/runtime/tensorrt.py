@@ -1,81 +1,21 @@
 """Native TensorRT engines (.engine) through the TensorRT 10/11 tensor-name API, with device buffers from cuda-python.
 
 Nothing heavy is imported here at module level: `tensorrt` and `cuda.bindings` are imported when an engine is opened, so
-this module loads (and its compatibility check runs) on machines without a GPU.
+this module loads on machines without a GPU and opening an engine there fails with one sentence saying what is missing.
 
 A serialized engine runs only with the TensorRT version that built it and on the GPU architecture it was built for; the
-export records both in model.json (`extra`), and an engine whose record differs from this machine is refused up front with
-one sentence, instead of failing inside deserialization.
+export records both in model.json (extra["tensorrt"]), and `adtr_deploy.export.tensorrt.check_engine_compatible` refuses
+an engine whose record differs from this machine up front, instead of failing inside deserialization.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, parse_device, read_spec
 from adtr_deploy.spec import ModelSpec
-
-# Where the export records the build environment in ModelSpec.extra (flat keys; a nested "tensorrt" dict is read too).
-RECORD_KEYS = {
-    "tensorrt_version": ("tensorrt_version", "trt_version"),
-    "gpu_name": ("gpu_name", "gpu", "device_name"),
-    "compute_capability": ("compute_capability", "gpu_compute_capability", "sm"),
-}
-
-
-def recorded_build(spec: ModelSpec) -> dict[str, str]:
-    """The TensorRT version and GPU an engine was built with, as recorded in its spec (missing keys are left out)."""
-    sources = [spec.extra, spec.extra.get("tensorrt") if isinstance(spec.extra.get("tensorrt"), dict) else {}]
-    found = {}
-    for key, aliases in RECORD_KEYS.items():
-        for src in sources:
-            hit = next((src[a] for a in aliases if src.get(a) not in (None, "")), None)
-            if hit is not None:
-                found[key] = _norm(key, hit)
-                break
-    return found
-
-
-def _norm(key: str, value: Any) -> str:
-    if key == "compute_capability" and isinstance(value, list | tuple):
-        return ".".join(str(v) for v in value)
-    return str(value).strip()
-
-
-def compatibility_problem(recorded: dict[str, str], installed: dict[str, str]) -> str | None:
-    """One sentence saying why an engine built in `recorded` cannot run in `installed`, or None when it can.
-
-    TensorRT plans are tied to the exact TensorRT version and to the GPU architecture (compute capability); a different
-    GPU model of the same architecture runs, so a name difference alone is not refused.
-    """
-    if not recorded:
-        return None  # an engine without a record (built by hand): let TensorRT itself decide
-    built, here = recorded.get("tensorrt_version"), installed.get("tensorrt_version")
-    if built and here and built != here:
-        return (
-            f"this engine was built with TensorRT {built} but TensorRT {here} is installed; engines only run with the "
-            "TensorRT that built them: rebuild it here with adtr-export --format tensorrt, or install TensorRT " + built
-        )
-    built_cc, here_cc = recorded.get("compute_capability"), installed.get("compute_capability")
-    if built_cc and here_cc and built_cc != here_cc:
-        gpu = recorded.get("gpu_name", "another GPU")
-        return (
-            f"this engine was built for {gpu} (compute capability {built_cc}) but this GPU, "
-            f"{installed.get('gpu_name', '?')}, has compute capability {here_cc}; rebuild the engine on this machine "
-            "with adtr-export --format tensorrt"
-        )
-    return None
-
-
-def check_engine_spec(spec: ModelSpec, installed: dict[str, str]) -> None:
-    """Raise BackendError when the engine's recorded build does not fit this machine. Uses the export's own check when it
-    provides one (adtr_deploy.export.tensorrt.check_engine_compatible), so both sides apply the same rule."""
-    problem = compatibility_problem(recorded_build(spec), installed)
-    if problem:
-        raise BackendError(problem)
 
 
 def _import_tensorrt():
@@ -117,20 +57,6 @@ class _Cuda:
         return rest[0] if len(rest) == 1 else rest
 
 
-def installed_build(trt, cuda: _Cuda, device_index: int) -> dict[str, str]:
-    """This machine's TensorRT version, GPU name and compute capability."""
-    count = cuda(cuda.rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
-    if device_index >= count:
-        raise BackendError(f"GPU {device_index} was requested but this machine has {count} CUDA GPU(s)")
-    prop = cuda(cuda.rt.cudaGetDeviceProperties(device_index), "cudaGetDeviceProperties")
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return {
-        "tensorrt_version": str(trt.__version__),
-        "gpu_name": name.rstrip("\x00").strip(),
-        "compute_capability": f"{prop.major}.{prop.minor}",
-    }
-
-
 class TensorRTBackend(Backend):
     """A serialized TensorRT engine. Device buffers are allocated once for the largest batch of the engine's optimization
     profile; each run copies the batch in, executes on our own CUDA stream and copies the two outputs back."""
@@ -151,8 +77,7 @@ class TensorRTBackend(Backend):
         self._stream = None
         self._cuda = cuda
         super().__init__(path, spec, device)
-        self.installed = installed_build(trt, cuda, index)
-        _check_compatible(spec, self.installed)
+        self.installed = _check_compatible(spec, index)
         cuda(cuda.rt.cudaSetDevice(index), "cudaSetDevice")
 
         logger = trt.Logger(trt.Logger.WARNING)
@@ -242,6 +167,19 @@ class TensorRTBackend(Backend):
             pass
 
 
-def _check_compatible(spec: ModelSpec, installed: dict[str, str]) -> None:
-    """The export's check when it is importable without torch, else ours (the same rule on the same record)."""
-    check_engine_spec(spec, installed)
+def _check_compatible(spec: ModelSpec, index: int) -> dict:
+    """Refuse an engine whose recorded build (model.json extra["tensorrt"]) does not match this machine, using the
+    export's own rule (adtr_deploy.export.tensorrt, torch-free), so building and running agree. Returns this machine's
+    TensorRT/GPU facts."""
+    from adtr_deploy.export.tensorrt import (
+        EngineCompatibilityError,
+        TensorRTUnavailable,
+        check_engine_compatible,
+        environment,
+    )
+
+    try:
+        check_engine_compatible(spec, index)
+        return environment(index)
+    except (EngineCompatibilityError, TensorRTUnavailable) as exc:
+        raise BackendError(str(exc)) from None
