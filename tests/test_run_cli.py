@@ -1,0 +1,206 @@
+"""`adtr-run`: folders with broken files, videos, streams that drop, limits, thresholds, Ctrl-C, user errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from adtr_deploy.cli.run import command
+from adtr_deploy.preprocess import load_image, prepare, stack_batch
+from tests import runtime_fixtures as rf
+from tests.test_runtime import TOL, poisoned_torch_env
+from tests.test_sources import write_video
+
+SIZE = (rf.INPUT_SIZE, rf.INPUT_SIZE)
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return rf.onnx_model()
+
+
+def run_cli(*args) -> tuple[object, list[dict], dict]:
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    out = Path(args[list(args).index("--out") + 1])
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] if out.exists() else []
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    return result, records, summary
+
+
+def test_folder_with_broken_files_gives_every_input_a_record_and_the_good_ones_are_right(model_path, tmp_path):
+    folder = tmp_path / "inspection"
+    good = rf.write_images(folder, 3, seed=4) + rf.write_images(folder / "line2", 2, seed=5)
+    (folder / "corrupt.png").write_bytes(good[0].read_bytes()[:200])  # a truncated PNG
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "readme.txt").write_text("camera 3, shift B")
+    out = tmp_path / "out"
+    result, records, summary = run_cli(
+        "--model", model_path, "--source", folder, "--out", out, "--batch-size", "2", "--save-overlays"
+    )
+    assert result.exit_code == 0, result.output
+
+    by_name = {Path(r["source"]).relative_to(folder).as_posix(): r for r in records}
+    assert len(records) == 8 and len(by_name) == 8  # every input exactly once
+    for name in ("corrupt.png", "zero.jpg", "readme.txt"):
+        rec = by_name[name]
+        assert rec["status"] == "error" and rec["score"] is None and rec["error"]
+    assert "empty" in by_name["zero.jpg"]["error"] and "not an image" in by_name["readme.txt"]["error"]
+    assert "not a readable image" in by_name["corrupt.png"]["error"]
+
+    ok = [r for r in records if r["status"] == "ok"]
+    ref_map, ref_score = rf.reference_outputs(stack_batch(load_image(r["source"], SIZE) for r in ok))
+    np.testing.assert_allclose([r["score"] for r in ok], ref_score, atol=TOL, rtol=TOL)
+    thr = rf.calibration().threshold
+    assert [r["is_anomaly"] for r in ok] == [bool(s > thr) for s in ref_score]
+    for r in ok:
+        assert r["error"] is None and r["latency_ms"] >= 0 and r["frame"] == 0
+        overlay = cv2.imread(str(out / r["overlay"]))
+        assert overlay.shape[:2] == cv2.imread(r["source"]).shape[:2]
+
+    assert summary["images"] == 8 and summary["ok"] == 5 and summary["errors"] == 3
+    assert summary["anomalies"] == sum(r["is_anomaly"] for r in ok)
+    assert summary["stopped"] == "end of source" and summary["throughput_fps"] > 0
+    assert "8 images" in result.output
+
+
+def test_video_is_processed_frame_by_frame_with_an_annotated_video_out(model_path, tmp_path, monkeypatch):
+    clip = tmp_path / "line.avi"
+    write_video(clip, 10, fps=10.0)
+    out = tmp_path / "out"
+    annotated = out / "annotated.avi"
+    for var in ("DISPLAY", "WAYLAND_DISPLAY"):  # --show without a display: a notice, and the run goes on
+        monkeypatch.delenv(var, raising=False)
+    result, records, summary = run_cli(
+        "--model", model_path, "--source", clip, "--out", out, "--batch-size", "4", "--save-video", annotated, "--show"
+    )
+    assert result.exit_code == 0, result.output
+    assert "--show is ignored" in result.output
+    assert [r["frame"] for r in records] == list(range(10)) and all(r["status"] == "ok" for r in records)
+    # reference: the same frames read independently with OpenCV and prepared by preprocess
+    cap = cv2.VideoCapture(str(clip))
+    frames = [cap.read()[1] for _ in range(10)]
+    cap.release()
+    _, ref_score = rf.reference_outputs(stack_batch(prepare(f, SIZE, bgr=True) for f in frames))
+    np.testing.assert_allclose([r["score"] for r in records], ref_score, atol=TOL, rtol=TOL)
+    check = cv2.VideoCapture(str(annotated))
+    n, size = 0, None
+    while n < 50:
+        ok, img = check.read()
+        if not ok:
+            break
+        n, size = n + 1, img.shape[:2]
+    check.release()
+    assert n == 10 and size == frames[0].shape[:2] and summary["video"] == str(annotated)
+
+
+def test_max_frames_and_threshold_override(model_path, tmp_path):
+    clip = tmp_path / "line.avi"
+    write_video(clip, 8)
+    _, records, summary = run_cli("--model", model_path, "--source", clip, "--out", tmp_path / "a", "--max-frames", "3")
+    assert len(records) == 3 and summary["stopped"] == "max-frames"
+    scores = [r["score"] for r in records]
+    _, low, s_low = run_cli(
+        "--model",
+        model_path,
+        "--source",
+        clip,
+        "--out",
+        tmp_path / "b",
+        "--max-frames",
+        "3",
+        "--threshold",
+        min(scores) - 1e-4,
+    )
+    _, high, s_high = run_cli(
+        "--model",
+        model_path,
+        "--source",
+        clip,
+        "--out",
+        tmp_path / "c",
+        "--max-frames",
+        "3",
+        "--threshold",
+        max(scores) + 1e-4,
+    )
+    assert [r["is_anomaly"] for r in low] == [True] * 3 and [r["is_anomaly"] for r in high] == [False] * 3
+    assert s_low["threshold"] == pytest.approx(min(scores) - 1e-4) and s_high["anomalies"] == 0
+
+
+def test_stream_that_drops_is_reconnected_and_the_gap_is_in_the_results(model_path, tmp_path):
+    plan = [("stream", 6, "cut"), ("stream", 600, "close")]
+    with rf.MjpegServer(plan, interval_s=0.02, down_s=0.3) as server:
+        out = tmp_path / "out"
+        result, records, summary = run_cli(
+            "--model", model_path, "--source", server.url, "--out", out, "--max-frames", "12", "--duration", "30"
+        )
+    assert result.exit_code == 0, result.output
+    assert len(records) == 12 and all(r["status"] == "ok" for r in records)
+    frames = [r["frame"] for r in records]
+    assert frames == sorted(frames) and len(set(frames)) == 12
+    gapped = [r for r in records if "gap" in r]
+    assert len(gapped) == 1 and gapped[0]["gap"]["duration_s"] > 0
+    assert summary["reconnects"] >= 1 and summary["gaps"][0]["end"] == gapped[0]["gap"]["end"]
+    assert summary["live"] is True and summary["stopped"] == "max-frames"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "{tmp}/nothing_here"], "is not an existing file or folder"),
+        (["--model", "{tmp}/missing.onnx"], "does not exist"),
+        (["--device", "cuda"], "CUDAExecutionProvider"),
+        (["--threshold", "nan"], "not a finite number"),
+    ],
+)
+def test_user_errors_are_one_sentence_without_a_traceback(model_path, tmp_path, args, message):
+    import onnxruntime as ort
+
+    if "--device" in args and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    images = rf.write_images(tmp_path / "imgs", 1)
+    base = {"--model": str(model_path), "--source": str(images[0]), "--out": str(tmp_path / "out")}
+    for key, value in zip(args[::2], args[1::2], strict=True):
+        base[key] = value.format(tmp=tmp_path)
+    result = CliRunner().invoke(command, [x for kv in base.items() for x in kv])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output  # no traceback
+    assert message in result.output and "Traceback" not in result.output
+    assert result.output.strip().startswith("Error:")
+
+
+def test_ctrl_c_on_a_live_stream_keeps_every_record_and_writes_the_summary_without_torch(model_path, tmp_path):
+    """A real `adtr-run` process (torch made unimportable) on an endless stream, stopped with SIGINT."""
+    out = tmp_path / "out"
+    env = poisoned_torch_env(tmp_path)
+    with rf.MjpegServer([("stream", 3000, "close")], interval_s=0.02) as server:
+        cmd = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()"]
+        cmd += ["--model", str(model_path), "--source", server.url, "--out", str(out), "--duration", "60"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            results, t0 = out / "results.jsonl", time.monotonic()
+            while time.monotonic() - t0 < 30 and proc.poll() is None:
+                if results.exists() and len(results.read_text().splitlines()) >= 3:
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, proc.communicate()[1]
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, stderr  # Ctrl-C is how a live run normally ends
+    lines = results.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is a complete record
+    assert len(records) >= 3 and all(r["status"] == "ok" for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "interrupted" and summary["images"] == len(records)
+    assert "Stopped by Ctrl-C" in stdout and "torch" not in stderr
