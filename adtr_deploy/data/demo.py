@@ -327,9 +327,12 @@ def _write_category(tmp: Path, category: str, seed: int, image_size: int, counts
     jobs = [(split, i) for split, n in counts.items() for i in range(n)]
     # Every image has its own random stream, so the order the threads finish in cannot change a byte. OpenCV and numpy
     # release the GIL for the heavy parts (PNG encoding, resizing, array arithmetic).
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    try:
         for future in [pool.submit(write_one, split, i) for split, i in jobs]:
             future.result()
+    finally:  # on an error or Ctrl-C, drop the images not started yet instead of writing them all first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_demo_dataset(
@@ -373,11 +376,17 @@ def write_demo_dataset(
         try:
             _write_category(tmp, category, seed, image_size, counts)
             (tmp / MARKER_NAME).write_text(json.dumps(expected, indent=1) + "\n")  # last: marks the folder complete
+            if _is_complete(final, expected):  # another process finished the same category meanwhile
+                continue
             if final.exists():  # an older demo category (other parameters) or an empty folder: replace it
                 old = root / f".old-{category}-{os.getpid()}"
                 final.rename(old)
                 shutil.rmtree(old)
-            tmp.rename(final)
+            try:
+                tmp.rename(final)
+            except OSError:
+                if not _is_complete(final, expected):  # lost a race to a process that wrote the same category
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root
