@@ -11,7 +11,7 @@ USER_ERROR_TYPES: tuple[type[BaseException], ...] = (ValueError, FileNotFoundErr
 
 
 def user_errors(func):
-    """Decorator for click commands: expected errors become `Error: <sentence>` and exit code 2; Ctrl-C exits 130."""
+    """Decorator for click commands: expected errors become `Error: <sentence>` and exit code 1; Ctrl-C exits 130."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):

@@ -1,6 +1,16 @@
-"""The ADTR model (torch): backbones, the reconstruction transformer, presets and the checkpoint format."""
+"""The ADTR model (torch): backbones, the reconstruction transformer, presets and the checkpoint format.
 
-from adtr_deploy.model.adtr import ADTR, build_adtr
+`adtr_deploy.model.config` is torch-free (CLI help texts read the presets); the torch modules load on first use.
+"""
+
 from adtr_deploy.model.config import PRESETS, ADTRConfig, get_preset
 
 __all__ = ["ADTR", "ADTRConfig", "PRESETS", "build_adtr", "get_preset"]
+
+
+def __getattr__(name: str):
+    if name in ("ADTR", "build_adtr"):
+        from adtr_deploy.model import adtr
+
+        return getattr(adtr, name)
+    raise AttributeError(f"module 'adtr_deploy.model' has no attribute {name!r}")
