@@ -132,6 +132,7 @@ def _export_one(
     options: ExportOptions,
     images,
     source: str,
+    reference_cache: dict | None = None,
 ) -> ExportResult:
     row = FORMATS[fmt]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +161,7 @@ def _export_one(
                 device=device,
                 batch_size=min(FULL_BATCH, options.batch_max),
                 source=source,
+                reference_cache=reference_cache,
             )
             verification["artifact"] = str(out_dir / artifact.name)
             verification["published"] = bool(verification["passed"])
@@ -272,9 +274,10 @@ def export_checkpoint(
         return dataclasses.replace(result, notes=(*notes, *result.notes))
     results = []
     summary: dict[str, Any] = {}
+    reference_cache: dict = {}  # the reference runs once for all formats
     try:
         for f in formats:
-            result = _export_one(model, ckpt, checkpoint_path, f, out_dir / f, options, images, source)
+            result = _export_one(model, ckpt, checkpoint_path, f, out_dir / f, options, images, source, reference_cache)
             results.append(result)
             summary[f] = result.verification
     finally:

@@ -188,8 +188,13 @@ def verify_artifact(
     device: str = "cpu",
     batch_size: int = FULL_BATCH,
     source: str = "",
+    reference_cache: dict | None = None,
 ) -> dict[str, Any]:
-    """Run the artifact and the reference (torch, CPU) on the same batches and compare maps, scores and decisions."""
+    """Run the artifact and the reference (torch, CPU) on the same batches and compare maps, scores and decisions.
+
+    `reference_cache`: a dict shared between calls on the same model and images (export --format all), so the
+    reference runs once.
+    """
     import torch
 
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
@@ -201,12 +206,16 @@ def verify_artifact(
     reference_model = reference_model.eval()
     outs, refs = [], []
     plan = batch_plan(len(images), batch_size)
-    for idx in plan:
+    cache = reference_cache if reference_cache is not None else {}
+    for i, idx in enumerate(plan):
         batch = np.ascontiguousarray(images[idx])
         outs.append(runner.run(batch))
-        with torch.no_grad():
-            ref_map, ref_score = reference_model(torch.from_numpy(batch))
-        refs.append((ref_map.numpy(), ref_score.numpy()))
+        key = (id(reference_model), id(images), batch_size, i)
+        if key not in cache:
+            with torch.no_grad():
+                ref_map, ref_score = reference_model(torch.from_numpy(batch))
+            cache[key] = (ref_map.numpy(), ref_score.numpy())
+        refs.append(cache[key])
     result = compare(
         np.concatenate([r[0] for r in refs]),
         np.concatenate([r[1] for r in refs]),
