@@ -59,40 +59,24 @@ def calibration() -> Calibration:
     return dataclasses.replace(cal, threshold=float(np.median(scores)))
 
 
-def spec() -> ModelSpec:
-    return ModelSpec(
-        input_size=(INPUT_SIZE, INPUT_SIZE),
-        preset="tiny",
-        backbone="efficientnet-test",
-        format="onnx",
-        calibration=calibration(),
-    )
-
-
 @functools.cache
 def onnx_model() -> Path:
-    """model.onnx + model.json (dynamic batch, uint8 NHWC input "image", outputs "anomaly_map", "score").
+    """model.onnx + model.json written by the project's export (dynamic batch, uint8 NHWC input "image", outputs
+    "anomaly_map" and "score", spec embedded in the ONNX metadata too), from a checkpoint carrying `calibration()`.
 
-    The TorchScript-based exporter (dynamo=False) is used because it is several times faster than the dynamo exporter
-    on 2 cores; the graph it gives is the same reference module's forward.
+    The TorchScript-based ONNX exporter (dynamo=False) is used because it is several times faster than the dynamo
+    exporter on 2 cores; verification is off because the runtime tests compare with the reference themselves.
     """
-    import torch
+    from adtr_deploy.export import export_checkpoint
+    from adtr_deploy.model.checkpoint import save_checkpoint
 
-    out = _workdir() / "export"
-    out.mkdir()
-    path = out / "model.onnx"
-    torch.onnx.export(
-        reference_model(),
-        (torch.from_numpy(texture_images(2, INPUT_SIZE)),),
-        str(path),
-        input_names=["image"],
-        output_names=["anomaly_map", "score"],
-        dynamic_axes={"image": {0: "batch"}},
-        opset_version=18,
-        dynamo=False,
-    )
-    spec().save(out / "model.json")
-    return path
+    ckpt = save_checkpoint(_workdir() / "checkpoint.pt", reference_model(), calibration=calibration())
+    return Path(export_checkpoint(ckpt, "onnx", _workdir() / "export", verify=False, dynamo=False).path)
+
+
+def spec() -> ModelSpec:
+    """The spec the export wrote beside the model."""
+    return ModelSpec.load(onnx_model().with_name("model.json"))
 
 
 def copy_model(dest: Path, spec_override: ModelSpec | None = None) -> Path:

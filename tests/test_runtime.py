@@ -109,11 +109,18 @@ def test_a_spec_that_does_not_match_the_graph_is_refused(tmp_path):
     wrong_input = rf.copy_model(tmp_path / "in", rf.spec().replace(input_name="images"))
     with pytest.raises(BackendError, match="input 'image'"):
         open_model(wrong_input)
-    # no model.json and no embedded spec: one sentence saying how to get one
-    bare = rf.copy_model(tmp_path / "bare")
-    (bare.parent / "model.json").unlink()
+    # without model.json the spec embedded in the ONNX metadata is used; with neither, one sentence says what to do
+    import onnx
+
+    embedded = rf.copy_model(tmp_path / "embedded")
+    (embedded.parent / "model.json").unlink()
+    got = open_model(embedded).spec
+    assert (got.calibration, got.input_size, got.output_names) == (rf.calibration(), SIZE, ("anomaly_map", "score"))
+    graph = onnx.load(str(embedded))
+    del graph.metadata_props[:]
+    onnx.save(graph, str(embedded))
     with pytest.raises(SpecError, match="adtr-export"):
-        open_model(bare)
+        open_model(embedded)
 
 
 def test_a_model_file_that_is_not_a_model_is_a_clear_error(tmp_path):
