@@ -8,6 +8,7 @@ refuses a spec that does not describe the graph it opened.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -130,8 +131,7 @@ class OnnxRuntimeBackend(Backend):
             return ["CPUExecutionProvider"]
         if kind == "cuda":
             return [cuda, "CPUExecutionProvider"]
-        cache = Path(trt_cache_dir) if trt_cache_dir else path.parent / "trt_cache"
-        cache.mkdir(parents=True, exist_ok=True)  # engines take minutes to build: keep them between runs
+        cache = _writable_cache(Path(trt_cache_dir) if trt_cache_dir else path.parent / "trt_cache", path)
         trt = (
             "TensorrtExecutionProvider",
             {
@@ -170,6 +170,19 @@ class OnnxRuntimeBackend(Backend):
             "io_binding": self.io_binding,
             "fallback": self.fallback,
         }
+
+
+def _writable_cache(wanted: Path, model: Path) -> Path:
+    """TensorRT engines take minutes to build, so ORT keeps them on disk: beside the model, or in the user's cache
+    folder when the model lies on a read-only path."""
+    for folder in (wanted, Path.home() / ".cache" / "adtr-deploy" / "trt" / model.parent.name):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise BackendError(f"no writable folder for the TensorRT engine cache ({wanted}); pass trt_cache_dir=WRITABLE_DIR")
 
 
 class TorchScriptBackend(Backend):

@@ -106,6 +106,8 @@ class TensorRTBackend(Backend):
         self.context = engine.create_execution_context()
         self._stream = cuda(cuda.rt.cudaStreamCreate(), "cudaStreamCreate")
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        if self._dtypes[self.input_name] != np.uint8:
+            raise BackendError(f"{path} takes {self._dtypes[self.input_name]} input; ADTR engines take uint8 images")
         h, w = spec.input_size
         self._full_shapes = {self.input_name: (self.max_batch, h, w, 3)}
         self.context.set_input_shape(self.input_name, (self.max_batch, h, w, 3))
@@ -118,8 +120,6 @@ class TensorRTBackend(Backend):
             self._buffers.append(ptr)
             self._device_ptr[n] = ptr
             self.context.set_tensor_address(n, int(ptr))
-        if self._dtypes[self.input_name] != np.uint8:
-            raise BackendError(f"{path} takes {self._dtypes[self.input_name]} input; ADTR engines take uint8 images")
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = self.check_batch(batch)
