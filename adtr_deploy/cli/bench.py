@@ -1,9 +1,105 @@
-"""`adtr bench` (placeholder until its issue lands)."""
+"""`adtr-bench` / `adtr bench`: latency, throughput, memory and FLOPs of an exported model against the PyTorch reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
+from adtr_deploy.cli.common import user_errors
+
+BACKEND_NAMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torchscript-cpu", "torchscript-cuda")
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-def command() -> None:
-    """Not implemented yet: this command is being built."""
-    raise click.ClickException("this command is not implemented yet")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="Exported model file or export folder.")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="checkpoint.pt of the PyTorch eager reference (default: the one beside/recorded in the export; "
+    "without one, speed-up ratios are unavailable).",
+)
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Report folder (report.json, report.md, plots)."
+)
+@click.option(
+    "--backends",
+    default=None,
+    help=f"Comma-separated subset of {', '.join(BACKEND_NAMES)} (default: every one available here).",
+)
+@click.option("--warmup", default=3, show_default=True, type=int, help="Untimed calls per backend before timing.")
+@click.option("--min-iters", default=20, show_default=True, type=int, help="Minimum timed calls per backend.")
+@click.option("--min-seconds", default=5.0, show_default=True, type=float, help="Minimum timed seconds per backend.")
+@click.option(
+    "--pipeline/--no-pipeline", default=True, show_default=True, help="Time the end-to-end pipeline's stages."
+)
+@click.option(
+    "--images",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of image files for the pipeline and as timing input (default: the built-in demo images).",
+)
+@click.option(
+    "--threads", default=None, type=int, help="Threads for PyTorch and ONNX Runtime (default: physical cores)."
+)
+@click.option(
+    "--profile/--no-profile", default=False, show_default=True, help="Add per-operator profiles to the report."
+)
+@click.option(
+    "--memory/--no-memory", default=True, show_default=True, help="Measure each backend's memory in its own process."
+)
+@user_errors
+def command(
+    model: Path,
+    reference: Path | None,
+    batch_sizes: str,
+    out: Path,
+    backends: str | None,
+    warmup: int,
+    min_iters: int,
+    min_seconds: float,
+    pipeline: bool,
+    images: Path | None,
+    threads: int | None,
+    profile: bool,
+    memory: bool,
+) -> None:
+    """Benchmark an exported model on every backend available here, side by side with the PyTorch eager reference.
+
+    Writes OUT/report.json, OUT/report.md and PNG plots: p50/p90/p99 latency, images/s, peak memory, speed-up against
+    PyTorch, counted FLOPs per image against the measured matmul peak, and the pipeline's stage breakdown.
+    """
+    from adtr_deploy.bench import BenchConfig, TimingPlan, parse_batch_sizes, run_benchmark
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads {threads} must be at least 1")
+    chosen = None
+    if backends:
+        chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+        unknown = [b for b in chosen if b not in BACKEND_NAMES]
+        if unknown:
+            raise ValueError(
+                f"unknown backend {', '.join(unknown)} in --backends; choose from {', '.join(BACKEND_NAMES)}"
+            )
+    cfg = BenchConfig(
+        model=model,
+        out=out,
+        reference=reference,
+        batch_sizes=parse_batch_sizes(batch_sizes),
+        backends=chosen,
+        plan=TimingPlan(warmup=warmup, min_iters=min_iters, min_seconds=min_seconds),
+        threads=threads,
+        pipeline=pipeline,
+        images=images,
+        profile=profile,
+        memory=memory,
+        peak_seconds=min(1.0, max(0.2, min_seconds / 5)),
+    )
+    report = run_benchmark(cfg, log=lambda msg: click.echo(msg, err=True))
+    click.echo(str(out / "report.md"))
+    if report["reference"]["checkpoint"] is None:
+        click.echo(
+            "No reference checkpoint: speed-up ratios are unavailable (pass --reference checkpoint.pt).", err=True
+        )

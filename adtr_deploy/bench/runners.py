@@ -1,0 +1,315 @@
+"""What gets timed: the exported model on each backend this machine has, and the PyTorch eager reference.
+
+A Runner turns a uint8 batch into a zero-argument callable that runs one inference and returns only once the results exist.
+On a GPU two variants are timed where it matters: `copies included` (numpy in, numpy out: what an application sees) and
+`device-resident` (input already on the device, outputs left there, the device synchronized): the difference is the cost of
+the host-device copies, never hidden.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adtr_deploy.spec import ModelSpec
+
+REFERENCE = "pytorch-eager"
+# backend name -> (artifact suffix, device); the names --backends takes.
+BACKEND_CHOICES: dict[str, tuple[str, str]] = {
+    "onnxruntime-cpu": (".onnx", "cpu"),
+    "onnxruntime-cuda": (".onnx", "cuda"),
+    "tensorrt": (".engine", "cuda"),
+    "torchscript-cpu": (".torchscript", "cpu"),
+    "torchscript-cuda": (".torchscript", "cuda"),
+}
+ARTIFACT_SUFFIXES = (".onnx", ".torchscript", ".engine")
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One timed configuration. `bind(batch)` returns the callable that is timed for that batch."""
+
+    name: str  # e.g. "onnxruntime-cpu", "pytorch-eager-cuda (device-resident)"
+    backend: str  # the BACKEND_CHOICES key, or REFERENCE
+    device: str  # "cpu" | "cuda"
+    copies: str  # "n/a (cpu)" | "included" | "excluded (device-resident)"
+    bind: Callable[[np.ndarray], Callable[[], Any]]
+    info: dict = field(default_factory=dict)
+    gpu_peak: Callable[[Callable[[], Any]], dict] | None = None  # GPU memory while running a callable, where measurable
+
+    @property
+    def is_reference(self) -> bool:
+        return self.backend == REFERENCE
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def find_artifacts(model: str | Path) -> dict[str, Path]:
+    """suffix -> path of the exported models in the folder of `model` (a file or an export folder)."""
+    model = Path(model)
+    folder = model if model.is_dir() else model.parent
+    if not model.exists():
+        raise FileNotFoundError(f"model {model} does not exist; give the model file or folder that adtr-export wrote")
+    found: dict[str, Path] = {}
+    if model.is_file():
+        if model.suffix not in ARTIFACT_SUFFIXES:
+            raise ValueError(
+                f"{model.name} is not an exported model ({', '.join(ARTIFACT_SUFFIXES)}); give what adtr-export wrote"
+            )
+        found[model.suffix] = model
+    for p in sorted(folder.iterdir()):
+        if p.suffix in ARTIFACT_SUFFIXES and p.suffix not in found and p.is_file():
+            found[p.suffix] = p
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no exported model (model.onnx, model.torchscript, model.engine)")
+    return found
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_reference(spec: ModelSpec, model: str | Path) -> tuple[Path | None, str]:
+    """The checkpoint an export came from: `checkpoint.pt` beside it, else the one adtr-export recorded in its spec
+    (extra.checkpoint.path, checked against its recorded sha256). Returns (path or None, how it was found)."""
+    model = Path(model)
+    folder = model if model.is_dir() else model.parent
+    if (folder / "checkpoint.pt").is_file():
+        return folder / "checkpoint.pt", f"checkpoint.pt beside the export ({folder / 'checkpoint.pt'})"
+    record = spec.extra.get("checkpoint")
+    if isinstance(record, dict) and record.get("path"):
+        path = Path(record["path"])
+        path = path if path.is_absolute() else folder / path
+        if not path.is_file():
+            return None, f"the export records its checkpoint {path}, which is not there: speed-up ratios unavailable"
+        note = f"recorded in the export's model.json ({path})"
+        if record.get("sha256"):
+            if _sha256(path) != record["sha256"]:
+                return None, f"{path} has changed since the export (sha256 differs): speed-up ratios unavailable"
+            note += ", sha256 verified"
+        return path, note
+    return None, "no checkpoint beside or recorded in the export: speed-up ratios unavailable"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PyTorch: the eager reference and TorchScript
+
+
+def _torch_gpu_peak(torch, device: str) -> Callable[[Callable[[], Any]], dict]:
+    def measure(call: Callable[[], Any]) -> dict:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        return {
+            "allocated_before_mb": before / 2**20,
+            "peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "method": "torch.cuda.max_memory_allocated (the PyTorch caching allocator)",
+        }
+
+    return measure
+
+
+def _device_gpu_peak() -> Callable[[Callable[[], Any]], dict] | None:
+    """Whole-device memory in use after a call (cudaMemGetInfo via torch): engines outside PyTorch's allocator."""
+    try:
+        import torch
+    except ImportError:
+        return None
+
+    def measure(call: Callable[[], Any]) -> dict:
+        free0, total = torch.cuda.mem_get_info()
+        call()
+        torch.cuda.synchronize()
+        free1, _ = torch.cuda.mem_get_info()
+        return {
+            "device_used_before_mb": (total - free0) / 2**20,
+            "device_used_after_mb": (total - free1) / 2**20,
+            "method": "cudaMemGetInfo, whole device (includes other processes)",
+        }
+
+    return measure
+
+
+def torch_runners(module: Any, backend: str, label: str, device: str, info: dict) -> list[Runner]:
+    """Runners for a torch module (eager reference or TorchScript): on CPU one; on CUDA copies included and excluded."""
+    import torch
+
+    module = module.to(device).eval()
+
+    def bind_host(batch: np.ndarray) -> Callable[[], Any]:
+        def call():
+            with torch.inference_mode():
+                amap, score = module(torch.from_numpy(batch).to(device))
+                return amap.cpu().numpy(), score.cpu().numpy()  # .cpu() waits for the device
+
+        return call
+
+    if device == "cpu":
+        return [Runner(label, backend, "cpu", "n/a (cpu)", bind_host, info)]
+
+    def bind_resident(batch: np.ndarray) -> Callable[[], Any]:
+        x = torch.from_numpy(batch).to(device)
+
+        def call():
+            with torch.inference_mode():
+                out = module(x)
+            torch.cuda.synchronize(device)
+            return out
+
+        return call
+
+    gpu_peak = _torch_gpu_peak(torch, device)
+    return [
+        Runner(f"{label}", backend, "cuda", "included", bind_host, info, gpu_peak),
+        Runner(
+            f"{label} (device-resident)", backend, "cuda", "excluded (device-resident)", bind_resident, info, gpu_peak
+        ),
+    ]
+
+
+def reference_runners(checkpoint: str | Path, device: str) -> tuple[list[Runner], Any]:
+    """The PyTorch eager reference from a checkpoint: (runners, the CPU module for FLOP counting)."""
+    from adtr_deploy.model.checkpoint import load_checkpoint
+
+    model, ckpt = load_checkpoint(checkpoint)
+    info = {"checkpoint": str(checkpoint), "preset_config": ckpt.get("config", {}).get("backbone")}
+    label = REFERENCE if device == "cpu" else f"{REFERENCE}-cuda"
+    runners = torch_runners(model, REFERENCE, label, device, info)
+    return runners, model
+
+
+def export_torchscript(checkpoint: Path, out_dir: Path) -> Path:
+    """A TorchScript artifact made from the reference with adtr-export's own TorchScript export (verified), for runs
+    whose export folder has none; the report records that it was made here."""
+    from adtr_deploy.export import export_checkpoint
+
+    return Path(export_checkpoint(checkpoint, "torchscript", out_dir, verify=True).path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exported-model backends through the runtime
+
+
+def backend_runners(name: str, path: Path, threads: int | None) -> list[Runner]:
+    """Runners for one runtime backend on `path`. Raises BackendError (with the reason) when it cannot run here."""
+    from adtr_deploy.runtime.backends import open_model
+
+    suffix, device = BACKEND_CHOICES[name]
+    opts: dict[str, Any] = {}
+    if name.startswith("onnxruntime") and threads:
+        opts["threads"] = threads
+    backend = open_model(path, device, **opts)
+    info = dict(backend.describe())
+
+    def bind_run(batch: np.ndarray) -> Callable[[], Any]:
+        return lambda: backend.run(batch)
+
+    if device == "cpu":
+        return [Runner(name, name, "cpu", "n/a (cpu)", bind_run, info)]
+    runners = [Runner(name, name, "cuda", "included", bind_run, info, _device_gpu_peak())]
+    if name == "onnxruntime-cuda":
+        runners.append(_ort_resident(backend, info))
+    elif name == "torchscript-cuda":
+        runners += [
+            r for r in torch_runners(backend.module, name, name, backend._device, info) if "resident" in r.copies
+        ]
+    return runners
+
+
+def _ort_resident(backend: Any, info: dict) -> Runner:
+    """ONNX Runtime CUDA with IO binding: input OrtValue on the device, outputs bound on the device, outputs synchronized."""
+    import onnxruntime as ort
+
+    def bind(batch: np.ndarray) -> Callable[[], Any]:
+        session = backend.session
+        binding = session.io_binding()
+        x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cuda", 0)
+        binding.bind_ortvalue_input(backend.input_name, x)
+        for out in backend.spec.output_names:
+            binding.bind_output(out, "cuda", 0)
+
+        def call():
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            return binding
+
+        return call
+
+    return Runner(
+        "onnxruntime-cuda (device-resident)", "onnxruntime-cuda", "cuda", "excluded (device-resident)", bind, info
+    )
+
+
+def build_runners(desc: dict) -> list[Runner]:
+    """Runners from a plain description (so a child process can rebuild them for memory measurements):
+    {"kind": "reference", "checkpoint", "device"} or {"kind": "backend", "name", "path", "threads"}."""
+    threads = desc.get("threads")
+    if threads and (desc["kind"] == "reference" or desc.get("name", "").startswith("torchscript")):
+        import torch
+
+        torch.set_num_threads(int(threads))
+    if desc["kind"] == "reference":
+        return reference_runners(desc["checkpoint"], desc["device"])[0]
+    return backend_runners(desc["name"], Path(desc["path"]), threads)
+
+
+def available_backends(artifacts: dict[str, Path]) -> dict[str, str | None]:
+    """backend name -> None when it can be tried here, else the reason it cannot."""
+    gpu = cuda_available()
+    out: dict[str, str | None] = {}
+    for name, (suffix, device) in BACKEND_CHOICES.items():
+        if suffix not in artifacts:
+            out[name] = f"no {suffix} artifact beside the model"
+        elif device == "cuda" and not gpu and name != "onnxruntime-cuda":
+            out[name] = "no CUDA GPU visible to torch"
+        elif name == "onnxruntime-cuda":
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                out[name] = "onnxruntime is not installed"
+                continue
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                out[name] = "the installed onnxruntime has no CUDAExecutionProvider (CPU build, or no GPU)"
+            elif not gpu:
+                out[name] = "no CUDA GPU visible"
+            else:
+                out[name] = None
+        elif name.startswith("onnxruntime"):
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                out[name] = "onnxruntime is not installed"
+                continue
+            out[name] = None
+        else:
+            out[name] = None
+    return out
+
+
+def default_threads() -> int:
+    """Physical cores where psutil knows them, else logical CPUs: what both PyTorch and ONNX Runtime default to."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    return int(n or os.cpu_count() or 1)
