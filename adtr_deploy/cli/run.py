@@ -164,7 +164,13 @@ def command(
     fallback = getattr(engine, "fallback", None)
     if fallback:
         log(fallback + "; running anyway because of --allow-fallback")
-    progress = _Progress(src.total, enabled=not quiet)
+    if threshold is None and engine.spec.calibration.method == "uncalibrated":
+        log(
+            f"{model} carries no calibration, so its threshold ({engine.spec.threshold:g}) is a placeholder and "
+            "is_anomaly means little; train with calibration images or pass --threshold"
+        )
+    total = min(src.total, max_frames) if src.total and max_frames else src.total
+    progress = _Progress(total, enabled=not quiet)
     pipeline = Pipeline(engine, src, out_dir, run_options, on_record=progress, log=log)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
