@@ -473,3 +473,34 @@ def test_runtime_import_does_not_import_tritonclient():
     code = "import sys, adtr_deploy.runtime, adtr_deploy.runtime.triton; print('tritonclient' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert out.split() == ["False"]
+
+
+def test_adtr_run_cli_sends_a_folder_to_triton_and_matches_local_results(http_server, exported, tmp_path):
+    """`adtr-run --backend triton` end to end: real PNG files -> runtime preprocessing -> the wire -> results.jsonl."""
+    import json
+
+    import cv2
+    from click.testing import CliRunner
+
+    from adtr_deploy.cli.run import command as run_command
+
+    server, _model = http_server
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, img in enumerate(texture_images(3, 64, seed=21)):
+        cv2.imwrite(str(images / f"{i}.png"), img[:, :, ::-1])
+    out_remote, out_local = tmp_path / "remote", tmp_path / "local"
+    args = ["--source", str(images), "--quiet"]
+    res = CliRunner().invoke(
+        run_command, ["--backend", "triton", "--url", server.url, "--model", "adtr", "--out", str(out_remote), *args]
+    )
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(run_command, ["--model", str(exported), "--out", str(out_local), *args])
+    assert res.exit_code == 0, res.output
+
+    def scores(out):
+        return [json.loads(line)["score"] for line in (out / "results.jsonl").read_text().splitlines()]
+
+    remote, local = scores(out_remote), scores(out_local)
+    assert len(remote) == 3 and np.ptp(remote) > 0
+    np.testing.assert_allclose(remote, local, rtol=1e-5)

@@ -68,7 +68,23 @@ def _raise_interrupt(signum, frame):
     help="cpu, cuda[:N] or tensorrt[:N] (ONNX Runtime's TensorRT provider). Default: cpu; cuda for .engine.",
 )
 @click.option(
-    "--backend", default="auto", show_default=True, help="auto (by file suffix), onnxruntime, tensorrt or torchscript."
+    "--backend",
+    default="auto",
+    show_default=True,
+    help="auto (by file suffix), onnxruntime, tensorrt, torchscript, or triton (then --model is the served model's name).",
+)
+@click.option(
+    "--url", default=None, help="Triton server HOST:PORT (with --backend triton). Default: localhost:8000 (http)."
+)
+@click.option(
+    "--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True, help="Triton client protocol."
+)
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="model.json to use with --backend triton when the served config carries no spec.",
 )
 @click.option(
     "--batch-size",
@@ -119,6 +135,9 @@ def command(
     out_dir: Path,
     device: str | None,
     backend: str,
+    url: str | None,
+    protocol: str,
+    spec_path: Path | None,
     batch_size: int,
     threshold: float | None,
     save_overlays: bool,
@@ -139,15 +158,19 @@ def command(
       adtr-run --model export/model.onnx --source images/ --out runs/a --save-overlays
       adtr-run --model export/model.onnx --source line.mp4 --out runs/b --batch-size 8 --save-video runs/b/annotated.avi
       adtr-run --model export/model.onnx --source rtsp://cam.local/stream --out runs/c --device cuda
+      adtr-run --backend triton --url triton.local:8000 --model adtr --source images/ --out runs/d
     """
     from adtr_deploy.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, backend_class, open_model
     from adtr_deploy.runtime.pipeline import Pipeline, RunOptions
     from adtr_deploy.runtime.sources import open_source
+    from adtr_deploy.runtime.triton import TritonBackend
 
     cls = backend_class(model, backend)
     if device is None:
         device = "cuda" if cls is TensorRTBackend else "cpu"
     options = {"allow_fallback": allow_fallback} if cls is OnnxRuntimeBackend else {}
+    if cls is TritonBackend:
+        options = {"protocol": protocol, "spec_path": spec_path, **({"url": url} if url else {})}
     src = open_source(source, timeout_s=timeout_s, queue_size=max(16, 2 * batch_size))
     engine = open_model(model, device, backend=backend, **options)
     run_options = RunOptions(

@@ -16,6 +16,7 @@ import numpy as np
 
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, parse_device, read_spec
 from adtr_deploy.runtime.tensorrt import TensorRTBackend
+from adtr_deploy.runtime.triton import TritonBackend
 from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME, ModelSpec
 
 __all__ = [
@@ -252,6 +253,7 @@ NAMED_BACKENDS: dict[str, type[Backend]] = {
     "onnxruntime": OnnxRuntimeBackend,
     "tensorrt": TensorRTBackend,
     "torchscript": TorchScriptBackend,
+    "triton": TritonBackend,  # remote: --model is the served model's name, --url the server
 }
 
 
