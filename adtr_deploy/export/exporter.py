@@ -245,6 +245,9 @@ def export_checkpoint(
     notes: list[str] = []
     if fmt == ALL:
         formats = [f for f, row in FORMATS.items() if precision in row["precisions"]]
+        notes += [
+            f"{f} skipped: it supports {', '.join(FORMATS[f]['precisions'])} only" for f in FORMATS if f not in formats
+        ]
         if "tensorrt" in formats:
             reason = _tensorrt_ready(device)
             if reason:

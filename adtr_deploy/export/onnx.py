@@ -90,38 +90,39 @@ def opset_of(model: onnx.ModelProto) -> int:
 
 
 def cast_input_first(model: onnx.ModelProto) -> int:
-    """Swap `uint8 input -> Transpose -> Cast(float)` into `Cast -> Transpose`; returns how many were swapped.
+    """Cast each uint8 graph input to float32 first thing; returns how many inputs were rewired.
 
-    The same values either way; but TensorRT accepts uint8 only as a network input that is cast straight away.
+    The exporters write `image -> Transpose -> Cast(float)` (and `Shape(image)`). The values are the same either way, but
+    TensorRT accepts uint8 only as a network input that is cast straight away, so every consumer is moved onto one
+    leading Cast; the old Cast becomes float->float (an identity, which TensorRT and ONNX Runtime drop). Inputs with
+    any other kind of consumer are left alone.
     """
     graph = model.graph
-    inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    swapped = 0
-    for name in inputs:
-        users = consumers.get(name, [])
-        for tr in [u for u in users if u.op_type == "Transpose"]:
-            after = consumers.get(tr.output[0], [])
-            if len(after) != 1 or after[0].op_type != "Cast":
-                continue
-            cast = after[0]
-            # name -> Cast -> t1 -> Transpose -> cast's old output (its consumers are unchanged)
-            t1, out = tr.output[0], cast.output[0]
-            cast.input[0], cast.output[0] = name, t1
-            tr.input[0], tr.output[0] = t1, out
-            i_tr, i_cast = list(graph.node).index(tr), list(graph.node).index(cast)
-            if i_cast > i_tr:  # keep topological order: Cast now comes first
-                moved = onnx.NodeProto()
-                moved.CopyFrom(cast)
-                graph.node.remove(cast)
-                graph.node.insert(i_tr, moved)
-            swapped += 1
-    if swapped:
-        del model.graph.value_info[:]  # the intermediate's type changed; inference re-derives it
-    return swapped
+
+    def movable(node: onnx.NodeProto) -> bool:
+        if node.op_type in ("Shape", "Cast"):
+            return True
+        after = consumers.get(node.output[0], [])
+        return node.op_type == "Transpose" and len(after) == 1 and after[0].op_type == "Cast"
+
+    rewired = 0
+    for inp in graph.input:
+        users = consumers.get(inp.name, [])
+        if inp.type.tensor_type.elem_type != onnx.TensorProto.UINT8 or not users or not all(map(movable, users)):
+            continue
+        as_float = f"{inp.name}_as_float"
+        graph.node.insert(0, onnx.helper.make_node("Cast", [inp.name], [as_float], to=onnx.TensorProto.FLOAT,
+                                                   name=f"cast_{inp.name}_first"))  # fmt: skip
+        for node in users:
+            node.input[list(node.input).index(inp.name)] = as_float
+        rewired += 1
+    if rewired:
+        del graph.value_info[:]  # intermediate types changed; inference re-derives them
+    return rewired
 
 
 def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:

@@ -237,9 +237,10 @@ def _pin_fragile_layers(trt, network) -> int:
     """Weak typing only: ask for FP32 on normalization, softmax, reductions, sqrt, pooling and resize layers."""
     types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES if hasattr(trt.LayerType, name)}
     pinned = 0
+    floats = (trt.float32, trt.float16)
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type in types:
+        if layer.type in types and all(layer.get_output(j).dtype in floats for j in range(layer.num_outputs)):
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
@@ -295,7 +296,7 @@ def build_engine(
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.set_timing_cache(cache, False)  # False: refuse a cache from another GPU/TensorRT
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError("TensorRT could not build the engine (see its log above); try a larger --workspace-gb")
