@@ -25,8 +25,9 @@ def _describe(result) -> list[str]:
         )
     agree = round(v["decision_agreement"] * v["decisions"])
     lines.append(
-        f"  decisions at threshold {v['threshold']:.4g} ({v['threshold_source']}): {agree}/{v['decisions']} agree; "
-        f"tolerance {v['tolerance']:.0e}: {'PASS' if v['passed'] else 'FAIL'}"
+        f"  decisions at threshold {v['threshold']:.4g} ({v['threshold_source']}): {agree}/{v['decisions']} agree "
+        f"({v['reference_anomalies']} anomalous in the reference); tolerance {v['tolerance']:.0e}: "
+        f"{'PASS' if v['passed'] else 'FAIL'}"
     )
     return lines
 
