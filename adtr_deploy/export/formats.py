@@ -41,12 +41,19 @@ FORMATS: dict[str, dict[str, Any]] = {
     },
 }
 
-# precision -> verification tolerance. Differences are measured relative to the range (max - min) of the reference's
-# anomaly maps on the verification images; the score is in the same units as the map, so it shares that scale.
+# precision -> verification tolerance, and the pass that turns the exported FP32 ONNX graph into that precision
+# ("module:function" taking and returning (ModelProto, report with .to_dict()); None: the graph stays as exported).
+# Differences are measured relative to the range (max - min) of the reference's anomaly maps on the verification
+# images; the score is in the same units as the map, so it shares that scale.
 PRECISIONS: dict[str, dict[str, Any]] = {
-    "fp32": {"tolerance": 1e-4, "description": "float32 everywhere (TF32 disabled in TensorRT)"},
+    "fp32": {
+        "tolerance": 1e-4,
+        "onnx_pass": None,
+        "description": "float32 everywhere (TF32 disabled in TensorRT)",
+    },
     "fp16": {
         "tolerance": 1e-2,
+        "onnx_pass": "adtr_deploy.export.fp16:convert_to_fp16",
         "description": "float16 weights and activations; LayerNorm, Softmax, the L2 map and the score stay float32",
     },
 }

@@ -8,6 +8,7 @@ accurately in FP16). Weights live inside the one .onnx file unless the model is 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import warnings
@@ -17,7 +18,7 @@ from typing import Any
 import onnx
 import torch
 
-from adtr_deploy.export.formats import ExportOptions
+from adtr_deploy.export.formats import PRECISIONS, ExportOptions
 from adtr_deploy.spec import METADATA_KEY, ModelSpec
 
 MIN_OPSET = 17  # native LayerNormalization
@@ -213,11 +214,11 @@ def export_onnx(model: torch.nn.Module, path: Path, *, spec: ModelSpec, options:
         details["simplified"] = note is None
         if note:
             details["notes"].append(note)
-    if options.precision == "fp16":
-        from adtr_deploy.export.fp16 import convert_to_fp16
-
-        proto, report = convert_to_fp16(proto)
-        details["fp16"] = report.to_dict()
+    precision_pass = PRECISIONS[options.precision]["onnx_pass"]
+    if precision_pass:
+        module, func = precision_pass.split(":")
+        proto, report = getattr(importlib.import_module(module), func)(proto)
+        details[options.precision] = report.to_dict()
     notes = details.pop("notes")
     embed_spec(proto, spec.replace(extra={**spec.extra, "onnx": details}))
     files = save(proto, path)
