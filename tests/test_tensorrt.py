@@ -92,6 +92,15 @@ def test_an_engine_spec_without_a_build_record_is_refused_before_touching_tensor
         check_engine_compatible(ModelSpec(format="tensorrt"))
 
 
+def test_the_runtime_can_import_the_compatibility_check_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, adtr_deploy.export.tensorrt; print(sorted(m for m in ('torch', 'onnx', 'tensorrt') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 @pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed here; this checks the message where it is missing")
 def test_cli_tensorrt_without_tensorrt_says_what_to_install(tmp_path):
     from adtr_deploy.cli.export import command
