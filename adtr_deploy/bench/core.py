@@ -150,7 +150,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
         raise ValueError(f"--batch-sizes {cfg.batch_sizes} must be positive integers, e.g. 1,8")
     cfg.out.mkdir(parents=True, exist_ok=True)
     artifacts = R.find_artifacts(cfg.model)
-    primary = Path(cfg.model) if Path(cfg.model).is_file() else next(iter(artifacts.values()))
+    primary = Path(cfg.model) if Path(cfg.model).is_file() else artifacts.get(".onnx", next(iter(artifacts.values())))
     spec = read_spec(primary)
     threads = cfg.threads or R.default_threads()
     machine = machine_info()

@@ -29,6 +29,7 @@ BACKEND_CHOICES: dict[str, tuple[str, str]] = {
     "torchscript-cuda": (".torchscript", "cuda"),
 }
 ARTIFACT_SUFFIXES = (".onnx", ".torchscript", ".engine")
+FORMAT_FOLDERS = ("onnx", "torchscript", "tensorrt")  # the sub-folders of `adtr-export --format all`
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,9 @@ def cuda_available() -> bool:
 
 
 def find_artifacts(model: str | Path) -> dict[str, Path]:
-    """suffix -> path of the exported models in the folder of `model` (a file or an export folder)."""
+    """suffix -> exported model: `model` itself, the others beside it, and those of an `adtr-export --format all` folder
+    (EXPORT/onnx, EXPORT/torchscript, EXPORT/tensorrt), whether `model` is that folder or a file inside one of them."""
     model = Path(model)
-    folder = model if model.is_dir() else model.parent
     if not model.exists():
         raise FileNotFoundError(f"model {model} does not exist; give the model file or folder that adtr-export wrote")
     found: dict[str, Path] = {}
@@ -69,9 +70,16 @@ def find_artifacts(model: str | Path) -> dict[str, Path]:
                 f"{model.name} is not an exported model ({', '.join(ARTIFACT_SUFFIXES)}); give what adtr-export wrote"
             )
         found[model.suffix] = model
-    for p in sorted(folder.iterdir()):
-        if p.suffix in ARTIFACT_SUFFIXES and p.suffix not in found and p.is_file():
-            found[p.suffix] = p
+    folder = model if model.is_dir() else model.parent
+    folders = [folder, *(folder / sub for sub in FORMAT_FOLDERS)]
+    if folder.name in FORMAT_FOLDERS:
+        folders += [folder.parent / sub for sub in FORMAT_FOLDERS]
+    for f in folders:
+        if not f.is_dir():
+            continue
+        for p in sorted(f.iterdir()):
+            if p.suffix in ARTIFACT_SUFFIXES and p.suffix not in found and p.is_file():
+                found[p.suffix] = p
     if not found:
         raise FileNotFoundError(f"{folder} holds no exported model (model.onnx, model.torchscript, model.engine)")
     return found
