@@ -504,3 +504,48 @@ def test_adtr_run_cli_sends_a_folder_to_triton_and_matches_local_results(http_se
     remote, local = scores(out_remote), scores(out_local)
     assert len(remote) == 3 and np.ptp(remote) > 0
     np.testing.assert_allclose(remote, local, rtol=1e-5)
+
+
+def test_adtr_export_format_triton_writes_a_verified_repository(tmp_path):
+    """`adtr-export --format triton`: checkpoint -> verified ONNX -> a repository whose config parses as Triton's schema."""
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from adtr_deploy.cli.export import command as export_command
+    from adtr_deploy.model import ADTR, get_preset
+    from adtr_deploy.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoint.pt", ADTR(get_preset("tiny")).eval())
+    images = tmp_path / "images"
+    images.mkdir()
+    import cv2
+
+    for i, img in enumerate(texture_images(4, 64, seed=5)):
+        cv2.imwrite(str(images / f"{i}.png"), img[:, :, ::-1])
+    out = tmp_path / "export"
+    res = CliRunner().invoke(
+        export_command,
+        [
+            "--model",
+            str(ckpt),
+            "--format",
+            "triton",
+            "--exporter",
+            "torchscript",
+            "--out",
+            str(out),
+            "--verify-images",
+            str(images),
+            "--triton-name",
+            "line3",
+            "--triton-max-batch",
+            "16",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    model_dir = out / "model_repository" / "line3"
+    config = parse_config((model_dir / "config.pbtxt").read_text())
+    assert config.name == "line3" and config.max_batch_size == 16 and config.platform == "onnxruntime_onnx"
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    assert json.loads((out / "verification.json").read_text())["passed"] is True

@@ -7,6 +7,9 @@ import click
 from adtr_deploy.cli.common import user_errors
 from adtr_deploy.export.formats import ALL, FORMATS, PRECISIONS
 
+# Formats that package an exported artifact for a server instead of exporting the torch model themselves.
+TRITON = "triton"
+
 
 def _describe(result) -> list[str]:
     size = result.path.stat().st_size / 1e6
@@ -43,10 +46,12 @@ def _describe(result) -> list[str]:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice([*FORMATS, ALL]),
+    type=click.Choice([*FORMATS, ALL, TRITON]),
     default="onnx",
     show_default=True,
-    help="Artifact to write: model.onnx, model.torchscript or model.engine; 'all' writes each into OUT/<format>/.",
+    help="Artifact to write: model.onnx, model.torchscript or model.engine; 'all' writes each into OUT/<format>/; "
+    "'triton' exports (and verifies) ONNX or a TensorRT engine, then writes a Triton model repository in "
+    "OUT/model_repository/.",
 )
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (created if missing)."
@@ -110,6 +115,27 @@ def _describe(result) -> list[str]:
     default=None,
     help="TensorRT timing cache file, reused across builds. Default: OUT/timing.cache.",
 )
+@click.option(
+    "--triton-platform",
+    type=click.Choice(["onnx", "tensorrt"]),
+    default="onnx",
+    show_default=True,
+    help="With --format triton: serve model.onnx (onnxruntime_onnx) or a TensorRT plan (GPU instances only).",
+)
+@click.option("--triton-name", default="adtr", show_default=True, help="With --format triton: the served model's name.")
+@click.option(
+    "--triton-max-batch", type=int, default=8, show_default=True, help="With --format triton: max_batch_size."
+)
+@click.option(
+    "--triton-instances", type=int, default=1, show_default=True, help="With --format triton: instances per device."
+)
+@click.option(
+    "--triton-kind",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="With --format triton: instance group kind.",
+)
 @user_errors
 def command(
     model_path,
@@ -125,6 +151,11 @@ def command(
     workspace_gb,
     device,
     timing_cache,
+    triton_platform,
+    triton_name,
+    triton_max_batch,
+    triton_instances,
+    triton_kind,
 ) -> None:
     """Export a trained ADTR checkpoint and verify it against the PyTorch reference.
 
@@ -139,12 +170,13 @@ def command(
       adtr-export --model runs/brick --format onnx --precision fp16 --simplify --out export-fp16/
       adtr-export --model runs/brick --format tensorrt --precision fp16 --batch-max 16 --out export-trt/
       adtr-export --model runs/brick --format all --out export-all/
+      adtr-export --model runs/brick --format triton --triton-max-batch 16 --out export-triton/
     """
     from adtr_deploy.export.exporter import export_checkpoint
 
     result = export_checkpoint(
         model_path,
-        fmt,
+        triton_platform if fmt == TRITON else fmt,
         out_dir,
         precision=precision,
         verify=verify,
@@ -162,3 +194,18 @@ def command(
             click.echo(f"note: {note}", err=True)
         for line in _describe(r):
             click.echo(line)
+    if fmt == TRITON:
+        from pathlib import Path
+
+        from adtr_deploy.export.triton import write_triton_repository
+
+        folder = write_triton_repository(
+            result.path,
+            Path(out_dir) / "model_repository",
+            model_name=triton_name,
+            max_batch_size=triton_max_batch,
+            instance_count=triton_instances,
+            kind=triton_kind,
+        )
+        click.echo(f"Triton model repository: {folder.parent} (model {triton_name!r}: {folder / 'config.pbtxt'})")
+        click.echo(f"  serve it: tritonserver --model-repository {folder.parent.resolve()}")
