@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from adtr_deploy.calibration import calibrate
-from adtr_deploy.data.datasets import AnomalyData, image_loader
+from adtr_deploy.data.datasets import AnomalyData, image_loader, load_sample
 from adtr_deploy.data.mvtec import Sample
 from adtr_deploy.model.adtr import ADTR
-from adtr_deploy.model.checkpoint import read_checkpoint, save_checkpoint
+from adtr_deploy.model.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from adtr_deploy.model.config import ADTRConfig
 from adtr_deploy.train.evaluate import TorchRunner, check_device, evaluate_runner, predict, write_results
 from adtr_deploy.train.losses import get_loss
@@ -192,12 +192,19 @@ def train(
     resume: bool = False,
     evaluate: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    train_dataset: torch.utils.data.Dataset | None = None,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train ADTR on `data`, calibrate on held-out good images, evaluate on the test split; returns the checkpoint path.
 
     With `resume`, continue from out_dir/checkpoint.pt (its weights, optimizer, scheduler, RNG states and epoch): the
     result equals that of an uninterrupted run. `on_epoch_end` receives each epoch's log record (tests use it to
     interrupt a run).
+
+    Hooks for other training modes (ADTR+): `train_dataset` replaces the cached training images with a Dataset whose
+    items are dicts (image, and e.g. mask/label) stacked by torch's default collate, shuffled per epoch and given
+    `set_epoch(epoch)` when it has one; the loss of `cfg.mode` receives each batch. `init_from` starts from the weights
+    of an earlier checkpoint (fine-tuning) instead of a fresh transformer.
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -222,8 +229,6 @@ def train(
                 f"the training images differ from those of the run in {out_dir} (or --seed/--val-fraction changed); "
                 "resume with the same data and options, or start a new run"
             )
-        from adtr_deploy.model.checkpoint import model_from_checkpoint
-
         model = model_from_checkpoint(ckpt)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +237,8 @@ def train(
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         model = ADTR(model_cfg)
+        if init_from is not None:
+            model.load_state_dict(read_checkpoint(init_from)["state_dict"], strict=True)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -253,7 +260,10 @@ def train(
         "split": {"train_images": len(train_samples), "calibration_images": len(val_samples)},
     }
     log = _Log(out_dir / LOG_NAME, keep_until=start)
-    cache = cache_features(model, train_samples, cfg, device, progress=cfg.progress) if cfg.cache_features else None
+    use_cache = cfg.cache_features and train_dataset is None
+    cache = cache_features(model, train_samples, cfg, device, progress=cfg.progress) if use_cache else None
+    for s in val_samples:  # decode the calibration images now: a corrupt one fails the run before training, not after
+        load_sample(s, model.cfg.input_size)
     if state is not None:
         _set_rng_state(state["rng"], device)  # after caching: nothing random happens before the next epoch
 
@@ -276,12 +286,23 @@ def train(
         for epoch in range(start + 1, cfg.epochs + 1):
             model.train()
             t0 = time.perf_counter()
-            order = epoch_order(len(train_samples), cfg.seed, epoch)
+            n_items = len(train_dataset) if train_dataset is not None else len(train_samples)
+            order = epoch_order(n_items, cfg.seed, epoch)
             total, seen = 0.0, 0
             if cache is not None:
                 batches = (
                     {"index": idx, "label": torch.zeros_like(idx), "features": cache[idx.to(device)].float()}
                     for idx in order.split(cfg.batch_size)
+                )
+            elif train_dataset is not None:
+                if hasattr(train_dataset, "set_epoch"):
+                    train_dataset.set_epoch(epoch)
+                batches = torch.utils.data.DataLoader(
+                    train_dataset,
+                    batch_size=cfg.batch_size,
+                    sampler=order.tolist(),
+                    num_workers=cfg.workers,
+                    generator=torch.Generator().manual_seed(0),
                 )
             else:
                 batches = image_loader(
@@ -289,7 +310,7 @@ def train(
                 )
             for batch in batches:
                 loss = _step(model, batch, loss_fn, opt, scaler, params, cfg, device, use_amp)
-                n = len(batch["index"])
+                n = len(batch["features"] if "features" in batch else batch["image"])
                 total, seen = total + loss * n, seen + n
             lr = opt.param_groups[0]["lr"]
             sched.step()

@@ -1,0 +1,150 @@
+"""Per-epoch training time with the backbone-feature cache vs without it, measured side by side in one run.
+
+The backbone is frozen and training uses no augmentation, so adtr-train computes each image's features once and trains the
+transformer on the cached tensor. This script times the trainer's own step function both ways on the same images,
+alternating cached and uncached epochs so that load from other processes hits both alike, and reports wall and CPU time
+per epoch, their ratio, and the one-time cost of filling the cache.
+
+    python benchmarks/train_cache.py                         # demo data (written to a temp folder), brick, lite0
+    python benchmarks/train_cache.py --data ROOT --category NAME --preset lite0 --epochs 3
+
+Writes benchmarks/results/train_cache.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=None, help="MVTec-layout root (default: the demo data in a temp folder)")
+    ap.add_argument("--category", default="brick")
+    ap.add_argument("--preset", default="lite0")
+    ap.add_argument("--epochs", type=int, default=3, help="timed epochs per mode")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", default=str(HERE / "results" / "train_cache.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from adtr_deploy.data.datasets import image_loader, open_dataset
+    from adtr_deploy.model.adtr import ADTR
+    from adtr_deploy.model.config import get_preset
+    from adtr_deploy.train.losses import get_loss
+    from adtr_deploy.train.trainer import TrainConfig, _step, cache_features, epoch_order, split_validation
+
+    data_root = args.data
+    if data_root is None:
+        from adtr_deploy.data.demo import write_demo_dataset
+
+        data_root = write_demo_dataset(Path(tempfile.gettempdir()) / "adtr_demo_data", (args.category,))
+    data = open_dataset(data_root, args.category)
+    cfg = TrainConfig(batch_size=args.batch_size, progress=False)
+    train_idx, _ = split_validation(data.train, cfg)
+    samples = [data.train[i] for i in train_idx]
+    torch.manual_seed(0)
+    model = ADTR(get_preset(args.preset))
+    device = torch.device("cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    loss_fn = get_loss("adtr")
+
+    cache, fill_wall, fill_cpu = timed(lambda: cache_features(model, samples, cfg, device, progress=False))
+
+    def epoch(cached: bool, e: int) -> None:
+        model.train()
+        order = epoch_order(len(samples), 0, e)
+        if cached:
+            batches = ({"index": i, "features": cache[i]} for i in order.split(cfg.batch_size))
+        else:
+            batches = image_loader(samples, model.cfg.input_size, batch_size=cfg.batch_size, order=order)
+        for batch in batches:
+            _step(model, batch, loss_fn, opt, scaler, params, cfg, device, False)
+
+    epoch(True, 0)  # warm-up of both paths (allocator, kernels), not timed
+    epoch(False, 0)
+    times = {"cached": [], "uncached": []}
+    for e in range(1, args.epochs + 1):
+        for mode in ("cached", "uncached"):
+            _, w, c = timed(lambda mode=mode, e=e: epoch(mode == "cached", e))
+            times[mode].append({"wall_s": w, "cpu_s": c})
+
+    def med(mode: str, key: str) -> float:
+        return statistics.median(t[key] for t in times[mode])
+
+    result = {
+        "command": "python benchmarks/train_cache.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "preset": args.preset,
+        "input_size": list(model.cfg.input_size),
+        "category": data.category,
+        "train_images": len(samples),
+        "batch_size": cfg.batch_size,
+        "epochs_per_mode": args.epochs,
+        "cache_fill": {"wall_s": fill_wall, "cpu_s": fill_cpu, "mib": cache.numel() * cache.element_size() / 2**20},
+        "epochs": times,
+        "median_epoch": {m: {"wall_s": med(m, "wall_s"), "cpu_s": med(m, "cpu_s")} for m in times},
+        "speedup_wall": med("uncached", "wall_s") / med("cached", "wall_s"),
+        "speedup_cpu": med("uncached", "cpu_s") / med("cached", "cpu_s"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_1m_at_end": os.getloadavg()[0],
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    m = r["median_epoch"]
+    fill = r["cache_fill"]
+    return "\n".join(
+        [
+            "# Training epoch time with and without the backbone-feature cache",
+            "",
+            f"Command: `{r['command'].strip()}`",
+            "",
+            f"Preset {r['preset']} at {r['input_size'][0]}x{r['input_size'][1]}, {r['train_images']} training images of "
+            f"the demo category {r['category']}, batch {r['batch_size']}, {r['epochs_per_mode']} timed epochs per mode, "
+            "alternated. CPU seconds are the process's user+system time (less sensitive to other load than wall time).",
+            "",
+            "| | wall s / epoch (median) | CPU s / epoch (median) |",
+            "|---|---|---|",
+            f"| features cached (default) | {m['cached']['wall_s']:.2f} | {m['cached']['cpu_s']:.2f} |",
+            f"| recomputed every step (--no-cache) | {m['uncached']['wall_s']:.2f} | {m['uncached']['cpu_s']:.2f} |",
+            f"| **speed-up** | **{r['speedup_wall']:.2f}x** | **{r['speedup_cpu']:.2f}x** |",
+            "",
+            f"Filling the cache once: {fill['wall_s']:.2f} s wall, {fill['cpu_s']:.2f} s CPU, {fill['mib']:.1f} MiB (float32).",
+            f"Machine: {r['machine']['cpus']} CPUs, {r['machine']['torch_threads']} torch threads, load average "
+            f"{r['machine']['loadavg_1m_at_end']:.1f} at the end (other jobs were running), torch {r['machine']['torch']}.",
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
