@@ -25,7 +25,8 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "seed", "val_fraction", "no_cache
     "--category",
     default=None,
     help="MVTec-AD category folder name, or the normal CIFAR class (name like 'airplane' or index 0-9/0-99). "
-    "Omit for a plain image folder.",
+    "Omit for a plain image folder. Several MVTec categories: 'a,b' or 'all' (one run each in OUT/<category>, "
+    "and OUT/summary.md/.json).",
 )
 @click.option(
     "--out", "out_dir", required=True, type=click.Path(path_type=str), help="Run folder: checkpoint.pt, logs, metrics."
@@ -85,6 +86,56 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "seed", "val_fraction", "no_cache
     show_default=True,
     help="Evaluate on the test split at the end (writes metrics.json) when the data has one.",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["adtr", "adtr+"]),
+    default="adtr",
+    show_default=True,
+    help="adtr: good images only (MSE). adtr+: also anomalies, with the pixel loss L_px and image loss L_img.",
+)
+@click.option(
+    "--init-from",
+    type=click.Path(exists=True, path_type=str),
+    default=None,
+    help="Start from this checkpoint (or run folder) instead of a fresh transformer: the paper's ADTR -> ADTR+ "
+    "fine-tuning. The model configuration comes from it (--preset is ignored).",
+)
+@click.option(
+    "--synthetic",
+    default=None,
+    help="adtr+: synthetic anomalies pasted on the good images, comma-separated from confetti, cutpaste, scar, or "
+    "'none' [default: confetti,cutpaste when neither --anomalies nor --external is given].",
+)
+@click.option(
+    "--anomalies",
+    type=click.Path(path_type=str),
+    default=None,
+    help="adtr+: folder of real anomalous images set apart for training, MVTec layout (ROOT/<defect>/*.png, masks in "
+    "ROOT/ground_truth/<defect>/<stem>_mask.png). Never the evaluated test split (refused).",
+)
+@click.option(
+    "--external",
+    default=None,
+    help="adtr+: irrelevant images used as image-level anomalies (L_img): a folder of images, or cifar100:PATH / "
+    "cifar10:PATH for the train images of a local CIFAR copy (the CIFAR-10 protocol uses CIFAR-100).",
+)
+@click.option("--alpha", type=float, default=0.003, show_default=True, help="adtr+: weight of the push terms.")
+@click.option(
+    "--topk", type=click.IntRange(min=1), default=20, show_default=True, help="adtr+: k of L_img's top-k mean."
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Data-parallel processes on this machine (DDP, launched through torchrun; one GPU each with --device cuda). "
+    "--batch-size stays the global batch.",
+)
+@click.option(
+    "--devices",
+    default=None,
+    help="Spread several categories over GPUs, e.g. cuda:0,cuda:1: one worker per GPU, categories round-robin.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 @user_errors
@@ -102,13 +153,59 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
       adtr-train --data cifar-10-batches-py --category airplane --out runs/airplane
       adtr-train --data my_good_images --out runs/line1
       adtr-train --data demo_data --category brick --out runs/brick --resume
+      adtr-train --data demo_data --category brick --out runs/brick+ --mode adtr+ --init-from runs/brick
+      adtr-train --data cifar-10-batches-py --category airplane --out runs/airplane+ --mode adtr+ \
+          --external cifar100:cifar-100-python
     """
     from pathlib import Path
 
+    from adtr_deploy.train import distributed, multi
+
+    nproc, devices = opts.pop("nproc"), multi.parse_devices(opts.pop("devices"))
+    if nproc > 1:
+        if devices:
+            raise click.ClickException("--nproc and --devices do not combine; use one of them")
+        if distributed.launched_by_torchrun():
+            raise click.ClickException("--nproc is given but this process already runs under torchrun; drop --nproc")
+        raise SystemExit(_launch_torchrun(ctx, nproc))
+    categories = multi.parse_categories(data_root, category)
+    if devices and categories is None:
+        raise click.ClickException("--devices spreads several categories over GPUs; give --category a,b or all")
+    distributed.setup(opts["device"])
+    try:
+        if categories is None:
+            _train_one(ctx, data_root, category, out_dir, **opts)
+            return
+        out = Path(out_dir)
+        if devices:
+            assignment = multi.round_robin(categories, devices)
+            errors = multi.run_on_devices(
+                assignment, lambda c: _child_args(ctx, category=c, out_dir=str(out / c), device="cuda"), out
+            )
+        else:
+            errors = multi.run_sequential(categories, lambda c: _train_one(ctx, data_root, c, str(out / c), **opts))
+        if distributed.is_main():
+            summary = multi.summarize(out, categories, errors)
+            click.echo(multi.summary_markdown(summary), nl=False)
+            click.echo(f"summary: {out / multi.SUMMARY_MD}")
+        failed = [c for c, e in errors.items() if e]
+        if failed:
+            raise click.ClickException(
+                f"{len(failed)} of {len(categories)} categories failed ({', '.join(failed)}); see {out / multi.SUMMARY_MD}"
+            )
+    finally:
+        distributed.teardown()
+
+
+def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir: str, **opts):
+    """One category's run (the whole single-run command); returns the checkpoint path."""
+    from pathlib import Path
+
     from adtr_deploy.data.datasets import open_dataset
+    from adtr_deploy.data.plus_dataset import build_plus_dataset, parse_synthetic
     from adtr_deploy.model.checkpoint import read_checkpoint
     from adtr_deploy.model.config import ADTRConfig, get_preset
-    from adtr_deploy.train.trainer import CHECKPOINT_NAME, DEFAULT_EPOCHS, TrainConfig, train
+    from adtr_deploy.train.trainer import CHECKPOINT_NAME, DEFAULT_EPOCHS, TrainConfig, split_validation, train
 
     out = Path(out_dir)
     given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
@@ -121,7 +218,16 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
         "cache_features": not opts["no_cache"],
         "cache_dtype": opts["cache_dtype"],
         "checkpoint_every": opts["checkpoint_every"],
+        "mode": opts["mode"],
+        "alpha": opts["alpha"],
+        "topk": opts["topk"],
     }
+    plus_opts = {k: opts[k] for k in ("synthetic", "anomalies", "external")}
+    init_from = opts["init_from"]
+    if opts["mode"] != "adtr+":
+        used = [k for k in ("synthetic", "anomalies", "external", "alpha", "topk") if k in given]
+        if used:
+            raise click.ClickException(f"--{used[0]} only applies to ADTR+; add --mode adtr+")
     runtime = {"device": opts["device"], "workers": opts["workers"], "progress": not opts["quiet"]}
     if opts["resume"]:
         ckpt = read_checkpoint(out / CHECKPOINT_NAME)
@@ -130,6 +236,11 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
         cfg = stored.replace(**overrides, **runtime)
         model_cfg = ADTRConfig.from_dict(ckpt["config"])
         data_info = ckpt.get("info", {}).get("data", {})
+        stored_plus = ckpt.get("info", {}).get("adtr_plus") or {}  # rebuild the same anomaly sources
+        plus_opts = {"synthetic": ",".join(stored_plus.get("synthetic", [])) or "none"} | {
+            k: stored_plus.get(k) for k in ("anomalies", "external")
+        }
+        init_from = stored_plus.get("init_from")
         if category is None and data_info.get("category") is not None:
             category = data_info["category"]
     else:
@@ -138,23 +249,106 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
                 f"{out} already holds a run; continue it with --resume, or start over with --overwrite or another --out"
             )
         cfg = TrainConfig(**values, **runtime)
-        model_cfg = get_preset(opts["preset"], weights=opts["weights"])
+        if init_from is not None:
+            init_path = Path(init_from)
+            init_from = str((init_path / CHECKPOINT_NAME if init_path.is_dir() else init_path).resolve())
+            model_cfg = ADTRConfig.from_dict(read_checkpoint(init_from)["config"])
+        else:
+            model_cfg = get_preset(opts["preset"], weights=opts["weights"])
     data = open_dataset(data_root, category)
+    plus_data = {}
+    if cfg.mode == "adtr+":
+        train_idx, _ = split_validation(data.train, cfg)  # the trainer's own split: calibration images stay unseen
+        synthetic = None if plus_opts["synthetic"] is None else parse_synthetic(plus_opts["synthetic"])
+        dataset, record = build_plus_dataset(
+            data,
+            [data.train[i] for i in train_idx],
+            model_cfg.input_size,
+            synthetic=synthetic,
+            anomalies=plus_opts["anomalies"],
+            external=plus_opts["external"],
+            seed=cfg.seed,
+        )
+        record |= {"alpha": cfg.alpha, "k": cfg.topk, "init_from": init_from}
+        plus_data = {"train_dataset": dataset, "extra_info": {"adtr_plus": record}}
+        click.echo(
+            f"ADTR+: {len(train_idx)} good images + {record['anomalies_per_epoch']} anomalies per epoch from "
+            f"{', '.join(record['sources'])}; the backbone runs on every batch (no feature cache)",
+            err=True,
+        )
     click.echo(
         f"{data.kind} data {data.root} category {data.category}: {len(data.train)} training images, "
         f"{len(data.test)} test images; {cfg.epochs} epochs on {cfg.device}",
         err=True,
     )
     try:
-        ckpt_path = train(model_cfg, cfg, data, out, resume=opts["resume"], evaluate=opts["do_eval"])
+        ckpt_path = train(
+            model_cfg,
+            cfg,
+            data,
+            out,
+            resume=opts["resume"],
+            evaluate=opts["do_eval"],
+            init_from=None if opts["resume"] else init_from,
+            **plus_data,
+        )
     except KeyboardInterrupt as exc:
         click.echo(f"\n{exc or 'training interrupted; the last complete checkpoint is kept'}", err=True)
         raise SystemExit(130) from None
     _report(ckpt_path)
+    return ckpt_path
+
+
+def _child_args(ctx: click.Context, **overrides) -> list[str]:
+    """The options given on this command line (plus `overrides`, by parameter name) as arguments for a child
+    `adtr-train`, without the launcher options --nproc and --devices."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if not isinstance(param, click.Option) or name in ("nproc", "devices"):
+            continue
+        if name in overrides:
+            value = overrides[name]
+        elif ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            value = ctx.params[name]
+        else:
+            continue
+        if value is None:
+            continue
+        if param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _launch_torchrun(ctx: click.Context, nproc: int) -> int:
+    """Run this command in `nproc` DDP processes via torchrun (python -m torch.distributed.run) on 127.0.0.1 with a
+    free port; returns its exit code."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port (the OS picks it; released just before torchrun binds it)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "adtr_deploy.train", *_child_args(ctx),
+    ]  # fmt: skip
+    click.echo(f"launching {nproc} processes: {' '.join(cmd[1:])}", err=True)
+    return subprocess.run(cmd).returncode
 
 
 def _report(ckpt_path) -> None:
     from adtr_deploy.model.checkpoint import read_checkpoint
+    from adtr_deploy.train.distributed import is_main
+
+    if not is_main():  # one report per run, from rank 0
+        return
 
     ckpt = read_checkpoint(ckpt_path)
     cal = ckpt.get("calibration") or {}

@@ -1,4 +1,5 @@
-"""Torch data set for ADTR+ fine-tuning: the good training images followed by anomalies from a MixedAnomalySampler.
+"""Torch data set for ADTR+ fine-tuning: the good training images followed by anomalies from a MixedAnomalySampler;
+`build_plus_dataset` makes it from adtr-train's options (--synthetic, --anomalies, --external).
 
 Every item is a dict of tensors that torch's default collate stacks into the batch `adtr_plus_loss` takes:
   "image"    uint8 (H, W, 3) RGB at the model's input size (the model's input layout);
@@ -10,12 +11,26 @@ Every item is a dict of tensors that torch's default collate stacks into the bat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from adtr_deploy.data.anomalies import MixedAnomalySampler, load_normal
+from adtr_deploy.data.anomalies import (
+    AnomalySource,
+    ArrayImages,
+    ConfettiNoise,
+    CutPaste,
+    ImageFolder,
+    MaskedAnomalyFolder,
+    MixedAnomalySampler,
+    load_normal,
+    mvtec_test_split,
+)
+from adtr_deploy.data.cifar import _load as _load_cifar
+from adtr_deploy.data.cifar import cifar_kind
+from adtr_deploy.data.datasets import AnomalyData
 
 
 class PlusDataset(Dataset):
@@ -63,3 +78,87 @@ class PlusDataset(Dataset):
             "has_mask": torch.tensor(has_mask),
             "label": torch.tensor(label, dtype=torch.int64),
         }
+
+
+# --- Building the ADTR+ training set from command-line style options (adtr-train --mode adtr+) ---
+
+SYNTHETIC = {"confetti": ConfettiNoise, "cutpaste": CutPaste, "scar": CutPaste.scar}
+DEFAULT_SYNTHETIC = ("confetti", "cutpaste")
+
+
+def parse_synthetic(text: str | None) -> tuple[str, ...]:
+    """--synthetic text -> names: "confetti,cutpaste" -> ("confetti", "cutpaste"); "none" -> ()."""
+    names = tuple(n.strip().lower() for n in (text or "").split(",") if n.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in SYNTHETIC]
+    if unknown:
+        raise ValueError(
+            f"unknown synthetic anomaly {unknown[0]!r}; choose from {', '.join(SYNTHETIC)} (comma-separated)"
+        )
+    return names
+
+
+def test_split_of(data: AnomalyData) -> list[Path]:
+    """What evaluation reads from `data`, i.e. where anomalies must never come from (the leak guard's exclude)."""
+    if data.kind == "mvtec":
+        return mvtec_test_split(data.root, data.category)
+    if data.kind == "cifar10":
+        return [data.root / "test_batch"]
+    if data.kind == "cifar100":
+        return [data.root / "test"]
+    return []  # a plain folder of good images has no test split
+
+
+def external_source(spec: str, data: AnomalyData | None = None) -> AnomalySource:
+    """--external SPEC -> an image-level source: "cifar100:PATH" / "cifar10:PATH" (the TRAIN images of a local CIFAR copy,
+    all classes), a folder holding CIFAR batches (detected), or any folder of images (ImageFolder)."""
+    kind, _, rest = spec.partition(":")
+    path = Path(rest if kind in ("cifar10", "cifar100") and rest else spec).expanduser()
+    found = cifar_kind(path) if path.is_dir() else None
+    if kind in ("cifar10", "cifar100") and (found is None or found[0] != kind):
+        raise ValueError(f"--external {spec}: {path} holds no {kind.upper()} python-version batches; check the path")
+    if found is None:
+        return ImageFolder(path, name="external")
+    if data is not None and data.kind == found[0] and found[1].resolve() == data.root.resolve():
+        raise ValueError(
+            f"--external {spec} is the data set being trained and evaluated; give another data set (e.g. CIFAR-100 "
+            "for CIFAR-10)"
+        )
+    images, _, _ = _load_cifar(found[0], found[1], "train")  # only the train split: never the evaluated test images
+    return ArrayImages(images, name=f"external-{found[0]}")
+
+
+def build_plus_dataset(
+    data: AnomalyData,
+    normals: Sequence[object],
+    size: tuple[int, int],
+    *,
+    synthetic: Sequence[str] | None = None,
+    anomalies: str | Path | None = None,
+    external: str | None = None,
+    seed: int = 0,
+) -> tuple[PlusDataset, dict]:
+    """The ADTR+ training set for `data`: its good training images `normals` (calibration images left out) and one
+    anomaly per good image per epoch, mixed with equal weight from the chosen sources. synthetic None means the default
+    (confetti + cutpaste) when neither `anomalies` nor `external` is given, else none. Anomaly files inside the
+    evaluated test split are refused (check_no_test_leak). Returns (dataset, record of the sources for the checkpoint).
+    """
+    if synthetic is None:
+        synthetic = DEFAULT_SYNTHETIC if anomalies is None and external is None else ()
+    sources: list[AnomalySource] = [SYNTHETIC[n]() for n in synthetic]
+    if anomalies is not None:
+        sources.append(MaskedAnomalyFolder(anomalies, name="anomalies"))
+    if external is not None:
+        sources.append(external_source(external, data))
+    sampler = MixedAnomalySampler(
+        sources, size, normals=normals, length=len(normals), seed=seed, exclude=test_split_of(data) or None
+    )
+    record = {
+        "sources": [s.name for s in sources],
+        "synthetic": list(synthetic),
+        "anomalies": None if anomalies is None else str(Path(anomalies).resolve()),
+        "external": external,
+        "anomalies_per_epoch": len(sampler),
+    }
+    return PlusDataset(normals, sampler), record

@@ -31,8 +31,9 @@ from adtr_deploy.data.mvtec import Sample
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from adtr_deploy.model.config import ADTRConfig
+from adtr_deploy.train import distributed
 from adtr_deploy.train.evaluate import TorchRunner, check_device, evaluate_runner, predict, write_results
-from adtr_deploy.train.losses import get_loss
+from adtr_deploy.train.losses import loss_for
 
 # Default epochs on the CPU. The paper trains 500 epochs on a GPU; with cached features an epoch of a few hundred images
 # takes seconds on 2 cores, and the demo data reaches its accuracy well before this (see docs/train.md).
@@ -65,6 +66,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     checkpoint_every: int = 1
     mode: str = "adtr"  # selects the loss (train/losses.py)
+    alpha: float = 0.003  # ADTR+ only: weight of the push terms (the paper's)
+    topk: int = 20  # ADTR+ only: k of L_img's top-k mean (the paper's)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,6 +197,7 @@ def train(
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     train_dataset: torch.utils.data.Dataset | None = None,
     init_from: str | Path | None = None,
+    extra_info: dict[str, Any] | None = None,
 ) -> Path:
     """Train ADTR on `data`, calibrate on held-out good images, evaluate on the test split; returns the checkpoint path.
 
@@ -204,15 +208,17 @@ def train(
     Hooks for other training modes (ADTR+): `train_dataset` replaces the cached training images with a Dataset whose
     items are dicts (image, and e.g. mask/label) stacked by torch's default collate, shuffled per epoch and given
     `set_epoch(epoch)` when it has one; the loss of `cfg.mode` receives each batch. `init_from` starts from the weights
-    of an earlier checkpoint (fine-tuning) instead of a fresh transformer.
+    of an earlier checkpoint (fine-tuning) instead of a fresh transformer. `extra_info` (e.g. {"adtr_plus": ...}) is
+    stored in the checkpoint's info and in metrics.json.
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     check_device(cfg.device)
     if cfg.epochs < 1:
         raise ValueError(f"--epochs {cfg.epochs} must be at least 1")
-    device = torch.device(cfg.device)
-    loss_fn = get_loss(cfg.mode)
+    w = distributed.world()  # rank 0 of 1 unless launched by torchrun (see train/distributed.py)
+    device = distributed.rank_device(cfg.device, w)
+    loss_fn = loss_for(cfg)
     train_idx, val_idx = split_validation(data.train, cfg)
     train_samples = [data.train[i] for i in train_idx]
     val_samples = [data.train[i] for i in val_idx]
@@ -258,16 +264,28 @@ def train(
         "data": data.info(),
         "train": cfg.to_dict(),
         "split": {"train_images": len(train_samples), "calibration_images": len(val_samples)},
+        **(extra_info or {}),
     }
-    log = _Log(out_dir / LOG_NAME, keep_until=start)
+    if w.distributed:
+        info["world_size"] = w.size
+    log = _Log(out_dir / LOG_NAME, keep_until=start) if w.is_main else None  # only rank 0 writes
     use_cache = cfg.cache_features and train_dataset is None
-    cache = cache_features(model, train_samples, cfg, device, progress=cfg.progress) if use_cache else None
+    # Distributed: each rank caches only its own shard (row k holds item rank + k * world, see local_batches).
+    shard = distributed.shard_indices(len(train_samples), w)
+    if w.distributed and len(shard) == 0:
+        raise ValueError(f"only {len(train_samples)} training images for {w.size} processes; use fewer processes")
+    cached = [train_samples[i] for i in shard]
+    show = cfg.progress and w.is_main
+    cache = cache_features(model, cached, cfg, device, progress=show) if use_cache else None
+    reconstruct = distributed.ddp_reconstruct(model, device) if w.distributed else model.reconstruct
     for s in val_samples:  # decode the calibration images now: a corrupt one fails the run before training, not after
         load_sample(s, model.cfg.input_size)
     if state is not None:
         _set_rng_state(state["rng"], device)  # after caching: nothing random happens before the next epoch
 
     def checkpoint(epoch: int, **extra: Any) -> None:
+        if not w.is_main:
+            return
         train_state = {
             "epoch": epoch,
             "optimizer": opt.state_dict(),
@@ -280,7 +298,7 @@ def train(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.epochs, initial=start, desc="train", unit="epoch", disable=not cfg.progress)
+    bar = tqdm(total=cfg.epochs, initial=start, desc="train", unit="epoch", disable=not show)
     epoch = start
     try:
         for epoch in range(start + 1, cfg.epochs + 1):
@@ -289,7 +307,10 @@ def train(
             n_items = len(train_dataset) if train_dataset is not None else len(train_samples)
             order = epoch_order(n_items, cfg.seed, epoch)
             total, seen = 0.0, 0
-            if cache is not None:
+            if w.distributed:
+                torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, w))  # per-rank dropout masks
+                batches = _rank_batches(order, epoch, cache, cached, train_dataset, model, cfg, device, w)
+            elif cache is not None:
                 batches = (
                     {"index": idx, "label": torch.zeros_like(idx), "features": cache[idx.to(device)].float()}
                     for idx in order.split(cfg.batch_size)
@@ -308,10 +329,21 @@ def train(
                 batches = image_loader(
                     train_samples, model.cfg.input_size, batch_size=cfg.batch_size, workers=cfg.workers, order=order
                 )
-            for batch in batches:
-                loss = _step(model, batch, loss_fn, opt, scaler, params, cfg, device, use_amp)
-                n = len(batch["features"] if "features" in batch else batch["image"])
+            steps = tqdm(
+                batches,
+                total=math.ceil(n_items / cfg.batch_size),
+                desc=f"epoch {epoch}",
+                unit="batch",
+                leave=False,
+                disable=not show,
+            )
+            for batch in steps:
+                weight = batch.pop("loss_weight", 1.0)  # distributed: local share of the global batch
+                loss = _step(model, batch, loss_fn, opt, scaler, params, cfg, device, use_amp, reconstruct, weight)
+                n = len(batch["features"] if "features" in batch else batch["image"]) if weight else 0
                 total, seen = total + loss * n, seen + n
+                steps.set_postfix(loss=f"{loss:.4g}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            total, seen = distributed.all_reduce_sum([total, seen], device)  # the global epoch (identity on 1)
             lr = opt.param_groups[0]["lr"]
             sched.step()
             seconds = time.perf_counter() - t0
@@ -326,7 +358,8 @@ def train(
                 raise RuntimeError(f"the loss became {record['loss']} at epoch {epoch}; lower --lr or check the data")
             if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                 checkpoint(epoch)
-            log.write(record)
+            if log is not None:
+                log.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
             if on_epoch_end is not None:
@@ -338,6 +371,9 @@ def train(
         ) from None
     bar.close()
     del cache
+    if not w.is_main:
+        distributed.barrier()  # rank 0 calibrates, evaluates and writes; the others wait for its checkpoint
+        return ckpt_path
 
     # Calibration: raw scores and maps of held-out good images -> normalization statistics and a default threshold.
     runner = TorchRunner(model, device)
@@ -350,13 +386,16 @@ def train(
         metrics, scores = evaluate_runner(
             runner, data, batch_size=cfg.eval_batch_size, workers=cfg.workers, progress=cfg.progress
         )
-        metrics = {"model": str(ckpt_path.resolve()), **metrics}
+        metrics = {"model": str(ckpt_path.resolve()), "mode": cfg.mode, **(extra_info or {}), **metrics}
         write_results(metrics, data.test, scores, out_dir / METRICS_NAME)
         checkpoint(cfg.epochs, calibration=calibration, metrics=metrics)
+    distributed.barrier()
     return ckpt_path
 
 
-def _step(model, batch, loss_fn, opt, scaler, params, cfg: TrainConfig, device, use_amp: bool) -> float:
+def _step(
+    model, batch, loss_fn, opt, scaler, params, cfg: TrainConfig, device, use_amp: bool, reconstruct=None, weight=1.0
+) -> float:
     """One optimization step; the loss function sees (features, reconstruction, batch)."""
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
@@ -364,12 +403,48 @@ def _step(model, batch, loss_fn, opt, scaler, params, cfg: TrainConfig, device, 
         if feats is None:
             with torch.no_grad():
                 feats = model.forward_features(batch["image"])
-        rec = model.reconstruct(feats)
+        rec = (reconstruct or model.reconstruct)(feats)
         loss = loss_fn(feats, rec, batch)
     opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    scaler.scale(loss * weight).backward()  # weight: distributed share (1.0 on one process)
     scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     scaler.step(opt)
     scaler.update()
     return float(loss.detach())
+
+
+def _rank_batches(order, epoch, cache, cached, train_dataset, model, cfg: TrainConfig, device, w: distributed.World):
+    """This rank's part of every global batch of `order` (distributed runs), each with its `loss_weight`.
+
+    A rank that owns no item of a batch still steps (DDP needs every rank in every backward): it repeats its first item
+    with weight 0. Items come from the rank's feature cache (row = index // world), its images, or `train_dataset`.
+    """
+    plan = []
+    for idx, n_global in distributed.local_batches(order, cfg.batch_size, w):
+        weight = distributed.loss_weight(len(idx), n_global, w)
+        plan.append((idx if len(idx) else torch.tensor([w.rank]), weight))
+    if cache is not None:
+        for idx, weight in plan:
+            rows = (idx // w.size).to(device)
+            yield {"index": idx, "label": torch.zeros_like(idx), "features": cache[rows].float(), "loss_weight": weight}
+        return
+    if train_dataset is not None:
+        if hasattr(train_dataset, "set_epoch"):
+            train_dataset.set_epoch(epoch)
+        dataset, collate_fn, batch_sampler = train_dataset, None, [idx.tolist() for idx, _ in plan]
+    else:
+        from adtr_deploy.data.datasets import ImageDataset, collate
+
+        dataset, collate_fn = ImageDataset(cached, model.cfg.input_size), collate
+        batch_sampler = [(idx // w.size).tolist() for idx, _ in plan]  # positions in this rank's shard
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(0),
+        **({"collate_fn": collate_fn} if collate_fn else {}),
+    )
+    for batch, (_, weight) in zip(loader, plan):
+        batch["loss_weight"] = weight
+        yield batch
