@@ -72,7 +72,12 @@ def runs(tmp_path_factory):
     """A single-process run and 2-process runs (plain, and interrupted after epoch 1 then resumed) of the same job."""
     tmp = tmp_path_factory.mktemp("ddp")
     root = make_mvtec(tmp / "data", "tex", n_train=21, n_good=3, n_masked=3, n_unmasked=0)
-    single = train(TINY, CFG, open_dataset(root, "tex"), tmp / "single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun sets for each rank (OMP_NUM_THREADS=1)
+    try:
+        single = train(TINY, CFG, open_dataset(root, "tex"), tmp / "single")
+    finally:
+        torch.set_num_threads(threads)
     worker = tmp / "worker.py"
     worker.write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
