@@ -28,13 +28,13 @@ def losses(run) -> list[float]:
 
 @pytest.fixture(scope="module")
 def mvtec(tmp_path_factory):
-    return make_mvtec(tmp_path_factory.mktemp("mvtec"), "tex", n_train=20, n_good=3, n_masked=3, n_unmasked=2)
+    return make_mvtec(tmp_path_factory.mktemp("mvtec"), "tex", n_train=12, n_good=3, n_masked=3, n_unmasked=2)
 
 
 @pytest.fixture(scope="module")
 def adtr_run(mvtec, tmp_path_factory):
     out = tmp_path_factory.mktemp("adtr")
-    result = invoke("--data", mvtec, "--category", "tex", "--out", out, "--epochs", 2, "--lr", 1e-3, "--no-eval")
+    result = invoke("--data", mvtec, "--category", "tex", "--out", out, "--epochs", 1, "--lr", 1e-3, "--no-eval")
     assert result.exit_code == 0, result.output
     return out
 
@@ -72,7 +72,7 @@ def test_trains_adtr_plus_from_scratch_with_anomalies_set_apart_on_the_train_sid
     shutil.copytree(other / "tex" / "ground_truth", apart / "ground_truth")
     out = tmp_path / "scratch"
     result = invoke(
-        "--data", mvtec, "--category", "tex", "--out", out, "--mode", "adtr+", "--anomalies", apart, "--epochs", 2,
+        "--data", mvtec, "--category", "tex", "--out", out, "--mode", "adtr+", "--anomalies", apart, "--epochs", 1,
         "--alpha", 0.01, "--topk", 4,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -81,7 +81,7 @@ def test_trains_adtr_plus_from_scratch_with_anomalies_set_apart_on_the_train_sid
     assert ckpt["mode"] == "adtr+" and ckpt["info"]["train"]["mode"] == "adtr+"
     assert plus["sources"] == ["anomalies"] and plus["synthetic"] == [] and plus["init_from"] is None
     assert plus["anomalies"] == str(apart.resolve()) and plus["alpha"] == 0.01 and plus["k"] == 4
-    assert len(losses(out)) == 2 and all(math.isfinite(v) for v in losses(out))
+    assert len(losses(out)) == 1 and all(math.isfinite(v) for v in losses(out))
     assert 0.0 <= json.loads((out / "metrics.json").read_text())["image_auroc"] <= 1.0
 
 
