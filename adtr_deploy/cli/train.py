@@ -144,7 +144,9 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
 
     Writes OUT/checkpoint.pt (loadable with torch.load(weights_only=True)), OUT/train_log.jsonl and, when the data has
     a test split, OUT/metrics.json. The frozen backbone's features are computed once and cached, so each epoch costs only
-    the transformer. Scores are calibrated on held-out good images (--val-fraction).
+    the transformer. Scores are calibrated on held-out good images (--val-fraction). --mode adtr+ trains (or, with
+    --init-from, fine-tunes) with anomalies as well: synthetic, real (--anomalies) or external (--external); the
+    backbone then runs on every batch, since the anomalies change every epoch.
 
     \b
     Examples:
