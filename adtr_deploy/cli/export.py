@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from adtr_deploy.cli.common import user_errors
-from adtr_deploy.export.formats import ALL, FORMATS, PRECISIONS
+from adtr_deploy.export.formats import (
+    ALL,
+    CALIBRATION_METHODS,
+    DEFAULT_CALIB_COUNT,
+    FORMATS,
+    PRECISIONS,
+    QUANT_SCOPES,
+)
 
 # Formats that package an exported artifact for a server instead of exporting the torch model themselves.
 TRITON = "triton"
@@ -21,17 +28,29 @@ def _describe(result) -> list[str]:
     lines.append(
         f"  verified on {v['images']} images ({v['image_source']}), batches {v['batch_sizes']}, device {v['device']}"
     )
-    for key in ("map", "score"):
-        d = v[key]
+    if "map" in v:
+        for key in ("map", "score"):
+            d = v[key]
+            lines.append(
+                f"  {key:5s} max |diff| {d['max_abs']:.3g} ({d['max_rel']:.2g} of the map range), "
+                f"mean {d['mean_abs']:.3g}"
+            )
+        corr = v["map"].get("correlation")
         lines.append(
-            f"  {key:5s} max |diff| {d['max_abs']:.3g} ({d['max_rel']:.2g} of the map range), mean {d['mean_abs']:.3g}"
+            f"  map correlation {'n/a' if corr is None else f'{corr:.5f}'} (Pearson, all pixels); score max relative "
+            f"error {100 * v['score'].get('max_rel_to_score', 0.0):.2f}%"
         )
-    agree = round(v["decision_agreement"] * v["decisions"])
-    lines.append(
-        f"  decisions at threshold {v['threshold']:.4g} ({v['threshold_source']}): {agree}/{v['decisions']} agree "
-        f"({v['reference_anomalies']} anomalous in the reference); tolerance {v['tolerance']:.0e}: "
-        f"{'PASS' if v['passed'] else 'FAIL'}"
-    )
+        agree = round(v["decision_agreement"] * v["decisions"])
+        lines.append(
+            f"  decisions at threshold {v['threshold']:.4g} ({v['threshold_source']}): {agree}/{v['decisions']} agree "
+            f"({v['reference_anomalies']} anomalous in the reference)"
+        )
+    bounds = [
+        f"max |diff| <= {v['tolerance']:.0e} of the map range" if v.get("tolerance") is not None else None,
+        f"map correlation >= {v['min_map_correlation']}" if v.get("min_map_correlation") is not None else None,
+        f"score error <= {100 * v['max_score_rel']:.0f}%" if v.get("max_score_rel") is not None else None,
+    ]
+    lines.append(f"  {', '.join(b for b in bounds if b)}: {'PASS' if v['passed'] else 'FAIL'}")
     return lines
 
 
@@ -61,7 +80,43 @@ def _describe(result) -> list[str]:
     type=click.Choice(list(PRECISIONS)),
     default="fp32",
     show_default=True,
-    help="fp16: ONNX and TensorRT only; LayerNorm, Softmax, the L2 map and the score stay fp32; uint8 in, fp32 out.",
+    help="fp16: ONNX and TensorRT; int8: static Q/DQ calibrated on good training images, ONNX and TensorRT; "
+    "int8-dynamic: int8 transformer weights, no calibration, ONNX only. LayerNorm, Softmax, the L2 map and the score "
+    "stay fp32; uint8 in, fp32 out.",
+)
+@click.option(
+    "--calib-images",
+    default=None,
+    metavar="FOLDER|GLOB",
+    help="int8: good images to calibrate on. Default: the checkpoint's calibration hold-out images plus its "
+    "train/good images. Images of the evaluated test split are refused.",
+)
+@click.option(
+    "--calib-method",
+    type=click.Choice(list(CALIBRATION_METHODS)),
+    default="minmax",
+    show_default=True,
+    help="int8: how activation ranges are chosen from the calibration images.",
+)
+@click.option(
+    "--calib-count",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CALIB_COUNT,
+    show_default=True,
+    help="int8: at most this many calibration images (evenly spread).",
+)
+@click.option(
+    "--quant-scope",
+    type=click.Choice(list(QUANT_SCOPES)),
+    default="all",
+    show_default=True,
+    help="int8: quantize the backbone's Conv, the transformer's MatMul, or both.",
+)
+@click.option(
+    "--per-tensor", is_flag=True, help="int8/int8-dynamic: one weight scale per tensor instead of per output channel."
+)
+@click.option(
+    "--reduce-range", is_flag=True, help="int8/int8-dynamic: 7-bit weights (CPUs without VNNI can saturate with 8)."
 )
 @click.option(
     "--exporter",
@@ -142,6 +197,12 @@ def command(
     fmt,
     out_dir,
     precision,
+    calib_images,
+    calib_method,
+    calib_count,
+    quant_scope,
+    per_tensor,
+    reduce_range,
     exporter,
     opset,
     simplify,
@@ -168,6 +229,7 @@ def command(
     Examples:
       adtr-export --model runs/brick/checkpoint.pt --format onnx --out export/
       adtr-export --model runs/brick --format onnx --precision fp16 --simplify --out export-fp16/
+      adtr-export --model runs/brick --format onnx --precision int8 --calib-method entropy --out export-int8/
       adtr-export --model runs/brick --format tensorrt --precision fp16 --batch-max 16 --out export-trt/
       adtr-export --model runs/brick --format all --out export-all/
       adtr-export --model runs/brick --format triton --triton-max-batch 16 --out export-triton/
@@ -188,6 +250,12 @@ def command(
         workspace_gb=workspace_gb,
         device=device,
         timing_cache=timing_cache,
+        calib_images=calib_images,
+        calib_method=calib_method,
+        calib_count=calib_count,
+        quant_scope=quant_scope,
+        per_channel=not per_tensor,
+        reduce_range=reduce_range,
     )
     for r in result if isinstance(result, list) else [result]:
         for note in r.notes:

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from adtr_deploy import __version__
-from adtr_deploy.export.formats import ALL, FORMATS, ExportOptions, check_format_precision
+from adtr_deploy.export.formats import (
+    ALL,
+    DEFAULT_CALIB_COUNT,
+    FORMATS,
+    PRECISIONS,
+    ExportOptions,
+    QuantOptions,
+    check_format_precision,
+)
 from adtr_deploy.export.verify import FULL_BATCH, VerificationError, collect_images, verify_artifact
 from adtr_deploy.spec import SPEC_FILENAME, ModelSpec
 
@@ -213,6 +221,13 @@ def export_checkpoint(
     workspace_gb: float = 4.0,
     device: str = "cuda:0",
     timing_cache: str | None = None,
+    calib_images: str | None = None,
+    calib_method: str = "minmax",
+    calib_count: int = DEFAULT_CALIB_COUNT,
+    quant_scope: str = "all",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    quantize_outputs: bool = True,
 ) -> ExportResult | list[ExportResult]:
     """Export a checkpoint (file or run folder) to `fmt` in `out_dir`, with model.json, verified against the reference.
 
@@ -220,6 +235,12 @@ def export_checkpoint(
     goes into its own sub-folder (out_dir/onnx, ...), TensorRT only where it and a GPU are present, and a list of
     results comes back. Raises ValueError/RuntimeError with one sentence on bad input, VerificationError on a failed
     parity check (nothing is published then).
+
+    INT8 (precision "int8"): calibrated on `calib_images` (a folder or glob of good images), else on the checkpoint's
+    calibration hold-out images plus its train/good images, at most `calib_count`, with `calib_method` (minmax,
+    entropy, percentile); images inside the evaluated test split are refused. `quant_scope` (all, backbone,
+    transformer), `per_channel`, `reduce_range` and `quantize_outputs` (False: Conv/MatMul outputs stay float32)
+    choose what and how it quantizes (adtr_deploy/export/quantize.py); "int8-dynamic" uses per_channel/reduce_range.
     """
     from adtr_deploy.export.onnx import check_opset
     from adtr_deploy.export.tensorrt import TensorRTUnavailable, profile_shapes
@@ -241,6 +262,14 @@ def export_checkpoint(
         workspace_gb=workspace_gb,
         device=device,
         timing_cache=timing_cache,
+        quant=QuantOptions(
+            method=calib_method,
+            count=int(calib_count),
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            scope=quant_scope,
+            quantize_outputs=quantize_outputs,
+        ),
     )
     notes: list[str] = []
     if fmt == ALL:
@@ -267,9 +296,19 @@ def export_checkpoint(
     path = Path(checkpoint)
     checkpoint_path = path / "checkpoint.pt" if path.is_dir() else path
     model = model_from_checkpoint(ckpt)
+    calib_files: tuple[str, ...] = ()
+    if PRECISIONS[precision]["calibrated"]:
+        from adtr_deploy.export.quantize import calibration_files
+
+        files, calib_source = calibration_files(ckpt.get("info") or {}, calib_images, calib_count)
+        calib_files = tuple(str(f) for f in files)
+        quant = dataclasses.replace(options.quant, calib_files=calib_files, calib_source=calib_source)
+        options = dataclasses.replace(options, quant=quant)
     images, source = (None, "")
     if verify:
-        images, source = collect_images(model.cfg.input_size, verify_images=verify_images, checkpoint=ckpt)
+        images, source = collect_images(
+            model.cfg.input_size, verify_images=verify_images, checkpoint=ckpt, avoid=calib_files
+        )
 
     out_dir = Path(out_dir)
     if fmt != ALL:

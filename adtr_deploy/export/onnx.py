@@ -217,7 +217,7 @@ def export_onnx(model: torch.nn.Module, path: Path, *, spec: ModelSpec, options:
     precision_pass = PRECISIONS[options.precision]["onnx_pass"]
     if precision_pass:
         module, func = precision_pass.split(":")
-        proto, report = getattr(importlib.import_module(module), func)(proto)
+        proto, report = getattr(importlib.import_module(module), func)(proto, options)
         details[options.precision] = report.to_dict()
     notes = details.pop("notes")
     embed_spec(proto, spec.replace(extra={**spec.extra, "onnx": details}))

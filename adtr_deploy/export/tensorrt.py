@@ -5,6 +5,10 @@
 - Precision follows TRT_RECIPES. TensorRT 10 builds "weakly typed" networks from the FP32 ONNX and takes FP16 from a
   builder flag, with the fragile layers pinned to FP32. TensorRT 11 removed those flags (and the INT8 calibrator):
   every network is strongly typed, so FP16 comes from our FP16 ONNX, whose types TensorRT then follows exactly.
+- INT8 is explicit quantization in both: the network is parsed from our Q/DQ ONNX (quantize.py, symmetric int8
+  activations and weights, which is all TensorRT accepts), calibrated on good training images before the build. Only
+  the Q/DQ-wrapped Conv/MatMul run in INT8; LayerNorm, Softmax and the map stay as typed (FP32). TensorRT 10's weakly
+  typed builder wants the INT8 flag set alongside the Q/DQ layers; TensorRT 11 reads the types from the graph.
 - An engine only runs on the GPU model and TensorRT version that built it. Both (and the compute capability and CUDA
   version) are recorded in model.json `extra["tensorrt"]`; `check_engine_compatible(spec)` refuses a mismatch.
 
@@ -13,6 +17,7 @@ Nothing here imports torch or tensorrt at module level: the runtime calls `check
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
@@ -75,10 +80,11 @@ class Recipe:
     set_flags: tuple[str, ...] = ()  # BuilderFlag names to set
     clear_flags: tuple[str, ...] = ()  # BuilderFlag names to clear (when the flag exists)
     pin_fp32_layers: bool = False  # weak typing: keep fragile layer types in FP32 (with a precision-constraint flag)
+    quant_target: str | None = None  # Q/DQ ONNX flavour (formats.QUANT_TARGETS) when onnx_precision is INT8
 
 
 # (generation, precision) -> Recipe. TF32 is cleared for FP32 so that FP32 engines meet the 1e-4 tolerance.
-# INT8 (issue 10) joins as ("weak", "int8") with the INT8 flag and a calibrator, and ("strong", "int8") from a Q/DQ ONNX.
+# INT8 in both generations is explicit quantization from our Q/DQ ONNX (no TensorRT calibrator: 11 removed it).
 TRT_RECIPES: dict[tuple[str, str], Recipe] = {
     ("weak", "fp32"): Recipe(onnx_precision="fp32", strongly_typed=False, clear_flags=("TF32",)),
     ("weak", "fp16"): Recipe(
@@ -89,10 +95,28 @@ TRT_RECIPES: dict[tuple[str, str], Recipe] = {
     ),
     ("strong", "fp32"): Recipe(onnx_precision="fp32", strongly_typed=True, clear_flags=("TF32",)),
     ("strong", "fp16"): Recipe(onnx_precision="fp16", strongly_typed=True),
+    ("weak", "int8"): Recipe(onnx_precision="int8", strongly_typed=False, set_flags=("INT8",), quant_target="tensorrt"),
+    ("strong", "int8"): Recipe(onnx_precision="int8", strongly_typed=True, quant_target="tensorrt"),
 }
 
 # Layer types pinned to FP32 in weakly typed FP16 builds: the same ops our FP16 ONNX keeps in FP32 (see fp16.py).
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE", "UNARY", "POOLING", "RESIZE")
+
+
+def onnx_options_for(recipe: Recipe, options: ExportOptions) -> ExportOptions:
+    """The options of the ONNX export the engine is parsed from: the recipe's precision, and for INT8 the Q/DQ flavour
+    TensorRT accepts (symmetric int8), calibrated on the same images the user chose."""
+    quant = options.quant
+    if recipe.quant_target is not None:
+        quant = dataclasses.replace(quant, target=recipe.quant_target)
+    return ExportOptions(
+        precision=recipe.onnx_precision,
+        opset=options.opset,
+        dynamo=options.dynamo,
+        simplify=options.simplify,
+        batch_max=options.batch_max,
+        quant=quant,
+    )
 
 
 def generation(version: str | tuple[int, ...]) -> str:
@@ -319,13 +343,7 @@ def export_tensorrt(model, path: Path, *, spec: ModelSpec, options: ExportOption
     recipe = build_recipe(trt.__version__, options.precision)
     shapes = profile_shapes(spec.input_size, options.batch_max, options.batch_opt)
     onnx_path = path.with_name(path.stem + ".build.onnx")
-    onnx_options = ExportOptions(
-        precision=recipe.onnx_precision,
-        opset=options.opset,
-        dynamo=options.dynamo,
-        simplify=options.simplify,
-        batch_max=options.batch_max,
-    )
+    onnx_options = onnx_options_for(recipe, options)
     try:
         onnx_details = export_onnx(model, onnx_path, spec=spec, options=onnx_options)
         timing_cache = Path(options.timing_cache) if options.timing_cache else None
@@ -347,6 +365,7 @@ def export_tensorrt(model, path: Path, *, spec: ModelSpec, options: ExportOption
         "precision": options.precision,
         "strongly_typed": recipe.strongly_typed,
         "builder_flags": list(recipe.set_flags),
+        "explicit_quantization": recipe.quant_target is not None,
         "cleared_flags": list(recipe.clear_flags),
         "profile": {k: list(v) for k, v in shapes.items()},
         "workspace_gb": options.workspace_gb,

@@ -80,17 +80,30 @@ def _demo_images(size: tuple[int, int], n: int) -> tuple[list[np.ndarray], str]:
     return images, "scikit-image texture crops (" + ", ".join(names) + ")"
 
 
+def _test_split_files(checkpoint: dict | None) -> list[Path]:
+    """Images of the test split of the data the checkpoint was trained on (MVTec layout), where it exists here."""
+    data = ((checkpoint or {}).get("info") or {}).get("data") or {}
+    if not data.get("root") or not data.get("category"):
+        return []
+    folder = Path(data["root"]) / str(data["category"]) / "test"
+    return sorted(f for f in folder.rglob("*") if f.is_file() and is_image_file(f)) if folder.is_dir() else []
+
+
 def collect_images(
     size: tuple[int, int],
     *,
     verify_images: str | None = None,
     checkpoint: dict | None = None,
     max_images: int = MAX_IMAGES,
+    avoid: tuple[str | Path, ...] = (),
 ) -> tuple[np.ndarray, str]:
     """Real images for verification, as a uint8 (N, H, W, 3) batch and a description of where they came from.
 
     Order: the files given with --verify-images (a folder or a glob), else the checkpoint's calibration images
     (held-out good images recorded by training) when they exist on this machine, else the built-in demo data.
+    `avoid`: files an INT8 export calibrated on; verification does not reuse them (an in-sample check flatters the
+    quantization) and, when that leaves no calibration image, reads the checkpoint's test split (good and defective
+    images: a parity check fits nothing to them) before the demo data.
     """
     if verify_images:
         files = _files_from(verify_images)
@@ -100,12 +113,18 @@ def collect_images(
                 f"--verify-images {verify_images} matches no readable image; give a folder or a glob of images"
             )
         return stack_batch(images), f"{len(images)} images from {verify_images}"
+    seen = {Path(p).resolve() for p in avoid}
     recorded = [Path(p) for p in ((checkpoint or {}).get("info") or {}).get("calibration_images") or []]
-    present = [p for p in recorded if p.is_file()]
+    present = [p for p in recorded if p.is_file() and p.resolve() not in seen]
     if present:
         images = _load_files(_evenly(present, max_images), size)
         if images:
             return stack_batch(images), f"{len(images)} of the checkpoint's calibration images"
+    if seen:
+        tests = [p for p in _test_split_files(checkpoint) if p.resolve() not in seen]
+        images = _load_files(_evenly(tests, max_images), size)
+        if images:
+            return stack_batch(images), f"{len(images)} test images of the checkpoint's data (none used to calibrate)"
     images, source = _demo_images(size, max_images)
     return stack_batch(images), source
 
@@ -118,6 +137,19 @@ def batch_plan(n: int, batch_size: int) -> list[np.ndarray]:
     return [np.array([0]), *np.split(cycled, total // batch_size)]
 
 
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two equally shaped arrays over all elements; None when either is constant."""
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else None
+
+
+def criteria_of(precision: str) -> dict[str, float | None]:
+    """The verification bounds of a precision, from its PRECISIONS row."""
+    row = PRECISIONS[precision]
+    return {k: row.get(k) for k in ("tolerance", "min_map_correlation", "max_score_rel")}
+
+
 def compare(
     ref_maps: np.ndarray,
     ref_scores: np.ndarray,
@@ -125,10 +157,23 @@ def compare(
     scores: np.ndarray,
     *,
     threshold: float,
-    tolerance: float,
+    tolerance: float | None = None,
+    min_map_correlation: float | None = None,
+    max_score_rel: float | None = None,
 ) -> dict[str, Any]:
-    """Numbers of one comparison and whether it passes (pure numpy)."""
-    result: dict[str, Any] = {"tolerance": tolerance, "threshold": float(threshold)}
+    """Numbers of one comparison and whether it passes (pure numpy).
+
+    Bounds (None: reported, not enforced): `tolerance` on the largest |difference| of maps and scores relative to the
+    reference map range; `min_map_correlation` on the Pearson correlation of the maps over all pixels; `max_score_rel`
+    on the largest |score difference| / |reference score|. A decision flip counts only when the reference score lies
+    outside the noise band those bounds allow around the threshold.
+    """
+    result: dict[str, Any] = {
+        "tolerance": tolerance,
+        "min_map_correlation": min_map_correlation,
+        "max_score_rel": max_score_rel,
+        "threshold": float(threshold),
+    }
     if maps.shape != ref_maps.shape or scores.shape != ref_scores.shape:
         return {
             **result,
@@ -150,24 +195,50 @@ def compare(
             "max_rel": float(d.max() / scale),
             "mean_rel": float(d.mean() / scale),
         }
+    score_rel = d_score / np.maximum(np.abs(ref_scores), 1e-12)
+    result["score"].update(max_rel_to_score=float(score_rel.max()), mean_rel_to_score=float(score_rel.mean()))
+    per_image = [_pearson(r, m) for r, m in zip(ref_maps, maps)]
+    per_image = [c for c in per_image if c is not None]
+    result["map"].update(
+        correlation=_pearson(ref_maps, maps), min_image_correlation=min(per_image) if per_image else None
+    )
     result["reference_map_range"] = scale
+    band = max(
+        tolerance * scale if tolerance is not None else 0.0,
+        max_score_rel * abs(float(threshold)) if max_score_rel is not None else 0.0,
+    )
     ref_dec, dec = ref_scores > threshold, scores > threshold
     flips = np.flatnonzero(ref_dec != dec)
-    unexplained = [int(i) for i in flips if abs(ref_scores[i] - threshold) > tolerance * scale]
+    unexplained = [int(i) for i in flips if abs(ref_scores[i] - threshold) > band]
     result.update(
         decisions=int(dec.size),
         decision_agreement=float(np.mean(ref_dec == dec)),
         decision_flips=int(flips.size),
         unexplained_flips=len(unexplained),
         reference_anomalies=int(ref_dec.sum()),
+        decision_noise_band=band,
     )
     worst = max(result["map"]["max_rel"], result["score"]["max_rel"])
-    if worst > tolerance:
+    corr = result["map"]["correlation"]
+    if tolerance is not None and worst > tolerance:
         which = "anomaly maps" if result["map"]["max_rel"] >= result["score"]["max_rel"] else "scores"
         result.update(
             passed=False,
             reason=f"the {which} differ from the PyTorch reference by up to {worst:.2e} of the reference map's "
             f"range (tolerance {tolerance:.0e})",
+        )
+    elif min_map_correlation is not None and (corr is None or corr < min_map_correlation):
+        shown = "undefined (a constant map)" if corr is None else f"{corr:.4f}"
+        result.update(
+            passed=False,
+            reason=f"the anomaly maps correlate with the PyTorch reference at {shown} (Pearson over all pixels), "
+            f"below the bound {min_map_correlation}",
+        )
+    elif max_score_rel is not None and result["score"]["max_rel_to_score"] > max_score_rel:
+        result.update(
+            passed=False,
+            reason=f"the scores differ from the PyTorch reference by up to "
+            f"{100 * result['score']['max_rel_to_score']:.1f}% (bound {100 * max_score_rel:.0f}%)",
         )
     elif unexplained:
         result.update(
@@ -222,7 +293,7 @@ def verify_artifact(
         np.concatenate([np.asarray(o[0]) for o in outs]),
         np.concatenate([np.asarray(o[1]) for o in outs]),
         threshold=cal.threshold,
-        tolerance=PRECISIONS[precision]["tolerance"],
+        **criteria_of(precision),
     )
     return {
         "artifact": str(artifact_path),

@@ -1,0 +1,608 @@
+"""INT8 passes over the exported FP32 ONNX graph (ONNX Runtime's quantization tools), and the calibration images.
+
+Static INT8 (`int8`): `quant_pre_process` (shape inference + ONNX Runtime's basic graph optimizations), then
+`quantize_static` in the Q/DQ format with per-channel int8 weights, calibrated on good TRAINING images. Dynamic INT8
+(`int8-dynamic`): `quantize_dynamic`, int8 weights and activations quantized per batch at run time, no calibration.
+
+What is quantized, and what stays FP32 and why:
+- Only weighted ops are quantized: Conv (the backbone) and MatMul/Gemm with a constant weight (the transformer's linear
+  layers); QUANT_SCOPES narrows that to one of the two. Attention's activation x activation products (q @ k^T,
+  softmax @ v) stay FP32: their operands have no fixed range to calibrate.
+- LayerNormalization and Softmax stay FP32 and read FP32 inputs: ONNX Runtime's Q/DQ insertion hands every consumer of
+  a quantized tensor the dequantized copy (and dedupes identical initializers across ops), so a pass afterwards rewires
+  any LayerNorm/Softmax/map input that comes straight out of a DequantizeLinear back to the FP32 tensor it quantized.
+- The anomaly map and score: everything from the L2 reconstruction error on (Sub -> Pow -> ReduceSum -> Sqrt, the
+  upsampling, blur, pooling, max) is excluded from quantization and reads FP32 inputs: the error is a small difference
+  of two large feature vectors.
+- The uint8 image input and its Cast are never quantized (the graph still takes uint8 and returns float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import logging
+import tempfile
+import warnings
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from adtr_deploy.export.formats import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIB_COUNT,
+    QUANT_SCOPES,
+    ExportOptions,
+    QuantOptions,
+)
+from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, FP32_TAIL_OPS
+from adtr_deploy.preprocess import ImageDecodeError, is_image_file, load_image
+
+KEEP_FP32_OPS: frozenset[str] = frozenset({"LayerNormalization", "Softmax"})
+WEIGHT_INPUT = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # which input of a quantizable op holds its weight
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+CALIB_BATCH = 8  # images per calibration run (memory of the augmented graph grows with it)
+# Our calibration method -> extra options of onnxruntime's create_calibrator. Entropy: 512 histogram bins searched for
+# the 128-bin quantization with the least KL divergence (TensorRT's method); percentile: the 99.99th percentile of
+# |x| (or of x on each side for asymmetric activations) over a 2048-bin histogram.
+CALIBRATORS: dict[str, dict[str, Any]] = {
+    "minmax": {},
+    "entropy": {"num_bins": 512, "num_quantized_bins": 128},
+    "percentile": {"num_bins": 2048, "percentile": 99.99},
+}
+# ONNX Runtime's quantization types per target: its CPU kernels are fastest with uint8 activations and int8 weights;
+# TensorRT only takes symmetric int8 (zero point 0) for both.
+TARGET_SETTINGS: dict[str, dict[str, Any]] = {
+    "onnxruntime": {"activation": "QUInt8", "weight": "QInt8", "extra": {}},
+    "tensorrt": {
+        "activation": "QInt8",
+        "weight": "QInt8",
+        "extra": {"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True},
+    },
+}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantization tools log progress and advice at WARNING level; the export reports what matters."""
+    root = logging.getLogger()
+    level = root.level
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        root.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            root.setLevel(level)
+
+
+# --- calibration images --------------------------------------------------------------------------------------------
+
+
+def _evenly(items: list, n: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in idx]
+
+
+def _files_from(pattern: str | Path) -> list[Path]:
+    p = Path(pattern).expanduser()
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+    if p.is_file():
+        return [p]
+    return sorted(Path(f) for f in glob.glob(str(p), recursive=True) if is_image_file(f))
+
+
+def evaluated_test_split(info: dict[str, Any]) -> list[Path]:
+    """The test folders of the data the checkpoint was trained on (info["data"]), where the layout says so; else []."""
+    data = info.get("data") or {}
+    root, category = data.get("root"), data.get("category")
+    if not root or not category:
+        return []
+    from adtr_deploy.data.anomalies import mvtec_test_split
+
+    return [p for p in mvtec_test_split(root, str(category)) if p.exists()]
+
+
+def check_not_test_images(files: list[Path], test_split: list[Path]) -> None:
+    """Refuse calibration images that lie inside (or are byte copies of files of) the evaluated test split."""
+    if not files or not test_split:
+        return
+    from adtr_deploy.data.anomalies import check_no_test_leak
+
+    try:
+        check_no_test_leak(files, test_split)
+    except ValueError as exc:
+        what = str(exc).split(";")[0].replace("anomaly file", "calibration image", 1)
+        raise ValueError(
+            f"{what}; calibrating INT8 on test images makes its measured accuracy optimistic, so calibrate on good "
+            "training images (--calib-images FOLDER|GLOB)"
+        ) from None
+
+
+def calibration_files(
+    info: dict[str, Any], calib_images: str | None = None, count: int = DEFAULT_CALIB_COUNT
+) -> tuple[list[Path], str]:
+    """The good training images INT8 calibration reads, and where they came from.
+
+    --calib-images (a folder or a glob) when given; else the checkpoint's calibration hold-out images
+    (info["calibration_images"]) first, topped up with ROOT/<category>/train/good images from info["data"], at most
+    `count` in all, evenly spread. Any image inside the evaluated test split is refused.
+    """
+    count = int(count)
+    if count < 1:
+        raise ValueError(f"--calib-count must be at least 1, not {count}")
+    if calib_images:
+        files = _evenly(_files_from(calib_images), count)
+        if not files:
+            raise ValueError(f"--calib-images {calib_images} matches no image; give a folder or a glob of good images")
+        source = f"{len(files)} images from --calib-images {calib_images}"
+    else:
+        held_out = [Path(p) for p in info.get("calibration_images") or [] if Path(p).is_file()]
+        data = info.get("data") or {}
+        train_good = []
+        if data.get("root") and data.get("category"):
+            folder = Path(data["root"]) / str(data["category"]) / "train" / "good"
+            if folder.is_dir():
+                train_good = sorted(f for f in folder.iterdir() if f.is_file() and is_image_file(f))
+        held = {p.resolve() for p in held_out}
+        more = [f for f in train_good if f.resolve() not in held]
+        files = held_out[:count] + _evenly(more, max(0, count - len(held_out)))
+        if not files:
+            raise ValueError(
+                "INT8 calibration needs good training images, and the checkpoint records none that exist on this "
+                "machine; pass --calib-images FOLDER|GLOB with good images (not test images)"
+            )
+        source = (
+            f"{min(len(held_out), count)} calibration hold-out images and {len(files) - min(len(held_out), count)} "
+            "train/good images of the checkpoint's data"
+        )
+    check_not_test_images(files, evaluated_test_split(info))
+    return files, source
+
+
+def load_calibration_batch(files: list[str | Path], size: tuple[int, int]) -> np.ndarray:
+    """uint8 (N, H, W, 3) batch of the readable calibration images, through the shared preprocessing."""
+    images = []
+    for f in files:
+        try:
+            images.append(load_image(f, size))
+        except ImageDecodeError:
+            continue  # one broken file should not stop a calibration over many
+    if not images:
+        raise ValueError("none of the calibration images could be read; pass --calib-images with readable images")
+    return np.stack(images)
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over an in-memory uint8 batch, CALIB_BATCH images at a time."""
+
+    def __init__(self, input_name: str, images: np.ndarray):
+        self.input_name, self.images, self.pos = input_name, images, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pos >= len(self.images):
+            return None
+        batch = self.images[self.pos : self.pos + CALIB_BATCH]
+        self.pos += CALIB_BATCH
+        return {self.input_name: np.ascontiguousarray(batch)}
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // CALIB_BATCH)
+
+    def set_range(self, start_index: int, end_index: int) -> None:  # the strided-calibration protocol
+        self.pos = start_index
+
+
+# --- graph analysis --------------------------------------------------------------------------------------------------
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                out[name].append(node)
+    return out
+
+
+def _constants(graph: onnx.GraphProto) -> set[str]:
+    return {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+
+
+def map_node_names(model: onnx.ModelProto) -> set[str]:
+    """The anomaly-map part: the L2 error (the Sub/Pow feeding the reduction), the reduction, and all after it."""
+    graph = model.graph
+    consumers = _consumers(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    starts = [n for n in graph.node if n.op_type in FP32_TAIL_OPS]
+    tail: set[str] = set()
+    queue = deque(starts)
+    while queue:  # forward: the reduction and everything downstream (upsampling, blur, pooling, max)
+        node = queue.popleft()
+        if node.name in tail:
+            continue
+        tail.add(node.name)
+        queue.extend(c for out in node.output for c in consumers.get(out, ()))
+    queue = deque(starts)
+    while queue:  # backward: the elementwise chain (Pow, Sub) that only feeds the map
+        node = queue.popleft()
+        for name in node.input:
+            prev = producer.get(name)
+            if prev is None or prev.name in tail or prev.op_type not in ELEMENTWISE_OPS | {"Pow"}:
+                continue
+            if all(c.name in tail for out in prev.output for c in consumers.get(out, ())):
+                tail.add(prev.name)
+                queue.append(prev)
+    return tail
+
+
+def protected_node_names(model: onnx.ModelProto) -> set[str]:
+    """Nodes that must compute in FP32 from FP32 inputs: LayerNorm, Softmax and the anomaly-map part."""
+    return {n.name for n in model.graph.node if n.op_type in KEEP_FP32_OPS} | map_node_names(model)
+
+
+def plan_nodes(model: onnx.ModelProto, scope: str) -> tuple[list[str], dict[str, str]]:
+    """(names of the nodes to quantize, {name of a weighted node kept FP32: why}) for a QUANT_SCOPES scope."""
+    op_types = QUANT_SCOPES[scope]
+    graph = model.graph
+    consts = _constants(graph)
+    in_map = map_node_names(model)
+    quantize, kept = [], {}
+    for node in graph.node:
+        if node.op_type not in WEIGHT_INPUT:
+            continue
+        if node.name in in_map:
+            kept[node.name] = "part of the anomaly map"
+        elif node.input[WEIGHT_INPUT[node.op_type]] not in consts:
+            kept[node.name] = "activation x activation (attention)"
+        elif node.op_type not in op_types:
+            kept[node.name] = f"outside the quantization scope {scope!r}"
+        else:
+            quantize.append(node.name)
+    return quantize, kept
+
+
+def fp32_violations(model: onnx.ModelProto) -> list[str]:
+    """Protected nodes (LayerNorm, Softmax, the map) with an input straight out of a DequantizeLinear or a dynamic
+    quantization, and quantize nodes reading the uint8 image; [] for a well-formed INT8 graph."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    protected = protected_node_names(model)
+    problems = []
+    for node in graph.node:
+        if node.name not in protected:
+            continue
+        for name in node.input:
+            prev = producer.get(name)
+            if prev is not None and prev.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
+                problems.append(f"{node.op_type} {node.name!r} reads {prev.op_type} output {name!r}")
+    inputs = {i.name for i in graph.input}
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") and node.input[0] in inputs:
+            problems.append(f"the graph input {node.input[0]!r} is quantized by {node.name!r}")
+    return problems
+
+
+def restore_fp32_inputs(model: onnx.ModelProto, original: onnx.ModelProto) -> int:
+    """Rewire inputs of protected nodes that come straight out of a DequantizeLinear back to FP32; returns how many.
+
+    An activation goes back to the tensor its QuantizeLinear read; a dequantized initializer (ONNX Runtime dedupes
+    equal initializers, so a LayerNorm bias can share a quantized Conv bias) becomes an FP32 copy of the original.
+    Q/DQ nodes and initializers nobody reads any more are removed.
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    floats = {t.name: t for t in original.graph.initializer}
+    have = {t.name for t in graph.initializer}
+    protected = protected_node_names(model)
+    restored = 0
+    for node in graph.node:
+        if node.name not in protected:
+            continue
+        for idx, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[idx] = q.input[0]
+            elif name in floats:
+                copy = f"{name}__fp32"
+                if copy not in have:
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(floats[name])
+                    tensor.name = copy
+                    graph.initializer.append(tensor)
+                    have.add(copy)
+                node.input[idx] = copy
+            else:
+                continue
+            restored += 1
+    _prune(graph)
+    return restored
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop Q/DQ nodes whose outputs nobody reads (to a fixed point), then unread initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for n in graph.node for name in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in QDQ_OPS and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {name for n in graph.node for name in n.input} | outputs
+    for t in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(t)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        counts[node.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+# --- the passes ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What an INT8 pass did, for model.json `extra.onnx.<precision>`."""
+
+    mode: str  # "static" | "dynamic"
+    settings: dict[str, Any]
+    quantized_nodes: dict[str, int]  # op type -> count
+    kept_fp32: dict[str, int]  # reason -> count of weighted nodes left in FP32
+    restored_fp32_inputs: int
+    pre_process: str
+    ops: dict[str, int] = field(default_factory=dict)  # op type -> count in the quantized graph
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "settings": self.settings,
+            "quantized_nodes": self.quantized_nodes,
+            "kept_fp32": self.kept_fp32,
+            "restored_fp32_inputs": self.restored_fp32_inputs,
+            "pre_process": self.pre_process,
+            "ops": self.ops,
+            "calibration": self.calibration,
+        }
+
+
+def pre_process(model: onnx.ModelProto, folder: Path) -> tuple[Path, str]:
+    """quant_pre_process: ONNX shape inference and ONNX Runtime's basic graph optimizations; written to a file.
+
+    Its symbolic shape inference is skipped: our graphs hold only standard ops with a static image size, which ONNX's
+    own inference types completely, while the symbolic one cannot follow the TorchScript-based exporter's computed
+    Reshape targets (it fails after 10+ seconds).
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, dst = folder / "fp32.onnx", folder / "pre.onnx"
+    onnx.save_model(model, str(src))
+    with _quiet():
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    return dst, "quant_pre_process (onnx shape inference, basic optimizations)"
+
+
+def _finish(quantized: onnx.ModelProto, prepared: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Restore FP32 inputs of the protected nodes, drop stale shapes, check; the graph must pass onnx.checker."""
+    restored = restore_fp32_inputs(quantized, prepared)
+    problems = fp32_violations(quantized)
+    if problems:
+        raise RuntimeError(f"the INT8 graph quantizes a part that must stay float32 ({problems[0]})")
+    del quantized.graph.value_info[:]  # quant_pre_process's symbolic shapes; strict inference re-derives them
+    onnx.checker.check_model(quantized)
+    return quantized, restored
+
+
+def _count(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    by_name = {n.name: n.op_type for n in model.graph.node}
+    counts: dict[str, int] = defaultdict(int)
+    for name in names:
+        counts[by_name[name]] += 1
+    return dict(sorted(counts.items()))
+
+
+def _reasons(kept: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for why in kept.values():
+        counts[why] += 1
+    return dict(sorted(counts.items()))
+
+
+def calibrate(
+    pre_path: Path, images: np.ndarray, quant: QuantOptions, input_name: str, folder: Path
+) -> tuple[Path, float]:
+    """Activation ranges of the weighted ops' inputs and outputs over the calibration images, written as ONNX Runtime's
+    calibration cache (JSON) for quantize_static; returns (cache path, seconds).
+
+    The calibrator is ONNX Runtime's own (create_calibrator), fed one batch per collect_data call so that only one
+    batch of intermediate outputs is held at a time (the ranges and histograms merge across calls), and configured from
+    CALIBRATORS: quantize_static would build its entropy calibrator with 128 histogram bins and 128 quantized bins,
+    which leaves a single candidate threshold, the full range, i.e. MinMax again.
+    """
+    import time
+
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    start = time.perf_counter()
+    settings = dict(CALIBRATORS[quant.method])
+    settings["symmetric"] = bool(TARGET_SETTINGS[quant.target]["extra"].get("ActivationSymmetric", False))
+    with _quiet():
+        calibrator = create_calibrator(
+            pre_path,
+            list(QUANT_SCOPES[quant.scope]),
+            augmented_model_path=str(folder / "augmented.onnx"),
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[quant.method]),
+            extra_options=settings,
+        )
+        for first in range(0, len(images), CALIB_BATCH):
+            calibrator.collect_data(_Reader(input_name, images[first : first + CALIB_BATCH]))
+        ranges = calibrator.compute_data()
+    cache = folder / "ranges.json"
+    save_tensors_data(ranges, cache)
+    return cache, time.perf_counter() - start
+
+
+def quantize_static_onnx(
+    model: onnx.ModelProto, images: np.ndarray, quant: QuantOptions, input_name: str = "image"
+) -> tuple[onnx.ModelProto, QuantReport]:
+    """Static INT8 (Q/DQ) of an FP32 ADTR graph, calibrated on `images` (uint8 (N, H, W, 3) good training images)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    target = TARGET_SETTINGS[quant.target]
+    extra: dict[str, Any] = dict(target["extra"])
+    if not quant.quantize_outputs:
+        extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHT_INPUT)
+    with tempfile.TemporaryDirectory(prefix="adtr-int8-") as tmp:
+        pre_path, how = pre_process(model, Path(tmp))
+        prepared = onnx.load(str(pre_path))
+        _name_nodes(prepared)
+        onnx.save_model(prepared, str(pre_path))
+        to_quantize, kept = plan_nodes(prepared, quant.scope)
+        if not to_quantize:
+            raise ValueError(f"the graph has no weighted op to quantize in scope {quant.scope!r}")
+        cache, seconds = calibrate(pre_path, images, quant, input_name, Path(tmp))
+        out_path = Path(tmp) / "int8.onnx"
+        with _quiet():
+            quantize_static(
+                str(pre_path),
+                str(out_path),
+                None,  # the ranges come from the calibration cache
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANT_SCOPES[quant.scope]),
+                nodes_to_quantize=to_quantize,
+                nodes_to_exclude=sorted(kept),
+                per_channel=quant.per_channel,
+                reduce_range=quant.reduce_range,
+                activation_type=getattr(QuantType, target["activation"]),
+                weight_type=getattr(QuantType, target["weight"]),
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[quant.method]),
+                calibration_cache_path=str(cache),
+                extra_options=extra,
+            )
+        quantized = onnx.load(str(out_path))
+    quantized, restored = _finish(quantized, prepared)
+    report = QuantReport(
+        mode="static",
+        settings={
+            "format": "QDQ",
+            "target": quant.target,
+            "scope": quant.scope,
+            "per_channel": quant.per_channel,
+            "reduce_range": quant.reduce_range,
+            "quantize_outputs": quant.quantize_outputs,
+            "activation_type": target["activation"],
+            "weight_type": target["weight"],
+        },
+        quantized_nodes=_count(prepared, to_quantize),
+        kept_fp32=_reasons(kept),
+        restored_fp32_inputs=restored,
+        pre_process=how,
+        ops=op_counts(quantized),
+        calibration={
+            "method": quant.method,
+            "settings": CALIBRATORS[quant.method],
+            "images": int(len(images)),
+            "source": quant.calib_source,
+            "seconds": round(seconds, 1),
+        },
+    )
+    return quantized, report
+
+
+def quantize_dynamic_onnx(model: onnx.ModelProto, quant: QuantOptions) -> tuple[onnx.ModelProto, QuantReport]:
+    """Dynamic INT8: int8 weights of the transformer's linear layers, activations quantized per batch at run time.
+
+    Convolutions stay FP32: ONNX Runtime's CPU ConvInteger takes uint8 weights only and has no fast kernel, so the
+    backbone would get slower, not faster (docs/lowprec.md has the numbers).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="adtr-int8-") as tmp:
+        pre_path, how = pre_process(model, Path(tmp))
+        prepared = onnx.load(str(pre_path))
+        _name_nodes(prepared)
+        onnx.save_model(prepared, str(pre_path))
+        to_quantize, kept = plan_nodes(prepared, "transformer")
+        out_path = Path(tmp) / "int8.onnx"
+        with _quiet():
+            quantize_dynamic(
+                str(pre_path),
+                str(out_path),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_quantize=to_quantize,
+                nodes_to_exclude=sorted(kept),
+                per_channel=quant.per_channel,
+                reduce_range=quant.reduce_range,
+                weight_type=QuantType.QInt8,
+                extra_options={"MatMulConstBOnly": True},
+            )
+        quantized = onnx.load(str(out_path))
+    quantized, restored = _finish(quantized, prepared)
+    report = QuantReport(
+        mode="dynamic",
+        settings={
+            "format": "QOperator (MatMulInteger, DynamicQuantizeLinear)",
+            "scope": "transformer",
+            "per_channel": quant.per_channel,
+            "reduce_range": quant.reduce_range,
+            "weight_type": "QInt8",
+        },
+        quantized_nodes=_count(prepared, to_quantize),
+        kept_fp32=_reasons(kept),
+        restored_fp32_inputs=restored,
+        pre_process=how,
+        ops=op_counts(quantized),
+    )
+    return quantized, report
+
+
+def _input_of(model: onnx.ModelProto) -> tuple[str, tuple[int, int]]:
+    (inp,) = model.graph.input
+    dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]  # (N, H, W, 3)
+    return inp.name, (int(dims[1]), int(dims[2]))
+
+
+def int8_static_pass(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx.ModelProto, QuantReport]:
+    """The PRECISIONS["int8"] pass: calibration images from options.quant.calib_files, read at the graph's input size."""
+    quant = options.quant
+    if not quant.calib_files:
+        raise ValueError("INT8 calibration needs good training images; pass --calib-images FOLDER|GLOB")
+    name, size = _input_of(model)
+    images = load_calibration_batch(list(quant.calib_files), size)
+    return quantize_static_onnx(model, images, quant, input_name=name)
+
+
+def int8_dynamic_pass(model: onnx.ModelProto, options: ExportOptions) -> tuple[onnx.ModelProto, QuantReport]:
+    """The PRECISIONS["int8-dynamic"] pass."""
+    return quantize_dynamic_onnx(model, options.quant)
+
+
+def fp16_pass(model: onnx.ModelProto, options: ExportOptions):
+    """The PRECISIONS["fp16"] pass: fp16.convert_to_fp16 under the passes' common (model, options) signature."""
+    from adtr_deploy.export.fp16 import convert_to_fp16
+
+    return convert_to_fp16(model)
