@@ -13,7 +13,7 @@ import numpy as np
 
 from adtr_deploy.bench import runners as R
 from adtr_deploy.bench.machine import load_average, machine_info
-from adtr_deploy.bench.timing import TimingPlan, matmul_peak, measure_interleaved, summarize
+from adtr_deploy.bench.timing import TimingPlan, gpu_matmul_peak, matmul_peak, measure_interleaved, summarize
 from adtr_deploy.preprocess import IMAGE_SUFFIXES, load_image, stack_batch
 
 REPORT_VERSION = 1
@@ -274,10 +274,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
 
     peak_after = matmul_peak(cfg.peak_seconds, threads=threads)
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
+    gpu_peak = gpu_matmul_peak(cfg.peak_seconds) if any(r.device == "cuda" for r in runners) else None
     if flops.get("flops_per_image"):
         for row in results:
             row["achieved_gflops"] = flops["flops_per_image"] * row["throughput_ips"] / 1e9
-            row["fraction_of_peak"] = row["achieved_gflops"] / peak if row["device"] == "cpu" else None
+            device_peak = peak if row["device"] == "cpu" else (gpu_peak or {}).get("peak_gflops")
+            row["fraction_of_peak"] = row["achieved_gflops"] / device_peak if device_peak else None
 
     # --- the pipeline ---------------------------------------------------------------------------------------------------
     pipeline = None
@@ -341,7 +343,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
         "results": results,
         "agreement": {str(k): v for k, v in agreement.items()},
         "flops": flops,
-        "matmul_peak": {"before": peak_before, "after": peak_after, "peak_gflops": peak},
+        "matmul_peak": {"before": peak_before, "after": peak_after, "peak_gflops": peak, "gpu": gpu_peak},
         "pipeline": pipeline,
         "profiles": profiles,
     }

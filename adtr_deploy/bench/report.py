@@ -24,6 +24,19 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def _load_warning(machine: dict) -> list[str]:
+    """A busy machine inflates every absolute figure; say so where the reader looks first."""
+    loads = [x for x in (machine.get("load_average_start"), machine.get("load_average_end")) if x]
+    cpus = machine.get("logical_cpus") or 1
+    worst = max((x[0] for x in loads), default=0.0)
+    if worst <= 0.5 * cpus:
+        return []
+    return [
+        f"- **The machine was busy** (1-minute load up to {worst:.1f} on {cpus} CPUs): absolute latencies are inflated "
+        "and multi-threaded engines suffer most; compare the ratios measured side by side, not the absolute times."
+    ]
+
+
 def _gflops(x) -> str:
     if x is None:
         return "–"
@@ -77,9 +90,11 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         "- Libraries: " + ", ".join(f"{k} {v}" for k, v in mach["libraries"].items()),
         f"- Threads: {s['threads']} (PyTorch and ONNX Runtime alike); warm-up {s['warmup']} calls; at least "
         f"{s['min_iters']} timed calls and {s['min_seconds']} s per backend and batch size; backends interleaved in "
-        f"blocks of about {s['block_seconds']} s, each block after one untimed call",
+        f"blocks of about {s['block_seconds']} s, each block after one untimed call (calls longer than a quarter block: "
+        "after a 20 ms pause instead)",
         f"- Input: {s['images']} ({s['num_image_files']} files)",
         f"- Run took {report['duration_s']:.0f} s",
+        *_load_warning(mach),
         "",
         "## Latency and throughput",
         "",
@@ -130,6 +145,11 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         + (f", torch {b['torch_gflops']:.1f} / {a['torch_gflops']:.1f}" if "torch_gflops" in b else "")
         + " GFLOP/s before / after the timings)"
     )
+    if pk.get("gpu"):
+        lines.append(
+            f"- GPU fp32 matmul peak ({pk['gpu']['device']}, {pk['gpu']['dtype']}): **{pk['gpu']['peak_gflops']:.0f} "
+            "GFLOP/s**; GPU rows' % of peak is against it"
+        )
     if fl.get("flops_per_image"):
         bound = pk["peak_gflops"] * 1e9 / fl["flops_per_image"]
         lines.append(f"- compute bound at that peak: {bound:.1f} images/s ({1e3 / bound:.2f} ms per image)")

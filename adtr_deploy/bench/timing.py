@@ -190,3 +190,27 @@ def matmul_peak(seconds: float = 1.0, n: int = 1024, threads: int | None = None)
     out["peak_gflops"] = max(v for k, v in out.items() if k.endswith("_gflops"))
     out["threads"] = threads or os.cpu_count()
     return out
+
+
+def gpu_matmul_peak(seconds: float = 1.0, n: int = 4096) -> dict | None:
+    """Measured fp32 matmul GFLOP/s on the first CUDA device (TF32 off: true fp32), None without torch or a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(n, n, device="cuda")
+        b = torch.randn(n, n, device="cuda")
+
+        def mm():
+            a @ b
+            torch.cuda.synchronize()
+
+        rate = _gemm_rate(mm, n, seconds)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return {"n": n, "dtype": "float32 (TF32 off)", "device": torch.cuda.get_device_name(0), "peak_gflops": rate}
