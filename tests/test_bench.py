@@ -106,6 +106,7 @@ def test_latencies_are_measured_samples_and_statistics_follow_from_them(report):
         assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["p50_ms"] == pytest.approx(np.percentile(s, 50), rel=1e-3)
         assert r["throughput_ips"] == pytest.approx(r["batch_size"] * s.size / (s.sum() / 1e3), rel=1e-3)
+        assert r["cpu_p50_ms"] > 0 and r["cpu_per_wall"] > 0  # process CPU time of the same calls
 
 
 def test_speedup_is_the_throughput_ratio_against_the_reference_of_the_same_run(report):

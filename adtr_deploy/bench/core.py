@@ -246,9 +246,11 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
         ref_name = refs[0].name if refs else None
         agreement[bs] = _agreement(outputs, ref_name)
         log(f"batch {bs}: timing {', '.join(calls)} interleaved")
-        samples = measure_interleaved(calls, cfg.plan)
+        cpu: dict[str, list[float]] = {}
+        samples = measure_interleaved(calls, cfg.plan, cpu)
         for r in runners:
             stats = summarize(samples[r.name], bs)
+            cpu_ms = np.asarray(cpu[r.name]) * 1e3
             ref = _reference_for(r, refs) if not r.is_reference else None
             row = {
                 "runner": r.name,
@@ -258,6 +260,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
                 "batch_size": bs,
                 **stats,
                 "samples_ms": [round(s * 1e3, 4) for s in samples[r.name]],
+                # process CPU time (all threads) per call: robust to other processes' load, includes spin-waiting
+                "cpu_p50_ms": float(np.percentile(cpu_ms, 50)),
+                "cpu_mean_ms": float(cpu_ms.mean()),
+                "cpu_per_wall": float(cpu_ms.sum() / (stats["total_s"] * 1e3)),
                 "memory": _memory_row(memory, r, bs),
                 "reference": ref.name if ref else None,
                 "speedup_vs_reference": None,

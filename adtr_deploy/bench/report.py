@@ -99,17 +99,20 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         "## Latency and throughput",
         "",
         "Speed-up = throughput / throughput of the PyTorch eager reference measured in the same run on the same device. "
-        "GFLOP/s = counted FLOPs per image x throughput; % of peak = that / the measured fp32 matmul peak.",
+        "GFLOP/s = counted FLOPs per image x throughput; % of peak = that / the measured fp32 matmul peak. "
+        "CPU ms = process CPU time per call, all threads (spin-waiting included); CPU/wall = cores kept busy on average.",
         "",
-        "| backend | batch | copies | p50 ms | p90 ms | p99 ms | images/s | speed-up | GFLOP/s | % of peak | n |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | batch | copies | p50 ms | p90 ms | p99 ms | images/s | speed-up | GFLOP/s | % of peak "
+        "| CPU ms p50 | CPU/wall | n |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['runner']} | {r['batch_size']} | {r['host_device_copies']} | {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | "
             f"{_f(r['p99_ms'])} | {_f(r['throughput_ips'])} | "
             + (f"**{r['speedup_vs_reference']:.2f}x**" if r["speedup_vs_reference"] else "–")
-            + f" | {_gflops(r.get('achieved_gflops'))} | {_pct(r.get('fraction_of_peak'))} | {r['count']} |"
+            + f" | {_gflops(r.get('achieved_gflops'))} | {_pct(r.get('fraction_of_peak'))} | "
+            f"{_f(r.get('cpu_p50_ms'))} | {_f(r.get('cpu_per_wall'))} | {r['count']} |"
         )
     if report["backends"]["skipped"]:
         lines += ["", "Not timed here: " + "; ".join(f"{k} ({v})" for k, v in report["backends"]["skipped"].items())]

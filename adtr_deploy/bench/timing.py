@@ -73,11 +73,14 @@ def time_call(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def measure_interleaved(calls: dict[str, Callable[[], object]], plan: TimingPlan) -> dict[str, list[float]]:
+def measure_interleaved(
+    calls: dict[str, Callable[[], object]], plan: TimingPlan, cpu: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
     """Time every callable in alternating blocks until each has `min_iters` samples and `min_seconds` of timed calls.
 
     Returns name -> per-call latencies in seconds, in the order they were taken. The order of backends rotates every round,
-    so none is always the first after a pause.
+    so none is always the first after a pause. When `cpu` is given it receives, per name, the process CPU time (all
+    threads) of each timed call: unlike wall time it does not grow while other processes hold the cores.
     """
     if not calls:
         return {}
@@ -104,7 +107,10 @@ def measure_interleaved(calls: dict[str, Callable[[], object]], plan: TimingPlan
             else:
                 time.sleep(SETTLE_SECONDS)  # a call too long to waste: let the other pool's spinning threads sleep
             for _ in range(block):
+                c0 = time.process_time()
                 samples[name].append(time_call(calls[name]))
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(time.process_time() - c0)
         rnd += 1
     return samples
 
