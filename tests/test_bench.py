@@ -162,6 +162,7 @@ def test_pipeline_breakdown_times_each_stage_on_real_files(report):
         pipe_t, model_t = row["pipeline"]["throughput_ips"], row["model_only"]["throughput_ips"]
         assert pipe_t > 0 and model_t > 0
         assert row["overhead"] == pytest.approx(1 - pipe_t / model_t)
+        assert -1 < row["overhead_paired"] < 1
 
 
 def test_profiles_list_operator_types_of_both_engines(report):
