@@ -218,13 +218,14 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
     from adtr_deploy.bench.memory import measure_memory
 
     memory: dict[str, dict] = {}
-    for desc in descs if cfg.memory else []:
-        label = desc.get("name") or f"{R.REFERENCE} ({desc['device']})"
-        log(f"measuring memory of {label} in a child process")
-        probe = measure_memory(desc, list(cfg.batch_sizes), [str(f) for f in files], size)
-        if "error" in probe:
-            log(f"  {probe['error']}")
-        memory[label] = probe
+    if cfg.memory:
+        labels = [d.get("name") or f"{R.REFERENCE} ({d['device']})" for d in descs]
+        log(f"measuring memory of {', '.join(labels)}, each in its own child process")
+        probes = measure_memory(descs, list(cfg.batch_sizes), [str(f) for f in files], size)
+        for label, probe in zip(labels, probes):
+            if "error" in probe:
+                log(f"  {label}: {probe['error']}")
+            memory[label] = probe
 
     # --- compute: FLOPs and the machine's matmul peak ----------------------------------------------------------------
     log("counting FLOPs")

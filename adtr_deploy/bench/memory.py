@@ -61,30 +61,45 @@ def probe(desc: dict, batch_sizes: list[int], image_files: list[str], input_size
     return out
 
 
-def measure_memory(desc: dict, batch_sizes: list[int], image_files: list[str], input_size: tuple[int, int]) -> dict:
-    """Run `probe` in a fresh Python process; on failure return {"error": ...} (memory is then missing, not invented)."""
-    payload = json.dumps(
-        {"desc": desc, "batch_sizes": list(batch_sizes), "images": image_files, "input_size": list(input_size)}
-    )
-    env = dict(os.environ)
-    if desc.get("threads"):
-        env["OMP_NUM_THREADS"] = str(desc["threads"])
-    try:
-        proc = subprocess.run(
+def measure_memory(
+    descs: list[dict], batch_sizes: list[int], image_files: list[str], input_size: tuple[int, int]
+) -> list[dict]:
+    """Run `probe` for every description, each in its own fresh Python process, all at once (memory figures do not
+    depend on timing, and the children's start-up, mostly importing torch, overlaps). A child that fails gives
+    {"error": ...}: memory is then missing, not invented."""
+    procs = []
+    for desc in descs:
+        payload = json.dumps(
+            {"desc": desc, "batch_sizes": list(batch_sizes), "images": image_files, "input_size": list(input_size)}
+        )
+        env = dict(os.environ)
+        if desc.get("threads"):
+            env["OMP_NUM_THREADS"] = str(desc["threads"])
+        proc = subprocess.Popen(
             [sys.executable, "-m", "adtr_deploy.bench.memory"],
-            input=payload,
-            capture_output=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=CHILD_TIMEOUT_S,
             env=env,
         )
-    except subprocess.TimeoutExpired:
-        return {"error": f"the memory probe did not finish within {CHILD_TIMEOUT_S} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        return {"error": f"the memory probe failed: {tail}"}
-    return json.loads(lines[-1])
+        procs.append((proc, payload))
+    results = []
+    for proc, payload in procs:
+        try:
+            out, err = proc.communicate(payload, timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            results.append({"error": f"the memory probe did not finish within {CHILD_TIMEOUT_S} s"})
+            continue
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (err.strip().splitlines() or ["no output"])[-1][:300]
+            results.append({"error": f"the memory probe failed: {tail}"})
+        else:
+            results.append(json.loads(lines[-1]))
+    return results
 
 
 def main() -> None:
