@@ -40,15 +40,21 @@ VARIANTS: dict[str, dict] = {
 }
 # --levers: variations of static INT8 (minmax) tried for accuracy and speed.
 LEVERS: dict[str, dict] = {
+    "int8 minmax, quantized outputs": {"precision": "int8", "quantize_outputs": True},
+    "int8 entropy, quantized outputs": {"precision": "int8", "calib_method": "entropy", "quantize_outputs": True},
+    "int8 percentile, quantized outputs": {
+        "precision": "int8",
+        "calib_method": "percentile",
+        "quantize_outputs": True,
+    },
     "int8 minmax per-tensor": {"precision": "int8", "per_channel": False},
     "int8 minmax reduce-range": {"precision": "int8", "reduce_range": True},
-    "int8 minmax fp32 outputs": {"precision": "int8", "quantize_outputs": False},
     "int8 minmax backbone only": {"precision": "int8", "quant_scope": "backbone"},
     "int8 minmax transformer only": {"precision": "int8", "quant_scope": "transformer"},
-    "int8 minmax transformer only, fp32 outputs": {
+    "int8 minmax backbone only, quantized outputs": {
         "precision": "int8",
-        "quant_scope": "transformer",
-        "quantize_outputs": False,
+        "quant_scope": "backbone",
+        "quantize_outputs": True,
     },
 }
 EAGER = "pytorch eager (fp32)"

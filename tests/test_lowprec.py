@@ -139,7 +139,12 @@ def test_static_int8_is_a_qdq_graph_with_per_channel_int8_weights_and_fp32_islan
     q = spec.extra["onnx"]["int8"]
     assert spec.precision == "int8" and q["mode"] == "static" and q["settings"]["per_channel"]
     assert q["calibration"]["images"] == 8 and "hold-out" in q["calibration"]["source"]
-    assert q["kept_fp32"]["activation x activation (attention)"] >= 2
+    assert q["kept_fp32"]["activation x activation (attention)"] >= 2 and not q["settings"]["quantize_outputs"]
+    # the default puts Q/DQ on the inputs only: no linear layer's output is re-quantized
+    matmul_outputs = {n.output[0] for n in int8_weights if n.op_type == "MatMul"}
+    assert matmul_outputs and not any(
+        n.op_type == "QuantizeLinear" and n.input[0] in matmul_outputs for n in model.graph.node
+    )
     # ONNX Runtime fuses the Q/DQ pairs into integer kernels, the uint8 input still goes through a plain Cast
     kernels = _ort_kernels(int8_export.path, work)
     assert "QLinearConv" in kernels and kernels & {"QLinearMatMul", "MatMulIntegerToFloat"}

@@ -119,6 +119,11 @@ def _describe(result) -> list[str]:
     "--reduce-range", is_flag=True, help="int8/int8-dynamic: 7-bit weights (CPUs without VNNI can saturate with 8)."
 )
 @click.option(
+    "--quantize-outputs",
+    is_flag=True,
+    help="int8: also quantize Conv/MatMul outputs (fully integer layers; less accurate, see docs/lowprec.md).",
+)
+@click.option(
     "--exporter",
     type=click.Choice(["dynamo", "torchscript"]),
     default="dynamo",
@@ -203,6 +208,7 @@ def command(
     quant_scope,
     per_tensor,
     reduce_range,
+    quantize_outputs,
     exporter,
     opset,
     simplify,
@@ -256,6 +262,7 @@ def command(
         quant_scope=quant_scope,
         per_channel=not per_tensor,
         reduce_range=reduce_range,
+        quantize_outputs=quantize_outputs,
     )
     for r in result if isinstance(result, list) else [result]:
         for note in r.notes:

@@ -227,7 +227,7 @@ def export_checkpoint(
     quant_scope: str = "all",
     per_channel: bool = True,
     reduce_range: bool = False,
-    quantize_outputs: bool = True,
+    quantize_outputs: bool = False,
 ) -> ExportResult | list[ExportResult]:
     """Export a checkpoint (file or run folder) to `fmt` in `out_dir`, with model.json, verified against the reference.
 
@@ -239,7 +239,7 @@ def export_checkpoint(
     INT8 (precision "int8"): calibrated on `calib_images` (a folder or glob of good images), else on the checkpoint's
     calibration hold-out images plus its train/good images, at most `calib_count`, with `calib_method` (minmax,
     entropy, percentile); images inside the evaluated test split are refused. `quant_scope` (all, backbone,
-    transformer), `per_channel`, `reduce_range` and `quantize_outputs` (False: Conv/MatMul outputs stay float32)
+    transformer), `per_channel`, `reduce_range` and `quantize_outputs` (True: Conv/MatMul outputs are quantized too)
     choose what and how it quantizes (adtr_deploy/export/quantize.py); "int8-dynamic" uses per_channel/reduce_range.
     """
     from adtr_deploy.export.onnx import check_opset

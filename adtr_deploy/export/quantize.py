@@ -8,6 +8,10 @@ What is quantized, and what stays FP32 and why:
 - Only weighted ops are quantized: Conv (the backbone) and MatMul/Gemm with a constant weight (the transformer's linear
   layers); QUANT_SCOPES narrows that to one of the two. Attention's activation x activation products (q @ k^T,
   softmax @ v) stay FP32: their operands have no fixed range to calibrate.
+- By default only their inputs (activations and per-channel weights) get Q/DQ; their outputs stay FP32 (ONNX Runtime
+  runs MatMulIntegerToFloat, and QLinearConv where the next conv quantizes the tensor anyway). Quantizing the outputs
+  too (`quantize_outputs`) rounds the features the anomaly map is computed from: on a trained lite0 that cost 7 points
+  of image AUROC (docs/lowprec.md).
 - LayerNormalization and Softmax stay FP32 and read FP32 inputs: ONNX Runtime's Q/DQ insertion hands every consumer of
   a quantized tensor the dequantized copy (and dedupes identical initializers across ops), so a pass afterwards rewires
   any LayerNorm/Softmax/map input that comes straight out of a DequantizeLinear back to the FP32 tensor it quantized.
