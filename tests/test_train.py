@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from adtr_deploy.cli.train import command as train_command
-from adtr_deploy.data.datasets import open_dataset
+from adtr_deploy.data.datasets import load_sample, open_dataset
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import load_checkpoint
 from adtr_deploy.model.config import get_preset
@@ -203,3 +204,18 @@ def test_cli_trains_cifar_one_class_and_stores_its_calibration_images(tmp_path):
     assert len(paths) == 4 and all((out / "calibration_images").samefile(os.path.dirname(p)) for p in paths)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 10 and metrics["pixel_auroc"] is None and metrics["pro"] is None
+
+
+def test_the_output_bias_starts_at_the_mean_training_feature(mvtec, tmp_path):
+    # lr 0: the weights stay at their initialisation, so the checkpoint shows it.
+    ckpt = torch.load(train(TINY, fast(epochs=1, lr=0.0), mvtec, tmp_path / "r", evaluate=False), weights_only=True)
+    model, _ = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    trained = [s for s in mvtec.train if str(s.path) in set(ckpt["train_state"]["data_order"]["train"])]
+    images = torch.from_numpy(np.stack([load_sample(s, (64, 64)) for s in trained]))
+    with torch.no_grad():
+        mean = model.forward_features(images).mean(dim=(0, 2, 3))
+    bias = ckpt["state_dict"]["transformer.output_proj.bias"]
+    torch.testing.assert_close(bias, mean, atol=1e-5, rtol=1e-5)
+    # Without it, the bias keeps PyTorch's small random initialisation.
+    plain = train(TINY, fast(epochs=1, lr=0.0, init_output_bias=False), mvtec, tmp_path / "p", evaluate=False)
+    assert (torch.load(plain, weights_only=True)["state_dict"]["transformer.output_proj.bias"] - mean).abs().max() > 0.1

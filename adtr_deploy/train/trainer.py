@@ -66,6 +66,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     checkpoint_every: int = 1
     mode: str = "adtr"  # selects the loss (train/losses.py)
+    init_output_bias: bool = True  # start the reconstruction at the mean training feature (see init_output_bias)
     alpha: float = 0.003  # ADTR+ only: weight of the push terms (the paper's)
     topk: int = 20  # ADTR+ only: k of L_img's top-k mean (the paper's)
     progress: bool = True
@@ -154,6 +155,31 @@ def cache_features(model: ADTR, samples, cfg: TrainConfig, device: torch.device,
     for batch in tqdm(loader, desc="caching features", unit="batch", disable=not progress, leave=False):
         cache[batch["index"].to(device)] = model.forward_features(batch["image"].to(device)).to(dtype)
     return cache
+
+
+@torch.no_grad()
+def init_output_bias(model: ADTR, cache: torch.Tensor | None, samples, cfg: TrainConfig, device: torch.device) -> None:
+    """Set the transformer's output bias to the mean training feature per channel (a data-dependent initialisation).
+
+    The backbone's features are not normalized (mean square about 20 for lite0, per-channel means of several units) and
+    AdamW moves each weight by about `lr` per step, so from the default zero bias the paper's lr 1e-4 needs thousands of
+    steps just to reach the mean; starting there leaves the steps for what matters, the image-specific reconstruction.
+    Over all processes when distributed (each holds a shard), so every rank sets the same value.
+    """
+    total = torch.zeros(model.channels, dtype=torch.float64, device=device)
+    count = 0
+    if cache is not None:
+        total += cache.double().sum(dim=(0, 2, 3))
+        count = cache.shape[0] * cache.shape[2] * cache.shape[3]
+    else:
+        loader = image_loader(samples, model.cfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
+        for batch in loader:
+            f = model.forward_features(batch["image"].to(device))  # (B, C, h, w)
+            total += f.double().sum(dim=(0, 2, 3))
+            count += f.shape[0] * f.shape[2] * f.shape[3]
+    sums = distributed.all_reduce_sum([*total.tolist(), float(count)], device)
+    mean = torch.tensor(sums[:-1], dtype=torch.float64) / max(sums[-1], 1.0)
+    model.transformer.output_proj.bias.copy_(mean.to(model.transformer.output_proj.bias))
 
 
 class _Log:
@@ -277,6 +303,8 @@ def train(
     cached = [train_samples[i] for i in shard]
     show = cfg.progress and w.is_main
     cache = cache_features(model, cached, cfg, device, progress=show) if use_cache else None
+    if state is None and init_from is None and cfg.init_output_bias:
+        init_output_bias(model, cache, cached, cfg, device)
     reconstruct = distributed.ddp_reconstruct(model, device) if w.distributed else model.reconstruct
     for s in val_samples:  # decode the calibration images now: a corrupt one fails the run before training, not after
         load_sample(s, model.cfg.input_size)
