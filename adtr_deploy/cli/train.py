@@ -7,10 +7,6 @@ import click
 from adtr_deploy.cli.common import user_errors
 from adtr_deploy.model.config import PRESETS
 
-# Options that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
-# Every other option is taken from the run being resumed unless given on the command line.
-TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "seed", "val_fraction", "no_cache", "cache_dtype", "checkpoint_every")
-
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option(
