@@ -1,6 +1,6 @@
 """Low precision on the CPU: FP32, FP16, INT8 (static per calibration method, dynamic) against the PyTorch eager model.
 
-    python benchmarks/lowprec.py --data DEMO --run brick=RUN_DIR [--run grass=RUN_DIR ...] [--levers]
+    python benchmarks/lowprec.py --data DEMO --run brick=RUN_DIR [--run grass=RUN_DIR ...] [--levers brick] [--also-threads 1]
 
 For each trained run (an adtr-train folder on the demo data, `adtr data demo` + `adtr-train`), in ONE process:
 1. export every variant with adtr-export's own export_checkpoint (TorchScript-based exporter unless --exporter dynamo),
@@ -9,7 +9,8 @@ For each trained run (an adtr-train folder on the demo data, `adtr data demo` + 
 3. evaluate the exported model itself on the test split with adtr-eval's code (image and pixel AUROC) and count how
    many test decisions agree with the FP32 eager model at the calibrated threshold,
 4. time all of them and the eager model interleaved (adtr_deploy.bench.timing): batch 1 (latency) and batch 8
-   (throughput), ONNX Runtime with --threads intra-op threads, torch with the same number,
+   (throughput), ONNX Runtime with --threads intra-op threads, torch with the same number; --also-threads repeats the
+   timing at other thread counts (on a shared, oversubscribed machine multi-threaded PyTorch suffers most),
 5. profile the INT8 models per operator type (ONNX Runtime's profiler, after its graph fusions) and list the kernels
    the optimized graphs hold (are Conv/MatMul really integer kernels?).
 Writes benchmarks/results/lowprec.json and lowprec.md (or --out). Exported models go to --work (outside the repository).
@@ -221,6 +222,18 @@ def markdown(report: dict) -> str:
                 f"| {_fmt(v.get('score_max_rel_to_score'), '.2%', '0')} "
                 f"| {t['1']['p50_ms']:.0f} | {ips:.2f} | {ips / eager_ips:.2f}x | {_fmt(size, '.1f', '')} |"
             )
+        for n, other in res.get("timing_at_threads", {}).items():
+            base = other[EAGER][str(report["throughput_batch"])]["throughput_ips"]
+            lines += [
+                "",
+                f"The same models timed with {n} thread(s) (interleaved again):",
+                "",
+                f"| model | p50 ms (batch 1) | img/s (batch {report['throughput_batch']}) | speed-up vs eager |",
+                "|---|---|---|---|",
+            ]
+            for name, t in other.items():
+                ips = t[str(report["throughput_batch"])]["throughput_ips"]
+                lines.append(f"| {name} | {t['1']['p50_ms']:.0f} | {ips:.2f} | {ips / base:.2f}x |")
         lines += ["", "Verification (the export's check, bounds from PRECISIONS):", ""]
         for name, v in ver.items():
             lines.append(f"- {name}: {'PASS' if v['passed'] else 'FAIL'} ({v['reason']})")
@@ -238,9 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="the demo data root (adtr data demo --out DATA)")
     ap.add_argument("--run", action="append", required=True, metavar="CATEGORY=RUN_DIR", help="a trained run")
-    ap.add_argument("--levers", action="store_true", help="also the static INT8 variations (LEVERS)")
+    ap.add_argument(
+        "--levers",
+        nargs="*",
+        default=None,
+        metavar="CATEGORY",
+        help="also the INT8 variations (LEVERS): all runs, or these",
+    )
     ap.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    ap.add_argument("--also-threads", type=int, nargs="*", default=[], help="repeat the timing at these thread counts")
     ap.add_argument("--min-seconds", type=float, default=5.0)
     ap.add_argument("--min-iters", type=int, default=10)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "adtr-lowprec")
@@ -256,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or default_threads()
     plan = TimingPlan(warmup=2, min_iters=args.min_iters, min_seconds=args.min_seconds)
-    variants = {**VARIANTS, **(LEVERS if args.levers else {})}
     report: dict = {
         "command": "python benchmarks/lowprec.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info(),
@@ -273,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = read_checkpoint(run)
         model = model_from_checkpoint(ckpt).eval()
         work = args.work / category
+        levers = args.levers is not None and (not args.levers or category in args.levers)
+        variants = {**VARIANTS, **(LEVERS if levers else {})}
         exported = export_variants(run, work, variants, args.exporter == "dynamo")
         verification = verify_variants(model, ckpt, exported)
         evaluation = evaluate_variants(run, args.data, category, exported)
@@ -280,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         pick = [tests[i] for i in np.linspace(0, len(tests) - 1, 8).round().astype(int)]
         batch8 = np.stack([load_image(p, model.cfg.input_size) for p in pick])
         timing = time_variants(run, exported, {1: batch8[:1], 8: batch8}, threads, plan)
+        timing_at = {
+            str(n): time_variants(run, exported, {1: batch8[:1], 8: batch8}, n, plan) for n in args.also_threads
+        }
         profiles = profile_int8(exported, batch8, threads, work / "profiles")
         report["categories"][category] = {
             "run": str(run),
@@ -288,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             "verification": verification,
             "evaluation": evaluation,
             "timing": timing,
+            "timing_at_threads": timing_at,
             "profiles": profiles,
         }
     report["load_average_end"] = load_average()
