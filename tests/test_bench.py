@@ -136,6 +136,7 @@ def test_flops_are_counted_twice_and_agree_and_peak_is_measured(report):
     for r in rep["results"]:
         assert r["achieved_gflops"] == pytest.approx(fl["flops_per_image"] * r["throughput_ips"] / 1e9)
         assert 0 < r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / pk["peak_gflops"])
+        assert r["fraction_of_peak_cpu_time"] > 0
 
 
 def test_memory_is_measured_per_backend_in_its_own_process(report):

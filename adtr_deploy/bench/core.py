@@ -287,6 +287,10 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
             row["achieved_gflops"] = flops["flops_per_image"] * row["throughput_ips"] / 1e9
             device_peak = peak if row["device"] == "cpu" else (gpu_peak or {}).get("peak_gflops")
             row["fraction_of_peak"] = row["achieved_gflops"] / device_peak if device_peak else None
+            # The same per core-second of CPU time against the per-thread peak: what the engine does with the CPU it
+            # got, which other processes' load does not dilute (spin-waiting counts against it).
+            per_core = flops["flops_per_image"] * row["batch_size"] / (row["cpu_mean_ms"] / 1e3) / 1e9
+            row["fraction_of_peak_cpu_time"] = per_core / (peak / threads) if row["device"] == "cpu" else None
 
     # --- the pipeline ---------------------------------------------------------------------------------------------------
     pipeline = None
