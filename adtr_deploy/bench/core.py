@@ -134,9 +134,143 @@ def _memory_row(memory: dict[str, dict], runner: R.Runner, bs: int) -> dict | No
     }
 
 
+def _find_reference(cfg: BenchConfig, spec) -> tuple[Path | None, str]:
+    if cfg.reference is None:
+        return R.find_reference(spec, cfg.model)
+    reference = Path(cfg.reference)
+    if not reference.is_file():
+        raise FileNotFoundError(f"--reference {reference} does not exist; give the checkpoint.pt the model came from")
+    return reference, f"given with --reference ({reference})"
+
+
+def _make_runners(
+    cfg: BenchConfig, artifacts: dict[str, Path], reference: Path | None, threads: int, log: Callable[[str], None]
+) -> tuple[list[R.Runner], list[dict], dict[str, str], Path | None]:
+    """(runners, their plain descriptions for the memory probes, skipped backends with reasons, TorchScript made here)."""
+    from adtr_deploy.runtime.base import BackendError
+
+    descs: list[dict] = []
+    if reference is not None:
+        devices = ["cpu", "cuda"] if R.cuda_available() else ["cpu"]
+        descs += [{"kind": "reference", "checkpoint": str(reference), "device": d, "threads": threads} for d in devices]
+    made_here = None
+    wants_ts = cfg.backends is None or any(b.startswith("torchscript") for b in cfg.backends)
+    if ".torchscript" not in artifacts and reference is not None and wants_ts:
+        log("no TorchScript artifact beside the model: exporting one from the reference with adtr-export's exporter")
+        made_here = R.export_torchscript(reference, cfg.out / "artifacts")
+        artifacts[".torchscript"] = made_here
+    chosen, skipped = _select_backends(cfg, artifacts)
+    descs += [
+        {"kind": "backend", "name": n, "path": str(artifacts[R.BACKEND_CHOICES[n][0]]), "threads": threads}
+        for n in chosen
+    ]
+    runners: list[R.Runner] = []
+    for desc in descs:
+        try:
+            runners += R.build_runners(desc)
+        except (BackendError, ValueError, OSError) as exc:
+            if desc["kind"] == "reference":
+                raise
+            skipped[desc["name"]] = str(exc)
+    for name, why in skipped.items():
+        log(f"skipping {name}: {why}")
+    if not [r for r in runners if not r.is_reference]:
+        raise RuntimeError(
+            "no backend can run this model here ("
+            + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+            + "); install onnxruntime or give an ONNX/TorchScript model"
+        )
+    return runners, [d for d in descs if d.get("name") not in skipped], skipped, made_here
+
+
+def _time_batch(
+    bs: int,
+    batch: np.ndarray,
+    runners: list[R.Runner],
+    plan: TimingPlan,
+    memory: dict[str, dict],
+    log: Callable[[str], None],
+) -> tuple[list[dict], dict]:
+    """Every runner at one batch size, interleaved: (result rows, agreement with the reference)."""
+    refs = [r for r in runners if r.is_reference]
+    calls = {r.name: r.bind(batch) for r in runners}
+    outputs = {}
+    for r in runners:  # one call each checks that every runner works on this batch and gives its outputs
+        out = _as_numpy(calls[r.name]())
+        if out is not None:
+            outputs[r.name] = out
+    agreement = _agreement(outputs, refs[0].name if refs else None)
+    log(f"batch {bs}: timing {', '.join(calls)} interleaved")
+    cpu: dict[str, list[float]] = {}
+    samples = measure_interleaved(calls, plan, cpu)
+    rows = {}
+    for r in runners:
+        stats = summarize(samples[r.name], bs)
+        cpu_ms = np.asarray(cpu[r.name]) * 1e3
+        ref = _reference_for(r, refs) if not r.is_reference else None
+        rows[r.name] = {
+            "runner": r.name,
+            "backend": r.backend,
+            "device": r.device,
+            "host_device_copies": r.copies,
+            "batch_size": bs,
+            **stats,
+            "samples_ms": [round(x * 1e3, 4) for x in samples[r.name]],
+            # process CPU time (all threads) per call: robust to other processes' load, includes spin-waiting
+            "cpu_p50_ms": float(np.percentile(cpu_ms, 50)),
+            "cpu_mean_ms": float(cpu_ms.mean()),
+            "cpu_per_wall": float(cpu_ms.sum() / (stats["total_s"] * 1e3)),
+            "memory": _memory_row(memory, r, bs),
+            "reference": ref.name if ref else None,
+            "speedup_vs_reference": None,
+        }
+    for row in rows.values():
+        if row["reference"]:
+            row["speedup_vs_reference"] = _ratio(row, rows[row["reference"]])
+        log(
+            f"  {row['runner']:<40} p50 {row['p50_ms']:8.2f} ms  {row['throughput_ips']:8.2f} img/s"
+            + (f"  x{row['speedup_vs_reference']:.2f} vs {row['reference']}" if row["speedup_vs_reference"] else "")
+        )
+    return list(rows.values()), agreement
+
+
+def _add_compute(results: list[dict], flops: dict, peak: float, gpu_peak: dict | None, threads: int) -> None:
+    """GFLOP/s and the fraction of the measured matmul peak, by wall time and by CPU time, on every row."""
+    if not flops.get("flops_per_image"):
+        return
+    for row in results:
+        row["achieved_gflops"] = flops["flops_per_image"] * row["throughput_ips"] / 1e9
+        device_peak = peak if row["device"] == "cpu" else (gpu_peak or {}).get("peak_gflops")
+        row["fraction_of_peak"] = row["achieved_gflops"] / device_peak if device_peak else None
+        # The same per core-second of CPU time against the per-thread peak: what the engine does with the CPU it got,
+        # which other processes' load does not dilute (spin-waiting counts against it).
+        per_core = flops["flops_per_image"] * row["batch_size"] / (row["cpu_mean_ms"] / 1e3) / 1e9
+        row["fraction_of_peak_cpu_time"] = per_core / (peak / threads) if row["device"] == "cpu" else None
+
+
+def _profiles(
+    cfg: BenchConfig, artifacts: dict[str, Path], ref_model, pool: list, threads: int, log: Callable[[str], None]
+) -> dict:
+    from adtr_deploy.bench.profile import profile_eager, profile_onnxruntime
+
+    profiles = {}
+    for bs in cfg.batch_sizes:
+        batch = stack_batch(pool[:bs])
+        entry = {}
+        if ".onnx" in artifacts:
+            log(f"profiling ONNX Runtime at batch {bs}")
+            entry["onnxruntime-cpu"] = profile_onnxruntime(artifacts[".onnx"], batch, threads, cfg.out / "profiles")
+        if ref_model is not None:
+            log(f"profiling PyTorch eager at batch {bs}")
+            entry[R.REFERENCE] = profile_eager(ref_model, batch)
+        profiles[str(bs)] = entry
+    return profiles
+
+
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -> dict:
     """Run the whole benchmark and write report.json, report.md and the plots into cfg.out. Returns the report dict."""
     from adtr_deploy.bench import flops as F
+    from adtr_deploy.bench.memory import measure_memory
     from adtr_deploy.bench.report import write_report
     from adtr_deploy.runtime.base import read_spec
 
@@ -156,143 +290,43 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
     machine = machine_info()
     log(f"model {primary} ({spec.preset}, {spec.input_size[0]}x{spec.input_size[1]}), threads {threads}")
 
-    # --- the reference -------------------------------------------------------------------------------------------------
-    if cfg.reference is not None:
-        reference, reference_note = Path(cfg.reference), f"given with --reference ({cfg.reference})"
-        if not reference.is_file():
-            raise FileNotFoundError(
-                f"--reference {reference} does not exist; give the checkpoint.pt the model came from"
-            )
-    else:
-        reference, reference_note = R.find_reference(spec, cfg.model)
-    descs: list[dict] = []  # what to time, as plain descriptions (the memory probes rebuild them in child processes)
-    if reference is not None:
-        descs.append({"kind": "reference", "checkpoint": str(reference), "device": "cpu", "threads": threads})
-        if R.cuda_available():
-            descs.append({"kind": "reference", "checkpoint": str(reference), "device": "cuda", "threads": threads})
-
-    # --- the backends ----------------------------------------------------------------------------------------------------
-    made_here = None
-    wants_ts = cfg.backends is None or any(b.startswith("torchscript") for b in cfg.backends)
-    if ".torchscript" not in artifacts and reference is not None and wants_ts:
-        log("no TorchScript artifact beside the model: exporting one from the reference with adtr-export's exporter")
-        made_here = R.export_torchscript(reference, cfg.out / "artifacts")
-        artifacts[".torchscript"] = made_here
-    chosen, skipped = _select_backends(cfg, artifacts)
-    descs += [
-        {"kind": "backend", "name": n, "path": str(artifacts[R.BACKEND_CHOICES[n][0]]), "threads": threads}
-        for n in chosen
-    ]
-    from adtr_deploy.runtime.base import BackendError
-
-    runners: list[R.Runner] = []
-    for desc in descs:
-        try:
-            runners += R.build_runners(desc)
-        except (BackendError, ValueError, OSError) as exc:
-            if desc["kind"] == "reference":
-                raise
-            skipped[desc["name"]] = str(exc)
-    descs = [d for d in descs if d.get("name") not in skipped]
-    for name, why in skipped.items():
-        log(f"skipping {name}: {why}")
-    if not [r for r in runners if not r.is_reference]:
-        raise RuntimeError(
-            "no backend can run this model here ("
-            + "; ".join(f"{k}: {v}" for k, v in skipped.items())
-            + "); install onnxruntime or give an ONNX/TorchScript model"
-        )
-    refs = [r for r in runners if r.is_reference]
+    reference, reference_note = _find_reference(cfg, spec)
+    runners, descs, skipped, made_here = _make_runners(cfg, artifacts, reference, threads, log)
     ref_model = None
     if reference is not None:
         from adtr_deploy.model.checkpoint import load_checkpoint
 
         ref_model = load_checkpoint(reference)[0]  # a CPU copy for counting FLOPs and profiling
 
-    # --- the images -----------------------------------------------------------------------------------------------------
     files, images_note = image_files(cfg, log)
     size = spec.input_size
     pool = [load_image(files[i % len(files)], size) for i in range(max(cfg.batch_sizes))]
-
-    # --- memory: one child process per backend ----------------------------------------------------------------------
-    from adtr_deploy.bench.memory import measure_memory
 
     memory: dict[str, dict] = {}
     if cfg.memory:
         labels = [d.get("name") or f"{R.REFERENCE} ({d['device']})" for d in descs]
         log(f"measuring memory of {', '.join(labels)}, each in its own child process")
-        probes = measure_memory(descs, list(cfg.batch_sizes), [str(f) for f in files], size)
-        for label, probe in zip(labels, probes):
+        for label, probe in zip(labels, measure_memory(descs, list(cfg.batch_sizes), [str(f) for f in files], size)):
             if "error" in probe:
                 log(f"  {label}: {probe['error']}")
             memory[label] = probe
 
-    # --- compute: FLOPs and the machine's matmul peak ----------------------------------------------------------------
     log("counting FLOPs")
     flops = F.count_flops(ref_model, artifacts.get(".onnx"), size)
     log("measuring the fp32 matrix-multiply peak")
     peak_before = matmul_peak(cfg.peak_seconds, threads=threads)
 
-    # --- timings ------------------------------------------------------------------------------------------------------
     results: list[dict] = []
-    agreement: dict[int, dict] = {}
+    agreement: dict[str, dict] = {}
     for bs in cfg.batch_sizes:
-        batch = stack_batch(pool[:bs])  # (bs, H, W, 3) uint8 RGB
-        calls = {r.name: r.bind(batch) for r in runners}
-        outputs = {}
-        for r in runners:  # one call each checks that every runner works on this batch and gives its outputs
-            out = _as_numpy(calls[r.name]())
-            if out is not None:
-                outputs[r.name] = out
-        ref_name = refs[0].name if refs else None
-        agreement[bs] = _agreement(outputs, ref_name)
-        log(f"batch {bs}: timing {', '.join(calls)} interleaved")
-        cpu: dict[str, list[float]] = {}
-        samples = measure_interleaved(calls, cfg.plan, cpu)
-        for r in runners:
-            stats = summarize(samples[r.name], bs)
-            cpu_ms = np.asarray(cpu[r.name]) * 1e3
-            ref = _reference_for(r, refs) if not r.is_reference else None
-            row = {
-                "runner": r.name,
-                "backend": r.backend,
-                "device": r.device,
-                "host_device_copies": r.copies,
-                "batch_size": bs,
-                **stats,
-                "samples_ms": [round(s * 1e3, 4) for s in samples[r.name]],
-                # process CPU time (all threads) per call: robust to other processes' load, includes spin-waiting
-                "cpu_p50_ms": float(np.percentile(cpu_ms, 50)),
-                "cpu_mean_ms": float(cpu_ms.mean()),
-                "cpu_per_wall": float(cpu_ms.sum() / (stats["total_s"] * 1e3)),
-                "memory": _memory_row(memory, r, bs),
-                "reference": ref.name if ref else None,
-                "speedup_vs_reference": None,
-            }
-            results.append(row)
-        by_name = {row["runner"]: row for row in results if row["batch_size"] == bs}
-        for row in by_name.values():
-            if row["reference"]:
-                row["speedup_vs_reference"] = _ratio(row, by_name[row["reference"]])
-            log(
-                f"  {row['runner']:<40} p50 {row['p50_ms']:8.2f} ms  {row['throughput_ips']:8.2f} img/s"
-                + (f"  x{row['speedup_vs_reference']:.2f} vs {row['reference']}" if row["speedup_vs_reference"] else "")
-            )
+        rows, agreement[str(bs)] = _time_batch(bs, stack_batch(pool[:bs]), runners, cfg.plan, memory, log)
+        results += rows
 
     peak_after = matmul_peak(cfg.peak_seconds, threads=threads)
     peak = max(peak_before["peak_gflops"], peak_after["peak_gflops"])
     gpu_peak = gpu_matmul_peak(cfg.peak_seconds) if any(r.device == "cuda" for r in runners) else None
-    if flops.get("flops_per_image"):
-        for row in results:
-            row["achieved_gflops"] = flops["flops_per_image"] * row["throughput_ips"] / 1e9
-            device_peak = peak if row["device"] == "cpu" else (gpu_peak or {}).get("peak_gflops")
-            row["fraction_of_peak"] = row["achieved_gflops"] / device_peak if device_peak else None
-            # The same per core-second of CPU time against the per-thread peak: what the engine does with the CPU it
-            # got, which other processes' load does not dilute (spin-waiting counts against it).
-            per_core = flops["flops_per_image"] * row["batch_size"] / (row["cpu_mean_ms"] / 1e3) / 1e9
-            row["fraction_of_peak_cpu_time"] = per_core / (peak / threads) if row["device"] == "cpu" else None
+    _add_compute(results, flops, peak, gpu_peak, threads)
 
-    # --- the pipeline ---------------------------------------------------------------------------------------------------
     pipeline = None
     if cfg.pipeline:
         from adtr_deploy.bench.pipeline import pipeline_breakdown
@@ -300,29 +334,12 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
         target = next((r for r in runners if r.backend == "onnxruntime-cpu"), None) or next(
             r for r in runners if not r.is_reference and r.copies != "excluded (device-resident)"
         )
-        suffix = R.BACKEND_CHOICES[target.backend][0]
+        suffix, device = R.BACKEND_CHOICES[target.backend]
         log(f"pipeline stage breakdown on {target.name}")
-        pipeline = pipeline_breakdown(
-            artifacts[suffix], R.BACKEND_CHOICES[target.backend][1], files, cfg.batch_sizes, cfg.plan, threads, log
-        )
+        pipeline = pipeline_breakdown(artifacts[suffix], device, files, cfg.batch_sizes, cfg.plan, threads, log)
         pipeline["backend"] = target.name
 
-    # --- profiles -------------------------------------------------------------------------------------------------------
-    profiles = None
-    if cfg.profile:
-        from adtr_deploy.bench.profile import profile_eager, profile_onnxruntime
-
-        profiles = {}
-        for bs in cfg.batch_sizes:
-            batch = stack_batch(pool[:bs])
-            entry = {}
-            if ".onnx" in artifacts:
-                log(f"profiling ONNX Runtime at batch {bs}")
-                entry["onnxruntime-cpu"] = profile_onnxruntime(artifacts[".onnx"], batch, threads, cfg.out / "profiles")
-            if ref_model is not None:
-                log(f"profiling PyTorch eager at batch {bs}")
-                entry[R.REFERENCE] = profile_eager(ref_model, batch)
-            profiles[str(bs)] = entry
+    profiles = _profiles(cfg, artifacts, ref_model, pool, threads, log) if cfg.profile else None
 
     report = {
         "report_version": REPORT_VERSION,
@@ -352,7 +369,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
         },
         "backends": {"timed": sorted({r.name for r in runners}), "skipped": skipped},
         "results": results,
-        "agreement": {str(k): v for k, v in agreement.items()},
+        "agreement": agreement,
         "flops": flops,
         "matmul_peak": {"before": peak_before, "after": peak_after, "peak_gflops": peak, "gpu": gpu_peak},
         "pipeline": pipeline,
