@@ -198,7 +198,7 @@ def reference_runners(checkpoint: str | Path, device: str) -> tuple[list[Runner]
     from adtr_deploy.model.checkpoint import load_checkpoint
 
     model, ckpt = load_checkpoint(checkpoint)
-    info = {"checkpoint": str(checkpoint), "preset_config": ckpt.get("config", {}).get("backbone")}
+    info = {"checkpoint": str(checkpoint), "backbone": ckpt.get("config", {}).get("backbone")}
     label = REFERENCE if device == "cpu" else f"{REFERENCE}-cuda"
     runners = torch_runners(model, REFERENCE, label, device, info)
     return runners, model
@@ -236,9 +236,10 @@ def backend_runners(name: str, path: Path, threads: int | None) -> list[Runner]:
     if name == "onnxruntime-cuda":
         runners.append(_ort_resident(backend, info))
     elif name == "torchscript-cuda":
-        runners += [
-            r for r in torch_runners(backend.module, name, name, backend._device, info) if "resident" in r.copies
-        ]
+        from adtr_deploy.runtime.base import parse_device
+
+        torch_device = f"cuda:{parse_device(backend.device)[1]}"
+        runners += [r for r in torch_runners(backend.module, name, name, torch_device, info) if "resident" in r.copies]
     return runners
 
 
