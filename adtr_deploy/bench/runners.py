@@ -62,12 +62,12 @@ def find_artifacts(model: str | Path) -> dict[str, Path]:
     (EXPORT/onnx, EXPORT/torchscript, EXPORT/tensorrt), whether `model` is that folder or a file inside one of them."""
     model = Path(model)
     if not model.exists():
-        raise FileNotFoundError(f"model {model} does not exist; give the model file or folder that adtr-export wrote")
+        raise FileNotFoundError(f"--model {model} does not exist; give the model file or folder that adtr-export wrote")
     found: dict[str, Path] = {}
     if model.is_file():
         if model.suffix not in ARTIFACT_SUFFIXES:
             raise ValueError(
-                f"{model.name} is not an exported model ({', '.join(ARTIFACT_SUFFIXES)}); give what adtr-export wrote"
+                f"--model {model} is not an exported model ({', '.join(ARTIFACT_SUFFIXES)}); give what adtr-export wrote"
             )
         found[model.suffix] = model
     folder = model if model.is_dir() else model.parent
