@@ -52,8 +52,8 @@ WEIGHT_INPUT = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # which input of a quantizab
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 CALIB_BATCH = 8  # images per calibration run (memory of the augmented graph grows with it)
 # Our calibration method -> extra options of onnxruntime's create_calibrator. Entropy: 512 histogram bins searched for
-# the 128-bin quantization with the least KL divergence (TensorRT's method); percentile: the 99.99th percentile of
-# |x| (or of x on each side for asymmetric activations) over a 2048-bin histogram.
+# the 128-bin quantization with the least KL divergence (TensorRT's method); percentile: a 99.99 percentile cut of a
+# 2048-bin histogram of |x| (onnxruntime collects percentile histograms over absolute values).
 CALIBRATORS: dict[str, dict[str, Any]] = {
     "minmax": {},
     "entropy": {"num_bins": 512, "num_quantized_bins": 128},
