@@ -8,7 +8,6 @@ the host-device copies, never hidden.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from adtr_deploy.fileio import sha256_file
 from adtr_deploy.spec import ModelSpec
 
 REFERENCE = "pytorch-eager"
@@ -85,14 +85,6 @@ def find_artifacts(model: str | Path) -> dict[str, Path]:
     return found
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def find_reference(spec: ModelSpec, model: str | Path) -> tuple[Path | None, str]:
     """The checkpoint an export came from: `checkpoint.pt` beside it, else the one adtr-export recorded in its spec
     (extra.checkpoint.path, checked against its recorded sha256). Returns (path or None, how it was found)."""
@@ -108,7 +100,7 @@ def find_reference(spec: ModelSpec, model: str | Path) -> tuple[Path | None, str
             return None, f"the export records its checkpoint {path}, which is not there: speed-up ratios unavailable"
         note = f"recorded in the export's model.json ({path})"
         if record.get("sha256"):
-            if _sha256(path) != record["sha256"]:
+            if sha256_file(path) != record["sha256"]:
                 return None, f"{path} has changed since the export (sha256 differs): speed-up ratios unavailable"
             note += ", sha256 verified"
         return path, note

@@ -17,7 +17,6 @@ test split that is evaluated.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -28,6 +27,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from adtr_deploy.fileio import sha256_file
 from adtr_deploy.preprocess import is_image_file, load_image, load_mask, prepare
 
 Size = tuple[int, int]  # (H, W)
@@ -404,14 +404,6 @@ def _expand(paths: str | Path | Iterable[str | Path]) -> tuple[list[Path], list[
     return folders, files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_no_test_leak(
     anomaly_paths: str | Path | Iterable[str | Path], test_root_or_paths: str | Path | Iterable[str | Path]
 ) -> None:
@@ -439,10 +431,10 @@ def check_no_test_leak(
             reason = f"is a file of the evaluated test split ({a})"
         elif is_image_file(a) and a.is_file() and not a.stem.endswith("_mask"):
             same_size = by_size.get(a.stat().st_size, [])
-            digest = _sha256(a) if same_size else ""
+            digest = sha256_file(a) if same_size else ""
             for t in same_size:
                 if t not in hashes:
-                    hashes[t] = _sha256(t)
+                    hashes[t] = sha256_file(t)
                 if hashes[t] == digest:
                     reason = f"is a byte-identical copy of the test file {t}"
                     break

@@ -8,9 +8,7 @@ ever appears under its real name.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import json
 import os
 import platform
 import shutil
@@ -30,6 +28,7 @@ from adtr_deploy.export.formats import (
     check_format_precision,
 )
 from adtr_deploy.export.verify import FULL_BATCH, VerificationError, collect_images, verify_artifact
+from adtr_deploy.fileio import sha256_file, write_json_atomic
 from adtr_deploy.spec import SPEC_FILENAME, ModelSpec
 
 VERIFICATION_FILENAME = "verification.json"
@@ -47,18 +46,8 @@ class ExportResult:
     notes: tuple[str, ...] = ()
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(data, path, sort_keys=True)
 
 
 def versions() -> dict[str, str]:
@@ -104,7 +93,7 @@ def base_spec(ckpt: dict[str, Any], fmt: str, options: ExportOptions, checkpoint
             "batch": {"min": 1, "max": options.batch_max, "dynamic": FORMATS[fmt]["dynamic_batch"]},
             "checkpoint": {
                 "path": str(checkpoint_path),
-                "sha256": sha256_of(checkpoint_path),
+                "sha256": sha256_file(checkpoint_path),
                 "format_version": ckpt.get("format_version"),
                 "package_version": ckpt.get("package_version"),
                 "mode": ckpt.get("mode"),
@@ -152,7 +141,7 @@ def _export_one(
         artifact = staging / row["filename"]
         made = _resolve(row["exporter"])(model, artifact, spec=spec, options=options)
         files = [Path(f) for f in made["files"]]
-        extra = {**spec.extra, **made["extra"], "sha256": sha256_of(artifact), "files": [f.name for f in files]}
+        extra = {**spec.extra, **made["extra"], "sha256": sha256_file(artifact), "files": [f.name for f in files]}
         opset = (made["extra"].get("onnx") or made["extra"].get("tensorrt", {}).get("onnx") or {}).get("opset")
         if opset is not None:
             extra["versions"] = {**extra["versions"], "opset": opset}

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adtr_deploy.export.formats import ExportOptions
+from adtr_deploy.fileio import atomic_write_bytes
 from adtr_deploy.spec import ModelSpec
 
 INSTALL_HINT = "pip install 'adtr-deploy[tensorrt]' on a machine with an NVIDIA GPU"
@@ -278,16 +278,6 @@ def _network_flags(trt, recipe: Recipe) -> int:
     return (1 << int(flag)) if recipe.strongly_typed and flag is not None else 0
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
@@ -324,9 +314,9 @@ def build_engine(
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError("TensorRT could not build the engine (see its log above); try a larger --workspace-gb")
-    _atomic_write(engine_path, bytes(plan))
+    atomic_write_bytes(engine_path, bytes(plan))
     if timing_cache is not None:
-        _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     return {"layers": network.num_layers, "pinned_fp32_layers": pinned}
 
 

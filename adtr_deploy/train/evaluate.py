@@ -8,7 +8,6 @@ preprocessing, anomaly maps are compared with the masks at the model's input siz
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import zipfile
@@ -21,6 +20,7 @@ import torch
 
 from adtr_deploy.data.datasets import AnomalyData, image_loader, open_dataset
 from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.fileio import write_json_atomic
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -169,15 +169,6 @@ def compute_metrics(samples, preds: Predictions) -> dict[str, Any]:
         }
     result["per_defect"] = per_defect
     return {k: _clean(v) for k, v in result.items()}
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def scores_path_for(metrics_path: str | Path) -> Path:
