@@ -11,6 +11,14 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#1
 STAGE_COLORS = {"decode": "#8c9eff", "preprocess": "#80cbc4", "inference": "#ef6c00", "postprocess": "#ce93d8"}
 
 
+def _horizontal() -> dict:
+    """violinplot's horizontal option: `orientation` since matplotlib 3.10, `vert=False` (deprecated there) before."""
+    import matplotlib
+
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
 def _colors(names: list[str]) -> dict[str, str]:
     out, i = {}, 0
     for n in names:
@@ -45,7 +53,7 @@ def latency_plot(report: dict, path: Path) -> None:
         hi = max(float(d.max()) for d in data)
         log = hi / max(lo, 1e-9) > 8  # very different backends: a log axis keeps every distribution readable
         ypos = np.arange(len(present))[::-1]
-        parts = ax.violinplot(data, positions=ypos, vert=False, widths=0.75, showextrema=False)
+        parts = ax.violinplot(data, positions=ypos, widths=0.75, showextrema=False, **_horizontal())
         for body, n in zip(parts["bodies"], present):
             body.set_facecolor(colors[n])
             body.set_edgecolor(colors[n])
