@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from adtr_deploy.cli.train import command as train_command
 from adtr_deploy.data.datasets import load_sample, open_dataset
 from adtr_deploy.model.adtr import ADTR
-from adtr_deploy.model.checkpoint import load_checkpoint
+from adtr_deploy.model.checkpoint import load_checkpoint, model_from_checkpoint
 from adtr_deploy.model.config import get_preset
 from adtr_deploy.preprocess import ImageDecodeError
 from adtr_deploy.train.losses import LOSSES, get_loss
@@ -206,16 +206,44 @@ def test_cli_trains_cifar_one_class_and_stores_its_calibration_images(tmp_path):
     assert metrics["num_images"] == 10 and metrics["pixel_auroc"] is None and metrics["pro"] is None
 
 
-def test_the_output_bias_starts_at_the_mean_training_feature(mvtec, tmp_path):
+def test_the_transformer_works_on_features_standardized_by_training_statistics(mvtec, tmp_path):
     # lr 0: the weights stay at their initialisation, so the checkpoint shows it.
     ckpt = torch.load(train(TINY, fast(epochs=1, lr=0.0), mvtec, tmp_path / "r", evaluate=False), weights_only=True)
     model, _ = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
     trained = [s for s in mvtec.train if str(s.path) in set(ckpt["train_state"]["data_order"]["train"])]
     images = torch.from_numpy(np.stack([load_sample(s, (64, 64)) for s in trained]))
     with torch.no_grad():
-        mean = model.forward_features(images).mean(dim=(0, 2, 3))
-    bias = ckpt["state_dict"]["transformer.output_proj.bias"]
-    torch.testing.assert_close(bias, mean, atol=1e-5, rtol=1e-5)
-    # Without it, the bias keeps PyTorch's small random initialisation.
-    plain = train(TINY, fast(epochs=1, lr=0.0, init_output_bias=False), mvtec, tmp_path / "p", evaluate=False)
-    assert (torch.load(plain, weights_only=True)["state_dict"]["transformer.output_proj.bias"] - mean).abs().max() > 0.1
+        feats = model.forward_features(images)  # (N, C, h, w)
+        mean, std = feats.mean(dim=(0, 2, 3)), feats.std(dim=(0, 2, 3), correction=0)
+        sd = ckpt["state_dict"]
+        torch.testing.assert_close(sd["transformer.feature_mean"], mean, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            sd["transformer.feature_std"], std.clamp_min(std.mean() * 1e-3), atol=1e-4, rtol=1e-4
+        )
+        assert sd["transformer.output_proj.bias"].abs().max() == 0
+        # Standardized on the way in, scaled back on the way out: the reconstruction lives in raw feature units.
+        rec = model.reconstruct(feats)
+        assert abs(float(rec.mean()) - float(feats.mean())) < 0.5 * float(feats.std())
+    # Without it, the buffers stay the identity and the bias keeps PyTorch's small random initialisation.
+    plain = torch.load(
+        train(TINY, fast(epochs=1, lr=0.0, standardize_features=False), mvtec, tmp_path / "p", evaluate=False),
+        weights_only=True,
+    )["state_dict"]
+    assert plain["transformer.feature_mean"].abs().max() == 0 and (plain["transformer.feature_std"] == 1).all()
+    assert plain["transformer.output_proj.bias"].abs().max() > 0
+
+
+def test_checkpoints_from_before_standardization_load_as_identity(mvtec, tmp_path):
+    path = train(TINY, fast(epochs=1), mvtec, tmp_path / "r", evaluate=False)
+    ckpt = torch.load(path, weights_only=True)
+    model, _ = load_checkpoint(path)
+    old = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("transformer.feature_")}
+    # An old checkpoint's function: the same weights without standardization.
+    legacy = model_from_checkpoint({**ckpt, "state_dict": old})
+    assert legacy.transformer.feature_mean.abs().max() == 0 and (legacy.transformer.feature_std == 1).all()
+    x = torch.randn(2, model.channels, *model.cfg.grid)
+    t = model.transformer
+    with torch.no_grad():
+        expected = legacy.reconstruct((x - t.feature_mean[:, None, None]) / t.feature_std[:, None, None])
+        expected = expected * t.feature_std[:, None, None] + t.feature_mean[:, None, None]
+        torch.testing.assert_close(model.reconstruct(x), expected, atol=1e-4, rtol=1e-4)

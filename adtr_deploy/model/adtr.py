@@ -125,20 +125,33 @@ class ReconstructionTransformer(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(*args) for _ in range(cfg.num_encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(*args) for _ in range(cfg.num_decoder_layers))
         self.decoder_norm = nn.LayerNorm(d)
+        # Fixed per-channel standardization of the tokens in, undone on the way out: set from the training features
+        # before training (train/trainer.py init_feature_standardization); identity until then. An affine
+        # reparameterization of the two projections (the function class is the paper's), which AdamW trains much
+        # faster: the backbone's channels differ in mean and scale by orders of magnitude.
+        self.register_buffer("feature_mean", torch.zeros(channels))
+        self.register_buffer("feature_std", torch.ones(channels))
         for name, p in self.named_parameters():
             if p.dim() > 1 and not name.startswith("pos_embed"):
                 nn.init.xavier_uniform_(p)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the standardization buffers existed load as identity (their function unchanged).
+        for name, fill in (("feature_mean", 0.0), ("feature_std", 1.0)):
+            if prefix + "output_proj.weight" in state_dict and prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.full_like(getattr(self, name), fill)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, HW, C) original feature tokens -> (B, HW, C) reconstructed tokens."""
         pos = self.pos_embed().unsqueeze(0)  # (1, HW, d)
-        memory = self.input_proj(tokens)  # (B, HW, d)
+        memory = self.input_proj((tokens - self.feature_mean) / self.feature_std)  # (B, HW, d)
         for layer in self.encoder:
             memory = layer(memory, pos)
         tgt = self.query_embed.weight.unsqueeze(0).expand_as(memory)  # (B, HW, d): the auxiliary query
         for layer in self.decoder:
             tgt = layer(tgt, memory, pos)
-        return self.output_proj(self.decoder_norm(tgt))
+        return self.output_proj(self.decoder_norm(tgt)) * self.feature_std + self.feature_mean
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:

@@ -66,7 +66,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     checkpoint_every: int = 1
     mode: str = "adtr"  # selects the loss (train/losses.py)
-    init_output_bias: bool = True  # start the reconstruction at the mean training feature (see init_output_bias)
+    standardize_features: bool = True  # standardize the transformer's tokens (see init_feature_standardization)
     alpha: float = 0.003  # ADTR+ only: weight of the push terms (the paper's)
     topk: int = 20  # ADTR+ only: k of L_img's top-k mean (the paper's)
     progress: bool = True
@@ -158,28 +158,49 @@ def cache_features(model: ADTR, samples, cfg: TrainConfig, device: torch.device,
 
 
 @torch.no_grad()
-def init_output_bias(model: ADTR, cache: torch.Tensor | None, samples, cfg: TrainConfig, device: torch.device) -> None:
-    """Set the transformer's output bias to the mean training feature per channel (a data-dependent initialisation).
+def init_feature_standardization(
+    model: ADTR, cache: torch.Tensor | None, samples, cfg: TrainConfig, device: torch.device
+) -> None:
+    """Set the transformer's standardization buffers to the per-channel mean and std of the training features.
 
-    The backbone's features are not normalized (mean square about 20 for lite0, per-channel means of several units) and
-    AdamW moves each weight by about `lr` per step, so from the default zero bias the paper's lr 1e-4 needs thousands of
-    steps just to reach the mean; starting there leaves the steps for what matters, the image-specific reconstruction.
-    Over all processes when distributed (each holds a shard), so every rank sets the same value.
+    The backbone's features are not normalized: lite0's channels have means of several units and standard deviations
+    from about 0.1 to 10. The transformer's input and output projections are plain linear layers, and AdamW moves each
+    weight by about `lr` per step, so at the paper's lr 1e-4 they need thousands of steps just to match those scales
+    (measured on the demo data: docs/train.md). With tokens standardized on the way in and the output scaled back by
+    std plus mean (the output bias starts at zero, so the reconstruction starts at the mean feature), the steps go to
+    what matters, the image-specific reconstruction. The loss and the anomaly map stay in raw feature units (the
+    paper's). Over all processes when distributed (each holds a shard), so every rank sets the same values.
     """
-    total = torch.zeros(model.channels, dtype=torch.float64, device=device)
+    c = model.channels
+    total = torch.zeros(2 * c, dtype=torch.float64, device=device)  # sum of x, sum of x^2 per channel
     count = 0
+
+    def add(f: torch.Tensor) -> None:
+        f = f.double()
+        total[:c] += f.sum(dim=(0, 2, 3))
+        total[c:] += (f * f).sum(dim=(0, 2, 3))
+
     if cache is not None:
-        total += cache.double().sum(dim=(0, 2, 3))
+        for part in cache.split(64):
+            add(part)
         count = cache.shape[0] * cache.shape[2] * cache.shape[3]
     else:
         loader = image_loader(samples, model.cfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
         for batch in loader:
             f = model.forward_features(batch["image"].to(device))  # (B, C, h, w)
-            total += f.double().sum(dim=(0, 2, 3))
+            add(f)
             count += f.shape[0] * f.shape[2] * f.shape[3]
     sums = distributed.all_reduce_sum([*total.tolist(), float(count)], device)
-    mean = torch.tensor(sums[:-1], dtype=torch.float64) / max(sums[-1], 1.0)
-    model.transformer.output_proj.bias.copy_(mean.to(model.transformer.output_proj.bias))
+    n = max(sums[-1], 1.0)
+    mean = torch.tensor(sums[:c], dtype=torch.float64) / n
+    var = (torch.tensor(sums[c : 2 * c], dtype=torch.float64) / n - mean * mean).clamp_min(0.0)
+    std = var.sqrt()
+    # A channel that never varies (a dead unit) must not divide by ~0: floor at 1e-3 of the typical std.
+    std = std.clamp_min(max(float(std.mean()) * 1e-3, 1e-6))
+    t = model.transformer
+    t.feature_mean.copy_(mean.to(t.feature_mean))
+    t.feature_std.copy_(std.to(t.feature_std))
+    t.output_proj.bias.zero_()
 
 
 class _Log:
@@ -303,8 +324,8 @@ def train(
     cached = [train_samples[i] for i in shard]
     show = cfg.progress and w.is_main
     cache = cache_features(model, cached, cfg, device, progress=show) if use_cache else None
-    if state is None and init_from is None and cfg.init_output_bias:
-        init_output_bias(model, cache, cached, cfg, device)
+    if state is None and init_from is None and cfg.standardize_features:
+        init_feature_standardization(model, cache, cached, cfg, device)
     reconstruct = distributed.ddp_reconstruct(model, device) if w.distributed else model.reconstruct
     for s in val_samples:  # decode the calibration images now: a corrupt one fails the run before training, not after
         load_sample(s, model.cfg.input_size)
