@@ -186,6 +186,40 @@ def _fmt(x, spec: str, none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
 
+def summary(report: dict) -> list[str]:
+    """One table over all categories: mean accuracy per model, speed from the (first) timed category."""
+    cats = report["categories"]
+    if len(cats) < 2:
+        return []
+    timed = next((c for c, r in cats.items() if r["timing"]), None)
+    names = [EAGER, *next(iter(cats.values()))["exported"]]
+    bs = str(report["throughput_batch"])
+
+    def mean(name: str, key: str) -> float:
+        return float(np.mean([r["evaluation"][name][key] for r in cats.values()]))
+
+    lines = [
+        f"## Summary: mean over {', '.join(cats)}" + (f"; speed measured on {timed}" if timed else ""),
+        "",
+        "| model | image AUROC | pixel AUROC | decisions = eager (test) | p50 ms (batch 1) "
+        f"| img/s (batch {bs}) | speed-up vs eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        img, pix = mean(name, "image_auroc"), mean(name, "pixel_auroc")
+        d_img = "" if name == EAGER else f" ({100 * (img - mean(EAGER, 'image_auroc')):+.1f})"
+        d_pix = "" if name == EAGER else f" ({100 * (pix - mean(EAGER, 'pixel_auroc')):+.1f})"
+        speed = "- | - | -"
+        if timed:
+            t, base = cats[timed]["timing"][name], cats[timed]["timing"][EAGER][bs]["throughput_ips"]
+            speed = f"{t['1']['p50_ms']:.0f} | {t[bs]['throughput_ips']:.2f} | {t[bs]['throughput_ips'] / base:.2f}x"
+        lines.append(
+            f"| {name} | {img:.4f}{d_img} | {pix:.4f}{d_pix} "
+            f"| {100 * mean(name, 'decision_agreement_with_eager'):.1f}% | {speed} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(report: dict) -> str:
     lines = [
         "# Low precision: accuracy and speed of each exported precision (CPU)",
@@ -196,9 +230,10 @@ def markdown(report: dict) -> str:
         f"{report['load_average_start']} / {report['load_average_end']}; {report['versions']}",
         "",
     ]
+    lines += summary(report)
     for cat, res in report["categories"].items():
         ev, ver, tm = res["evaluation"], res["verification"], res["timing"]
-        eager_ips = tm[EAGER][str(report["throughput_batch"])]["throughput_ips"]
+        eager_ips = tm[EAGER][str(report["throughput_batch"])]["throughput_ips"] if tm else None
         ref = ev[EAGER]
         lines += [
             f"## {cat}",
@@ -210,17 +245,21 @@ def markdown(report: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name in [EAGER, *res["exported"]]:
-            e, t = ev[name], tm[name]
+            e, t = ev[name], tm.get(name)
             v = ver.get(name, {})
-            ips = t[str(report["throughput_batch"])]["throughput_ips"]
             dauroc = "" if name == EAGER else f" ({100 * (e['image_auroc'] - ref['image_auroc']):+.1f})"
             dpix = "" if name == EAGER else f" ({100 * (e['pixel_auroc'] - ref['pixel_auroc']):+.1f})"
             size = res["exported"].get(name, {}).get("size_mb")
+            if t:
+                ips = t[str(report["throughput_batch"])]["throughput_ips"]
+                speed = f"{t['1']['p50_ms']:.0f} | {ips:.2f} | {ips / eager_ips:.2f}x"
+            else:
+                speed = "- | - | -"
             lines.append(
                 f"| {name} | {e['image_auroc']:.4f}{dauroc} | {e['pixel_auroc']:.4f}{dpix} "
                 f"| {100 * e['decision_agreement_with_eager']:.1f}% | {_fmt(v.get('map_correlation'), '.5f', '1')} "
                 f"| {_fmt(v.get('score_max_rel_to_score'), '.2%', '0')} "
-                f"| {t['1']['p50_ms']:.0f} | {ips:.2f} | {ips / eager_ips:.2f}x | {_fmt(size, '.1f', '')} |"
+                f"| {speed} | {_fmt(size, '.1f', '')} |"
             )
         for n, other in res.get("timing_at_threads", {}).items():
             base = other[EAGER][str(report["throughput_batch"])]["throughput_ips"]
@@ -237,7 +276,8 @@ def markdown(report: dict) -> str:
         lines += ["", "Verification (the export's check, bounds from PRECISIONS):", ""]
         for name, v in ver.items():
             lines.append(f"- {name}: {'PASS' if v['passed'] else 'FAIL'} ({v['reason']})")
-        lines += ["", "Where the time goes (ONNX Runtime profiler, batch 8, kernel time per op type):", ""]
+        if res["profiles"]:
+            lines += ["", "Where the time goes (ONNX Runtime profiler, batch 8, kernel time per op type):", ""]
         for name, p in res["profiles"].items():
             top = ", ".join(f"{r['op']} {r['ms_per_run']:.0f} ms ({100 * r['share']:.0f}%)" for r in p["by_op"][:8])
             integer = {k: v for k, v in p["optimized_graph_ops"].items() if k.startswith(INTEGER_KERNELS)}
@@ -261,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     ap.add_argument("--also-threads", type=int, nargs="*", default=[], help="repeat the timing at these thread counts")
+    ap.add_argument(
+        "--time",
+        nargs="*",
+        default=None,
+        metavar="CATEGORY",
+        help="time and profile only these runs (default: all); speed does not depend on which category a model learned",
+    )
     ap.add_argument("--min-seconds", type=float, default=5.0)
     ap.add_argument("--min-iters", type=int, default=10)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "adtr-lowprec")
@@ -300,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         tests = sorted((args.data / category / "test").rglob("*.png"))
         pick = [tests[i] for i in np.linspace(0, len(tests) - 1, 8).round().astype(int)]
         batch8 = np.stack([load_image(p, model.cfg.input_size) for p in pick])
-        timing = time_variants(run, exported, {1: batch8[:1], 8: batch8}, threads, plan)
-        timing_at = {
-            str(n): time_variants(run, exported, {1: batch8[:1], 8: batch8}, n, plan) for n in args.also_threads
-        }
-        profiles = profile_int8(exported, batch8, threads, work / "profiles")
+        timing, timing_at, profiles = {}, {}, {}
+        if args.time is None or category in args.time:
+            timing = time_variants(run, exported, {1: batch8[:1], 8: batch8}, threads, plan)
+            timing_at = {
+                str(n): time_variants(run, exported, {1: batch8[:1], 8: batch8}, n, plan) for n in args.also_threads
+            }
+            profiles = profile_int8(exported, batch8, threads, work / "profiles")
         report["categories"][category] = {
             "run": str(run),
             "verification_source": next(iter(verification.values()))["image_source"],
