@@ -184,8 +184,27 @@ def test_cli_trains_a_plain_folder_without_metrics(tmp_path):
     resumed = CliRunner().invoke(train_command, [*args[:4], "--resume", "--quiet"])
     assert resumed.exit_code == 0, resumed.output
     after = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert after["info"]["train"]["epochs"] == 2 and after["info"]["train"]["batch_size"] == 16
+    assert after["info"]["train"]["epochs"] == 2 and after["info"]["train"]["batch_size"] == 4
     assert all(torch.equal(after["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
+
+
+def test_cli_input_size_and_stages_shape_the_model_and_bad_values_get_one_sentence(tmp_path):
+    folder = make_folder(tmp_path / "good", n=8)
+    out = tmp_path / "run"
+    base = ["--data", str(folder), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--quiet"]
+    result = CliRunner().invoke(train_command, [*base, "--input-size", "96x64", "--stages", "2,3"])
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert tuple(ckpt["config"]["input_size"]) == (96, 64) and tuple(ckpt["config"]["stages"]) == (2, 3)
+    model, _ = load_checkpoint(out / "checkpoint.pt")
+    with torch.no_grad():
+        amap, score = model(torch.zeros(1, 96, 64, 3, dtype=torch.uint8))
+    assert amap.shape == (1, 1, 96, 64) and model.cfg.grid == (6, 4)
+    for opt, bad in (("--input-size", "big"), ("--input-size", "16"), ("--stages", "0,6"), ("--stages", "a")):
+        res = CliRunner().invoke(train_command, [*base, "--overwrite", opt, bad])
+        assert res.exit_code == 2 and bad in res.output and "Traceback" not in res.output
+    resumed = CliRunner().invoke(train_command, [*base[:4], "--resume", "--input-size", "128"])
+    assert resumed.exit_code != 0 and "drop it" in resumed.output
 
 
 def test_cli_trains_cifar_one_class_and_stores_its_calibration_images(tmp_path):
