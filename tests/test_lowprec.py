@@ -79,9 +79,35 @@ def checkpoint(work, demo, model, test_batch) -> Path:
 
 @pytest.fixture(scope="module")
 def int8_export(work, checkpoint):
+    # Every weighted op (quant_scope="all"), so the graph checks below see the backbone's convolutions quantized too.
     return export_checkpoint(
-        checkpoint, "onnx", work / "int8", precision="int8", verify=False, dynamo=False, calib_count=8
+        checkpoint,
+        "onnx",
+        work / "int8",
+        precision="int8",
+        verify=False,
+        dynamo=False,
+        calib_count=8,
+        quant_scope="all",
     )
+
+
+def test_default_int8_quantizes_the_transformer_only(work, checkpoint):
+    # The default scope: the measured accuracy cost of quantizing the backbone (docs/lowprec.md) is not paid by default.
+    exp = export_checkpoint(
+        checkpoint, "onnx", work / "int8_default", precision="int8", verify=False, dynamo=False, calib_count=8
+    )
+    graph = onnx.load(str(exp.path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    quantized = {
+        n.op_type
+        for n in graph.node
+        if n.op_type in ("Conv", "MatMul")
+        and n.input[1] in producer
+        and producer[n.input[1]].op_type == "DequantizeLinear"
+    }
+    assert quantized == {"MatMul"}
+    assert exp.spec.extra["onnx"]["int8"]["settings"]["scope"] == "transformer"
 
 
 @pytest.fixture(scope="module")

@@ -213,7 +213,7 @@ def export_checkpoint(
     calib_images: str | None = None,
     calib_method: str = "minmax",
     calib_count: int = DEFAULT_CALIB_COUNT,
-    quant_scope: str = "all",
+    quant_scope: str = "transformer",
     per_channel: bool = True,
     reduce_range: bool = False,
     quantize_outputs: bool = False,

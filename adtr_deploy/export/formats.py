@@ -72,8 +72,8 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     },
     "int8": {
         "tolerance": None,
-        "min_map_correlation": 0.98,
-        "max_score_rel": 0.10,
+        "min_map_correlation": 0.99,
+        "max_score_rel": 0.05,
         "onnx_pass": "adtr_deploy.export.quantize:int8_static_pass",
         "calibrated": True,
         "description": "static INT8 (Q/DQ on the inputs of Conv/MatMul, per-channel int8 weights) calibrated on good "
@@ -81,8 +81,8 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     },
     "int8-dynamic": {
         "tolerance": None,
-        "min_map_correlation": 0.98,
-        "max_score_rel": 0.10,
+        "min_map_correlation": 0.99,
+        "max_score_rel": 0.05,
         "onnx_pass": "adtr_deploy.export.quantize:int8_dynamic_pass",
         "calibrated": False,
         "description": "dynamic INT8: int8 weights of the transformer's MatMuls, activations quantized per batch at run "
@@ -133,7 +133,7 @@ class QuantOptions:
     count: int = DEFAULT_CALIB_COUNT  # at most this many calibration images
     per_channel: bool = True  # one weight scale per output channel (else one per tensor)
     reduce_range: bool = False  # 7-bit weights (for CPUs without VNNI, whose u8s8 products can saturate)
-    scope: str = "all"  # a QUANT_SCOPES key
+    scope: str = "transformer"  # a QUANT_SCOPES key (transformer: no measured accuracy cost, docs/lowprec.md)
     # Q/DQ on the weighted ops' inputs only: their outputs stay float32, so the rounding does not compound from layer to
     # layer (True, ONNX Runtime's usual placement, cost 7 points of image AUROC on a trained lite0: docs/lowprec.md)
     quantize_outputs: bool = False
