@@ -165,10 +165,15 @@ def markdown(r: dict) -> str:
             f"**{run['speedup_cpu']:.2f}x** | {fill['cpu_s']:.1f}, {fill['mib']:.1f} |"
         )
     mach = r["machine"]
+    busy = (
+        "other jobs were running"
+        if mach["loadavg_1m_at_end"] > mach["torch_threads"] + 0.5
+        else "about this run's own threads: a quiet machine"
+    )
     lines += [
         "",
         f"Machine: {mach['cpus']} CPUs, {mach['torch_threads']} torch threads, load average "
-        f"{mach['loadavg_1m_at_end']:.1f} at the end (other jobs were running), torch {mach['torch']}.",
+        f"{mach['loadavg_1m_at_end']:.1f} at the end ({busy}), torch {mach['torch']}.",
         "",
     ]
     return "\n".join(lines)
