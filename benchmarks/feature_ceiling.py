@@ -117,7 +117,7 @@ def markdown(r: dict) -> str:
             f"## {cat}",
             "",
             "| setting | grid | channels | image AUROC | pixel AUROC | " + " | ".join(defects) + " |",
-            "|---|---|---|---|---|---|" + "---|" * len(defects),
+            "|---|---|---|---|---|" + "---|" * len(defects),
         ]
         for row in rows:
             lines.append(
