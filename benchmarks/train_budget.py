@@ -7,10 +7,10 @@ squared error of the reconstruction beside the error of two references that need
 global mean of the training features: a reconstruction that cannot beat the per-position mean has not learned yet).
 
     python benchmarks/train_budget.py                                  # brick, the settings below, one after another
-    python benchmarks/train_budget.py --settings bs16:16:1e-4:0,bs4:4:1e-4:1 --steps 600 --parallel 2
+    python benchmarks/train_budget.py --settings bs16:16:1e-4:0,bs4:4:1e-4:1 --steps 600 --parallel 2   # equal steps
 
-A setting is NAME:BATCH:LR:STANDARDIZE (STANDARDIZE 1 = the trainer's feature standardization, 0 = the earlier output
-bias at the mean feature). Every setting uses AdamW (betas 0.9/0.999, weight decay 1e-4), gradient clip 0.1 and the lr
+A setting is NAME:BATCH:LR:STANDARDIZE[:STEPS] (STANDARDIZE 1 = the trainer's feature standardization, 0 = the
+earlier output bias at the mean feature; STEPS overrides --steps, e.g. to give every setting the same epochs). Every setting uses AdamW (betas 0.9/0.999, weight decay 1e-4), gradient clip 0.1 and the lr
 x0.1 after 80% of --steps, as adtr-train does. --parallel N runs N settings at once with 1 thread each.
 
 Writes benchmarks/results/train_budget.json and .md (or --out).
@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SETTINGS = "bs16:16:1e-4:0,bs16-std:16:1e-4:1,bs4:4:1e-4:0,bs4-std:4:1e-4:1"
+# Session 1's defaults and this session's, at the same 30 epochs of the 72 training images (150 and 600 steps).
+DEFAULT_SETTINGS = "bs16:16:1e-4:0:150,bs4-std:4:1e-4:1:600"
 
 
 def features(data_root: Path, category: str, cache: Path):
@@ -64,8 +65,9 @@ def run_setting(args, setting: str) -> list[dict]:
 
     from adtr_deploy.metrics import image_auroc, pixel_auroc
 
-    name, batch, lr, standardize = setting.split(":")
+    name, batch, lr, standardize, *rest = setting.split(":")
     batch, lr, standardize = int(batch), float(lr), standardize == "1"
+    steps = int(rest[0]) if rest else args.steps
     torch.manual_seed(0)
     model, f_train, f_test, labels, masks = features(Path(args.data), args.category, Path(args.work) / "features.pt")
     t = model.transformer
@@ -80,7 +82,7 @@ def run_setting(args, setting: str) -> list[dict]:
             t.output_proj.bias.copy_(mean)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-4)
-    drop = int(round(0.8 * args.steps))
+    drop = int(round(0.8 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 if s >= drop else 1.0)
     gen = torch.Generator().manual_seed(0)
 
@@ -107,7 +109,7 @@ def run_setting(args, setting: str) -> list[dict]:
 
     rows, step, train_s, loss = [], 0, 0.0, float("nan")
     model.train()
-    while step < args.steps:
+    while step < steps:
         for idx in torch.randperm(len(f_train), generator=gen).split(batch):
             t0 = time.perf_counter()
             f = f_train[idx].float()
@@ -119,9 +121,9 @@ def run_setting(args, setting: str) -> list[dict]:
             sched.step()
             train_s += time.perf_counter() - t0
             step, loss = step + 1, out.item()
-            if step % args.eval_every == 0 or step == args.steps:
+            if step % args.eval_every == 0 or step == steps:
                 rows.append(evaluate(step, loss, train_s))
-            if step >= args.steps:
+            if step >= steps:
                 break
     return rows
 
@@ -147,7 +149,8 @@ def markdown(r: dict) -> str:
         "",
         f"{ref['train_images']} training images (the trainer's split); training-set MSE of references that need no "
         f"training: per-position mean {ref['per_position_mean']:.3f}, global mean {ref['global_mean']:.3f}.",
-        "Setting = name:batch:lr:standardize. lr x0.1 after 80% of the steps. train s = time in optimizer steps only.",
+        "Setting = name:batch:lr:standardize[:steps]. lr x0.1 after 80% of the steps. train s = time in optimizer steps "
+        "only.",
         "",
         "| setting | step | epochs | train MSE | image AUROC | pixel AUROC | train s |",
         "|---|---|---|---|---|---|---|",
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--category", default="brick")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS)
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--parallel", type=int, default=1, help="settings run at once (1 thread each when > 1)")
     ap.add_argument("--work", default=None, help="feature cache folder (default: a temp folder)")
     ap.add_argument("--out", default=str(HERE / "results" / "train_budget.json"))
