@@ -184,7 +184,16 @@ def test_ctrl_c_on_a_live_stream_keeps_every_record_and_writes_the_summary_witho
     with rf.MjpegServer([("stream", 3000, "close")], interval_s=0.02) as server:
         cmd = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()"]
         cmd += ["--model", str(model_path), "--source", server.url, "--out", str(out), "--duration", "60"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # SIGINT back to its default in the child: a test run started in the background (`cmd &`) inherits SIGINT
+        # ignored, and Python then keeps ignoring it, as a backgrounded adtr-run should (SIGTERM still stops it).
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             results, t0 = out / "results.jsonl", time.monotonic()
             # Interrupt only a run that is really processing the stream: wait for its first records (generously: the
