@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -33,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import command_line, machine, nearest_training_distance, write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,22 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({cat: rows[cat]}), flush=True)
     mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("image_auroc", "pixel_auroc", "pro", "f1_max")}
     result = {
-        "command": "python benchmarks/demo_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("demo_accuracy.py", argv),
         "train_commands": commands,
         "categories": rows,
         "mean": mean,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "loadavg_1m_at_end": os.getloadavg()[0],
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return write_result(result, args.out, markdown)
 
 
 def diagnose(run: Path, data_root: Path, category: str) -> dict:
@@ -136,10 +127,7 @@ def diagnose(run: Path, data_root: Path, category: str) -> dict:
         score = F.avg_pool2d(amap, model.cfg.score_pool, stride=1).amax(dim=(1, 2, 3)).numpy()
         return {"image_auroc": image_auroc(score, labels), "pixel_auroc": pixel_auroc(amap.numpy()[:, 0], masks)}
 
-    n, c, h, w = f_train.shape
-    bank = f_train.permute(0, 2, 3, 1).reshape(-1, c)  # (N*h*w, C)
-    query = f_test.permute(0, 2, 3, 1).reshape(-1, c)
-    knn = torch.cat([torch.cdist(q, bank).min(dim=1).values for q in query.split(2048)]).reshape(-1, 1, h, w)
+    knn = nearest_training_distance(f_train, f_test)
     pos_mean = f_train.mean(0, keepdim=True)  # (1, C, h, w)
     glob_mean = f_train.mean((0, 2, 3), keepdim=True)  # (1, C, 1, 1)
     with torch.no_grad():

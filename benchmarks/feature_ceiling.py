@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import command_line, machine, nearest_training_distance, write_result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SETTINGS = (
@@ -58,7 +57,6 @@ def features(model, samples, size: int, resize: str):
 
 def ceiling(data, setting: str) -> dict:
     import numpy as np
-    import torch
     import torch.nn.functional as F
 
     from adtr_deploy.metrics import image_auroc, pixel_auroc
@@ -76,10 +74,8 @@ def ceiling(data, setting: str) -> dict:
     train_idx, _ = split_validation(data.train, TrainConfig(progress=False))
     f_train = features(model, [data.train[i] for i in train_idx], size, resize)
     f_test = features(model, data.test, size, resize)
-    n, c, h, w = f_train.shape
-    bank = f_train.permute(0, 2, 3, 1).reshape(-1, c)
-    query = f_test.permute(0, 2, 3, 1).reshape(-1, c)
-    dist = torch.cat([torch.cdist(q, bank).min(dim=1).values for q in query.split(1024)]).reshape(-1, 1, h, w)
+    dist = nearest_training_distance(f_train, f_test)
+    c, h, w = f_train.shape[1:]
     amap = F.interpolate(dist, size=(size, size), mode="bilinear", align_corners=True)
     score = F.avg_pool2d(amap, model.cfg.score_pool, stride=1).amax(dim=(1, 2, 3)).numpy()
     labels = np.array([s.label for s in data.test])
@@ -144,9 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     categories = [c for c in args.categories.split(",") if c]
     root = write_demo_dataset(args.data, tuple(categories))
     result = {
-        "command": "python benchmarks/feature_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("feature_ceiling.py", argv),
         "categories": {},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
     }
     for cat in categories:
         data = open_dataset(root, cat)
@@ -155,12 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = ceiling(data, setting)
             print(json.dumps({"category": cat, **row}), flush=True)
             result["categories"][cat].append(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return write_result(result, args.out, markdown)
 
 
 if __name__ == "__main__":

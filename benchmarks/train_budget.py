@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import command_line, machine, write_result
 
 HERE = Path(__file__).resolve().parent
 # Session 1's defaults and this session's, at the same 30 epochs of the 72 training images (150 and 600 steps).
@@ -64,22 +64,18 @@ def run_setting(args, setting: str) -> list[dict]:
     import torch
 
     from adtr_deploy.metrics import image_auroc, pixel_auroc
+    from adtr_deploy.train.trainer import TrainConfig, init_feature_standardization
 
     name, batch, lr, standardize, *rest = setting.split(":")
     batch, lr, standardize = int(batch), float(lr), standardize == "1"
     steps = int(rest[0]) if rest else args.steps
     torch.manual_seed(0)
     model, f_train, f_test, labels, masks = features(Path(args.data), args.category, Path(args.work) / "features.pt")
-    t = model.transformer
-    with torch.no_grad():
-        mean = f_train.mean(dim=(0, 2, 3))
-        if standardize:  # what adtr-train does (trainer.init_feature_standardization)
-            std = f_train.std(dim=(0, 2, 3), correction=0)
-            t.feature_mean.copy_(mean)
-            t.feature_std.copy_(std.clamp_min(float(std.mean()) * 1e-3))
-            t.output_proj.bias.zero_()
-        else:  # the earlier initialisation: output bias at the mean training feature
-            t.output_proj.bias.copy_(mean)
+    if standardize:  # adtr-train's own initialisation
+        init_feature_standardization(model, f_train, None, TrainConfig(progress=False), torch.device("cpu"))
+    else:  # the earlier initialisation: output bias at the mean training feature
+        with torch.no_grad():
+            model.transformer.output_proj.bias.copy_(f_train.mean(dim=(0, 2, 3)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-4)
     drop = int(round(0.8 * steps))
@@ -203,19 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"a setting failed (exit {p.returncode})")
             rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     result = {
-        "command": "python benchmarks/train_budget.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("train_budget.py", argv),
         "category": args.category,
         "steps": args.steps,
         "train_mse_references": refs,
         "rows": rows,
-        "machine": {"cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0], "platform": platform.platform()},
+        "machine": machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return write_result(result, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import command_line, machine, write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -119,26 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(measure(preset, samples, args, torch))
         print(json.dumps({k: runs[-1][k] for k in ("preset", "median_epoch", "speedup_cpu")}), flush=True)
     result = {
-        "command": "python benchmarks/train_cache.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("train_cache.py", argv),
         "category": data.category,
         "train_images": len(samples),
         "batch_size": args.batch_size,
         "epochs_per_mode": args.epochs,
         "runs": runs,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_1m_at_end": os.getloadavg()[0],
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(torch_threads=torch.get_num_threads(), torch=torch.__version__),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return write_result(result, args.out, markdown)
 
 
 def markdown(r: dict) -> str:

@@ -1,0 +1,46 @@
+"""What the accuracy/training benchmark scripts share: the reproduce line, the machine record, the result files, and the
+training-free nearest-neighbour detector their diagnoses compare against.
+
+The scripts run as `python benchmarks/NAME.py`, so this folder is on sys.path and `from common import ...` works.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from adtr_deploy.fileio import atomic_write_text, write_json_atomic
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run: `python benchmarks/<script> <its arguments>`."""
+    return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def machine(**extra: Any) -> dict:
+    return {"cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0], "platform": platform.platform(), **extra}
+
+
+def write_result(result: dict, out: str | Path, markdown: Callable[[dict], str]) -> dict:
+    """OUT (JSON) and OUT with .md (the table), each written atomically; the table is printed too."""
+    out = Path(out)
+    write_json_atomic(result, out)
+    table = markdown(result)
+    atomic_write_text(out.with_suffix(".md"), table)
+    print(table)
+    return result
+
+
+def nearest_training_distance(f_train, f_test):
+    """(N, C, h, w) training and test features -> (M, 1, h, w): each test token's L2 distance to the nearest training
+    token of any position (the PatchCore/SPADE idea; the best these features do without learning)."""
+    import torch
+
+    n, c, h, w = f_train.shape
+    bank = f_train.permute(0, 2, 3, 1).reshape(-1, c)
+    query = f_test.permute(0, 2, 3, 1).reshape(-1, c)
+    return torch.cat([torch.cdist(q, bank).min(dim=1).values for q in query.split(1024)]).reshape(-1, 1, h, w)
