@@ -44,10 +44,13 @@ def features(model, samples, size: int, resize: str):
     out = []
     with torch.no_grad():
         for batch in image_loader(samples, (size, size), batch_size=16):
+            if resize == "bilinear":  # exactly what the model computes
+                out.append(model.forward_features(batch["image"]))
+                continue
             x = batch["image"].permute(0, 3, 1, 2).float() * model.pixel_scale + model.pixel_shift
             maps = []
             for f in model.backbone.forward_stages(x, model.cfg.stages):
-                if resize == "area" and f.shape[-1] > grid[1]:
+                if f.shape[-1] > grid[1]:
                     maps.append(F.adaptive_avg_pool2d(f, grid))
                 else:
                     maps.append(F.interpolate(f, size=grid, mode="bilinear", align_corners=True))

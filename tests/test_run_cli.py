@@ -196,8 +196,8 @@ def test_ctrl_c_on_a_live_stream_keeps_every_record_and_writes_the_summary_witho
         )
         try:
             results, t0 = out / "results.jsonl", time.monotonic()
-            # Interrupt only a run that is really processing the stream: wait for its first records (generously: the
-            # child's start, imports and ONNX Runtime session, can take tens of seconds on an oversubscribed machine).
+            # Interrupt only a run that is really processing the stream: wait for its first records (generously, so a
+            # slow machine cannot make the test fail; normally they come within a few seconds).
             while time.monotonic() - t0 < 120 and proc.poll() is None:
                 if results.exists() and len(results.read_text().splitlines()) >= 3:
                     break
@@ -207,7 +207,7 @@ def test_ctrl_c_on_a_live_stream_keeps_every_record_and_writes_the_summary_witho
                 f"adtr-run wrote no results within {time.monotonic() - t0:.0f} s"
             )
             proc.send_signal(signal.SIGINT)
-            stdout, stderr = proc.communicate(timeout=60)  # generous: CI machines may be oversubscribed
+            stdout, stderr = proc.communicate(timeout=60)  # generous; the whole test normally takes under 10 s
         finally:
             if proc.poll() is None:
                 proc.kill()
