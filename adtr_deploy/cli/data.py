@@ -68,7 +68,8 @@ def command() -> None:
     "--categories",
     default="brick,grass,gravel",
     show_default=True,
-    help="Comma-separated categories to write.",
+    help="Comma-separated categories to write: the demo's brick, grass, gravel, or the second evaluation set's moon, "
+    "stars, tissue (other real photographs, for checking a model on textures it was not tuned on).",
 )
 @click.option("--image-size", default=256, show_default=True, help="Side of the square images in pixels.")
 @click.option(

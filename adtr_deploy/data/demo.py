@@ -33,6 +33,18 @@ import cv2
 import numpy as np
 
 DEMO_CATEGORIES = ("brick", "grass", "gravel")
+# A second set made the same way from other real photographs scikit-image ships, kept apart from the demo so that model
+# choices are checked on textures they were not tuned on (benchmarks/quality_levers.py --set eval): the lunar surface
+# (craters), the Hubble deep field (scattered stars and galaxies on black), an immunohistochemistry slide (tissue).
+EVAL_CATEGORIES = ("moon", "stars", "tissue")
+SOURCES = {
+    "brick": "brick",
+    "grass": "grass",
+    "gravel": "gravel",
+    "moon": "moon",
+    "stars": "hubble_deep_field",
+    "tissue": "immunohistochemistry",
+}
 DEFECT_TYPES = ("patch", "scratch", "stain", "hole")
 NUM_TRAIN = 80
 NUM_TEST_GOOD = 20
@@ -56,24 +68,33 @@ PALETTES: dict[str, tuple[tuple[int, int, int], ...]] = {
     "brick": ((52, 24, 20), (150, 72, 52), (222, 196, 170)),
     "grass": ((18, 34, 12), (82, 118, 44), (196, 206, 132)),
     "gravel": ((40, 36, 32), (128, 118, 104), (226, 218, 200)),
+    "moon": ((30, 30, 34), (120, 118, 112), (236, 232, 220)),
+    "stars": ((4, 6, 14), (120, 110, 150), (255, 244, 220)),
+    "tissue": ((70, 40, 20), (170, 120, 90), (240, 236, 246)),
 }
 
 
 @functools.cache
 def _source(name: str) -> np.ndarray:
-    """The grey 512x512 scikit-image photograph for a category."""
+    """The grey 512x512 scikit-image photograph for a category (the centre of a larger or colour one, in grey)."""
     try:
         from skimage import data
     except ImportError:
         raise RuntimeError(
             "the demo data set needs scikit-image; install it with `pip install adtr-deploy[train]`"
         ) from None
-    img = getattr(data, name)()
-    if img.shape != (SOURCE_SIZE, SOURCE_SIZE):
-        raise RuntimeError(
-            f"scikit-image's {name} photo has shape {img.shape}, expected 512x512; reinstall scikit-image"
-        )
-    return img
+    img = getattr(data, SOURCES[name])()
+    if img.ndim == 3:
+        img = cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2GRAY)
+    y, x = (img.shape[0] - SOURCE_SIZE) // 2, (img.shape[1] - SOURCE_SIZE) // 2
+    if min(y, x) < 0:
+        raise RuntimeError(f"scikit-image's {name} photo has shape {img.shape}, expected at least 512x512; reinstall it")
+    return np.ascontiguousarray(img[y : y + SOURCE_SIZE, x : x + SOURCE_SIZE])
+
+
+def _family(category: str) -> tuple[str, ...]:
+    """The set a category belongs to: its "patch" defects come from the other photos of the same set."""
+    return DEMO_CATEGORIES if category in DEMO_CATEGORIES else EVAL_CATEGORIES
 
 
 @functools.cache
@@ -163,7 +184,8 @@ def _blend(img: np.ndarray, altered: np.ndarray, alpha: np.ndarray) -> np.ndarra
 def _patch(img: np.ndarray, category: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A patch of another texture photo, in this category's colours and brightness, pasted with a soft irregular outline."""
     size = img.shape[0]
-    other = [c for c in DEMO_CATEGORIES if c != category][int(rng.integers(len(DEMO_CATEGORIES) - 1))]
+    family = _family(category)
+    other = [c for c in family if c != category][int(rng.integers(len(family) - 1))]
     grey = _crop(_source(other), (TRAIN_COLUMNS, SOURCE_SIZE), size, rng)
     # Match the brightness statistics of this image so the patch differs in texture, not mainly in tone.
     lum = img.mean(axis=2)
@@ -263,7 +285,7 @@ def make_sample(
     defect was added (identical to the image for good ones).
     """
     if category not in PALETTES:
-        raise ValueError(f"unknown demo category {category!r}; choose from {', '.join(DEMO_CATEGORIES)}")
+        raise ValueError(f"unknown demo category {category!r}; choose from {', '.join(DEMO_CATEGORIES + EVAL_CATEGORIES)}")
     if split not in ("train", "good", *DEFECTS):
         raise ValueError(f"unknown demo split {split!r}; choose train, good or one of {', '.join(DEFECTS)}")
     rng = _rng(seed, category, split, index)
@@ -322,7 +344,7 @@ def _write_category(tmp: Path, category: str, seed: int, image_size: int, counts
         for sub in _split_dirs(split):
             if sub is not None:
                 (tmp / sub).mkdir(parents=True)
-    for name in DEMO_CATEGORIES:  # load the photos once, before the threads start ("patch" uses the other ones)
+    for name in _family(category):  # load the photos once, before the threads start ("patch" uses the other ones)
         _source(name)
     jobs = [(split, i) for split, n in counts.items() for i in range(n)]
     # Every image has its own random stream, so the order the threads finish in cannot change a byte. OpenCV and numpy
@@ -355,7 +377,7 @@ def write_demo_dataset(
     categories = [categories] if isinstance(categories, str) else list(categories)
     unknown = [c for c in categories if c not in PALETTES]
     if unknown or not categories:
-        raise ValueError(f"unknown demo categories {unknown or '(none)'}; choose from {', '.join(DEMO_CATEGORIES)}")
+        raise ValueError(f"unknown demo categories {unknown or '(none)'}; choose from {', '.join(DEMO_CATEGORIES + EVAL_CATEGORIES)}")
     if not 32 <= int(image_size) <= 2048:
         raise ValueError(f"image_size {image_size} is out of range; use a size between 32 and 2048 pixels")
     if min(num_train, num_test_good, num_per_defect) < 1:

@@ -199,10 +199,24 @@ class ADTR(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) RGB -> multi-scale backbone features on the stride-16 grid (N, C, h, w)."""
         x = images.permute(0, 3, 1, 2).to(torch.float32) * self.pixel_scale + self.pixel_shift  # (N, 3, H, W)
-        grid = self.cfg.grid
         feats = self.backbone.forward_stages(x, self.cfg.stages)
-        feats = [F.interpolate(f, size=grid, mode="bilinear", align_corners=True) for f in feats]
-        return torch.cat(feats, dim=1)  # (N, C, h, w)
+        return torch.cat([self._to_grid(self._aggregate(f)) for f in feats], dim=1)  # (N, C, h, w)
+
+    def _aggregate(self, f: torch.Tensor) -> torch.Tensor:
+        """Each position sees its k x k neighbourhood at the stage's own resolution (PatchCore's local aggregation)."""
+        k = self.cfg.aggregate
+        if k == 1:
+            return f
+        return F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+
+    def _to_grid(self, f: torch.Tensor) -> torch.Tensor:
+        """One stage's (N, c, H', W') output on the token grid (N, c, h, w)."""
+        grid = self.cfg.grid
+        fh, fw = f.shape[-2], f.shape[-1]
+        if self.cfg.resize == "area" and fh > grid[0] and fh % grid[0] == 0 and fw % grid[1] == 0:
+            # Average each grid cell's pixels: sampling a finer stage at the grid's points drops most of it.
+            return F.avg_pool2d(f, (fh // grid[0], fw // grid[1]))
+        return F.interpolate(f, size=grid, mode="bilinear", align_corners=True)
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) features -> (N, C, h, w) reconstruction by the transformer."""

@@ -21,6 +21,10 @@ class ADTRConfig:
     stages: tuple[int, ...] = (1, 2, 3, 4, 5)  # backbone stages 1..5 = strides 2..32
     input_size: tuple[int, int] = (224, 224)  # (H, W)
     feature_stride: int = 16  # every stage is resized to this stride's grid (224 -> 14x14 tokens)
+    # How stages finer than the grid reach it: "bilinear" samples them (the paper's code), "area" averages each grid
+    # cell's pixels. Coarser stages are always upsampled bilinearly.
+    resize: str = "bilinear"
+    aggregate: int = 1  # k x k local average of the grid features before reconstruction (1 = off, the paper's)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     d_model: int = 256
@@ -31,6 +35,12 @@ class ADTRConfig:
     dropout: float = 0.1
     score_pool: int = 16  # image score = max of the map average-pooled with this kernel (stride 1)
     blur_sigma: float = 0.0  # optional Gaussian smoothing of the map; off in the paper
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("bilinear", "area"):
+            raise ValueError(f"resize {self.resize!r} is not 'bilinear' or 'area'")
+        if self.aggregate < 1 or self.aggregate % 2 == 0:
+            raise ValueError(f"aggregate {self.aggregate} must be an odd kernel size >= 1")
 
     @property
     def grid(self) -> tuple[int, int]:

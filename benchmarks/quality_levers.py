@@ -1,0 +1,297 @@
+"""Which levers make ADTR good on irregular textures: one table of variants against the nearest-neighbour reference.
+
+Each variant is an ADTR model (the transformer with the auxiliary query reconstructs the frozen backbone's multi-scale
+features; the reconstruction error is the map) that differs from today's default in one or more levers: the token grid
+(feature stride), input size, how finer stages reach the grid (area averaging vs bilinear sampling), which stages, local
+neighbourhood aggregation of the features, map smoothing, the backbone, the transformer's size, optimizer steps. For every
+variant and category the script reports image / pixel AUROC, PRO and per-defect image AUROC of
+
+- the trained transformer (trained here exactly as adtr-train does: cached features, per-channel standardization,
+  AdamW, batch 4, grad clip 0.1, lr x0.1 after 80% of the epochs, the training split without adtr-train's held-out
+  calibration images), and
+- the training-free nearest-neighbour detector on the very same features (each test token's distance to the nearest
+  training token, the PatchCore/SPADE idea), scored with the same upsampling, smoothing and image score: the reference
+  column the transformer should reach.
+
+    python benchmarks/quality_levers.py --data /tmp/demo --categories grass --variants default,area,s8
+    python benchmarks/quality_levers.py --data /tmp/evalset --set eval --variants default,new
+
+Writes benchmarks/results/quality_levers.json and .md (or --out); with --append, rows are added to an existing result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from common import command_line, machine, nearest_training_distance, write_result
+
+HERE = Path(__file__).resolve().parent
+
+# name -> (model overrides on the lite0 preset, training overrides). "default" is the model adtr-train trained before
+# this study (14x14 tokens, bilinear, no aggregation, no smoothing, 30 epochs).
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "default": ({}, {}),
+    "blur4": ({"blur_sigma": 4.0}, {}),
+    "area": ({"resize": "area"}, {}),
+    "area-agg3": ({"resize": "area", "aggregate": 3}, {}),
+    "area-agg3-blur4": ({"resize": "area", "aggregate": 3, "blur_sigma": 4.0}, {}),
+    "s8": ({"feature_stride": 8}, {}),
+    "s8-area": ({"feature_stride": 8, "resize": "area"}, {}),
+    "s8-area-agg3-blur4": ({"feature_stride": 8, "resize": "area", "aggregate": 3, "blur_sigma": 4.0}, {}),
+    "s8-34-agg3-blur4": ({"feature_stride": 8, "resize": "area", "aggregate": 3, "blur_sigma": 4.0, "stages": (3, 4)}, {}),
+    "s8-area-agg3-blur4-234": (
+        {"feature_stride": 8, "resize": "area", "aggregate": 3, "blur_sigma": 4.0, "stages": (2, 3, 4)},
+        {},
+    ),
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict, dict]:
+    """NAME from VARIANTS, or NAME+key=value+... adding overrides (e.g. s8-area+epochs=60+d_model=128)."""
+    name, *extra = text.split("+")
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    model_over, train_over = dict(VARIANTS[name][0]), dict(VARIANTS[name][1])
+    for item in extra:
+        key, _, value = item.partition("=")
+        if key in ("epochs", "lr", "batch_size"):
+            train_over[key] = float(value) if key == "lr" else int(value)
+        elif key == "stages":
+            model_over[key] = tuple(int(c) for c in value)
+        elif key == "input_size":
+            model_over[key] = (int(value), int(value))
+        elif key == "backbone":
+            model_over[key] = value
+        elif key == "resize":
+            model_over[key] = value
+        elif key in ("blur_sigma", "dropout"):
+            model_over[key] = float(value)
+        else:
+            model_over[key] = int(value)
+    return text, model_over, train_over
+
+
+def _features(model, samples):
+    import torch
+
+    from adtr_deploy.data.datasets import image_loader
+
+    with torch.no_grad():
+        return torch.cat([model.forward_features(b["image"]) for b in image_loader(samples, model.cfg.input_size, batch_size=16)])
+
+
+def _scores(model, err):
+    """(N, 1, h, w) token errors -> the model's own map and image score (upsample, optional blur, pooled max)."""
+    import torch.nn.functional as F
+
+    with_err = err
+    amap = F.interpolate(with_err, size=model.cfg.input_size, mode="bilinear", align_corners=True)
+    if model.blur_kernel is not None:
+        pad = model.blur_kernel.shape[-1] // 2
+        amap = F.conv2d(F.pad(amap, (pad, pad, pad, pad), mode="replicate"), model.blur_kernel)
+    score = F.avg_pool2d(amap, model.cfg.score_pool, stride=1).amax(dim=(1, 2, 3))
+    return amap[:, 0].numpy(), score.numpy()
+
+
+def _metrics(samples, amap, score, masks) -> dict:
+    import numpy as np
+
+    from adtr_deploy.metrics import image_auroc, pixel_auroc, pro_score
+
+    labels = np.array([s.label for s in samples])
+    per_defect = {}
+    for defect in sorted({s.defect for s in samples if s.label}):
+        sel = np.array([not s.label or s.defect == defect for s in samples])
+        dsel = np.array([s.defect == defect for s in samples])
+        per_defect[defect] = {
+            "image_auroc": round(image_auroc(score[sel], labels[sel]), 4),
+            # pixel AUROC over the good images plus this defect's images
+            "pixel_auroc": round(pixel_auroc(amap[sel], masks[sel]), 4) if dsel.any() else None,
+        }
+    return {
+        "image_auroc": round(image_auroc(score, labels), 4),
+        "pixel_auroc": round(pixel_auroc(amap, masks), 4),
+        "pro": round(pro_score(amap[:, None], masks[:, None]), 4),
+        "per_defect": per_defect,
+    }
+
+
+def train_transformer(model, f_train, train_over: dict, seed: int = 0) -> dict:
+    """Train the transformer on cached features as adtr-train does; returns timing and the final loss."""
+    import torch
+
+    from adtr_deploy.train.losses import adtr_loss
+    from adtr_deploy.train.trainer import TrainConfig, epoch_order, init_feature_standardization
+
+    cfg = TrainConfig(progress=False, **train_over)
+    torch.manual_seed(seed)
+    init_feature_standardization(model, f_train, None, cfg, torch.device("cpu"))
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    drop = cfg.drop_epoch
+    model.train()
+    t0 = time.perf_counter()
+    losses = []
+    for epoch in range(cfg.epochs):
+        if epoch == drop:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * cfg.lr_drop
+        order = epoch_order(len(f_train), cfg.seed, epoch)
+        for i in range(0, len(order), cfg.batch_size):
+            feats = f_train[order[i : i + cfg.batch_size]]
+            loss = adtr_loss(feats, model.reconstruct(feats), {})
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            losses.append(float(loss))
+    model.eval()
+    steps = len(losses)
+    return {
+        "epochs": cfg.epochs,
+        "steps": steps,
+        "train_minutes": round((time.perf_counter() - t0) / 60, 2),
+        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+    }
+
+
+def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False) -> dict:
+    import numpy as np
+    import torch
+
+    from adtr_deploy.model.adtr import ADTR
+    from adtr_deploy.model.config import get_preset
+    from adtr_deploy.preprocess import load_mask
+    from adtr_deploy.train.trainer import TrainConfig, split_validation
+
+    name, model_over, train_over = parse_variant(text)
+    torch.manual_seed(0)
+    model = ADTR(get_preset("lite0", **model_over)).eval()
+    cfg = model.cfg
+    key = (cfg.backbone, cfg.input_size, cfg.stages, cfg.feature_stride, cfg.resize, cfg.aggregate)  # what features see
+    t0 = time.perf_counter()
+    if key not in feature_cache:
+        train_idx, _ = split_validation(data.train, TrainConfig(progress=False))
+        feature_cache[key] = (_features(model, [data.train[i] for i in train_idx]), _features(model, data.test))
+    f_train, f_test = feature_cache[key]
+    masks = np.stack([load_mask(s.mask, cfg.input_size) for s in data.test]).astype(bool)
+    knn_map, knn_score = _scores(model, nearest_training_distance(f_train, f_test))
+    row = {
+        "variant": name,
+        "grid": list(cfg.grid),
+        "channels": int(f_train.shape[1]),
+        "knn": _metrics(data.test, knn_map, knn_score, masks),
+        "feature_seconds": round(time.perf_counter() - t0, 1),
+    }
+    if skip_train:
+        return row
+    row["train"] = train_transformer(model, f_train, train_over)
+    with torch.no_grad():
+        err = torch.cat(
+            [torch.linalg.vector_norm(f - model.reconstruct(f), dim=1, keepdim=True) for f in f_test.split(8)]
+        )
+    amap, score = _scores(model, err)
+    row["adtr"] = _metrics(data.test, amap, score, masks)
+    row["gflop_per_image"] = round(_gflops(model), 2)
+    return row
+
+
+def _gflops(model) -> float:
+    """Counted forward FLOPs of one image (torch's FlopCounter): the runtime cost that scales with the variant."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros((1, *model.cfg.input_size, 3), dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        "# Detection-quality levers: the trained transformer beside the nearest-neighbour detector on the same features",
+        "",
+        f"Reproduce: `{r['command']}`",
+        "",
+        "Each cell: ADTR (trained transformer) / kNN (nearest training token on the same features). Image AUROC, pixel",
+        "AUROC, PRO (FPR <= 0.3) in %, then per-defect image AUROC (ADTR). `train min` = transformer training on the",
+        f"cached features ({r['machine']['cpus']} CPUs, load {r['machine']['loadavg_1m_at_end']:.1f} at the end).",
+        "",
+    ]
+    for cat, rows in r["categories"].items():
+        defects = list(rows[0]["knn"]["per_defect"])
+        lines += [
+            f"## {cat}",
+            "",
+            "| variant | grid | GFLOP | steps | train min | image | pixel | PRO | " + " | ".join(defects) + " |",
+            "|---|---|---|---|---|---|---|---|" + "---|" * len(defects),
+        ]
+        for row in rows:
+            a, k = row.get("adtr"), row["knn"]
+            t = row.get("train", {})
+            cell = lambda key: f"{_pct(a[key]) if a else '-'} / {_pct(k[key])}"  # noqa: E731
+            lines.append(
+                f"| {row['variant']} | {row['grid'][0]}x{row['grid'][1]} | {row.get('gflop_per_image', '-')} "
+                f"| {t.get('steps', '-')} | {t.get('train_minutes', '-')} "
+                f"| {cell('image_auroc')} | {cell('pixel_auroc')} | {cell('pro')} | "
+                + " | ".join(
+                    f"{_pct(a['per_defect'][d]['image_auroc']) if a else '-'} / {_pct(k['per_defect'][d]['image_auroc'])}"
+                    for d in defects
+                )
+                + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "adtr_demo_data"), help="data folder")
+    ap.add_argument("--set", choices=("demo", "eval"), default="demo", help="which built-in set to write into --data")
+    ap.add_argument("--categories", default="")
+    ap.add_argument("--variants", default="default")
+    ap.add_argument("--knn-only", action="store_true", help="only the nearest-neighbour reference (no training)")
+    ap.add_argument("--out", default=str(HERE / "results" / "quality_levers.json"))
+    ap.add_argument("--append", action="store_true", help="add rows to an existing --out")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from adtr_deploy.data import demo
+    from adtr_deploy.data.datasets import open_dataset
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    default_cats = demo.DEMO_CATEGORIES if args.set == "demo" else getattr(demo, "EVAL_CATEGORIES", ())
+    categories = [c for c in args.categories.split(",") if c] or list(default_cats)
+    root = demo.write_demo_dataset(args.data, tuple(categories))
+    out = Path(args.out)
+    result = {"command": command_line("quality_levers.py", argv), "categories": {}}
+    if args.append and out.exists():
+        result = json.loads(out.read_text())
+        result["command"] += " ; " + command_line("quality_levers.py", argv)
+    for cat in categories:
+        data = open_dataset(root, cat)
+        cache: dict = {}
+        rows = result["categories"].setdefault(cat, [])
+        for variant in (v for v in args.variants.split(",") if v):
+            row = run_variant(data, variant, cache, skip_train=args.knn_only)
+            print(json.dumps({"category": cat, **row}), flush=True)
+            rows[:] = [r for r in rows if r["variant"] != row["variant"]] + [row]
+            result["machine"] = machine()
+            write_result(result, out, markdown)  # after every row: a long run keeps what it measured
+    return result
+
+
+if __name__ == "__main__":
+    assert math.isfinite(1.0)
+    main()
