@@ -122,7 +122,8 @@ def test_backbone_is_frozen_and_stays_in_eval_mode():
     model.train()
     assert not model.backbone.training
     x = torch.from_numpy(texture_images(2, 64))
-    feats, rec = model.forward_train(x)
+    feats = model.forward_features(x)  # no torch.no_grad here: freezing alone must keep the backbone's grads empty
+    rec = model.reconstruct(feats)
     torch.nn.functional.mse_loss(rec, feats).backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is not None for p in model.transformer.parameters() if p.requires_grad)
