@@ -75,7 +75,9 @@ def test_the_import_walk_sees_every_part_and_both_kinds_of_import():
     lazy = _imports("adtr_deploy.runtime.backends", modules["adtr_deploy.runtime.backends"])
     assert any(name == "torch" for _, name in lazy)  # a function-level import (the TorchScript backend)
     assert any(name == "adtr_deploy.runtime.base" for _, name in lazy)
-    assert _part("adtr_deploy.spec") == "core" and _part("adtr_deploy") == "core" and _part("adtr_deploy.model") == "model"
+    assert (
+        _part("adtr_deploy.spec") == "core" and _part("adtr_deploy") == "core" and _part("adtr_deploy.model") == "model"
+    )
 
 
 def test_the_direction_check_flags_lazy_relative_and_from_package_imports(tmp_path):

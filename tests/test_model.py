@@ -229,7 +229,8 @@ def _record_inputs(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, tuple
     """Forward pre-hooks that keep each module's positional inputs (the last call's) under its name."""
     seen: dict[str, tuple] = {}
     handles = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args)) for name, m in modules.items()
+        m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args))
+        for name, m in modules.items()
     ]
     return seen, handles
 
@@ -259,7 +260,13 @@ def test_the_position_embedding_goes_to_queries_and_keys_only():
     model = ADTR(get_preset("tiny")).eval()
     t = model.transformer
     enc, dec = t.encoder[0], t.decoder[0]
-    modules = {"enc": enc, "enc_attn": enc.self_attn, "dec": dec, "dec_self": dec.self_attn, "dec_cross": dec.cross_attn}
+    modules = {
+        "enc": enc,
+        "enc_attn": enc.self_attn,
+        "dec": dec,
+        "dec_self": dec.self_attn,
+        "dec_cross": dec.cross_attn,
+    }
     seen, handles = _record_inputs(modules)
     after_norm1: dict[str, torch.Tensor] = {}
     handles.append(dec.norm1.register_forward_hook(lambda _m, _a, out: after_norm1.__setitem__("tgt", out)))

@@ -223,4 +223,3 @@ class ADTR(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.forward_features(images)
         return self.anomaly_outputs(feats, self.reconstruct(feats))
-
