@@ -120,3 +120,19 @@ def _long_modules() -> list[str]:
 def test_no_module_is_longer_than_400_lines():
     long = _long_modules()
     assert not long, f"modules over {MAX_LINES} lines (split them where the steps are):\n" + "\n".join(long)
+
+
+def test_image_selection_leak_guard_and_engine_check_run_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from adtr_deploy.export.images import verification_images\n"
+        "import adtr_deploy.leak_guard, adtr_deploy.runtime.engine_check\n"
+        "batch, source = verification_images((32, 32), max_images=2)\n"
+        "assert batch.shape == (2, 32, 32, 3) and 'demo' in source, source\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'onnxruntime', 'tensorrt')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
