@@ -1,8 +1,9 @@
 """Small file helpers shared by every part of the package (torch-free): content hashes and atomic writes.
 
 An atomic write goes to a hidden temporary file beside the target, then `os.replace` renames it over the target, so a
-crash or Ctrl-C leaves either the old file or the new one, never half of one. (Checkpoints use the same scheme with an
-fsync: `adtr_deploy.model.checkpoint.atomic_torch_save`.)
+crash or Ctrl-C leaves either the old file or the new one, never half of one. `atomic_write(path, writer)` is the one
+implementation; the bytes/text/JSON/copy helpers and the checkpoint writer (`model.checkpoint.atomic_torch_save`,
+with fsync) are written on it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def sha256_file(path: str | Path) -> str:
@@ -27,18 +30,32 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (parent folders created); returns the path."""
+def atomic_write(path: str | Path, writer: Callable[[IO], Any], *, text: bool = False, fsync: bool = False) -> Path:
+    """Call `writer(file)` on a temporary file beside `path`, then rename it over `path` (parent folders created).
+
+    `text`: the file is opened in text mode (UTF-8, no newline translation, as the csv module wants), else binary.
+    `fsync`: flush the data to disk before the rename (for files worth hours of work, such as checkpoints). On any
+    error, Ctrl-C included, the temporary file is removed and `path` is left as it was. Returns the path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "w", encoding="utf-8", newline="") if text else open(tmp, "wb") as fh:
+            writer(fh)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (parent folders created); returns the path."""
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -48,3 +65,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def write_json_atomic(obj: Any, path: str | Path, *, sort_keys: bool = False) -> Path:
     """`obj` as indented JSON (values JSON cannot hold, such as paths, as their str) written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy the bytes of `src` to `dst` atomically (a reader of `dst` never sees half a copy); returns `dst`."""
+    with open(src, "rb") as fh:
+        return atomic_write(dst, lambda out: shutil.copyfileobj(fh, out, 1 << 20))

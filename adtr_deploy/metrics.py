@@ -236,20 +236,24 @@ def per_category_table(results: dict[str, dict]) -> tuple[list[dict], dict]:
     return rows, mean
 
 
-def format_table(rows: list[dict], mean: dict | None = None) -> str:
-    """A Markdown table of per_category_table's output: AUROC, PRO and F1 in percent, one decimal."""
+def format_table(rows: list[dict], mean: dict | None = None, *, extra: tuple[str, ...] = ()) -> str:
+    """A Markdown table of per_category_table's output: AUROC, PRO and F1 in percent, one decimal; `extra` names more
+    columns (for example a run's "status") printed as they are."""
 
     def cell(key: str, value) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
+        if key in extra:
+            return str(value)
         if key == "num_images":
             return str(int(value))
         if key == "threshold":
             return f"{value:.4g}"
         return f"{100.0 * value:.1f}"
 
-    header = "| category | image AUROC | pixel AUROC | PRO | F1-max | threshold | images |"
-    lines = [header, "|" + "---|" * 7]
+    names = ["category", "image AUROC", "pixel AUROC", "PRO", "F1-max", "threshold", "images", *extra]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in rows + ([mean] if mean else []):
-        lines.append("| " + " | ".join([str(row["category"])] + [cell(k, row.get(k)) for k in METRIC_KEYS]) + " |")
+        cells = [str(row["category"])] + [cell(k, row.get(k)) for k in (*METRIC_KEYS, *extra)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -15,9 +15,12 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 
-# One interpolation everywhere. INTER_AREA is the right filter for downscaling camera frames (no aliasing); it equals
-# bilinear when upscaling.
-RESIZE_INTERPOLATION = cv2.INTER_AREA
+# One resize rule everywhere (training, evaluation, export verification, runtime): shrinking uses INTER_AREA, which
+# averages every source pixel under an output pixel (no aliasing or moire on camera frames); enlarging uses INTER_LINEAR,
+# because OpenCV's INTER_AREA degenerates to nearest neighbour when enlarging (CIFAR's 32x32 at 224 came out as 7x7
+# blocks). "Enlarging" means either side grows: there INTER_AREA would copy pixels along that side.
+SHRINK_INTERPOLATION = cv2.INTER_AREA
+ENLARGE_INTERPOLATION = cv2.INTER_LINEAR
 
 
 class ImageDecodeError(ValueError):
@@ -82,12 +85,18 @@ def read_image(path: str | Path) -> np.ndarray:
     return decode_image(data, name=str(path))
 
 
+def interpolation_for(src_hw: Sequence[int], dst_hw: Sequence[int]) -> int:
+    """The OpenCV interpolation of the project's resize rule: INTER_AREA when no side grows, else INTER_LINEAR."""
+    shrinking = int(dst_hw[0]) <= int(src_hw[0]) and int(dst_hw[1]) <= int(src_hw[1])
+    return SHRINK_INTERPOLATION if shrinking else ENLARGE_INTERPOLATION
+
+
 def resize(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize uint8 RGB to (H, W) = size with the project's single interpolation."""
+    """Resize uint8 RGB to (H, W) = size with the project's one rule (area when shrinking, linear when enlarging)."""
     h, w = int(size[0]), int(size[1])
     if img.shape[0] == h and img.shape[1] == w:
         return np.ascontiguousarray(img)
-    return cv2.resize(img, (w, h), interpolation=RESIZE_INTERPOLATION)
+    return cv2.resize(img, (w, h), interpolation=interpolation_for(img.shape[:2], (h, w)))
 
 
 def prepare(image: np.ndarray, size: Sequence[int], *, bgr: bool = False) -> np.ndarray:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adtr_deploy.fileio import atomic_write_text
+
 SPEC_VERSION = 1
 SPEC_FILENAME = "model.json"
 METADATA_KEY = "adtr_spec"  # key in ONNX metadata_props and the TorchScript _extra_files name prefix
@@ -108,11 +110,7 @@ class ModelSpec:
 
     def save(self, path: str | Path) -> Path:
         """Write the spec as JSON atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ModelSpec:

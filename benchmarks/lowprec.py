@@ -76,11 +76,11 @@ def export_variants(run: Path, work: Path, variants: dict[str, dict], dynamo: bo
 
 def verify_variants(model, ckpt: dict, exported: dict[str, dict]) -> dict[str, dict]:
     """verify_artifact on each, with the images the export itself would use (never the calibration images)."""
-    from adtr_deploy.export.quantize import calibration_files
-    from adtr_deploy.export.verify import collect_images, verify_artifact
+    from adtr_deploy.export.images import calibration_files, verification_images
+    from adtr_deploy.export.verify import verify_artifact
 
     calib, _ = calibration_files(ckpt.get("info") or {}, None)
-    images, source = collect_images(model.cfg.input_size, checkpoint=ckpt, avoid=tuple(str(f) for f in calib))
+    images, source = verification_images(model.cfg.input_size, checkpoint=ckpt, avoid=tuple(str(f) for f in calib))
     out = {}
     for name, row in exported.items():
         v = verify_artifact(model, row["path"], images, row["precision"], source=source)

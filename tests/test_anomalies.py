@@ -18,11 +18,10 @@ from adtr_deploy.data.anomalies import (
     ImageFolder,
     MaskedAnomalyFolder,
     MixedAnomalySampler,
-    check_no_test_leak,
     load_normal,
-    mvtec_test_split,
 )
 from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.leak_guard import check_no_test_leak, mvtec_test_split
 from tests.conftest import texture_images
 
 SIZE = (64, 64)

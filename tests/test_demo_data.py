@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from adtr_deploy.cli.data import command as data_command
-from adtr_deploy.data import demo
+from adtr_deploy.data import demo, demo_synth
 from adtr_deploy.data.mvtec import list_mvtec
 
 SMALL = {"num_train": 3, "num_test_good": 2, "num_per_defect": 2}
@@ -43,7 +43,7 @@ def test_default_category_has_the_mvtec_layout_and_sizes(brick_root):
     assert len(list((cat / "train/good").glob("*.png"))) == demo.NUM_TRAIN
     assert len(list((cat / "test/good").glob("*.png"))) == demo.NUM_TEST_GOOD
     assert not (cat / "ground_truth/good").exists()
-    for defect in demo.DEFECT_TYPES:
+    for defect in demo_synth.DEFECT_TYPES:
         images = sorted((cat / "test" / defect).glob("*.png"))
         assert len(images) == demo.NUM_PER_DEFECT
         for img_path in images[:3]:
@@ -55,9 +55,9 @@ def test_default_category_has_the_mvtec_layout_and_sizes(brick_root):
 
 def test_demo_data_reads_through_the_mvtec_loader(brick_root):
     test = list_mvtec(brick_root, "brick", "test")
-    assert len(test) == demo.NUM_TEST_GOOD + len(demo.DEFECT_TYPES) * demo.NUM_PER_DEFECT
+    assert len(test) == demo.NUM_TEST_GOOD + len(demo_synth.DEFECT_TYPES) * demo.NUM_PER_DEFECT
     anomalous = [s for s in test if s.label == 1]
-    assert {s.defect for s in anomalous} == set(demo.DEFECT_TYPES)
+    assert {s.defect for s in anomalous} == set(demo_synth.DEFECT_TYPES)
     assert all(s.mask is not None and s.mask.name == f"{s.path.stem}_mask.png" for s in anomalous)
     assert len(list_mvtec(brick_root, "brick", "train")) == demo.NUM_TRAIN
 
@@ -71,30 +71,30 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(brick_ro
 
 
 def test_masks_mark_exactly_the_changed_pixels():
-    for category in demo.DEMO_CATEGORIES:
-        for defect in demo.DEFECT_TYPES:
+    for category in demo_synth.DEMO_CATEGORIES:
+        for defect in demo_synth.DEFECT_TYPES:
             for index in range(3):
-                image, clean, mask = demo.make_sample(category, defect, index, image_size=128)
+                image, clean, mask = demo_synth.make_sample(category, defect, index, image_size=128)
                 change = np.abs(image.astype(int) - clean.astype(int)).max(axis=2)
-                assert change[~mask].max() < demo.MASK_MIN_CHANGE  # nothing visibly changed outside the mask
+                assert change[~mask].max() < demo_synth.MASK_MIN_CHANGE  # nothing visibly changed outside the mask
                 assert 0.0005 < mask.mean() < 0.2, (category, defect, index)
                 assert change[mask].mean() > 8, (category, defect, index)  # the defect is visible, not a no-op
-        good, clean, mask = demo.make_sample(category, "good", 0, image_size=128)
+        good, clean, mask = demo_synth.make_sample(category, "good", 0, image_size=128)
         assert mask is None and np.array_equal(good, clean) and good.std() > 5
 
 
 def test_train_and_test_images_come_from_disjoint_columns_of_the_photo(monkeypatch):
     # A fake photo whose train columns are black and test columns white: every train image must be the category's
     # darkest colour, every test image its lightest, whatever the crop position, flip, rotation or jitter.
-    photo = np.zeros((demo.SOURCE_SIZE, demo.SOURCE_SIZE), dtype=np.uint8)
-    photo[:, demo.TRAIN_COLUMNS :] = 255
-    monkeypatch.setattr(demo, "_source", lambda name: photo)
+    photo = np.zeros((demo_synth.SOURCE_SIZE, demo_synth.SOURCE_SIZE), dtype=np.uint8)
+    photo[:, demo_synth.TRAIN_COLUMNS :] = 255
+    monkeypatch.setattr(demo_synth, "source_photo", lambda name: photo)
     for index in range(20):
-        train = demo.make_sample("grass", "train", index, image_size=64)[0]
-        test = demo.make_sample("grass", "good", index, image_size=64)[0]
-        assert (train == demo.PALETTES["grass"][0]).all()  # black * jitter = black: exactly the darkest colour
+        train = demo_synth.make_sample("grass", "train", index, image_size=64)[0]
+        test = demo_synth.make_sample("grass", "good", index, image_size=64)[0]
+        assert (train == demo_synth.PALETTES["grass"][0]).all()  # black * jitter = black: exactly the darkest colour
         assert len(np.unique(test.reshape(-1, 3), axis=0)) == 1  # uniform: no pixel from a train column
-        assert (test[0, 0] > demo.PALETTES["grass"][1]).all()  # and light (white * jitter of at most 6%)
+        assert (test[0, 0] > demo_synth.PALETTES["grass"][1]).all()  # and light (white * jitter of at most 6%)
 
 
 def test_interrupted_write_leaves_no_category_that_looks_complete(tmp_path, monkeypatch):
@@ -140,7 +140,7 @@ def test_info_reports_counts_and_missing_masks(brick_root, tmp_path):
     runner = CliRunner()
     result = runner.invoke(data_command, ["info", str(brick_root)])
     assert result.exit_code == 0, result.output
-    assert result.output.count("   masks 10/10\n") == len(demo.DEFECT_TYPES)
+    assert result.output.count("   masks 10/10\n") == len(demo_synth.DEFECT_TYPES)
     assert "1 category: 80 train, 60 test images" in result.output
     root = demo.write_demo_dataset(tmp_path, ("grass",), **SMALL)
     (root / "grass/ground_truth/stain/001_mask.png").unlink()

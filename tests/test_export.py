@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from adtr_deploy.calibration import calibrate
 from adtr_deploy.export import FORMATS, PRECISIONS, export_checkpoint
-from adtr_deploy.export.verify import batch_plan, collect_images, compare
+from adtr_deploy.export.images import verification_images
+from adtr_deploy.export.verify import batch_plan, compare
 from adtr_deploy.model import ADTR, get_preset
 from adtr_deploy.model.checkpoint import save_checkpoint
 from adtr_deploy.preprocess import load_image
@@ -243,12 +244,12 @@ def test_cli_exports_torchscript_verified_on_the_demo_data_without_calibration_i
 
 def test_verify_images_takes_a_folder_or_a_glob_of_real_files(image_files):
     folder = image_files[0].parent
-    images, source = collect_images((64, 64), verify_images=str(folder))
+    images, source = verification_images((64, 64), verify_images=str(folder))
     assert images.shape == (12, 64, 64, 3) and images.dtype == np.uint8 and images.std() > 10
-    images, source = collect_images((32, 32), verify_images=str(folder / "img_0*.png"))
+    images, source = verification_images((32, 32), verify_images=str(folder / "img_0*.png"))
     assert images.shape == (10, 32, 32, 3) and "10 images" in source  # img_00 .. img_09, resized
     with pytest.raises(ValueError, match="matches no readable image"):
-        collect_images((64, 64), verify_images=str(folder / "*.jpg"))
+        verification_images((64, 64), verify_images=str(folder / "*.jpg"))
 
 
 def test_cli_rejects_foreign_newer_and_corrupt_checkpoints_in_one_sentence(work, checkpoint):

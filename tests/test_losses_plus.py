@@ -174,17 +174,19 @@ def test_gradient_pushes_anomalous_tokens_away_and_pulls_good_tokens_together():
 def test_loss_trains_a_tiny_adtr_on_real_images_with_synthetic_anomalies(real_images):
     from adtr_deploy.data.anomalies import ConfettiNoise, MixedAnomalySampler
     from adtr_deploy.data.plus_dataset import PlusDataset
-    from adtr_deploy.model.adtr import build_adtr
+    from adtr_deploy.model.adtr import ADTR
     from adtr_deploy.model.config import get_preset
 
     cfg = get_preset("tiny")
     torch.manual_seed(0)
-    model = build_adtr(cfg).train()
+    model = ADTR(cfg).train()
     normals = list(real_images(4, size=64, seed=3))
     sampler = MixedAnomalySampler([ConfettiNoise()], cfg.input_size, normals=normals, length=4, seed=0)
     ds = PlusDataset(normals, sampler)
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
-    feats, rec = model.forward_train(batch["image"])
+    with torch.no_grad():
+        feats = model.forward_features(batch["image"])
+    rec = model.reconstruct(feats)
     loss = adtr_plus_loss(feats, rec, batch)
     loss.backward()
     grads = [p.grad for p in model.transformer.parameters() if p.grad is not None]

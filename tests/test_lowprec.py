@@ -20,12 +20,8 @@ from click.testing import CliRunner
 from adtr_deploy.calibration import calibrate
 from adtr_deploy.export import PRECISIONS, export_checkpoint
 from adtr_deploy.export.formats import ExportOptions, QuantOptions
-from adtr_deploy.export.quantize import (
-    calibration_files,
-    fp32_violations,
-    map_node_names,
-    quantize_static_onnx,
-)
+from adtr_deploy.export.images import calibration_files
+from adtr_deploy.export.quantize import fp32_violations, map_node_names, quantize_static_onnx
 from adtr_deploy.export.tensorrt import TRT_RECIPES, build_recipe, onnx_options_for
 from adtr_deploy.export.verify import compare, verify_artifact
 from adtr_deploy.model import ADTR, get_preset

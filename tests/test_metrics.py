@@ -222,3 +222,5 @@ def test_per_category_table_means_and_markdown():
     table = metrics.format_table(rows, mean)
     assert "| brick | 90.0 | 80.0 | 70.0 | 60.0 | 1.5 | 60 |" in table
     assert "| grass | 70.0 | - | - |" in table and "| mean | 80.0 |" in table
+    with_status = metrics.format_table(rows, {**mean, "status": "2 ok"}, extra=("status",))
+    assert with_status.splitlines()[0].endswith("| images | status |") and with_status.endswith("| 100 | 2 ok |")

@@ -122,7 +122,8 @@ def test_backbone_is_frozen_and_stays_in_eval_mode():
     model.train()
     assert not model.backbone.training
     x = torch.from_numpy(texture_images(2, 64))
-    feats, rec = model.forward_train(x)
+    feats = model.forward_features(x)  # no torch.no_grad here: freezing alone must keep the backbone's grads empty
+    rec = model.reconstruct(feats)
     torch.nn.functional.mse_loss(rec, feats).backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert all(p.grad is not None for p in model.transformer.parameters() if p.requires_grad)
@@ -134,15 +135,39 @@ def test_chosen_stages_set_the_channel_count():
     assert ADTR(cfg.replace(pretrained=False)).channels == 16 + 24 + 40 + 112 + 320
 
 
+def _upsample_align_corners(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of (N, h, w) with align_corners=True, written out with np.interp (rows, then columns)."""
+    n, h, w = grid.shape
+    ys, xs = np.linspace(0, h - 1, size[0]), np.linspace(0, w - 1, size[1])
+    rows = np.empty((n, size[0], w))
+    out = np.empty((n, size[0], size[1]))
+    for i in range(n):
+        for j in range(w):
+            rows[i, :, j] = np.interp(ys, np.arange(h), grid[i, :, j])
+        for y in range(size[0]):
+            out[i, y] = np.interp(xs, np.arange(w), rows[i, y])
+    return out
+
+
 def test_reconstruction_error_is_the_anomaly_map():
+    torch.manual_seed(0)
     model = ADTR(get_preset("tiny")).eval()
     x = torch.from_numpy(texture_images(2, 64))
     with torch.no_grad():
-        feats = model.forward_features(x)
-        amap, _ = model.anomaly_outputs(feats, feats)  # a perfect reconstruction has no anomaly
-        assert amap.abs().max() == 0
-        amap2, _ = model(x)
-        assert amap2.abs().max() > 0
+        feats = model.forward_features(x)  # (N, C, h, w)
+        rec = model.reconstruct(feats)
+        amap, score = model(x)
+        perfect, _ = model.anomaly_outputs(feats, feats)
+    assert perfect.abs().max() == 0  # a perfect reconstruction has no anomaly
+    # by hand: L2 over channels of (features - reconstruction) per grid cell, upsampled bilinearly to the input size
+    err = np.sqrt(((feats.double().numpy() - rec.double().numpy()) ** 2).sum(axis=1))  # (N, h, w)
+    expected = _upsample_align_corners(err, model.cfg.input_size)  # (N, H, W)
+    assert expected.min() > 0 and expected.std() > 0  # a real map: not constant, not zero
+    np.testing.assert_allclose(amap[:, 0].numpy(), expected, rtol=1e-4, atol=1e-5 * expected.max())
+    # the image score: the maximum of the map averaged over score_pool x score_pool windows
+    k = model.cfg.score_pool
+    windows = np.lib.stride_tricks.sliding_window_view(expected, (k, k), axis=(1, 2))
+    np.testing.assert_allclose(score.numpy(), windows.mean(axis=(-1, -2)).max(axis=(1, 2)), rtol=1e-4)
 
 
 def test_gaussian_blur_option_smooths_the_map():
@@ -198,3 +223,67 @@ def test_importing_the_package_imports_neither_torch_nor_onnxruntime():
     code = "import sys, adtr_deploy, adtr_deploy.spec; print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def _record_inputs(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, tuple], list]:
+    """Forward pre-hooks that keep each module's positional inputs (the last call's) under its name."""
+    seen: dict[str, tuple] = {}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args))
+        for name, m in modules.items()
+    ]
+    return seen, handles
+
+
+def test_the_decoder_reads_the_auxiliary_query_not_the_image():
+    torch.manual_seed(0)
+    model = ADTR(get_preset("tiny")).eval()
+    t = model.transformer
+    seen, handles = _record_inputs({"decoder0": t.decoder[0]})
+    images = [torch.from_numpy(texture_images(2, 64, seed=s)) for s in (1, 2)]
+    inputs = []
+    with torch.no_grad():
+        for x in images:
+            model(x)
+            inputs.append(seen["decoder0"])
+    for h in handles:
+        h.remove()
+    (tgt_a, memory_a, _), (tgt_b, memory_b, _) = inputs
+    query = t.query_embed.weight.unsqueeze(0).expand_as(tgt_a)
+    torch.testing.assert_close(tgt_a, query, rtol=0, atol=0)  # the first layer's queries are the learned table...
+    torch.testing.assert_close(tgt_b, query, rtol=0, atol=0)  # ...whatever the image
+    assert (memory_a - memory_b).abs().max() > 1e-3  # while the encoder memory does depend on the image
+
+
+def test_the_position_embedding_goes_to_queries_and_keys_only():
+    torch.manual_seed(0)
+    model = ADTR(get_preset("tiny")).eval()
+    t = model.transformer
+    enc, dec = t.encoder[0], t.decoder[0]
+    modules = {
+        "enc": enc,
+        "enc_attn": enc.self_attn,
+        "dec": dec,
+        "dec_self": dec.self_attn,
+        "dec_cross": dec.cross_attn,
+    }
+    seen, handles = _record_inputs(modules)
+    after_norm1: dict[str, torch.Tensor] = {}
+    handles.append(dec.norm1.register_forward_hook(lambda _m, _a, out: after_norm1.__setitem__("tgt", out)))
+    with torch.no_grad():
+        model(torch.from_numpy(texture_images(2, 64, seed=4)))
+    for h in handles:
+        h.remove()
+    pos = t.pos_embed().unsqueeze(0)
+    assert pos.abs().max() > 0.1  # a real embedding, so adding it or not is visible
+
+    src, _ = seen["enc"]
+    tgt, memory, _ = seen["dec"]
+    expected = {  # (query, key, value) of each attention
+        "enc_attn": (src + pos, src + pos, src),
+        "dec_self": (tgt + pos, tgt + pos, tgt),
+        "dec_cross": (after_norm1["tgt"] + pos, memory + pos, memory),
+    }
+    for name, want in expected.items():
+        for role, got, w in zip("qkv", seen[name], want):
+            assert torch.allclose(got, w.expand_as(got), rtol=0, atol=1e-6), f"{name}: {role} is not as expected"

@@ -40,7 +40,8 @@ def test_category_list_trains_one_run_each_and_writes_the_summary(root, tmp_path
     assert summary["mean"]["image_auroc"] == pytest.approx((rows[0]["image_auroc"] + rows[1]["image_auroc"]) / 2)
     assert summary["mean"]["pixel_auroc"] == pytest.approx((rows[0]["pixel_auroc"] + rows[1]["pixel_auroc"]) / 2)
     table = (out / "summary.md").read_text()
-    assert "| tex2 |" in table and "| **mean** |" in table and table in result.output
+    assert "| tex2 |" in table and "| mean |" in table and table in result.output
+    assert table.count("| ok |") == 2 and table.rstrip().endswith("| 2 ok |")
 
 
 def test_a_failing_category_is_recorded_and_the_others_still_run(root, tmp_path):

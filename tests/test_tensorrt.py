@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from adtr_deploy.export.tensorrt import (
-    FP32_LAYER_TYPES,
-    TRT_RECIPES,
+from adtr_deploy.export.tensorrt import FP32_LAYER_TYPES, TRT_RECIPES, build_recipe, profile_shapes
+from adtr_deploy.runtime.engine_check import (
     EngineCompatibilityError,
     TensorRTUnavailable,
-    build_recipe,
     check_engine_compatible,
     compatibility_problems,
     device_index,
     parse_version,
-    profile_shapes,
 )
 from adtr_deploy.spec import ModelSpec
 
@@ -92,11 +89,15 @@ def test_an_engine_spec_without_a_build_record_is_refused_before_touching_tensor
         check_engine_compatible(ModelSpec(format="tensorrt"))
 
 
-def test_the_runtime_can_import_the_compatibility_check_without_torch():
+def test_the_runtime_checks_engines_without_torch_or_the_exporter():
     import subprocess
     import sys
 
-    code = "import sys, adtr_deploy.export.tensorrt; print(sorted(m for m in ('torch', 'onnx', 'tensorrt') if m in sys.modules))"
+    code = (
+        "import sys, adtr_deploy.runtime.engine_check, adtr_deploy.runtime.tensorrt; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'tensorrt') "
+        "or m.startswith(('adtr_deploy.export', 'adtr_deploy.model'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from adtr_deploy.cli.common import user_errors
+from adtr_deploy.fileio import atomic_write_text
 
 DEMO_PRESETS = ("lite0", "lite1", "lite2", "tiny-lite0", "tiny")
 
@@ -117,11 +118,7 @@ def write_report(out: Path, category: str, seconds: dict[str, float], argv: dict
     lines += ["## Steps, commands and time", "", "| step | seconds | command |", "|---|---:|---|"]
     for step, secs in seconds.items():
         lines.append(f"| {step} | {secs:.0f} | `{' '.join(shlex.quote(a) for a in argv.get(step, []))}` |")
-    path = out / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -26,11 +26,11 @@ from adtr_deploy.data.anomalies import (
     MaskedAnomalyFolder,
     MixedAnomalySampler,
     load_normal,
-    mvtec_test_split,
 )
 from adtr_deploy.data.cifar import _load as _load_cifar
 from adtr_deploy.data.cifar import cifar_kind
 from adtr_deploy.data.datasets import AnomalyData
+from adtr_deploy.leak_guard import mvtec_test_split
 
 
 class PlusDataset(Dataset):

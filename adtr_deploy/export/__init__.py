@@ -1,8 +1,8 @@
 """Export to TorchScript, ONNX and TensorRT, each verified against the PyTorch reference.
 
 `export_checkpoint(checkpoint, fmt, out_dir, ...) -> ExportResult` is the entry point (adtr-export calls it). Importing
-this package is cheap: torch, onnx and tensorrt load only when an export runs, so the torch-free runtime can import
-`adtr_deploy.export.tensorrt.check_engine_compatible` and `adtr_deploy.export.formats` freely.
+this package is cheap: torch, onnx and tensorrt load only when an export runs, and the export reuses the runtime's
+TensorRT engine check (adtr_deploy/runtime/engine_check.py), never the other way round.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _LAZY = {
     "ExportResult": "adtr_deploy.export.exporter",
     "verify_artifact": "adtr_deploy.export.verify",
     "VerificationError": "adtr_deploy.export.verify",
-    "check_engine_compatible": "adtr_deploy.export.tensorrt",
+    "check_engine_compatible": "adtr_deploy.runtime.engine_check",
 }
 
 __all__ = ["FORMATS", "PRECISIONS", "ExportOptions", *_LAZY]

@@ -27,7 +27,8 @@ from adtr_deploy.export.formats import (
     QuantOptions,
     check_format_precision,
 )
-from adtr_deploy.export.verify import FULL_BATCH, VerificationError, collect_images, verify_artifact
+from adtr_deploy.export.images import verification_images
+from adtr_deploy.export.verify import FULL_BATCH, VerificationError, verify_artifact
 from adtr_deploy.fileio import sha256_file, write_json_atomic
 from adtr_deploy.spec import SPEC_FILENAME, ModelSpec
 
@@ -287,7 +288,7 @@ def export_checkpoint(
     model = model_from_checkpoint(ckpt)
     calib_files: tuple[str, ...] = ()
     if PRECISIONS[precision]["calibrated"]:
-        from adtr_deploy.export.quantize import calibration_files
+        from adtr_deploy.export.images import calibration_files
 
         files, calib_source = calibration_files(ckpt.get("info") or {}, calib_images, calib_count)
         calib_files = tuple(str(f) for f in files)
@@ -295,7 +296,7 @@ def export_checkpoint(
         options = dataclasses.replace(options, quant=quant)
     images, source = (None, "")
     if verify:
-        images, source = collect_images(
+        images, source = verification_images(
             model.cfg.input_size, verify_images=verify_images, checkpoint=ckpt, avoid=calib_files
         )
 

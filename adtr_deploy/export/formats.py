@@ -105,10 +105,6 @@ DEFAULT_CALIB_COUNT = 64
 ALL = "all"
 
 
-def format_names() -> tuple[str, ...]:
-    return tuple(FORMATS)
-
-
 def check_format_precision(fmt: str, precision: str) -> None:
     """Raise ValueError with one sentence when the format or precision is unknown or the pair is unsupported."""
     if fmt not in FORMATS:

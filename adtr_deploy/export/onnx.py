@@ -7,11 +7,9 @@ accurately in FP16). Weights live inside the one .onnx file unless the model is 
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import importlib
 import io
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import onnx
 import torch
 
 from adtr_deploy.export.formats import PRECISIONS, ExportOptions
+from adtr_deploy.export.quiet import quiet
 from adtr_deploy.spec import METADATA_KEY, ModelSpec
 
 MIN_OPSET = 17  # native LayerNormalization
@@ -31,20 +30,8 @@ class OnnxExportError(RuntimeError):
     """The ONNX graph could not be written or failed its checks."""
 
 
-@contextlib.contextmanager
-def _quiet():
-    """The exporters print progress and deprecation chatter; the CLI reports what matters itself."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+# the exporters print progress and deprecation chatter; the CLI reports what matters itself
+_quiet = functools.partial(quiet, "torch.onnx", "torch.export", "onnxscript", "torch._dynamo")
 
 
 def check_opset(opset: int, dynamo: bool) -> None:

@@ -1,4 +1,4 @@
-"""INT8 passes over the exported FP32 ONNX graph (ONNX Runtime's quantization tools), and the calibration images.
+"""INT8 passes over the exported FP32 ONNX graph (ONNX Runtime's quantization tools); images.py picks the images.
 
 Static INT8 (`int8`): `quant_pre_process` (shape inference + ONNX Runtime's basic graph optimizations), then
 `quantize_static` in the Q/DQ format with per-channel int8 weights, calibrated on good TRAINING images. Dynamic INT8
@@ -23,12 +23,7 @@ What is quantized, and what stays FP32 and why:
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import io
-import logging
 import tempfile
-import warnings
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +34,13 @@ import onnx
 
 from adtr_deploy.export.formats import (
     CALIBRATION_METHODS,
-    DEFAULT_CALIB_COUNT,
     QUANT_SCOPES,
     ExportOptions,
     QuantOptions,
 )
 from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, FP32_TAIL_OPS
-from adtr_deploy.preprocess import ImageDecodeError, is_image_file, load_image
+from adtr_deploy.export.images import load_calibration_batch
+from adtr_deploy.export.quiet import quiet as _quiet
 
 KEEP_FP32_OPS: frozenset[str] = frozenset({"LayerNormalization", "Softmax"})
 WEIGHT_INPUT = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # which input of a quantizable op holds its weight
@@ -69,120 +64,6 @@ TARGET_SETTINGS: dict[str, dict[str, Any]] = {
         "extra": {"ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True},
     },
 }
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ONNX Runtime's quantization tools log progress and advice at WARNING level; the export reports what matters."""
-    root = logging.getLogger()
-    level = root.level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        root.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            root.setLevel(level)
-
-
-# --- calibration images --------------------------------------------------------------------------------------------
-
-
-def _evenly(items: list, n: int) -> list:
-    if len(items) <= n:
-        return list(items)
-    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
-    return [items[i] for i in idx]
-
-
-def _files_from(pattern: str | Path) -> list[Path]:
-    p = Path(pattern).expanduser()
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-    if p.is_file():
-        return [p]
-    return sorted(Path(f) for f in glob.glob(str(p), recursive=True) if is_image_file(f))
-
-
-def evaluated_test_split(info: dict[str, Any]) -> list[Path]:
-    """The test folders of the data the checkpoint was trained on (info["data"]), where the layout says so; else []."""
-    data = info.get("data") or {}
-    root, category = data.get("root"), data.get("category")
-    if not root or not category:
-        return []
-    from adtr_deploy.data.anomalies import mvtec_test_split
-
-    return [p for p in mvtec_test_split(root, str(category)) if p.exists()]
-
-
-def check_not_test_images(files: list[Path], test_split: list[Path]) -> None:
-    """Refuse calibration images that lie inside (or are byte copies of files of) the evaluated test split."""
-    if not files or not test_split:
-        return
-    from adtr_deploy.data.anomalies import check_no_test_leak
-
-    try:
-        check_no_test_leak(files, test_split)
-    except ValueError as exc:
-        what = str(exc).split(";")[0].replace("anomaly file", "calibration image", 1)
-        raise ValueError(
-            f"{what}; calibrating INT8 on test images makes its measured accuracy optimistic, so calibrate on good "
-            "training images (--calib-images FOLDER|GLOB)"
-        ) from None
-
-
-def calibration_files(
-    info: dict[str, Any], calib_images: str | None = None, count: int = DEFAULT_CALIB_COUNT
-) -> tuple[list[Path], str]:
-    """The good training images INT8 calibration reads, and where they came from.
-
-    --calib-images (a folder or a glob) when given; else the checkpoint's calibration hold-out images
-    (info["calibration_images"]) first, topped up with ROOT/<category>/train/good images from info["data"], at most
-    `count` in all, evenly spread. Any image inside the evaluated test split is refused.
-    """
-    count = int(count)
-    if count < 1:
-        raise ValueError(f"--calib-count must be at least 1, not {count}")
-    if calib_images:
-        files = _evenly(_files_from(calib_images), count)
-        if not files:
-            raise ValueError(f"--calib-images {calib_images} matches no image; give a folder or a glob of good images")
-        source = f"{len(files)} images from --calib-images {calib_images}"
-    else:
-        held_out = [Path(p) for p in info.get("calibration_images") or [] if Path(p).is_file()]
-        data = info.get("data") or {}
-        train_good = []
-        if data.get("root") and data.get("category"):
-            folder = Path(data["root"]) / str(data["category"]) / "train" / "good"
-            if folder.is_dir():
-                train_good = sorted(f for f in folder.iterdir() if f.is_file() and is_image_file(f))
-        held = {p.resolve() for p in held_out}
-        more = [f for f in train_good if f.resolve() not in held]
-        files = held_out[:count] + _evenly(more, max(0, count - len(held_out)))
-        if not files:
-            raise ValueError(
-                "INT8 calibration needs good training images, and the checkpoint records none that exist on this "
-                "machine; pass --calib-images FOLDER|GLOB with good images (not test images)"
-            )
-        source = (
-            f"{min(len(held_out), count)} calibration hold-out images and {len(files) - min(len(held_out), count)} "
-            "train/good images of the checkpoint's data"
-        )
-    check_not_test_images(files, evaluated_test_split(info))
-    return files, source
-
-
-def load_calibration_batch(files: list[str | Path], size: tuple[int, int]) -> np.ndarray:
-    """uint8 (N, H, W, 3) batch of the readable calibration images, through the shared preprocessing."""
-    images = []
-    for f in files:
-        try:
-            images.append(load_image(f, size))
-        except ImageDecodeError:
-            continue  # one broken file should not stop a calibration over many
-    if not images:
-        raise ValueError("none of the calibration images could be read; pass --calib-images with readable images")
-    return np.stack(images)
 
 
 class _Reader:

@@ -10,53 +10,35 @@
   the Q/DQ-wrapped Conv/MatMul run in INT8; LayerNorm, Softmax and the map stay as typed (FP32). TensorRT 10's weakly
   typed builder wants the INT8 flag set alongside the Q/DQ layers; TensorRT 11 reads the types from the graph.
 - An engine only runs on the GPU model and TensorRT version that built it. Both (and the compute capability and CUDA
-  version) are recorded in model.json `extra["tensorrt"]`; `check_engine_compatible(spec)` refuses a mismatch.
+  version) are recorded in model.json `extra["tensorrt"]`; the runtime's `check_engine_compatible(spec)`
+  (adtr_deploy/runtime/engine_check.py, which this module reuses) refuses a mismatch.
 
-Nothing here imports torch or tensorrt at module level: the runtime calls `check_engine_compatible` without torch.
+Nothing here imports torch or tensorrt at module level.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adtr_deploy.export.formats import ExportOptions
 from adtr_deploy.fileio import atomic_write_bytes
+from adtr_deploy.runtime import engine_check
+from adtr_deploy.runtime.engine_check import (
+    INSTALL_HINT,
+    MIN_MAJOR,
+    TensorRTUnavailable,
+    parse_version,
+    require_tensorrt,
+)
 from adtr_deploy.spec import ModelSpec
 
-INSTALL_HINT = "pip install 'adtr-deploy[tensorrt]' on a machine with an NVIDIA GPU"
-MIN_MAJOR = 10
 DEFAULT_OPT_BATCH = 8
 
 
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT or a CUDA GPU is missing on this machine."""
-
-
-class EngineCompatibilityError(RuntimeError):
-    """A serialized engine was built for another GPU or TensorRT version than this machine has."""
-
-
-# --- pure Python: versions, profiles, precision recipes, compatibility ---------------------------------------------
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """'10.3.0.26' -> (10, 3, 0, 26); '11.0.0b1' -> (11, 0, 0). Raises ValueError when there is no number."""
-    parts = []
-    for piece in str(text).strip().split("."):
-        m = re.match(r"\d+", piece)
-        if not m:
-            break
-        parts.append(int(m.group()))
-        if m.end() != len(piece):
-            break
-    if not parts:
-        raise ValueError(f"{text!r} is not a version number")
-    return tuple(parts)
+# --- pure Python: profiles and precision recipes -------------------------------------------------------------------
 
 
 def profile_shapes(input_size: tuple[int, int], batch_max: int, batch_opt: int | None = None) -> dict[str, tuple]:
@@ -138,59 +120,7 @@ def build_recipe(version: str | tuple[int, ...], precision: str) -> Recipe:
     return recipe
 
 
-# Keys of extra["tensorrt"] that must match the machine that runs the engine.
-MUST_MATCH = ("tensorrt_version", "compute_capability")
-
-
-def compatibility_problems(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What differs between the build environment (from model.json) and this one; empty when the engine can run."""
-    problems = []
-    for key in MUST_MATCH:
-        if recorded.get(key) is None:
-            problems.append(f"the engine's model.json does not record its {key.replace('_', ' ')}")
-        elif str(recorded[key]) != str(current.get(key)):
-            problems.append(
-                f"it was built with {key.replace('_', ' ')} {recorded[key]}, this machine has {current.get(key)}"
-            )
-    return problems
-
-
 # --- the environment: TensorRT and the GPU -------------------------------------------------------------------------
-
-
-def require_tensorrt():
-    """The tensorrt module, or TensorRTUnavailable with one sentence saying what to install."""
-    try:
-        return importlib.import_module("tensorrt")
-    except ImportError:
-        raise TensorRTUnavailable(f"TensorRT is not installed; install it with {INSTALL_HINT}") from None
-
-
-def device_index(device: str | int) -> int:
-    """'cuda:1' / 'cuda' / '1' / 1 -> CUDA device index."""
-    text = str(device).strip().lower()
-    m = re.fullmatch(r"(?:cuda|gpu)?:?(\d*)", text)
-    if not m:
-        raise ValueError(f"device {device!r} is not a CUDA device; use cuda, cuda:0, cuda:1, ...")
-    return int(m.group(1) or 0)
-
-
-def _gpu_from_cuda_python(index: int) -> dict[str, Any]:
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart  # cuda-python before 12.6
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count <= index:
-        raise TensorRTUnavailable(f"no CUDA GPU with index {index} is visible")
-    err, props = cudart.cudaGetDeviceProperties(index)
-    _, runtime_version = cudart.cudaRuntimeGetVersion()
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return {
-        "gpu": name.strip("\x00 "),
-        "compute_capability": f"{props.major}.{props.minor}",
-        "cuda_version": f"{runtime_version // 1000}.{(runtime_version % 1000) // 10}",
-    }
 
 
 def _gpu_from_torch(index: int) -> dict[str, Any]:
@@ -207,51 +137,13 @@ def _gpu_from_torch(index: int) -> dict[str, Any]:
 
 
 # Ways to ask about the GPU, tried in order: cuda-python (part of the tensorrt extra, no torch), then torch.
-GPU_PROBES = (_gpu_from_cuda_python, _gpu_from_torch)
-
-
-def gpu_info(index: int = 0) -> dict[str, Any]:
-    reasons = []
-    for probe in GPU_PROBES:
-        try:
-            return probe(index)
-        except ImportError as exc:
-            reasons.append(str(exc))
-        except TensorRTUnavailable:
-            raise
-        except Exception as exc:  # a driver error is reported the same way as a missing GPU
-            reasons.append(f"{type(exc).__name__}: {exc}")
-    raise TensorRTUnavailable(
-        f"TensorRT needs an NVIDIA GPU and none could be queried ({'; '.join(reasons)[:200]}); "
-        f"build the engine on the machine that will run it, with {INSTALL_HINT}"
-    )
+GPU_PROBES = (engine_check.gpu_from_cuda_python, _gpu_from_torch)
 
 
 def environment(device: str | int = 0) -> dict[str, Any]:
-    """TensorRT version and GPU facts of this machine, in the shape recorded in extra["tensorrt"]."""
-    trt = require_tensorrt()
-    index = device_index(device)
-    return {"tensorrt_version": trt.__version__, "device_index": index, **gpu_info(index)}
-
-
-def check_engine_compatible(spec: ModelSpec, device: str | int = 0) -> None:
-    """Raise EngineCompatibilityError unless this machine's GPU and TensorRT match those that built the engine.
-
-    For the runtime's TensorRT backend: call it before deserializing, so a mismatch is one clear sentence instead of
-    TensorRT's deserialization error. The GPU's name is informative only; the compute capability decides.
-    """
-    recorded = dict(spec.extra.get("tensorrt") or {})
-    if not recorded:
-        raise EngineCompatibilityError(
-            "the engine's model.json has no TensorRT build record; re-export it with adtr-export --format tensorrt"
-        )
-    current = environment(device)
-    problems = compatibility_problems(recorded, current)
-    if problems:
-        raise EngineCompatibilityError(
-            f"this TensorRT engine cannot run here: {'; '.join(problems)}; rebuild it on this machine with "
-            "adtr-export --format tensorrt"
-        )
+    """TensorRT version and GPU facts of this machine, in the shape recorded in extra["tensorrt"]: the runtime's
+    engine_check.environment, which may also ask torch about the GPU here."""
+    return engine_check.environment(device, GPU_PROBES)
 
 
 # --- building --------------------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ ModelConfig protobuf from tritonclient, which rejects unknown fields and bad enu
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from adtr_deploy.fileio import atomic_copy, atomic_write_text
 from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME, ModelSpec, SpecError, spec_path_for
 
 CONFIG_FILENAME = "config.pbtxt"
@@ -136,13 +136,11 @@ def write_triton_repository(
     version_dir.mkdir(parents=True, exist_ok=True)
     for stale in set(name for _, name in PLATFORMS.values()) - {filename}:
         (version_dir / stale).unlink(missing_ok=True)  # a re-export to another platform must not leave two models
-    _copy(model_path, version_dir / filename)
+    atomic_copy(model_path, version_dir / filename)
     for data in _external_data(model_path, proto):
-        _copy(model_path.parent / data, version_dir / data)
+        atomic_copy(model_path.parent / data, version_dir / data)
     spec.save(model_dir / SPEC_FILENAME)
-    tmp = model_dir / (CONFIG_FILENAME + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(model_dir / CONFIG_FILENAME)
+    atomic_write_text(model_dir / CONFIG_FILENAME, text)
     return model_dir
 
 
@@ -342,13 +340,6 @@ def _external_data(model_path: Path, proto) -> list[str]:
             if entry.key == "location":
                 names.add(entry.value)
     return sorted(names)
-
-
-def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
 
 
 def _check_name(name: str) -> None:

@@ -8,125 +8,18 @@ reference score lies further from the threshold than the tolerance (a flip right
 
 from __future__ import annotations
 
-import glob
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from adtr_deploy.export.formats import PRECISIONS
-from adtr_deploy.preprocess import ImageDecodeError, is_image_file, load_image, prepare, stack_batch
 
-MAX_IMAGES = 16
 FULL_BATCH = 8  # every artifact is run at batch 1 and at this batch (or --batch-max when smaller)
 
 
 class VerificationError(RuntimeError):
     """An exported artifact does not match the PyTorch reference within the tolerance of its precision."""
-
-
-def _evenly(items: list, n: int) -> list:
-    if len(items) <= n:
-        return items
-    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
-    return [items[i] for i in idx]
-
-
-def _load_files(paths: list[Path], size: tuple[int, int]) -> list[np.ndarray]:
-    images = []
-    for p in paths:
-        try:
-            images.append(load_image(p, size))
-        except ImageDecodeError:
-            continue  # a broken file says nothing about parity; the others still do
-    return images
-
-
-def _files_from(pattern: str) -> list[Path]:
-    p = Path(pattern).expanduser()
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-    if p.is_file():
-        return [p]
-    return sorted(Path(f) for f in glob.glob(str(p), recursive=True) if is_image_file(f))
-
-
-def _demo_images(size: tuple[int, int], n: int) -> tuple[list[np.ndarray], str]:
-    """The built-in demo data set's test images when that module exists, else crops of scikit-image's photographs."""
-    try:
-        from adtr_deploy.data.demo import write_demo_dataset
-    except ImportError:
-        write_demo_dataset = None
-    if write_demo_dataset is not None:
-        with tempfile.TemporaryDirectory(prefix="adtr-verify-") as tmp:
-            root = Path(write_demo_dataset(Path(tmp), categories=("brick",), seed=0, image_size=max(size)))
-            files = sorted(f for f in root.rglob("test/**/*") if f.is_file() and is_image_file(f))
-            images = _load_files(_evenly(files, n), size)
-        if images:
-            return images, "built-in demo data (brick test images)"
-    from skimage import data
-
-    sources = {"brick": data.brick(), "grass": data.grass(), "gravel": data.gravel(), "chelsea": data.chelsea()}
-    images = []
-    rs = np.random.default_rng(0)
-    names = list(sources)
-    for i in range(n):
-        src = sources[names[i % len(names)]]
-        h, w = src.shape[:2]
-        c = min(h, w) // 2
-        y, x = rs.integers(0, h - c), rs.integers(0, w - c)
-        images.append(prepare(src[y : y + c, x : x + c], size, bgr=False))
-    return images, "scikit-image texture crops (" + ", ".join(names) + ")"
-
-
-def _test_split_files(checkpoint: dict | None) -> list[Path]:
-    """Images of the test split of the data the checkpoint was trained on (MVTec layout), where it exists here."""
-    data = ((checkpoint or {}).get("info") or {}).get("data") or {}
-    if not data.get("root") or not data.get("category"):
-        return []
-    folder = Path(data["root"]) / str(data["category"]) / "test"
-    return sorted(f for f in folder.rglob("*") if f.is_file() and is_image_file(f)) if folder.is_dir() else []
-
-
-def collect_images(
-    size: tuple[int, int],
-    *,
-    verify_images: str | None = None,
-    checkpoint: dict | None = None,
-    max_images: int = MAX_IMAGES,
-    avoid: tuple[str | Path, ...] = (),
-) -> tuple[np.ndarray, str]:
-    """Real images for verification, as a uint8 (N, H, W, 3) batch and a description of where they came from.
-
-    Order: the files given with --verify-images (a folder or a glob), else the checkpoint's calibration images
-    (held-out good images recorded by training) when they exist on this machine, else the built-in demo data.
-    `avoid`: files an INT8 export calibrated on; verification does not reuse them (an in-sample check flatters the
-    quantization) and, when that leaves no calibration image, reads the checkpoint's test split (good and defective
-    images: a parity check fits nothing to them) before the demo data.
-    """
-    if verify_images:
-        files = _files_from(verify_images)
-        images = _load_files(_evenly(files, max_images), size)
-        if not images:
-            raise ValueError(
-                f"--verify-images {verify_images} matches no readable image; give a folder or a glob of images"
-            )
-        return stack_batch(images), f"{len(images)} images from {verify_images}"
-    seen = {Path(p).resolve() for p in avoid}
-    recorded = [Path(p) for p in ((checkpoint or {}).get("info") or {}).get("calibration_images") or []]
-    present = [p for p in recorded if p.is_file() and p.resolve() not in seen]
-    if present:
-        images = _load_files(_evenly(present, max_images), size)
-        if images:
-            return stack_batch(images), f"{len(images)} of the checkpoint's calibration images"
-    if seen:
-        tests = [p for p in _test_split_files(checkpoint) if p.resolve() not in seen]
-        images = _load_files(_evenly(tests, max_images), size)
-        if images:
-            return stack_batch(images), f"{len(images)} test images of the checkpoint's data (none used to calibrate)"
-    images, source = _demo_images(size, max_images)
-    return stack_batch(images), source
 
 
 def batch_plan(n: int, batch_size: int) -> list[np.ndarray]:

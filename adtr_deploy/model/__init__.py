@@ -5,11 +5,11 @@
 
 from adtr_deploy.model.config import PRESETS, ADTRConfig, get_preset
 
-__all__ = ["ADTR", "ADTRConfig", "PRESETS", "build_adtr", "get_preset"]
+__all__ = ["ADTR", "ADTRConfig", "PRESETS", "get_preset"]
 
 
 def __getattr__(name: str):
-    if name in ("ADTR", "build_adtr"):
+    if name == "ADTR":
         from adtr_deploy.model import adtr
 
         return getattr(adtr, name)

@@ -163,7 +163,8 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 class ADTR(nn.Module):
-    """The ADTR reference module. `forward` is the exported inference graph; `forward_train` feeds the losses."""
+    """The ADTR reference module. `forward` is the exported inference graph; training feeds its losses from
+    `forward_features` (frozen, without gradients) and `reconstruct`."""
 
     def __init__(self, cfg: ADTRConfig):
         super().__init__()
@@ -191,10 +192,6 @@ class ADTR(nn.Module):
         super().train(mode)
         self.backbone.eval()  # frozen: BatchNorm statistics never move
         return self
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The parameters training changes (the transformer); the backbone comes from its pretrained weights."""
-        return {f"transformer.{k}": v for k, v in self.transformer.state_dict().items()}
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) RGB -> multi-scale backbone features on the stride-16 grid (N, C, h, w)."""
@@ -237,16 +234,6 @@ class ADTR(nn.Module):
         score = torch.amax(pooled, dim=(1, 2, 3))  # (N,)
         return amap, score
 
-    def forward_train(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images -> (original features, reconstructed features); the backbone runs without gradients."""
-        with torch.no_grad():
-            feats = self.forward_features(images)
-        return feats, self.reconstruct(feats)
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.forward_features(images)
         return self.anomaly_outputs(feats, self.reconstruct(feats))
-
-
-def build_adtr(cfg: ADTRConfig) -> ADTR:
-    return ADTR(cfg)

@@ -6,13 +6,13 @@ neither the weights package nor the user's backbone file on that machine.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adtr_deploy import __version__
+from adtr_deploy.fileio import atomic_write
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.config import ADTRConfig
 from adtr_deploy.spec import Calibration
@@ -27,19 +27,7 @@ class CheckpointError(ValueError):
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda fh: torch.save(obj, fh), fsync=True)
 
 
 def save_checkpoint(

@@ -7,7 +7,6 @@ refuses a spec that does not describe the graph it opened.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, parse_device, read_spec
 from adtr_deploy.runtime.tensorrt import TensorRTBackend
 from adtr_deploy.runtime.triton import TritonBackend
-from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME, ModelSpec
+from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME
 
 __all__ = [
     "BACKENDS",
@@ -289,7 +288,3 @@ def model_file(path: str | Path) -> Path:
     if not path.is_file():
         raise BackendError(f"model file {path} does not exist; give the file that adtr-export wrote")
     return path
-
-
-def embedded_spec_json(spec: ModelSpec) -> str:
-    return json.dumps(spec.to_dict(), sort_keys=True)

@@ -4,8 +4,8 @@ Nothing heavy is imported here at module level: `tensorrt` and `cuda.bindings` a
 this module loads on machines without a GPU and opening an engine there fails with one sentence saying what is missing.
 
 A serialized engine runs only with the TensorRT version that built it and on the GPU architecture it was built for; the
-export records both in model.json (extra["tensorrt"]), and `adtr_deploy.export.tensorrt.check_engine_compatible` refuses
-an engine whose record differs from this machine up front, instead of failing inside deserialization.
+export records both in model.json (extra["tensorrt"]), and `engine_check.check_engine_compatible` (the same rule the export
+uses) refuses an engine whose record differs from this machine up front, instead of failing inside deserialization.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, parse_device, read_spec
+from adtr_deploy.runtime.engine_check import EngineCompatibilityError, TensorRTUnavailable, check_engine_compatible
 from adtr_deploy.spec import ModelSpec
 
 
@@ -168,18 +169,9 @@ class TensorRTBackend(Backend):
 
 
 def _check_compatible(spec: ModelSpec, index: int) -> dict:
-    """Refuse an engine whose recorded build (model.json extra["tensorrt"]) does not match this machine, using the
-    export's own rule (adtr_deploy.export.tensorrt, torch-free), so building and running agree. Returns this machine's
-    TensorRT/GPU facts."""
-    from adtr_deploy.export.tensorrt import (
-        EngineCompatibilityError,
-        TensorRTUnavailable,
-        check_engine_compatible,
-        environment,
-    )
-
+    """Refuse an engine whose recorded build (model.json extra["tensorrt"]) does not match this machine; return this
+    machine's TensorRT/GPU facts."""
     try:
-        check_engine_compatible(spec, index)
-        return environment(index)
+        return check_engine_compatible(spec, index)
     except (EngineCompatibilityError, TensorRTUnavailable) as exc:
         raise BackendError(str(exc)) from None

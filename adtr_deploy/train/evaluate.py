@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from adtr_deploy.data.datasets import AnomalyData, image_loader, open_dataset
 from adtr_deploy.data.mvtec import Sample
-from adtr_deploy.fileio import write_json_atomic
+from adtr_deploy.fileio import atomic_write, write_json_atomic
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -181,14 +180,14 @@ def write_results(metrics: dict[str, Any], samples, scores: np.ndarray, out: str
     """metrics.json (atomically) and the per-image scores CSV beside it (path, label, defect, score)."""
     out = Path(out)
     table = scores_path_for(out)
-    table.parent.mkdir(parents=True, exist_ok=True)
-    tmp = table.with_name(f".{table.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
+
+    def write_table(fh) -> None:
         w = csv.writer(fh)
         w.writerow(["path", "label", "defect", "score"])
         for s, score in zip(samples, scores):
             w.writerow([str(s.path), s.label, s.defect, f"{float(score):.6g}"])
-    os.replace(tmp, table)
+
+    atomic_write(table, write_table, text=True)
     return write_json_atomic(metrics, out)
 
 

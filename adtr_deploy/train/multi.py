@@ -8,7 +8,6 @@ child process that sees only its GPU (CUDA_VISIBLE_DEVICES).
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -17,9 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from adtr_deploy import metrics
+from adtr_deploy.fileio import atomic_write_text, write_json_atomic
+
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-METRIC_KEYS = ("image_auroc", "pixel_auroc")
 
 
 def parse_categories(data_root: str | Path, category: str | None) -> list[str] | None:
@@ -106,34 +107,25 @@ def run_on_devices(
 
 
 def summarize(out_dir: str | Path, categories: Sequence[str], errors: dict[str, str | None]) -> dict[str, Any]:
-    """Collect OUT/<category>/metrics.json into OUT/summary.json and OUT/summary.md (per category and the mean)."""
+    """Collect OUT/<category>/metrics.json into OUT/summary.json and OUT/summary.md (per category and the mean, which
+    covers the categories that produced metrics), with each category's status: ok, or why it has no metrics."""
     out_dir = Path(out_dir)
-    rows = []
+    found = {}
     for cat in categories:
         path = out_dir / cat / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.is_file() and not errors.get(cat) else {}
-        row = {"category": cat, **{k: metrics.get(k) for k in METRIC_KEYS}}
-        row["status"] = "ok" if metrics else (errors.get(cat) or "no metrics.json (no test split or --no-eval)")
-        rows.append(row)
-    mean = {}
-    for k in METRIC_KEYS:
-        values = [r[k] for r in rows if r[k] is not None]
-        mean[k] = sum(values) / len(values) if values else None
-    summary = {"categories": rows, "mean": mean, "num_ok": sum(r["status"] == "ok" for r in rows)}
-    (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / SUMMARY_MD).write_text(summary_markdown(summary))
+        found[cat] = json.loads(path.read_text()) if path.is_file() and not errors.get(cat) else {}
+    rows, mean = metrics.per_category_table(found)
+    for row in rows:
+        cat = row["category"]
+        row["status"] = "ok" if found[cat] else (errors.get(cat) or "no metrics.json (no test split or --no-eval)")
+    num_ok = sum(r["status"] == "ok" for r in rows)
+    mean["status"] = f"{num_ok} ok"
+    summary = {"categories": rows, "mean": mean, "num_ok": num_ok}
+    write_json_atomic(summary, out_dir / SUMMARY_JSON)
+    atomic_write_text(out_dir / SUMMARY_MD, summary_markdown(summary))
     return summary
 
 
-def _fmt(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
-
-
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary as a Markdown table (AUROC in %)."""
-    lines = ["| category | image AUROC % | pixel AUROC % | status |", "|---|---:|---:|---|"]
-    for r in summary["categories"]:
-        lines.append(f"| {r['category']} | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} | {r['status']} |")
-    m = summary["mean"]
-    lines.append(f"| **mean** | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | {summary['num_ok']} ok |")
-    return "\n".join(lines) + "\n"
+    """The summary as a Markdown table (metrics.format_table with a status column)."""
+    return metrics.format_table(summary["categories"], summary["mean"], extra=("status",)) + "\n"
