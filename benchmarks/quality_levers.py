@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "area": ({"resize": "area"}, {}),
     "area-agg3": ({"resize": "area", "aggregate": 3}, {}),
     "area-agg3-blur4": ({"resize": "area", "aggregate": 3, "blur_sigma": 4.0}, {}),
+    "area-123": ({"resize": "area", "stages": (1, 2, 3)}, {}),
+    "area-1234": ({"resize": "area", "stages": (1, 2, 3, 4)}, {}),
     "s8": ({"feature_stride": 8}, {}),
     "s8-area": ({"feature_stride": 8, "resize": "area"}, {}),
     "s8-area-agg3-blur4": ({"feature_stride": 8, "resize": "area", "aggregate": 3, "blur_sigma": 4.0}, {}),
@@ -59,7 +61,9 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
     model_over, train_over = dict(VARIANTS[name][0]), dict(VARIANTS[name][1])
     for item in extra:
         key, _, value = item.partition("=")
-        if key in ("epochs", "lr", "batch_size"):
+        if key == "balance":
+            train_over["balance"] = bool(int(value))
+        elif key in ("epochs", "lr", "batch_size"):
             train_over[key] = float(value) if key == "lr" else int(value)
         elif key == "stages":
             model_over[key] = tuple(int(c) for c in value)
@@ -145,11 +149,11 @@ def train_transformer(model, f_train, train_over: dict, seed: int = 0) -> dict:
         for i in range(0, len(order), cfg.batch_size):
             feats = f_train[order[i : i + cfg.batch_size]]
             loss = adtr_loss(feats, model.reconstruct(feats), {})
+            losses.append(float(loss.detach()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-            losses.append(float(loss))
     model.eval()
     steps = len(losses)
     return {
@@ -179,6 +183,12 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False) 
         train_idx, _ = split_validation(data.train, TrainConfig(progress=False))
         feature_cache[key] = (_features(model, [data.train[i] for i in train_idx]), _features(model, data.test))
     f_train, f_test = feature_cache[key]
+    if train_over.pop("balance", False):  # every stage's tokens scaled to the same mean L2 norm on the training images
+        sizes = model.backbone.stage_channels(cfg.stages)
+        scale = torch.cat(
+            [torch.full((c,), 1.0 / float(p.norm(dim=1).mean())) for c, p in zip(sizes, f_train.split(sizes, dim=1))]
+        ).view(1, -1, 1, 1)
+        f_train, f_test = f_train * scale, f_test * scale
     masks = np.stack([load_mask(s.mask, cfg.input_size) for s in data.test]).astype(bool)
     knn_map, knn_score = _scores(model, nearest_training_distance(f_train, f_test))
     row = {

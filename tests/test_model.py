@@ -132,7 +132,29 @@ def test_backbone_is_frozen_and_stays_in_eval_mode():
 def test_chosen_stages_set_the_channel_count():
     cfg = get_preset("tiny-lite0")
     assert ADTR(cfg.replace(stages=(4, 5), pretrained=False)).channels == 112 + 320
-    assert ADTR(cfg.replace(pretrained=False)).channels == 16 + 24 + 40 + 112 + 320
+    assert ADTR(cfg.replace(pretrained=False)).channels == 16 + 24 + 40 + 112  # the default tokens: stages 1-4
+    assert ADTR(get_preset("lite0-classic", pretrained=False)).channels == 16 + 24 + 40 + 112 + 320
+
+
+def test_area_tokens_average_each_grid_cell_and_coarser_stages_are_upsampled():
+    """resize="area": a finer stage's token is the mean of its grid cell (not a sample of it); stage 4 is the grid."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", input_size=(64, 64))  # grid 4x4; stages 1-4 at 32, 16, 8, 4 pixels
+    model = ADTR(cfg).eval()
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        xn = x.permute(0, 3, 1, 2).float() * model.pixel_scale + model.pixel_shift
+        stages = model.backbone.forward_stages(xn, cfg.stages)
+    expected = []
+    for f in stages:  # by hand: mean over each (H/4) x (W/4) cell
+        n, c, h, w = f.shape
+        expected.append(f.reshape(n, c, 4, h // 4, 4, w // 4).mean(dim=(3, 5)))
+    assert torch.allclose(feats, torch.cat(expected, dim=1), atol=1e-5)
+    bilinear = ADTR(cfg.replace(resize="bilinear"))
+    bilinear.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(bilinear.eval().forward_features(x), feats, atol=1e-3)
 
 
 def _upsample_align_corners(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
