@@ -13,14 +13,3 @@ class UserError(ValueError):
 
 class MissingExtraError(UserError):
     """A command needs an optional dependency (an extra) that this install lacks."""
-
-
-def require_torch(command: str, extra: str = "train") -> None:
-    """Refuse with one sentence when torch is not installed (a runtime-only install), naming the extra to install."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise MissingExtraError(
-            f"{command} needs PyTorch, which this install lacks (a runtime-only install); "
-            f"install it with pip install 'adtr-deploy[{extra}]'"
-        ) from None

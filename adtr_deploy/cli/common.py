@@ -12,7 +12,7 @@ import functools
 
 import click
 
-from adtr_deploy.errors import UserError
+from adtr_deploy.errors import MissingExtraError, UserError
 
 
 def error_sentence(exc: BaseException) -> str:
@@ -22,6 +22,17 @@ def error_sentence(exc: BaseException) -> str:
         return f"{where}{exc.strerror}; check the path, its permissions and the free disk space"
     msg = str(exc).strip() or type(exc).__name__
     return msg.splitlines()[0] if len(msg.splitlines()) == 1 else " ".join(line.strip() for line in msg.splitlines())
+
+
+def require_torch(command: str, extra: str = "train") -> None:
+    """Refuse with one sentence when torch is not installed (a runtime-only install), naming the extra to install."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise MissingExtraError(
+            f"{command} needs PyTorch, which this install lacks (a runtime-only install); "
+            f"install it with pip install 'adtr-deploy[{extra}]'"
+        ) from None
 
 
 def user_errors(func):

@@ -57,7 +57,7 @@ def command(
     """
     import json
 
-    from adtr_deploy.errors import require_torch
+    from adtr_deploy.cli.common import require_torch
     from adtr_deploy.train.evaluate import evaluate_model, is_checkpoint
 
     if is_checkpoint(model_path):  # before the data is read: say at once what this install lacks

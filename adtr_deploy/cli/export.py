@@ -244,7 +244,7 @@ def command(
       adtr-export --model runs/brick --format all --out export-all/
       adtr-export --model runs/brick --format triton --triton-max-batch 16 --out export-triton/
     """
-    from adtr_deploy.errors import require_torch
+    from adtr_deploy.cli.common import require_torch
 
     require_torch("adtr-export (it reads the training checkpoint with PyTorch)")
     from adtr_deploy.export.exporter import export_checkpoint

@@ -176,7 +176,7 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
     """
     from pathlib import Path
 
-    from adtr_deploy.errors import require_torch
+    from adtr_deploy.cli.common import require_torch
 
     require_torch("adtr-train")
     from adtr_deploy.train import distributed, multi

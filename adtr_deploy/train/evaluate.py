@@ -85,9 +85,6 @@ def open_runner(model_path: str | Path, device: str = "cpu"):
     """A checkpoint -> TorchRunner (PyTorch eager); anything else -> BackendRunner through adtr_deploy.runtime.open_model."""
     check_device(device)
     if is_checkpoint(model_path):
-        from adtr_deploy.errors import require_torch
-
-        require_torch("adtr-eval on a training checkpoint (evaluating the exported model.onnx needs only [cpu])")
         from adtr_deploy.model.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(model_path)
