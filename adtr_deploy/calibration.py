@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.spec import Calibration
 
 # Default image threshold: mean + K standard deviations of good validation scores, and never below their maximum.
@@ -14,7 +15,7 @@ def calibrate(scores: np.ndarray, maps: np.ndarray | None = None, *, sigmas: flo
     """Statistics of raw scores (N,) and maps (N, 1, H, W) of GOOD images -> Calibration with a default threshold."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.size == 0:
-        raise ValueError("calibration needs at least one good image")
+        raise UserError("calibration needs at least one good image")
     mean, std = float(scores.mean()), float(scores.std())
     threshold = max(mean + sigmas * std, float(scores.max()) * 1.0001)
     kwargs = dict(

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import sha256_file
 from adtr_deploy.preprocess import is_image_file
 
@@ -68,7 +69,7 @@ def check_no_test_leak(
                     reason = f"is a byte-identical copy of the test file {t}"
                     break
         if reason:
-            raise ValueError(
+            raise UserError(
                 f"anomaly file {a} {reason}; training on test anomalies inflates the results, so take anomalies from "
                 "a folder outside the test split"
             )

@@ -17,6 +17,8 @@ import math
 import cv2
 import numpy as np
 
+from adtr_deploy.errors import UserError
+
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "f1_max", "threshold", "num_images")
 MAX_FPR = 0.3
 
@@ -30,13 +32,13 @@ def _scores_labels(scores, labels, what: str = "scores") -> tuple[np.ndarray, np
     y = np.asarray(labels)
     if y.dtype != np.bool_:
         if y.size and not np.isin(y, (0, 1)).all():
-            raise ValueError(f"labels must be 0 (good) or 1 (anomalous); got values {np.unique(y)[:5].tolist()}")
+            raise UserError(f"labels must be 0 (good) or 1 (anomalous); got values {np.unique(y)[:5].tolist()}")
         y = y.astype(bool)
     y = y.reshape(-1)
     if s.size != y.size:
-        raise ValueError(f"got {s.size} {what} but {y.size} labels; pass one label per score")
+        raise UserError(f"got {s.size} {what} but {y.size} labels; pass one label per score")
     if s.size and not np.isfinite(s).all():
-        raise ValueError(f"{what} contain NaN or infinite values; check the model outputs")
+        raise UserError(f"{what} contain NaN or infinite values; check the model outputs")
     return s, y
 
 
@@ -44,7 +46,7 @@ def _need_both_classes(y: np.ndarray, what: str) -> None:
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         present = "anomalous" if n_pos else "good"
-        raise ValueError(
+        raise UserError(
             f"{what} needs both good and anomalous examples but only {present} ones are present; "
             "evaluate on a test set that contains both"
         )
@@ -63,12 +65,12 @@ def _maps_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
     if m.ndim == 2:
         m, g = m[None], (g[None] if g.ndim == 2 else g)
     if m.shape != g.shape or m.ndim != 3:
-        raise ValueError(
+        raise UserError(
             f"anomaly maps {tuple(np.shape(maps))} and masks {tuple(np.shape(masks))} must have the same (N, H, W) shape; "
             "resize the maps to the mask size first"
         )
     if not np.isfinite(m).all():
-        raise ValueError("anomaly maps contain NaN or infinite values; check the model outputs")
+        raise UserError("anomaly maps contain NaN or infinite values; check the model outputs")
     g = g if g.dtype == np.bool_ else g > (127 if g.size and g.max() > 1 else 0.5)  # 0/1 and 0/255 masks
     return m, g
 
@@ -157,7 +159,7 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 def pro_score(maps, masks, max_fpr: float = MAX_FPR) -> float:
     """Area under the PRO curve for FPR in [0, max_fpr], divided by max_fpr (MVTec-AD's normalized AU-PRO)."""
     if not 0.0 < max_fpr <= 1.0:
-        raise ValueError(f"max_fpr must be in (0, 1]; got {max_fpr}")
+        raise UserError(f"max_fpr must be in (0, 1]; got {max_fpr}")
     fpr, pro = pro_curve(maps, masks, max_fpr=max_fpr)
     return _area_up_to(fpr, pro, max_fpr) / max_fpr
 
@@ -170,9 +172,7 @@ def f1_max(scores, labels) -> tuple[float, float]:
     s, y = _scores_labels(scores, labels)
     num_pos = int(y.sum())
     if num_pos == 0:
-        raise ValueError(
-            "F1 needs at least one anomalous example but none is present; evaluate on anomalous images too"
-        )
+        raise UserError("F1 needs at least one anomalous example but none is present; evaluate on anomalous images too")
     order = np.argsort(-s, kind="stable")
     values = s[order]
     tp = np.cumsum(y[order], dtype=np.int64)
@@ -204,10 +204,10 @@ def evaluate(scores, labels, maps=None, masks=None, *, max_fpr: float = MAX_FPR)
     if masks is None:
         return result
     if maps is None:
-        raise ValueError("masks were given without anomaly maps; pass the maps to compute pixel metrics")
+        raise UserError("masks were given without anomaly maps; pass the maps to compute pixel metrics")
     m, g = _maps_masks(maps, masks)
     if m.shape[0] != s.size:
-        raise ValueError(f"got {m.shape[0]} anomaly maps for {s.size} scores; pass one map per image")
+        raise UserError(f"got {m.shape[0]} anomaly maps for {s.size} scores; pass one map per image")
     known = ~(y & ~g.any(axis=(1, 2)))  # drop anomalous images without any mask pixel
     m, g = m[known], g[known]
     if g.any():

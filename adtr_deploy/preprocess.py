@@ -13,6 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from adtr_deploy.errors import UserError
+from adtr_deploy.imageheader import pixel_limit_error
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 
 # One resize rule everywhere (training, evaluation, export verification, runtime): shrinking uses INTER_AREA, which
@@ -23,7 +26,7 @@ SHRINK_INTERPOLATION = cv2.INTER_AREA
 ENLARGE_INTERPOLATION = cv2.INTER_LINEAR
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError):
     """A file could not be read or decoded as an image."""
 
 
@@ -60,21 +63,38 @@ def to_rgb_uint8(img: np.ndarray, *, bgr: bool = True) -> np.ndarray:
     raise ImageDecodeError(f"unsupported number of channels {channels}")
 
 
-def decode_image(data: bytes | np.ndarray, name: str = "<bytes>") -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, ...) to uint8 RGB."""
+def decode_image(data: bytes | np.ndarray, name: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, ...) to uint8 RGB. With `max_pixels`, an image whose header declares more
+    pixels is refused before decoding (a decompression bomb would otherwise take gigabytes)."""
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray | memoryview) else data
     if buf.size == 0:
         raise ImageDecodeError(f"{name} is empty (0 bytes); replace it with a valid image file")
+    too_big = pixel_limit_error(buf[: 1 << 20].tobytes(), name, max_pixels)
+    if too_big:
+        raise ImageDecodeError(too_big)
+    # libjpeg decodes a JPEG cut short (a file still being written) and fills the rest with grey, which would be scored
+    # as a defect; a complete JPEG ends with the EOI marker (FF D9), possibly followed by a little padding.
+    if buf[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in buf[-4096:].tobytes():
+        raise ImageDecodeError(
+            f"{name} is a truncated JPEG (no end-of-image marker: cut short, or still being written); replace it"
+        )
     img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageDecodeError(f"{name} is not a readable image (corrupt or unsupported format); replace or remove it")
     return to_rgb_uint8(img, bgr=True)
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as uint8 RGB (H, W, 3) at its original size. Raises ImageDecodeError with a clear message."""
     path = Path(path)
     try:
+        # A file larger than any encoding of max_pixels pixels can hold (8 bytes a pixel: 16-bit RGBA, uncompressed) is
+        # refused before it is read into memory.
+        if max_pixels and path.stat().st_size > 8 * max_pixels + (1 << 20):
+            raise ImageDecodeError(
+                f"{path} is {path.stat().st_size / 1e6:.0f} MB, more than an image within the limit of "
+                f"{max_pixels / 1e6:g} MP can take; raise --max-pixels if the image is genuine"
+            )
         data = np.fromfile(str(path), dtype=np.uint8)  # works with non-ASCII paths, unlike cv2.imread
     except FileNotFoundError:
         raise ImageDecodeError(f"{path} does not exist; check the path") from None
@@ -82,7 +102,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageDecodeError(f"{path} is a folder, not an image file") from None
     except OSError as exc:
         raise ImageDecodeError(f"{path} cannot be read ({exc.strerror}); check the file and its permissions") from None
-    return decode_image(data, name=str(path))
+    return decode_image(data, name=str(path), max_pixels=max_pixels)
 
 
 def interpolation_for(src_hw: Sequence[int], dst_hw: Sequence[int]) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import atomic_write_text
 
 SPEC_VERSION = 1
@@ -19,7 +20,7 @@ SPEC_FILENAME = "model.json"
 METADATA_KEY = "adtr_spec"  # key in ONNX metadata_props and the TorchScript _extra_files name prefix
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A model spec is missing, malformed or from an unsupported version."""
 
 
@@ -81,22 +82,33 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         if not isinstance(data, dict):
             raise SpecError("The model spec is not a JSON object; re-export the model with adtr-export.")
-        version = int(data.get("spec_version", 0))
+        version = data.get("spec_version", 0)
+        if not isinstance(version, int):
+            raise SpecError(
+                f"The model spec's spec_version {version!r} is not a number; re-export the model with adtr-export."
+            )
         if version > SPEC_VERSION:
             raise SpecError(
                 f"The model spec has version {version}, newer than this adtr-deploy supports ({SPEC_VERSION}); "
                 "upgrade adtr-deploy."
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        cal_fields = {f.name for f in dataclasses.fields(Calibration)}
-        kwargs["calibration"] = Calibration(
-            **{k: v for k, v in dict(data.get("calibration") or {}).items() if k in cal_fields}
-        )
-        for key in ("input_size", "mean", "std", "output_names"):
-            if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
+        try:
+            known = {f.name for f in dataclasses.fields(cls)}
+            kwargs = {k: v for k, v in data.items() if k in known}
+            cal_fields = {f.name for f in dataclasses.fields(Calibration)}
+            kwargs["calibration"] = Calibration(
+                **{k: v for k, v in dict(data.get("calibration") or {}).items() if k in cal_fields}
+            )
+            for key in ("input_size", "mean", "std", "output_names"):
+                if key in kwargs:
+                    kwargs[key] = tuple(kwargs[key])
+            spec = cls(**kwargs)
+            _check_types(spec)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(
+                f"The model spec has a malformed field ({exc}); re-export the model with adtr-export."
+            ) from None
+        return spec
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
@@ -120,6 +132,18 @@ class ModelSpec:
                 f"No model spec at {path}; export the model with adtr-export, which writes it beside the model."
             )
         return cls.from_json(path.read_text())
+
+
+def _check_types(spec: ModelSpec) -> None:
+    """Fields a runtime computes with must have their types: a hand-edited model.json fails here, not mid-run."""
+    h, w = spec.input_size
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w)):
+        raise ValueError(f"input_size {list(spec.input_size)} is not two positive integers")
+    for name, value in dataclasses.asdict(spec.calibration).items():
+        if name != "method" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"calibration.{name} is {value!r}, not a number")
+    if not isinstance(spec.extra, dict):
+        raise ValueError("extra is not an object")
 
 
 def spec_path_for(model_path: str | Path) -> Path:

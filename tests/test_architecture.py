@@ -114,7 +114,7 @@ def _long_modules() -> list[str]:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="splits in flight on other branches (2026-12-01): runtime/sources.py (issue 14), export/quantize.py "
+    reason="splits in flight on other branches (2026-12-01): export/quantize.py "
     "(issue 16), train/trainer.py and cli/train.py (the lead); remove this mark when they land",
 )
 def test_no_module_is_longer_than_400_lines():

@@ -238,7 +238,7 @@ def test_cli_int8_export_refuses_test_split_calibration_images_in_one_sentence(c
         command, [*args, "--calib-images", str(demo / "test" / "*" / "*.png"), "--calib-method", "entropy"]
     )
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "Calibration image" in result.output and "inside the evaluated test split" in result.output
+    assert "Error: calibration image" in result.output and "inside the evaluated test split" in result.output
     assert not (work / "cli" / "model.onnx").exists()
 
 

@@ -61,7 +61,7 @@ def test_all_means_every_category_folder_and_unknown_names_fail_clearly(root, tm
     result = CliRunner().invoke(
         train_command, ["--data", str(root), "--category", "tex,nope", "--out", str(tmp_path / "o"), *FAST]
     )
-    assert result.exit_code == 1 and f"Category folder {root / 'nope'} does not exist" in result.output
+    assert result.exit_code == 1 and f"Error: category folder {root / 'nope'} does not exist" in result.output
     with pytest.raises(ValueError, match="has no category folders"):
         parse_categories(tmp_path, "all")
 

@@ -14,6 +14,7 @@ import numpy as np
 from adtr_deploy.bench import runners as R
 from adtr_deploy.bench.machine import load_average, machine_info
 from adtr_deploy.bench.timing import TimingPlan, gpu_matmul_peak, matmul_peak, measure_interleaved, summarize
+from adtr_deploy.errors import UserError
 from adtr_deploy.preprocess import IMAGE_SUFFIXES, load_image, stack_batch
 
 REPORT_VERSION = 1
@@ -54,7 +55,7 @@ def image_files(cfg: BenchConfig, log: Callable[[str], None]) -> tuple[list[Path
     try:
         from adtr_deploy.data.demo import write_demo_dataset
     except ImportError as exc:
-        raise RuntimeError(
+        raise UserError(
             f"the built-in demo images cannot be written here ({exc}); pass --images FOLDER with some image files"
         ) from None
     root = cfg.out / "images"
@@ -69,7 +70,7 @@ def _select_backends(cfg: BenchConfig, artifacts: dict[str, Path]) -> tuple[list
     wanted = list(cfg.backends) if cfg.backends else list(R.BACKEND_CHOICES)
     unknown = [b for b in wanted if b not in R.BACKEND_CHOICES]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"unknown backend(s) {', '.join(unknown)} in --backends; choose from {', '.join(R.BACKEND_CHOICES)}"
         )
     chosen = [b for b in wanted if available[b] is None]
@@ -175,7 +176,7 @@ def _make_runners(
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
     if not [r for r in runners if not r.is_reference]:
-        raise RuntimeError(
+        raise UserError(
             "no backend can run this model here ("
             + "; ".join(f"{k}: {v}" for k, v in skipped.items())
             + "); install onnxruntime or give an ONNX/TorchScript model"
@@ -281,7 +282,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
         user_log(f"[{time.time() - started:6.1f}s] {msg}")
 
     if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
-        raise ValueError(f"--batch-sizes {cfg.batch_sizes} must be positive integers, e.g. 1,8")
+        raise UserError(f"--batch-sizes {cfg.batch_sizes} must be positive integers, e.g. 1,8")
     cfg.out.mkdir(parents=True, exist_ok=True)
     artifacts = R.find_artifacts(cfg.model)
     primary = Path(cfg.model) if Path(cfg.model).is_file() else artifacts.get(".onnx", next(iter(artifacts.values())))
@@ -389,7 +390,7 @@ def parse_batch_sizes(text: str | Sequence[int]) -> tuple[int, ...]:
     try:
         sizes = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
-        raise ValueError(f"--batch-sizes {text!r} is not a comma-separated list of integers; write e.g. 1,8") from None
+        raise UserError(f"--batch-sizes {text!r} is not a comma-separated list of integers; write e.g. 1,8") from None
     if not sizes or any(s < 1 for s in sizes):
-        raise ValueError(f"--batch-sizes {text!r} must list positive integers; write e.g. 1,8")
+        raise UserError(f"--batch-sizes {text!r} must list positive integers; write e.g. 1,8")
     return tuple(dict.fromkeys(sizes))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import sha256_file
 from adtr_deploy.spec import ModelSpec
 
@@ -66,7 +67,7 @@ def find_artifacts(model: str | Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if model.is_file():
         if model.suffix not in ARTIFACT_SUFFIXES:
-            raise ValueError(
+            raise UserError(
                 f"--model {model} is not an exported model ({', '.join(ARTIFACT_SUFFIXES)}); give what adtr-export wrote"
             )
         found[model.suffix] = model

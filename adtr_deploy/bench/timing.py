@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adtr_deploy.errors import UserError
+
 SETTLE_SECONDS = 0.02  # ONNX Runtime and OpenMP worker threads spin for at most a few milliseconds after a run
 
 
@@ -31,7 +33,7 @@ class TimingPlan:
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.min_iters < 1 or self.min_seconds < 0:
-            raise ValueError(
+            raise UserError(
                 f"warm-up {self.warmup}, minimum iterations {self.min_iters} and minimum seconds {self.min_seconds} "
                 "must be >= 0, >= 1 and >= 0; fix --warmup/--min-iters/--min-seconds"
             )
@@ -48,7 +50,7 @@ def summarize(samples_s: Sequence[float], batch_size: int) -> dict:
     """
     s = np.asarray(samples_s, dtype=np.float64)
     if s.size == 0:
-        raise ValueError("no timed samples to summarize")
+        raise UserError("no timed samples to summarize")
     total = float(s.sum())
     ms = s * 1e3
     return {

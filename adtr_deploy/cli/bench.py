@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from adtr_deploy.cli.common import user_errors
+from adtr_deploy.errors import UserError
 
 BACKEND_NAMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torchscript-cpu", "torchscript-cuda")
 
@@ -74,13 +75,13 @@ def command(
     from adtr_deploy.bench import BenchConfig, TimingPlan, parse_batch_sizes, run_benchmark
 
     if threads is not None and threads < 1:
-        raise ValueError(f"--threads {threads} must be at least 1")
+        raise UserError(f"--threads {threads} must be at least 1")
     chosen = None
     if backends:
         chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
         unknown = [b for b in chosen if b not in BACKEND_NAMES]
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"unknown backend {', '.join(unknown)} in --backends; choose from {', '.join(BACKEND_NAMES)}"
             )
     cfg = BenchConfig(

@@ -1,4 +1,10 @@
-"""Shared CLI helpers: turning the errors users can cause into one clear sentence instead of a traceback."""
+"""Shared CLI helpers: turning the errors users can cause into one clear sentence instead of a traceback.
+
+Only mistakes a user can make become a sentence: adtr_deploy.errors.UserError (and its subclasses: SpecError,
+BackendError, ImageDecodeError, CheckpointError, ...) and operating-system errors about files (missing, no permission,
+disk full). Any other exception, a ValueError or RuntimeError from deep inside a library included, is a bug and keeps
+its traceback so it can be reported and fixed.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,31 @@ import functools
 
 import click
 
-# Exception types whose message is already a sentence for the user (raised by our own code on bad input).
-USER_ERROR_TYPES: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, RuntimeError)
+from adtr_deploy.errors import MissingExtraError, UserError
+
+
+def error_sentence(exc: BaseException) -> str:
+    """The one-line message for a user error. Paths stay exactly as typed (no capitalisation of the first letter)."""
+    if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}; check the path, its permissions and the free disk space"
+    msg = str(exc).strip() or type(exc).__name__
+    return msg.splitlines()[0] if len(msg.splitlines()) == 1 else " ".join(line.strip() for line in msg.splitlines())
+
+
+def require_torch(command: str, extra: str = "train") -> None:
+    """Refuse with one sentence when torch is not installed (a runtime-only install), naming the extra to install."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise MissingExtraError(
+            f"{command} needs PyTorch, which this install lacks (a runtime-only install); "
+            f"install it with pip install 'adtr-deploy[{extra}]'"
+        ) from None
 
 
 def user_errors(func):
-    """Decorator for click commands: expected errors become `Error: <sentence>` and exit code 1; Ctrl-C exits 130."""
+    """Decorator for click commands: user errors become `Error: <sentence>` and exit code 1; Ctrl-C exits 130."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -22,8 +47,7 @@ def user_errors(func):
         except KeyboardInterrupt:
             click.echo("Interrupted; everything written so far is complete and kept.", err=True)
             raise SystemExit(130) from None
-        except USER_ERROR_TYPES as exc:
-            msg = str(exc).strip() or type(exc).__name__
-            raise click.ClickException(msg[0].upper() + msg[1:]) from None
+        except (UserError, OSError) as exc:
+            raise click.ClickException(error_sentence(exc)) from None
 
     return wrapper

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from adtr_deploy.cli.common import user_errors
+from adtr_deploy.errors import UserError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -113,9 +114,9 @@ def info(root: Path, category: str | None) -> None:
         folders = [f for f in folders if f.name == category]
         if not folders:
             found = ", ".join(f.name for f in _category_dirs(root)) or "none"
-            raise ValueError(f"category {category!r} is not in {root} (categories there: {found}); check --category")
+            raise UserError(f"category {category!r} is not in {root} (categories there: {found}); check --category")
     if not folders:
-        raise ValueError(
+        raise UserError(
             f"{root} holds no MVTec-AD category folder (NAME/train/good, NAME/test/...); "
             "point at the data set root, or write the demo set with `adtr data demo --out ROOT`"
         )

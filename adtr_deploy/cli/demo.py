@@ -41,16 +41,17 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _pick_overlays(results: Path, overlays: Path, count: int) -> list[tuple[dict, Path]]:
-    """The most and least anomalous images with an overlay: what a person wants to look at first."""
+    """The most and least anomalous images with an overlay: what a person wants to look at first.
+
+    Each record names its own overlay (its "overlay" field, relative to the results folder): file names repeat across
+    defect folders (scratch/003.png, hole/003.png), so matching by name would show one image beside another's score."""
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     ok = sorted((r for r in records if r.get("status") == "ok"), key=lambda r: r["score"], reverse=True)
-    files = {p.stem: p for p in overlays.rglob("*") if p.is_file()} if overlays.is_dir() else {}
     chosen = []
     for r in ok[: count - 1] + ok[-1:]:
-        stem = Path(str(r["source"])).stem
-        match = next((p for s, p in files.items() if s.endswith(stem) or stem in s), None)
-        if match is not None:
-            chosen.append((r, match))
+        path = results.parent / str(r.get("overlay") or "")
+        if r.get("overlay") and path.is_file() and overlays in path.parents:
+            chosen.append((r, path))
     return chosen
 
 
@@ -111,7 +112,8 @@ def write_report(out: Path, category: str, seconds: dict[str, float], argv: dict
         lines += ["", "## Overlays (most anomalous first, then the least)", ""]
         for record, path in overlays:
             lines.append(
-                f"![{Path(str(record['source'])).name}]({path.relative_to(out).as_posix()}) "
+                f"![{Path(str(record['source'])).parent.name}/{Path(str(record['source'])).name}]"
+                f"({path.relative_to(out).as_posix()}) "
                 f"score {record['score']:.3f}, {'ANOMALY' if record.get('is_anomaly') else 'good'}"
             )
             lines.append("")

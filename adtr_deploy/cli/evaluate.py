@@ -57,7 +57,11 @@ def command(
     """
     import json
 
-    from adtr_deploy.train.evaluate import evaluate_model
+    from adtr_deploy.cli.common import require_torch
+    from adtr_deploy.train.evaluate import evaluate_model, is_checkpoint
+
+    if is_checkpoint(model_path):  # before the data is read: say at once what this install lacks
+        require_torch("adtr-eval on a training checkpoint (evaluating the exported model.onnx needs only [cpu])")
 
     metrics = evaluate_model(
         model_path,

@@ -35,10 +35,11 @@ def _describe(result) -> list[str]:
                 f"  {key:5s} max |diff| {d['max_abs']:.3g} ({d['max_rel']:.2g} of the map range), "
                 f"mean {d['mean_abs']:.3g}"
             )
-        corr = v["map"].get("correlation")
+        corr, worst = v["map"].get("correlation"), v["map"].get("min_image_correlation")
         lines.append(
-            f"  map correlation {'n/a' if corr is None else f'{corr:.5f}'} (Pearson, all pixels); score max relative "
-            f"error {100 * v['score'].get('max_rel_to_score', 0.0):.2f}%"
+            f"  map correlation {'n/a' if corr is None else f'{corr:.5f}'} (Pearson, all pixels), worst image "
+            f"{'n/a' if worst is None else f'{worst:.5f}'} ({v['map'].get('flat_images', 0)} flat maps judged by "
+            f"score); score max relative error {100 * v['score'].get('max_rel_to_score', 0.0):.2f}%"
         )
         agree = round(v["decision_agreement"] * v["decisions"])
         lines.append(
@@ -47,7 +48,9 @@ def _describe(result) -> list[str]:
         )
     bounds = [
         f"max |diff| <= {v['tolerance']:.0e} of the map range" if v.get("tolerance") is not None else None,
-        f"map correlation >= {v['min_map_correlation']}" if v.get("min_map_correlation") is not None else None,
+        f"map correlation per image >= {v['min_map_correlation']}"
+        if v.get("min_map_correlation") is not None
+        else None,
         f"score error <= {100 * v['max_score_rel']:.0f}%" if v.get("max_score_rel") is not None else None,
     ]
     lines.append(f"  {', '.join(b for b in bounds if b)}: {'PASS' if v['passed'] else 'FAIL'}")
@@ -241,6 +244,9 @@ def command(
       adtr-export --model runs/brick --format all --out export-all/
       adtr-export --model runs/brick --format triton --triton-max-batch 16 --out export-triton/
     """
+    from adtr_deploy.cli.common import require_torch
+
+    require_torch("adtr-export (it reads the training checkpoint with PyTorch)")
     from adtr_deploy.export.exporter import export_checkpoint
 
     result = export_checkpoint(

@@ -5,6 +5,7 @@ Only click is imported at module level, so `adtr-run --help` is instant and neve
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import click
 
 from adtr_deploy.cli.common import user_errors
+from adtr_deploy.imageheader import DEFAULT_MAX_PIXELS
 
 
 class _Progress:
@@ -40,7 +42,16 @@ class _Progress:
 
 
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (docker stop, systemd) ends the run like Ctrl-C: summary written, nothing lost
+    # SIGTERM (docker stop, systemd) while the model loads ends like Ctrl-C; during the run the pipeline's own handlers
+    # stop it at a record boundary (see adtr_deploy.runtime.pipeline).
+    raise KeyboardInterrupt
+
+
+def _quiet_opencv() -> None:
+    """OpenCV's and FFmpeg's own warnings ("[ WARN:0@...] global cap_ffmpeg...") would reach the terminal beside our
+    sentences; every problem they warn about is reported in results.jsonl instead. Set before cv2 is imported."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,6 +138,25 @@ def _raise_interrupt(signum, frame):
     is_flag=True,
     help="Run on the CPU (with a warning) when the requested GPU provider cannot load, instead of refusing.",
 )
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=0),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Refuse images (and video frames) larger than this many pixels, read from the file header before decoding "
+    "(decompression bombs); the input gets an error record. 0: no limit.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the results of an earlier run in --out (otherwise such a folder is refused).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an earlier run into the same --out (image folder, glob or list): inputs already in results.jsonl are "
+    "skipped, new records are appended.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress line and no summary on the terminal.")
 @user_errors
 def command(
@@ -148,6 +178,9 @@ def command(
     workers: int,
     timeout_s: float,
     allow_fallback: bool,
+    max_pixels: int,
+    overwrite: bool,
+    resume: bool,
     quiet: bool,
 ) -> None:
     """Run an exported ADTR model over images, a video, a camera or a stream; write OUT/results.jsonl (one record per
@@ -156,11 +189,14 @@ def command(
     \b
     Examples:
       adtr-run --model export/model.onnx --source images/ --out runs/a --save-overlays
+      adtr-run --model export/model.onnx --source images/ --out runs/a --resume      # after a stop: the rest only
       adtr-run --model export/model.onnx --source line.mp4 --out runs/b --batch-size 8 --save-video runs/b/annotated.avi
       adtr-run --model export/model.onnx --source rtsp://cam.local/stream --out runs/c --device cuda
       adtr-run --backend triton --url triton.local:8000 --model adtr --source images/ --out runs/d
     """
+    _quiet_opencv()
     from adtr_deploy.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, backend_class, open_model
+    from adtr_deploy.runtime.outdir import check_out_dir
     from adtr_deploy.runtime.pipeline import Pipeline, RunOptions
     from adtr_deploy.runtime.sources import open_source
     from adtr_deploy.runtime.triton import TritonBackend
@@ -171,7 +207,8 @@ def command(
     options = {"allow_fallback": allow_fallback} if cls is OnnxRuntimeBackend else {}
     if cls is TritonBackend:
         options = {"protocol": protocol, "spec_path": spec_path, **({"url": url} if url else {})}
-    src = open_source(source, timeout_s=timeout_s, queue_size=max(16, 2 * batch_size))
+    check_out_dir(out_dir, overwrite=overwrite, resume=resume)  # before the model loads: a wrong --out fails at once
+    src = open_source(source, timeout_s=timeout_s, queue_size=max(16, 2 * batch_size), max_pixels=max_pixels or None)
     engine = open_model(model, device, backend=backend, **options)
     run_options = RunOptions(
         batch_size=batch_size,
@@ -182,6 +219,9 @@ def command(
         show=show,
         max_frames=max_frames,
         duration=duration,
+        max_pixels=max_pixels or None,
+        overwrite=overwrite,
+        resume=resume,
     )
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(f"Note: {msg}", err=True))
     fallback = getattr(engine, "fallback", None)
@@ -219,6 +259,12 @@ def _print_summary(s: dict, out_dir: Path) -> None:
         click.echo(
             f"Live: {s['dropped_frames']} stale frames dropped, {len(gaps)} outages ({down:.1f} s), {s['reconnects']} reconnects."
         )
+    if s.get("resumed_skipped"):
+        click.echo(f"Resumed: {s['resumed_skipped']} inputs were already recorded and were skipped.")
     if s["stopped"] == "interrupted":
-        click.echo("Stopped by Ctrl-C; every record processed so far is in results.jsonl.")
+        by = "SIGTERM" if s.get("signal") == "SIGTERM" else "Ctrl-C"
+        click.echo(
+            f"Stopped by {by}; every record processed so far is in results.jsonl, and counted"
+            + ("." if s["live"] else " (--resume continues the run).")
+        )
     click.echo(f"Results: {out_dir / 'results.jsonl'}  Summary: {out_dir / 'summary.json'}")

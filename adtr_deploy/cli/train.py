@@ -176,6 +176,9 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
     """
     from pathlib import Path
 
+    from adtr_deploy.cli.common import require_torch
+
+    require_torch("adtr-train")
     from adtr_deploy.train import distributed, multi
 
     nproc, devices = opts.pop("nproc"), multi.parse_devices(opts.pop("devices"))

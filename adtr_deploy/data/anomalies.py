@@ -26,6 +26,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.leak_guard import check_no_test_leak
 from adtr_deploy.preprocess import is_image_file, load_image, load_mask, prepare
 
@@ -193,7 +194,7 @@ class Compose:
 
     def __post_init__(self) -> None:
         if not self.sources or not all(s.needs_normal and s.gives_masks for s in self.sources):
-            raise ValueError("Compose takes one or more synthetic sources (ConfettiNoise, CutPaste); give it those")
+            raise UserError("Compose takes one or more synthetic sources (ConfettiNoise, CutPaste); give it those")
 
     def draw(self, rng: np.random.Generator, size: Size, normal: np.ndarray | None) -> Drawn:
         img = _require_normal(normal, size, self.name)
@@ -209,7 +210,7 @@ class Compose:
 
 def _require_normal(normal: np.ndarray | None, size: Size, name: str) -> np.ndarray:
     if normal is None:
-        raise ValueError(f"the {name} anomaly source pastes on normal images; give the sampler normal training images")
+        raise UserError(f"the {name} anomaly source pastes on normal images; give the sampler normal training images")
     return prepare(normal, size)
 
 
@@ -234,7 +235,7 @@ class MaskedAnomalyFolder:
         self.root = Path(root)
         self.name = name
         if not self.root.is_dir():
-            raise ValueError(f"anomaly folder {self.root} does not exist; give a folder in the MVTec layout")
+            raise UserError(f"anomaly folder {self.root} does not exist; give a folder in the MVTec layout")
         gt = self.root / "ground_truth"
         self.items: list[tuple[Path, Path | None]] = []
         groups = [(self.root, gt)] + [
@@ -247,7 +248,7 @@ class MaskedAnomalyFolder:
                 mask = mask_dir / f"{img.stem}_mask.png"
                 self.items.append((img, mask if mask.is_file() else None))
         if not self.items:
-            raise ValueError(
+            raise UserError(
                 f"no anomalous images found in {self.root}; expected ROOT/<defect>/*.png with masks in "
                 "ROOT/ground_truth/<defect>/<stem>_mask.png"
             )
@@ -270,10 +271,10 @@ class ImageFolder:
         self.root = Path(root)
         self.name = name
         if not self.root.is_dir():
-            raise ValueError(f"anomaly image folder {self.root} does not exist; give a folder of images")
+            raise UserError(f"anomaly image folder {self.root} does not exist; give a folder of images")
         self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and is_image_file(p))
         if not self.paths:
-            raise ValueError(f"no images found under {self.root}; give a folder with .png/.jpg images")
+            raise UserError(f"no images found under {self.root}; give a folder with .png/.jpg images")
 
     def draw(self, rng: np.random.Generator, size: Size, normal: np.ndarray | None = None) -> Drawn:
         return load_image(self.paths[int(rng.integers(len(self.paths)))], size), None
@@ -291,7 +292,7 @@ class ArrayImages:
     def __init__(self, images: np.ndarray, name: str = "array"):
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0 or images.dtype != np.uint8:
-            raise ValueError(
+            raise UserError(
                 f"anomaly images must be a non-empty uint8 array (N, H, W, 3), got {images.dtype} {images.shape}"
             )
         self.images = images
@@ -325,20 +326,20 @@ class MixedAnomalySampler:
     ):
         pairs = [s if isinstance(s, tuple) else (s, 1.0) for s in sources]
         if not pairs:
-            raise ValueError(
+            raise UserError(
                 "no anomaly source given; add synthetic (confetti, cutpaste), --anomalies or external images"
             )
         self.sources = [s for s, _ in pairs]
         weights = np.asarray([float(w) for _, w in pairs])
         if (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"anomaly source weights {weights.tolist()} must be >= 0 with a positive sum")
+            raise UserError(f"anomaly source weights {weights.tolist()} must be >= 0 with a positive sum")
         self.weights = weights / weights.sum()
         self.size = (int(size[0]), int(size[1]))
         self.normals = normals
         if any(s.needs_normal for s in self.sources) and len(normals) == 0:
-            raise ValueError("synthetic anomaly sources need normal training images to paste on; pass normals=")
+            raise UserError("synthetic anomaly sources need normal training images to paste on; pass normals=")
         if length <= 0:
-            raise ValueError(f"length must be positive, got {length}")
+            raise UserError(f"length must be positive, got {length}")
         self.length = int(length)
         self.seed = int(seed)
         self.epoch = 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.errors import UserError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -51,12 +52,12 @@ def read_batch(path: Path) -> dict[str, object]:
         with open(path, "rb") as fh:
             raw = _ArrayUnpickler(fh, encoding="bytes").load()
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
-        raise ValueError(
+        raise UserError(
             f"{path} is not a readable CIFAR pickle batch ({type(exc).__name__}: {exc}); "
             "use the 'python version' of CIFAR-10/100"
         ) from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} is not a CIFAR batch (no dict inside); use the 'python version' of CIFAR-10/100")
+        raise UserError(f"{path} is not a CIFAR batch (no dict inside); use the 'python version' of CIFAR-10/100")
     return {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in raw.items()}
 
 
@@ -103,7 +104,7 @@ def _load(kind: str, folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, 
         batch = read_batch(path)
         data = np.asarray(batch.get("data"))
         if data.ndim != 2 or data.shape[1] != 3072 or label_key not in batch:
-            raise ValueError(f"{path} has no {label_key!r} or no (N, 3072) 'data'; use the 'python version' of CIFAR")
+            raise UserError(f"{path} has no {label_key!r} or no (N, 3072) 'data'; use the 'python version' of CIFAR")
         # Rows are 1024 red, 1024 green, 1024 blue values of a 32x32 image.
         images.append(data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
         labels.append(np.asarray(batch[label_key], dtype=np.int64))
@@ -123,7 +124,7 @@ def resolve_class(kind: str, folder: Path, category: str | int | None) -> CifarS
         else:
             classes = tuple(str(i) for i in range(100))
     if category is None or str(category).strip() == "":
-        raise ValueError(
+        raise UserError(
             f"CIFAR needs --category: the normal class, by name or index (e.g. {classes[0]} or 0); classes: "
             f"{', '.join(classes)}"
         )
@@ -132,7 +133,7 @@ def resolve_class(kind: str, folder: Path, category: str | int | None) -> CifarS
         return CifarSplit(kind, folder, classes, int(text))
     if text in classes:
         return CifarSplit(kind, folder, classes, classes.index(text))
-    raise ValueError(f"{text!r} is not a {kind.upper()} class; give a name or index, one of: {', '.join(classes)}")
+    raise UserError(f"{text!r} is not a {kind.upper()} class; give a name or index, one of: {', '.join(classes)}")
 
 
 def list_cifar(split_info: CifarSplit, split: str) -> list[Sample]:

@@ -31,6 +31,7 @@ from adtr_deploy.data.demo_synth import (
     make_sample,
     source_photo,
 )
+from adtr_deploy.errors import UserError
 
 NUM_TRAIN = 80
 NUM_TEST_GOOD = 20
@@ -121,11 +122,11 @@ def write_demo_dataset(
     categories = [categories] if isinstance(categories, str) else list(categories)
     unknown = [c for c in categories if c not in PALETTES]
     if unknown or not categories:
-        raise ValueError(f"unknown demo categories {unknown or '(none)'}; choose from {', '.join(ALL_CATEGORIES)}")
+        raise UserError(f"unknown demo categories {unknown or '(none)'}; choose from {', '.join(ALL_CATEGORIES)}")
     if not 32 <= int(image_size) <= 2048:
-        raise ValueError(f"image_size {image_size} is out of range; use a size between 32 and 2048 pixels")
+        raise UserError(f"image_size {image_size} is out of range; use a size between 32 and 2048 pixels")
     if min(num_train, num_test_good, num_per_defect) < 1:
-        raise ValueError("every split of the demo data set needs at least one image; use counts of 1 or more")
+        raise UserError("every split of the demo data set needs at least one image; use counts of 1 or more")
     counts = {"train": int(num_train), "good": int(num_test_good), **{d: int(num_per_defect) for d in DEFECTS}}
     expected = _marker(seed, image_size, counts)
     root.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def write_demo_dataset(
         if _is_complete(final, expected):
             continue
         if final.exists() and not (final / MARKER_NAME).exists() and any(final.iterdir()):
-            raise ValueError(
+            raise UserError(
                 f"{final} exists and is not a demo data set folder; choose another --out folder or remove it"
             )
         tmp = root / f".tmp-{category}-{os.getpid()}"

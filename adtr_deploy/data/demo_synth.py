@@ -23,6 +23,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from adtr_deploy.errors import UserError
+
 DEMO_CATEGORIES = ("brick", "grass", "gravel")
 # A second set made the same way from other real photographs scikit-image ships, kept apart from the demo so that model
 # choices are checked on textures they were not tuned on (benchmarks/quality_levers.py --set eval): the lunar surface
@@ -66,7 +68,7 @@ def source_photo(name: str) -> np.ndarray:
     try:
         from skimage import data
     except ImportError:
-        raise RuntimeError(
+        raise UserError(
             "the demo data set needs scikit-image; install it with `pip install adtr-deploy[train]`"
         ) from None
     img = getattr(data, SOURCES[name])()
@@ -74,9 +76,7 @@ def source_photo(name: str) -> np.ndarray:
         img = cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2GRAY)
     y, x = (img.shape[0] - SOURCE_SIZE) // 2, (img.shape[1] - SOURCE_SIZE) // 2
     if min(y, x) < 0:
-        raise RuntimeError(
-            f"scikit-image's {name} photo has shape {img.shape}, expected at least 512x512; reinstall it"
-        )
+        raise UserError(f"scikit-image's {name} photo has shape {img.shape}, expected at least 512x512; reinstall it")
     return np.ascontiguousarray(img[y : y + SOURCE_SIZE, x : x + SOURCE_SIZE])
 
 
@@ -270,9 +270,9 @@ def make_sample(
     defect was added (identical to the image for good ones).
     """
     if category not in PALETTES:
-        raise ValueError(f"unknown demo category {category!r}; choose from {', '.join(ALL_CATEGORIES)}")
+        raise UserError(f"unknown demo category {category!r}; choose from {', '.join(ALL_CATEGORIES)}")
     if split not in ("train", "good", *DEFECTS):
-        raise ValueError(f"unknown demo split {split!r}; choose train, good or one of {', '.join(DEFECTS)}")
+        raise UserError(f"unknown demo split {split!r}; choose train, good or one of {', '.join(DEFECTS)}")
     rng = _rng(seed, category, split, index)
     clean = _good_image(category, "train" if split == "train" else "test", image_size, rng)
     clean_u8 = np.clip(np.round(clean), 0, 255).astype(np.uint8)

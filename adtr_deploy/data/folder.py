@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adtr_deploy.data.mvtec import Sample, image_files
+from adtr_deploy.errors import UserError
 
 
 def list_folder(root: str | Path) -> list[Sample]:
@@ -14,5 +15,5 @@ def list_folder(root: str | Path) -> list[Sample]:
         raise FileNotFoundError(f"{root} is not a folder; give --data a folder of good images")
     samples = [Sample(p) for p in image_files(root, recursive=True)]
     if not samples:
-        raise ValueError(f"{root} holds no image files; put the good training images (PNG, JPEG, ...) there")
+        raise UserError(f"{root} holds no image files; put the good training images (PNG, JPEG, ...) there")
     return samples

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.preprocess import is_image_file
 
 GOOD = "good"
@@ -65,7 +66,7 @@ def list_mvtec(root: str | Path, category: str, split: str) -> list[Sample]:
     """Samples of one MVTec-AD category and split ("train": the good images; "test": good and every defect folder)."""
     root = Path(root)
     if split not in ("train", "test"):
-        raise ValueError(f"split {split!r} is not one of train, test")
+        raise UserError(f"split {split!r} is not one of train, test")
     base = root / category
     if not (base / "train" / GOOD).is_dir():
         found = mvtec_categories(root)
@@ -79,7 +80,7 @@ def list_mvtec(root: str | Path, category: str, split: str) -> list[Sample]:
     if split == "train":
         samples = [Sample(p) for p in image_files(base / "train" / GOOD)]
         if not samples:
-            raise ValueError(f"{base / 'train' / GOOD} holds no images; put the good training images there")
+            raise UserError(f"{base / 'train' / GOOD} holds no images; put the good training images there")
         return samples
     test = base / "test"
     if not test.is_dir():

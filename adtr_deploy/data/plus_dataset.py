@@ -30,6 +30,7 @@ from adtr_deploy.data.anomalies import (
 from adtr_deploy.data.cifar import _load as _load_cifar
 from adtr_deploy.data.cifar import cifar_kind
 from adtr_deploy.data.datasets import AnomalyData
+from adtr_deploy.errors import UserError
 from adtr_deploy.leak_guard import mvtec_test_split
 
 
@@ -93,7 +94,7 @@ def parse_synthetic(text: str | None) -> tuple[str, ...]:
         return ()
     unknown = [n for n in names if n not in SYNTHETIC]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"unknown synthetic anomaly {unknown[0]!r}; choose from {', '.join(SYNTHETIC)} (comma-separated)"
         )
     return names
@@ -117,11 +118,11 @@ def external_source(spec: str, data: AnomalyData | None = None) -> AnomalySource
     path = Path(rest if kind in ("cifar10", "cifar100") and rest else spec).expanduser()
     found = cifar_kind(path) if path.is_dir() else None
     if kind in ("cifar10", "cifar100") and (found is None or found[0] != kind):
-        raise ValueError(f"--external {spec}: {path} holds no {kind.upper()} python-version batches; check the path")
+        raise UserError(f"--external {spec}: {path} holds no {kind.upper()} python-version batches; check the path")
     if found is None:
         return ImageFolder(path, name="external")
     if data is not None and data.kind == found[0] and found[1].resolve() == data.root.resolve():
-        raise ValueError(
+        raise UserError(
             f"--external {spec} is the data set being trained and evaluated; give another data set (e.g. CIFAR-100 "
             "for CIFAR-10)"
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adtr_deploy import __version__
+from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import (
     ALL,
     DEFAULT_CALIB_COUNT,
@@ -121,6 +122,28 @@ def _publish(files: list[Path], spec_file: Path, out_dir: Path) -> None:
     os.replace(artifact, final)
 
 
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Hidden .export-FMT-PID-* folders left by an export that was killed: removed unless their process still runs
+    (two exports into one folder at once keep each other's staging)."""
+    for folder in out_dir.glob(".export-*"):
+        parts = folder.name.split("-")
+        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _export_one(
     model,
     ckpt: dict[str, Any],
@@ -137,7 +160,8 @@ def _export_one(
     if fmt == "tensorrt" and options.timing_cache is None:
         options = dataclasses.replace(options, timing_cache=str(out_dir / "timing.cache"))
     spec = base_spec(ckpt, fmt, options, checkpoint_path)
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{fmt}-", dir=out_dir))
+    _remove_stale_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{fmt}-{os.getpid()}-", dir=out_dir))
     try:
         artifact = staging / row["filename"]
         made = _resolve(row["exporter"])(model, artifact, spec=spec, options=options)
@@ -240,7 +264,7 @@ def export_checkpoint(
     else:
         check_format_precision("onnx", precision)
     if int(batch_max) < 1:
-        raise ValueError(f"--batch-max must be at least 1, not {batch_max}")
+        raise UserError(f"--batch-max must be at least 1, not {batch_max}")
     check_opset(opset, dynamo)
     options = ExportOptions(
         precision=precision,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from adtr_deploy.errors import UserError
+
 # format -> what it is and what it supports. `exporter` is "module:function" with the signature
 # (model, path, *, spec, options) -> dict of details for the spec's `extra`; imported only when that format is chosen.
 FORMATS: dict[str, dict[str, Any]] = {
@@ -108,13 +110,13 @@ ALL = "all"
 def check_format_precision(fmt: str, precision: str) -> None:
     """Raise ValueError with one sentence when the format or precision is unknown or the pair is unsupported."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join([*FORMATS, ALL])}")
+        raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join([*FORMATS, ALL])}")
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        raise UserError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     supported = FORMATS[fmt]["precisions"]
     if precision not in supported:
         others = [f for f, row in FORMATS.items() if precision in row["precisions"]]
-        raise ValueError(
+        raise UserError(
             f"the {fmt} format supports {', '.join(supported)} only; for {precision} use --format {' or '.join(others)}"
         )
 
@@ -137,15 +139,15 @@ class QuantOptions:
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
-            raise ValueError(
+            raise UserError(
                 f"unknown calibration method {self.method!r}; choose one of: {', '.join(CALIBRATION_METHODS)}"
             )
         if self.scope not in QUANT_SCOPES:
-            raise ValueError(f"unknown quantization scope {self.scope!r}; choose one of: {', '.join(QUANT_SCOPES)}")
+            raise UserError(f"unknown quantization scope {self.scope!r}; choose one of: {', '.join(QUANT_SCOPES)}")
         if self.target not in QUANT_TARGETS:
-            raise ValueError(f"unknown quantization target {self.target!r}; choose one of: {', '.join(QUANT_TARGETS)}")
+            raise UserError(f"unknown quantization target {self.target!r}; choose one of: {', '.join(QUANT_TARGETS)}")
         if int(self.count) < 1:
-            raise ValueError(f"--calib-count must be at least 1, not {self.count}")
+            raise UserError(f"--calib-count must be at least 1, not {self.count}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from adtr_deploy.errors import UserError
+
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
 # Ops that always run in FP32.
@@ -140,7 +142,7 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
             else:
                 rest.append(node)
         if len(rest) == len(pending):
-            raise ValueError(f"the graph has a cycle or a dangling input near node {rest[0].name!r}")
+            raise UserError(f"the graph has a cycle or a dangling input near node {rest[0].name!r}")
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
@@ -158,7 +160,7 @@ def convert_to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Fp16Report
     graph = out.graph
     for node in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise ValueError(
+            raise UserError(
                 f"the FP16 conversion handles graphs without control flow; node {node.name!r} has a subgraph"
             )
     for i, node in enumerate(graph.node):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import DEFAULT_CALIB_COUNT
 from adtr_deploy.leak_guard import check_no_test_leak, mvtec_test_split
 from adtr_deploy.preprocess import ImageDecodeError, is_image_file, load_image, prepare, stack_batch
@@ -97,7 +98,7 @@ def verification_images(
     if verify_images:
         images = load_files(evenly(files_from(verify_images), max_images), size)
         if not images:
-            raise ValueError(
+            raise UserError(
                 f"--verify-images {verify_images} matches no readable image; give a folder or a glob of images"
             )
         return stack_batch(images), f"{len(images)} images from {verify_images}"
@@ -136,7 +137,7 @@ def check_not_test_images(files: list[Path], test_split: list[Path]) -> None:
         check_no_test_leak(files, test_split)
     except ValueError as exc:
         what = str(exc).split(";")[0].replace("anomaly file", "calibration image", 1)
-        raise ValueError(
+        raise UserError(
             f"{what}; calibrating INT8 on test images makes its measured accuracy optimistic, so calibrate on good "
             "training images (--calib-images FOLDER|GLOB)"
         ) from None
@@ -162,11 +163,11 @@ def calibration_files(
     """
     count = int(count)
     if count < 1:
-        raise ValueError(f"--calib-count must be at least 1, not {count}")
+        raise UserError(f"--calib-count must be at least 1, not {count}")
     if calib_images:
         files = evenly(files_from(calib_images), count)
         if not files:
-            raise ValueError(f"--calib-images {calib_images} matches no image; give a folder or a glob of good images")
+            raise UserError(f"--calib-images {calib_images} matches no image; give a folder or a glob of good images")
         source = f"{len(files)} images from --calib-images {calib_images}"
     else:
         held_out = [Path(p) for p in info.get("calibration_images") or [] if Path(p).is_file()]
@@ -174,7 +175,7 @@ def calibration_files(
         more = [f for f in _train_good(info) if f.resolve() not in held]
         files = held_out[:count] + evenly(more, max(0, count - len(held_out)))
         if not files:
-            raise ValueError(
+            raise UserError(
                 "INT8 calibration needs good training images, and the checkpoint records none that exist on this "
                 "machine; pass --calib-images FOLDER|GLOB with good images (not test images)"
             )
@@ -190,5 +191,5 @@ def load_calibration_batch(files: list[str | Path], size: tuple[int, int]) -> np
     """uint8 (N, H, W, 3) batch of the readable calibration images, through the shared preprocessing."""
     images = load_files(files, size)
     if not images:
-        raise ValueError("none of the calibration images could be read; pass --calib-images with readable images")
+        raise UserError("none of the calibration images could be read; pass --calib-images with readable images")
     return np.stack(images)

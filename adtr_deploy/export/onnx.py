@@ -16,6 +16,7 @@ from typing import Any
 import onnx
 import torch
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import PRECISIONS, ExportOptions
 from adtr_deploy.export.quiet import quiet
 from adtr_deploy.spec import METADATA_KEY, ModelSpec
@@ -26,7 +27,7 @@ PROTOBUF_LIMIT = 2**31 - 2**20  # 2 GB less a margin for the graph itself
 BATCH_DIM = "batch"
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(UserError, RuntimeError):
     """The ONNX graph could not be written or failed its checks."""
 
 
@@ -36,11 +37,11 @@ _quiet = functools.partial(quiet, "torch.onnx", "torch.export", "onnxscript", "t
 
 def check_opset(opset: int, dynamo: bool) -> None:
     if opset < MIN_OPSET:
-        raise ValueError(
+        raise UserError(
             f"opset {opset} is too old: ADTR needs opset {MIN_OPSET} or newer for native LayerNormalization; use --opset 18"
         )
     if dynamo and opset < DYNAMO_MIN_OPSET:
-        raise ValueError(
+        raise UserError(
             f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer; use --opset {DYNAMO_MIN_OPSET}, "
             f"or --exporter torchscript for opset {opset}"
         )

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import (
     CALIBRATION_METHODS,
     QUANT_SCOPES,
@@ -368,7 +369,7 @@ def quantize_static_onnx(
         onnx.save_model(prepared, str(pre_path))
         to_quantize, kept = plan_nodes(prepared, quant.scope)
         if not to_quantize:
-            raise ValueError(f"the graph has no weighted op to quantize in scope {quant.scope!r}")
+            raise UserError(f"the graph has no weighted op to quantize in scope {quant.scope!r}")
         cache, seconds = calibrate(pre_path, images, quant, input_name, Path(tmp))
         out_path = Path(tmp) / "int8.onnx"
         with _quiet():
@@ -475,7 +476,7 @@ def int8_static_pass(model: onnx.ModelProto, options: ExportOptions) -> tuple[on
     """The PRECISIONS["int8"] pass: calibration images from options.quant.calib_files, read at the graph's input size."""
     quant = options.quant
     if not quant.calib_files:
-        raise ValueError("INT8 calibration needs good training images; pass --calib-images FOLDER|GLOB")
+        raise UserError("INT8 calibration needs good training images; pass --calib-images FOLDER|GLOB")
     name, size = _input_of(model)
     images = load_calibration_batch(list(quant.calib_files), size)
     return quantize_static_onnx(model, images, quant, input_name=name)

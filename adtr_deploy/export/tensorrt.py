@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import ExportOptions
 from adtr_deploy.fileio import atomic_write_bytes
 from adtr_deploy.runtime import engine_check
@@ -45,10 +46,10 @@ def profile_shapes(input_size: tuple[int, int], batch_max: int, batch_opt: int |
     """The optimization profile of the image input: (min, opt, max) NHWC shapes over the batch range 1..batch_max."""
     batch_max = int(batch_max)
     if batch_max < 1:
-        raise ValueError(f"--batch-max must be at least 1, not {batch_max}")
+        raise UserError(f"--batch-max must be at least 1, not {batch_max}")
     opt = min(DEFAULT_OPT_BATCH, batch_max) if batch_opt is None else int(batch_opt)
     if not 1 <= opt <= batch_max:
-        raise ValueError(f"the optimization batch {opt} must lie between 1 and --batch-max {batch_max}")
+        raise UserError(f"the optimization batch {opt} must lie between 1 and --batch-max {batch_max}")
     h, w = int(input_size[0]), int(input_size[1])
     return {"min": (1, h, w, 3), "opt": (opt, h, w, 3), "max": (batch_max, h, w, 3)}
 
@@ -116,7 +117,7 @@ def build_recipe(version: str | tuple[int, ...], precision: str) -> Recipe:
     recipe = TRT_RECIPES.get((gen, precision))
     if recipe is None:
         known = ", ".join(sorted({p for g, p in TRT_RECIPES if g == gen}))
-        raise ValueError(f"TensorRT {version} engines can be built in {known}, not {precision!r}")
+        raise UserError(f"TensorRT {version} engines can be built in {known}, not {precision!r}")
     return recipe
 
 
@@ -188,7 +189,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise RuntimeError(f"TensorRT cannot parse the ONNX graph ({(errors or ['no details'])[0][:300]})")
+        raise UserError(f"TensorRT cannot parse the ONNX graph ({(errors or ['no details'])[0][:300]})")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     for name in recipe.set_flags:
@@ -205,7 +206,7 @@ def build_engine(
     config.set_timing_cache(cache, False)  # False: refuse a cache from another GPU/TensorRT
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError("TensorRT could not build the engine (see its log above); try a larger --workspace-gb")
+        raise UserError("TensorRT could not build the engine (see its log above); try a larger --workspace-gb")
     atomic_write_bytes(engine_path, bytes(plan))
     if timing_cache is not None:
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import atomic_copy, atomic_write_text
 from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME, ModelSpec, SpecError, spec_path_for
 
@@ -50,7 +51,7 @@ TRITON_FORMAT = {
 }
 
 
-class TritonConfigError(ValueError):
+class TritonConfigError(UserError):
     """A Triton model configuration cannot be written or does not fit Triton's ModelConfig schema."""
 
 

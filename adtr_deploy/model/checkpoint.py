@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from adtr_deploy import __version__
+from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import atomic_write
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.config import ADTRConfig
@@ -21,7 +22,7 @@ CHECKPOINT_FORMAT = "adtr-deploy-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file is not a readable adtr-deploy checkpoint."""
 
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from adtr_deploy.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -38,9 +40,9 @@ class ADTRConfig:
 
     def __post_init__(self) -> None:
         if self.resize not in ("bilinear", "area"):
-            raise ValueError(f"resize {self.resize!r} is not 'bilinear' or 'area'")
+            raise UserError(f"resize {self.resize!r} is not 'bilinear' or 'area'")
         if self.aggregate < 1 or self.aggregate % 2 == 0:
-            raise ValueError(f"aggregate {self.aggregate} must be an odd kernel size >= 1")
+            raise UserError(f"aggregate {self.aggregate} must be an odd kernel size >= 1")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -107,5 +109,5 @@ PRESETS: dict[str, ADTRConfig] = {
 
 def get_preset(name: str, **overrides: Any) -> ADTRConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adtr_deploy.errors import UserError
+
 # (kernel, stride, expand_ratio, in_filters, out_filters, repeats) of EfficientNet-B0, which every variant scales.
 BASE_BLOCKS = (
     (3, 1, 1, 32, 16, 1),
@@ -232,7 +234,7 @@ LITE_PACKAGES = {
 }
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Pretrained weights are missing or do not fit the backbone."""
 
 

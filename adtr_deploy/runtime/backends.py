@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             opts.intra_op_num_threads = threads
         # The spec decides the TensorRT precision unless the caller says otherwise; read it before the session exists.
-        spec_hint = read_spec(path, None) if path.with_name(SPEC_FILENAME).is_file() else None
+        spec_hint = read_spec(path, None, verify=False) if path.with_name(SPEC_FILENAME).is_file() else None
         if fp16 is None:
             fp16 = bool(spec_hint and spec_hint.precision == "fp16")
         providers = self._providers(kind, index, path, trt_cache_dir, fp16)
@@ -266,7 +267,7 @@ def backend_class(path: str | Path, backend: str | None = None) -> type[Backend]
     path = model_file(path)
     cls = BACKENDS.get(path.suffix.lower())
     if cls is None:
-        raise BackendError(f"{path.name}: unknown model type {path.suffix!r}; expected one of {', '.join(BACKENDS)}")
+        raise BackendError(f"{path}: unknown model type {path.suffix!r}; expected one of {', '.join(BACKENDS)}")
     return cls
 
 
@@ -277,14 +278,40 @@ def open_model(path: str | Path, device: str = "cpu", *, backend: str | None = N
     return cls(model_file(path) if cls.local else path, device, **options)
 
 
+def is_training_checkpoint(path: Path) -> bool:
+    """A torch.save zip (what adtr-train writes) rather than a TorchScript archive: it has data.pkl but no code/.
+    Read with zipfile only, so the torch-free runtime can tell the user to export it instead of failing to load it."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/data.pkl") for n in names) and not any("/code/" in n for n in names)
+
+
+def _not_exported(path: Path) -> BackendError:
+    return BackendError(
+        f"{path} is a training checkpoint, not an exported model; export it first "
+        f"(adtr-export --model {path} --format onnx --out EXPORT_DIR) and run EXPORT_DIR/model.onnx"
+    )
+
+
 def model_file(path: str | Path) -> Path:
-    """The model file itself: `path`, or the first model file in an export folder."""
+    """The model file itself: `path`, or the first model file in an export folder. Training checkpoints are refused
+    with the export command to run."""
     path = Path(path)
     if path.is_dir():
-        found = [p for p in sorted(path.iterdir()) if p.suffix.lower() in BACKENDS]
-        if not found:
+        found = [p for p in sorted(path.iterdir()) if p.suffix.lower() in BACKENDS and p.is_file()]
+        exported = [p for p in found if not (p.suffix.lower() == ".pt" and is_training_checkpoint(p))]
+        if not exported and found:
+            raise _not_exported(found[0])
+        if not exported:
             raise BackendError(f"{path} holds no exported model (model.onnx, model.engine or model.torchscript)")
-        return found[0]
+        return exported[0]
     if not path.is_file():
         raise BackendError(f"model file {path} does not exist; give the file that adtr-export wrote")
+    if path.suffix.lower() in (".pt", ".pth", ".ckpt") and is_training_checkpoint(path):
+        raise _not_exported(path)
     return path

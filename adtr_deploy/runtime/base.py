@@ -10,23 +10,54 @@ from pathlib import Path
 
 import numpy as np
 
+from adtr_deploy.errors import UserError
+from adtr_deploy.fileio import sha256_file
 from adtr_deploy.spec import SPEC_FILENAME, ModelSpec, SpecError, spec_path_for
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A model cannot be opened or run by the requested backend."""
 
 
-def read_spec(model_path: str | Path, embedded: str | None = None) -> ModelSpec:
-    """The spec beside the artifact (`model.json`) wins, so thresholds can be edited; the embedded copy is the fallback."""
+def read_spec(model_path: str | Path, embedded: str | None = None, *, verify: bool = True) -> ModelSpec:
+    """The spec beside the artifact (`model.json`) wins, so thresholds can be edited; the embedded copy is the fallback.
+
+    With `verify`, a `model.json` is bound to its artifact: the sha256 it records must be the artifact's, and the
+    checkpoint it names must be the one the artifact's embedded spec names. A model.json copied from another export
+    (same architecture, other weights: wrong threshold, wrong normalized scores) is refused instead of used."""
     beside = spec_path_for(model_path)
     if beside.is_file():
-        return ModelSpec.load(beside)
+        spec = ModelSpec.load(beside)
+        if verify:
+            check_identity(spec, Path(model_path), beside, ModelSpec.from_json(embedded) if embedded else None)
+        return spec
     if embedded:
         return ModelSpec.from_json(embedded)
     raise SpecError(
         f"{model_path} has no {SPEC_FILENAME} beside it and no embedded spec; export it with adtr-export, which writes both"
     )
+
+
+def _checkpoint_sha(spec: ModelSpec) -> str | None:
+    ckpt = spec.extra.get("checkpoint") if isinstance(spec.extra, dict) else None
+    return ckpt.get("sha256") if isinstance(ckpt, dict) else None
+
+
+def check_identity(spec: ModelSpec, model_path: Path, spec_path: Path, embedded: ModelSpec | None) -> None:
+    """Refuse a spec that was written for another artifact (see read_spec). A spec without recorded hashes (written
+    by hand) is accepted: there is nothing to bind it to."""
+    recorded = spec.extra.get("sha256") if isinstance(spec.extra, dict) else None
+    if recorded and model_path.is_file() and sha256_file(model_path) != recorded:
+        raise BackendError(
+            f"{spec_path} was written for another model file than {model_path} (the sha256 it records differs): it "
+            "belongs to another model; put the model.json that adtr-export wrote with this model beside it"
+        )
+    theirs, ours = _checkpoint_sha(spec), _checkpoint_sha(embedded) if embedded else None
+    if theirs and ours and theirs != ours:
+        raise BackendError(
+            f"{spec_path} describes a model trained as another checkpoint than the one inside {model_path}: it "
+            "belongs to another model; put the model.json that adtr-export wrote with this model beside it"
+        )
 
 
 def parse_device(device: str) -> tuple[str, int]:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.spec import ModelSpec
 
 INSTALL_HINT = "pip install 'adtr-deploy[tensorrt]' on a machine with an NVIDIA GPU"
@@ -23,11 +24,11 @@ MIN_MAJOR = 10
 MUST_MATCH = ("tensorrt_version", "compute_capability")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(UserError, RuntimeError):
     """TensorRT or a CUDA GPU is missing on this machine."""
 
 
-class EngineCompatibilityError(RuntimeError):
+class EngineCompatibilityError(UserError, RuntimeError):
     """A serialized engine was built for another GPU or TensorRT version than this machine has."""
 
 
@@ -42,7 +43,7 @@ def parse_version(text: str) -> tuple[int, ...]:
         if m.end() != len(piece):
             break
     if not parts:
-        raise ValueError(f"{text!r} is not a version number")
+        raise UserError(f"{text!r} is not a version number")
     return tuple(parts)
 
 
@@ -72,7 +73,7 @@ def device_index(device: str | int) -> int:
     text = str(device).strip().lower()
     m = re.fullmatch(r"(?:cuda|gpu)?:?(\d*)", text)
     if not m:
-        raise ValueError(f"device {device!r} is not a CUDA device; use cuda, cuda:0, cuda:1, ...")
+        raise UserError(f"device {device!r} is not a CUDA device; use cuda, cuda:0, cuda:1, ...")
     return int(m.group(1) or 0)
 
 

@@ -4,33 +4,47 @@ Decoding and resizing happen in a thread pool (OpenCV releases the GIL) with a b
 memory stays flat however long the source is. Results come out in source order. Every frame taken from the source gets
 one line in results.jsonl, written and flushed as soon as its batch is done, so a crash or Ctrl-C loses nothing already
 processed; the summary is written at the end whatever the reason the run stopped.
+
+SIGINT (Ctrl-C) and SIGTERM (docker stop, systemd) do not raise in the middle of a batch: they ask the loop to stop at
+the next record boundary, so the summary counts exactly the records results.jsonl holds; frames taken but not yet
+recorded are neither written nor counted (a --resume run picks them up). A second signal stops at once; the summary
+then recounts what the file holds.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from adtr_deploy.errors import UserError
+from adtr_deploy.fileio import write_json_atomic
+from adtr_deploy.imageheader import DEFAULT_MAX_PIXELS
 from adtr_deploy.preprocess import ImageDecodeError, resize, stack_batch
 from adtr_deploy.runtime.base import Backend
+from adtr_deploy.runtime.display import DEFAULT_VIDEO_FPS, VideoOut, Window
+from adtr_deploy.runtime.frames import END, Frame, Source, decode_frame
+from adtr_deploy.runtime.outdir import (
+    OVERLAY_DIR,
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    check_out_dir,
+    count_records,
+    recorded_sources,
+    write_image_atomic,
+)
 from adtr_deploy.runtime.postprocess import Postprocessor, Prediction, overlay
-from adtr_deploy.runtime.sources import END, Frame, Source, decode_frame
-
-RESULTS_FILE = "results.jsonl"
-SUMMARY_FILE = "summary.json"
-OVERLAY_DIR = "overlays"
-DEFAULT_VIDEO_FPS = 10.0  # for --save-video when the source has no frame rate (images, most streams)
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,9 @@ class RunOptions:
     show: bool = False
     max_frames: int | None = None
     duration: float | None = None  # seconds of wall-clock time
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # images declaring more pixels are refused from their header
+    overwrite: bool = False  # replace the results of an earlier run in the same folder
+    resume: bool = False  # append to them, skipping the inputs already recorded (image files only)
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -55,67 +72,6 @@ def _percentiles(values: list[float]) -> dict:
         "mean": round(float(a.mean()), 3),
         **{f"p{q}": round(float(np.percentile(a, q)), 3) for q in (50, 90, 99)},
     }
-
-
-class _Window:
-    """--show: a cv2.imshow window, or a one-time notice when there is no display or OpenCV is the headless build."""
-
-    def __init__(self, log: Callable[[str], None]):
-        self.log = log
-        self.enabled = True
-        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            self._disable("there is no display (DISPLAY is not set)")
-
-    def _disable(self, why: str) -> None:
-        self.enabled = False
-        self.log(f"--show is ignored: {why}; results and overlays are still written")
-
-    def show(self, image_bgr: np.ndarray) -> bool:
-        """Show one frame; False when the user closed the window or pressed q / Esc."""
-        if not self.enabled:
-            return True
-        try:
-            cv2.imshow("adtr-run", image_bgr)
-            key = cv2.waitKey(1) & 0xFF
-        except cv2.error:
-            self._disable("this OpenCV has no GUI support (opencv-python-headless); install opencv-python for a window")
-            return True
-        return key not in (ord("q"), 27)
-
-    def close(self) -> None:
-        if self.enabled:
-            try:
-                cv2.destroyAllWindows()
-            except cv2.error:
-                pass
-
-
-class _VideoOut:
-    """--save-video: annotated frames at the first frame's size; the codec follows the suffix (.mp4 mp4v, else MJPG)."""
-
-    def __init__(self, path: Path, fps: float):
-        self.path, self.fps = path, fps
-        self.writer = None
-        self.size: tuple[int, int] | None = None
-        self.frames = 0
-
-    def write(self, image_bgr: np.ndarray) -> None:
-        if self.writer is None:
-            h, w = image_bgr.shape[:2]
-            self.size = (w, h)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            codec = "mp4v" if self.path.suffix.lower() in (".mp4", ".m4v", ".mov") else "MJPG"
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*codec), self.fps, self.size)
-            if not self.writer.isOpened():
-                raise ValueError(f"cannot write the video {self.path} with codec {codec}; use a .avi or .mp4 path")
-        if (image_bgr.shape[1], image_bgr.shape[0]) != self.size:
-            image_bgr = cv2.resize(image_bgr, self.size, interpolation=cv2.INTER_AREA)
-        self.writer.write(image_bgr)
-        self.frames += 1
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.release()
 
 
 class Pipeline:
@@ -135,10 +91,10 @@ class Pipeline:
         log: Callable[[str], None] | None = None,
     ):
         if options.batch_size < 1 or options.workers < 1:
-            raise ValueError("--batch-size and --workers must be at least 1")
+            raise UserError("--batch-size and --workers must be at least 1")
         for name, value in (("--max-frames", options.max_frames), ("--duration", options.duration)):
             if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive; leave it out to run until the source ends")
+                raise UserError(f"{name} must be positive; leave it out to run until the source ends")
         self.backend = backend
         self.source = source
         self.out_dir = Path(out_dir)
@@ -148,6 +104,8 @@ class Pipeline:
         self.on_record = on_record
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.counts = {"images": 0, "ok": 0, "anomalies": 0, "errors": 0}
+        self.skipped = 0  # inputs recorded by the earlier run that --resume continues
+        self._signal: int | None = None
         self._latencies: list[float] = []
         self._infer_ms: list[float] = []
         self._keep_original = options.save_overlays or options.save_video is not None or options.show
@@ -155,17 +113,32 @@ class Pipeline:
     # -- worker side -------------------------------------------------------------------------------------------------
     def _load(self, frame: Frame) -> tuple[np.ndarray | None, np.ndarray]:
         """Decode and preprocess one frame (in a worker thread): (original RGB if needed for pictures, model input)."""
-        rgb = decode_frame(frame)
+        rgb = decode_frame(frame, self.options.max_pixels)
         return (rgb if self._keep_original else None), resize(rgb, self.backend.spec.input_size)
 
     # -- main loop ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Process the source until it ends, a limit is reached or the user interrupts; returns the summary."""
         opts = self.options
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if opts.save_overlays:
-            (self.out_dir / OVERLAY_DIR).mkdir(exist_ok=True)
-        started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        check_out_dir(self.out_dir, overwrite=opts.overwrite, resume=opts.resume)
+        done = recorded_sources(self.out_dir / RESULTS_FILE) if opts.resume else set()
+        if opts.resume:
+            if not hasattr(self.source, "skip"):
+                raise UserError(
+                    "--resume works for image files (a folder, a glob or a list); run videos and streams anew"
+                )
+            self.skipped = self.source.skip(done)
+        # The source opens before anything is written: a source that fails leaves the folder as it was.
+        self.source.start()
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if opts.save_overlays:
+                (self.out_dir / OVERLAY_DIR).mkdir(exist_ok=True)
+            results = open(self.out_dir / RESULTS_FILE, "a" if opts.resume else "w", encoding="utf-8")
+        except BaseException:
+            self.source.close()
+            raise
+        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         t_start = time.perf_counter()
         deadline = t_start + opts.duration if opts.duration else None
         # Frames in flight: enough to keep every worker busy on files; one batch for live sources, so what is processed
@@ -174,15 +147,16 @@ class Pipeline:
         pending: deque[tuple[Frame, Future]] = deque()
         batch: list[tuple[Frame, object]] = []  # (frame, (original, input) or the error message), in source order
         taken, exhausted, stopped = 0, False, "end of source"
-        window_ui = _Window(self.log) if opts.show else None
+        window_ui = Window(self.log) if opts.show else None
         video = None
         if opts.save_video:
-            video = _VideoOut(Path(opts.save_video), DEFAULT_VIDEO_FPS)
+            video = VideoOut(Path(opts.save_video), DEFAULT_VIDEO_FPS)
         pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="adtr-decode")
-        results = open(self.out_dir / RESULTS_FILE, "w", encoding="utf-8")
+        start_offset = results.tell()
         self._results, self._video, self._window = results, video, window_ui
+        restore = self._catch_signals()
+        abrupt = False
         try:
-            self.source.start()
             if video is not None and self.source.fps:
                 video.fps = self.source.fps
             while True:
@@ -205,9 +179,11 @@ class Pipeline:
                     if batch:
                         self._finish(batch)
                         batch = []
-                    if exhausted or self._stop_requested:
+                    if exhausted or self._stop_requested or self._signal:
                         break
                     continue
+                if self._signal:
+                    break
                 frame, future = pending.popleft()
                 try:
                     batch.append((frame, future.result()))
@@ -224,12 +200,15 @@ class Pipeline:
                 if self._stop_requested:
                     stopped = "window closed"
                     break
+            if self._signal:
+                stopped = "interrupted"
         except KeyboardInterrupt:
-            stopped = "interrupted"
+            stopped, abrupt = "interrupted", True
         except BaseException as exc:
-            stopped = f"error: {exc}"
+            stopped, abrupt = f"error: {exc}", True
             raise
         finally:
+            restore()
             for _, future in pending:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -239,9 +218,34 @@ class Pipeline:
                 video.close()
             if window_ui is not None:
                 window_ui.close()
+            if abrupt:  # stopped between a write and its count: the file is the truth
+                self.counts = count_records(self.out_dir / RESULTS_FILE, start_offset)
             summary = self._summary(started_at, time.perf_counter() - t_start, stopped)
-            (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            write_json_atomic(summary, self.out_dir / SUMMARY_FILE)
         return summary
+
+    def _catch_signals(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM ask the loop to stop at the next record boundary; a second one raises KeyboardInterrupt.
+        Returns the function that restores the previous handlers. Only the main thread can set handlers; a SIGINT
+        the process was started ignoring (a backgrounded job) stays ignored."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            self._signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
 
     _stop_requested = False
 
@@ -269,7 +273,7 @@ class Pipeline:
                 if self.options.save_overlays:
                     target = self.out_dir / OVERLAY_DIR / f"{frame.key}.jpg"
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    cv2.imwrite(str(target), picture)
+                    write_image_atomic(target, picture)
                     record["overlay"] = str(target.relative_to(self.out_dir))
                 if self._video is not None:
                     self._video.write(picture)
@@ -292,19 +296,19 @@ class Pipeline:
         }
         if frame.gap is not None:
             record["gap"] = frame.gap
-        self.counts["images"] += 1
-        if pred is None:
-            self.counts["errors"] += 1
-        else:
-            self.counts["ok"] += 1
-            self.counts["anomalies"] += int(pred.is_anomaly)
-            self._latencies.append(latency)
         return record
 
     def _write(self, record: dict) -> None:
-        # One write call per line, then flush: an interrupted run never leaves half a record behind.
+        # One write call per line, then flush; the record is counted only once it is in the file.
         self._results.write(json.dumps(record) + "\n")
         self._results.flush()
+        self.counts["images"] += 1
+        if record["status"] == "ok":
+            self.counts["ok"] += 1
+            self.counts["anomalies"] += int(record["is_anomaly"])
+            self._latencies.append(record["latency_ms"])
+        else:
+            self.counts["errors"] += 1
         if self.on_record is not None:
             self.on_record(record, self.counts)
 
@@ -320,6 +324,8 @@ class Pipeline:
             "reconnects": src.get("reconnects", 0),
             "gaps": src.get("gaps", []),
             "stopped": stopped,
+            "signal": signal.Signals(self._signal).name if self._signal else None,
+            "resumed_skipped": self.skipped,
             "threshold": self.post.threshold,
             "calibration": self.post.calibration.method,
             "source": self.source.name,

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from adtr_deploy.calibration import normalize_maps, normalize_scores
+from adtr_deploy.errors import UserError
 from adtr_deploy.spec import Calibration
 
 
@@ -33,9 +34,9 @@ class Postprocessor:
     def __init__(self, calibration: Calibration, threshold: float | None = None):
         if threshold is not None:
             if not np.isfinite(threshold):
-                raise ValueError(f"--threshold {threshold} is not a finite number; give a raw score threshold")
+                raise UserError(f"--threshold {threshold} is not a finite number; give a raw score threshold")
             if threshold <= calibration.score_mean and calibration.method != "uncalibrated":
-                raise ValueError(
+                raise UserError(
                     f"--threshold {threshold:g} is not above the mean score of good images ({calibration.score_mean:g}); "
                     "give a larger threshold"
                 )

@@ -1,106 +1,58 @@
 """Where frames come from: image files (one, a folder, a glob, a list file), a video file, a camera or a network stream.
 
-Every source hands out `Frame`s through `read(timeout)`. Decoding is NOT done here for files and stream packets: a Frame
-carries a path or the encoded bytes, and the pipeline's workers decode them through adtr_deploy.preprocess.
-
-- Finite sources (files, videos) give every frame, in order, then END.
-- Live sources (camera, RTSP, HTTP) are read in their own thread that keeps only the NEWEST frame: when the consumer is
-  slower than the camera, older frames are replaced (dropped, and counted), so results stay current instead of lagging
-  further and further behind. A stream that drops is reopened with exponential backoff, and the gap (start, end,
-  duration, attempts) is recorded and attached to the first frame after it.
+Every source hands out `Frame`s through `read(timeout)` (see adtr_deploy.runtime.frames). Finite sources (files,
+videos) give every frame, in order, then END; every input named by the user gets exactly one frame, so one record:
+a missing file, a dangling link or a non-image file included (as an error). Live sources (camera, RTSP, HTTP) live in
+adtr_deploy.runtime.live and are re-exported here.
 """
 
 from __future__ import annotations
 
-import base64
 import glob
-import http.client
+import os
 import queue
 import re
-import socket
 import threading
 import time
-import urllib.parse
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
-import numpy as np
 
-from adtr_deploy.preprocess import IMAGE_SUFFIXES, ImageDecodeError, decode_image, read_image, to_rgb_uint8
+from adtr_deploy.errors import UserError
+from adtr_deploy.preprocess import IMAGE_SUFFIXES
+from adtr_deploy.runtime.frames import END, Frame, Source, decode_frame
+from adtr_deploy.runtime.live import LiveSource, redact
+
+__all__ = [
+    "END",
+    "Frame",
+    "ImageFiles",
+    "LiveSource",
+    "Source",
+    "VideoFile",
+    "decode_frame",
+    "list_folder",
+    "open_source",
+    "read_list_file",
+    "redact",
+]
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".mjpeg")
 LIST_SUFFIXES = (".txt", ".lst")
-END = object()  # read() returns END once a finite source is exhausted
-
-
-@dataclass
-class Frame:
-    """One image or video frame, not yet decoded (path or encoded bytes) or already decoded (`image`)."""
-
-    source: str  # file path, video path, URL or "camera:N"
-    frame: int  # index within its source (0 for a still image)
-    key: str  # unique, filesystem-safe name for this frame's outputs (overlays)
-    timestamp: float  # seconds: position in a video, capture time (Unix epoch) for images and live frames
-    path: Path | None = None
-    data: bytes | None = field(default=None, repr=False)
-    image: np.ndarray | None = field(default=None, repr=False)
-    bgr: bool = True  # colour order of `image`
-    error: str | None = None  # known to be unreadable before decoding (missing file, not an image)
-    gap: dict | None = None  # live: the stream outage that ended just before this frame
-    acquired: float = field(default_factory=time.perf_counter)  # when the source handed it out, for latency
-
-
-def decode_frame(frame: Frame) -> np.ndarray:
-    """The frame's pixels as uint8 RGB at their original size, via adtr_deploy.preprocess. Raises ImageDecodeError."""
-    if frame.error:
-        raise ImageDecodeError(frame.error)
-    if frame.path is not None:
-        return read_image(frame.path)
-    if frame.data is not None:
-        return decode_image(frame.data, name=f"{frame.source} frame {frame.frame}")
-    return to_rgb_uint8(frame.image, bgr=frame.bgr)
-
-
-class Source:
-    """Base: `start()`, `read(timeout) -> Frame | None (nothing yet) | END`, `close()`, `stats()`."""
-
-    live = False
-    total: int | None = None  # number of frames when known (files, videos)
-    fps: float | None = None  # frame rate when known (videos, cameras)
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def start(self) -> None:
-        pass
-
-    def read(self, timeout: float) -> Frame | None | object:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def stats(self) -> dict:
-        return {"dropped": 0, "gaps": [], "reconnects": 0}
-
-    def __enter__(self) -> Source:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class ImageFiles(Source):
-    """Still images, in the given order. Entries already known to be unreadable carry their reason."""
+    """Still images, in the given order. Entries already known to be unreadable carry their reason.
+
+    `skip(sources)` leaves out inputs recorded by an earlier run (--resume); the others keep their index, so their
+    overlay names are those a full run would give."""
 
     def __init__(self, name: str, entries: list[tuple[Path, str | None]], root: Path | None = None):
         super().__init__(name)
         self.entries = entries
         self.root = root
         self.total = len(entries)
+        self._order = list(range(len(entries)))
         self._next = 0
 
     def _key(self, i: int, path: Path) -> str:
@@ -110,10 +62,19 @@ class ImageFiles(Source):
             return (path.relative_to(self.root).parent / flat).as_posix()  # subfolders are kept
         return flat if len(self.entries) == 1 else f"{i:05d}_{flat}"
 
+    def skip(self, sources: set[str]) -> int:
+        """Leave out the entries whose path (as recorded in a record's "source") is in `sources`; returns how many.
+        Paths are compared resolved, so `images/` then `./images` or an absolute path still match."""
+        before = len(self._order)
+        done = {os.path.realpath(s) for s in sources}
+        self._order = [i for i in self._order if os.path.realpath(self.entries[i][0]) not in done]
+        self.total = len(self._order)
+        return before - len(self._order)
+
     def read(self, timeout: float = 0.0) -> Frame | object:
-        if self._next >= len(self.entries):
+        if self._next >= len(self._order):
             return END
-        i = self._next
+        i = self._order[self._next]
         self._next += 1
         path, error = self.entries[i]
         return Frame(source=str(path), frame=0, key=self._key(i, path), timestamp=time.time(), path=path, error=error)
@@ -122,9 +83,10 @@ class ImageFiles(Source):
 class VideoFile(Source):
     """Every frame of a video file, decoded in a reader thread (OpenCV releases the GIL) into a bounded queue."""
 
-    def __init__(self, path: Path, queue_size: int = 16):
+    def __init__(self, path: Path, queue_size: int = 16, max_pixels: int | None = None):
         super().__init__(str(path))
         self.path = path
+        self.max_pixels = max_pixels
         self._queue: queue.Queue = queue.Queue(maxsize=max(2, queue_size))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -132,8 +94,15 @@ class VideoFile(Source):
     def start(self) -> None:
         cap = cv2.VideoCapture(str(self.path))
         if not cap.isOpened():
-            raise ValueError(
+            raise UserError(
                 f"{self.path} cannot be opened as a video (corrupt, or a codec OpenCV lacks); convert it to MP4 or AVI"
+            )
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+        if self.max_pixels and w * h > self.max_pixels:
+            cap.release()
+            raise UserError(
+                f"{self.path} has {w}x{h} frames, more than the limit of {self.max_pixels / 1e6:g} MP; "
+                "raise --max-pixels if the video is genuine"
             )
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and fps > 0 else None
@@ -184,297 +153,15 @@ class VideoFile(Source):
             self._thread.join(timeout=2)
 
 
-class _Connection:
-    """One open live stream: `frames()` yields encoded bytes or decoded BGR arrays until the stream ends or fails."""
-
-    def frames(self) -> Iterator[bytes | np.ndarray]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def interrupt(self) -> None:
-        """Called from another thread to stop a blocked read soon; the reader thread still calls close()."""
-
-
-class _CaptureConnection(_Connection):
-    """A camera or FFmpeg-readable stream (RTSP, HTTP video) through cv2.VideoCapture."""
-
-    def __init__(self, target: int | str, timeout_s: float):
-        ms = int(timeout_s * 1000)
-        if isinstance(target, int):
-            self.cap = cv2.VideoCapture(target)
-        else:
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
-            self.cap = cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
-        if not self.cap.isOpened():
-            self.cap.release()
-            raise OSError("OpenCV could not open it")
-        fps = self.cap.get(cv2.CAP_PROP_FPS)
-        self.fps = float(fps) if fps and 0 < fps < 1000 else None
-
-    def frames(self) -> Iterator[np.ndarray]:
-        while True:
-            ok, img = self.cap.read()
-            if not ok:
-                return
-            yield img
-
-    def close(self) -> None:
-        self.cap.release()
-
-
-class _MjpegConnection(_Connection):
-    """An HTTP multipart/x-mixed-replace stream of JPEGs (IP cameras, MJPEG servers), parsed with the stdlib.
-
-    Packets are handed out still encoded, so frames that are dropped as stale are never decoded. Without a
-    Content-Length header a part ends at the next boundary, so each frame waits for the next one to begin."""
-
-    def __init__(self, response, boundary: bytes, sock):
-        self.response = response
-        self.boundary = b"--" + boundary
-        self.sock = sock
-        self.fps = None
-
-    def frames(self) -> Iterator[bytes]:
-        fp = self.response
-        pending: bytes | None = None
-        while True:
-            line = pending if pending is not None else fp.readline()
-            pending = None
-            if not line:
-                return
-            if not line.strip().startswith(self.boundary):
-                continue
-            if line.strip() == self.boundary + b"--":
-                return  # the closing boundary: the server ended the stream
-            headers = {}
-            while True:
-                h = fp.readline()
-                if not h:
-                    return
-                h = h.strip()
-                if not h:
-                    break
-                k, _, v = h.partition(b":")
-                headers[k.strip().lower()] = v.strip()
-            length = headers.get(b"content-length")
-            if length and length.isdigit():
-                body = fp.read(int(length))
-                if len(body) < int(length):
-                    return  # cut off mid-frame
-            else:  # no length: the body runs until the next boundary line
-                chunks = []
-                while True:
-                    part = fp.readline()
-                    if not part:
-                        return
-                    if part.strip().startswith(self.boundary):
-                        pending = part
-                        break
-                    chunks.append(part)
-                body = b"".join(chunks).rstrip(b"\r\n")
-            if body:
-                yield body
-
-    def interrupt(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv(); close() alone does not
-        except (OSError, AttributeError):
-            pass
-
-    def close(self) -> None:
-        self.interrupt()
-        self.response.close()
-
-
-def _open_url(url: str, timeout_s: float) -> _Connection:
-    """HTTP(S): parse MJPEG ourselves (reliable timeouts, prompt shutdown); anything else goes to OpenCV/FFmpeg."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https"):
-        return _CaptureConnection(url, timeout_s)
-    cls = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname or "", parts.port, timeout=timeout_s)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    headers = {}
-    if parts.username is not None:  # IP cameras often take user:password@host
-        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
-    try:
-        conn.request("GET", path, headers=headers)
-        sock = conn.sock  # kept before getresponse(), which may hand the socket over to the response
-        response = conn.getresponse()
-    except (OSError, http.client.HTTPException) as exc:
-        conn.close()
-        raise OSError(str(exc) or type(exc).__name__) from None
-    if response.status != 200:
-        conn.close()
-        raise OSError(f"HTTP {response.status} {response.reason}")
-    ctype = response.getheader("Content-Type", "")
-    m = re.search(r"multipart/x-mixed-replace.*boundary=\"?([^\";]+)\"?", ctype, re.IGNORECASE)
-    if m:
-        boundary = m.group(1).strip()
-        return _MjpegConnection(response, (boundary[2:] if boundary.startswith("--") else boundary).encode(), sock)
-    conn.close()
-    return _CaptureConnection(url, timeout_s)  # HTTP video (MP4, HLS, ...) for FFmpeg
-
-
-def redact(url: str) -> str:
-    """A URL without its password, for records and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-class LiveSource(Source):
-    """A camera or stream read in its own thread, newest frame only, reconnecting with exponential backoff.
-
-    The first connection happens in `start()`, so a wrong address fails at once with a clear message; after that the
-    stream is reopened for as long as the run lasts (the user stops it with Ctrl-C, --max-frames or --duration).
-    """
-
-    live = True
-
-    def __init__(
-        self, target: int | str, *, timeout_s: float = 5.0, backoff_s: float = 0.5, backoff_max_s: float = 10.0
-    ):
-        name = f"camera:{target}" if isinstance(target, int) else redact(str(target))
-        super().__init__(name)
-        self.target = target
-        self.timeout_s = timeout_s
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._slot: Frame | None = None
-        self._count = 0  # frames received from the stream, dropped ones included
-        self._last_frame_time: float | None = None
-        self._open_gap: dict | None = None
-        self._conn: _Connection | None = None
-        self._thread: threading.Thread | None = None
-        self.dropped = 0
-        self.reconnects = 0
-        self.gaps: list[dict] = []
-
-    def _connect(self) -> _Connection:
-        if isinstance(self.target, int):
-            return _CaptureConnection(self.target, self.timeout_s)
-        return _open_url(self.target, self.timeout_s)
-
-    def start(self) -> None:
-        try:
-            self._conn = self._connect()
-        except OSError as exc:
-            what = f"camera {self.target}" if isinstance(self.target, int) else f"stream {self.name}"
-            raise ValueError(
-                f"cannot open {what} ({exc}); check the address or index and that it is reachable"
-            ) from None
-        self.fps = getattr(self._conn, "fps", None)
-        self._thread = threading.Thread(target=self._loop, name="adtr-live", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        conn, delay = self._conn, self.backoff_s
-        while not self._stop.is_set():
-            if conn is None:
-                try:
-                    conn = self._connect()
-                    self._conn = conn
-                    self.reconnects += 1
-                except OSError as exc:
-                    self._note_outage(f"reconnect failed: {exc}")
-                    self._stop.wait(delay)
-                    delay = min(delay * 2, self.backoff_max_s)
-                    continue
-            reason = "stream ended"
-            try:
-                for item in conn.frames():
-                    if self._stop.is_set():
-                        break
-                    self._publish(item)
-                    delay = self.backoff_s  # frames flow again: the next outage starts from the short delay
-            except Exception as exc:  # socket timeouts, resets, decoder errors: all mean the stream is gone
-                reason = f"{type(exc).__name__}: {exc}"
-            finally:
-                conn.close()
-                conn = self._conn = None
-            if self._stop.is_set():
-                break
-            self._note_outage(reason)
-            self._stop.wait(delay)
-            delay = min(delay * 2, self.backoff_max_s)
-
-    def _note_outage(self, reason: str) -> None:
-        with self._cond:
-            if self._open_gap is None:
-                start = self._last_frame_time or time.time()
-                self._open_gap = {"start": start, "end": None, "duration_s": None, "attempts": 0, "reason": reason}
-            self._open_gap["attempts"] += 1
-
-    def _publish(self, item: bytes | np.ndarray) -> None:
-        now = time.time()
-        with self._cond:
-            index = self._count
-            self._count += 1
-            self._last_frame_time = now
-            gap = None
-            if self._open_gap is not None:
-                gap = self._open_gap
-                gap["end"] = now
-                gap["duration_s"] = round(now - gap["start"], 3)
-                self.gaps.append(gap)
-                self._open_gap = None
-            if self._slot is not None:
-                self.dropped += 1  # the consumer never took it: stale now
-                gap = gap or self._slot.gap  # keep a gap notice even when its frame is dropped
-            frame = Frame(source=self.name, frame=index, key=f"frame_{index:06d}", timestamp=now, gap=gap)
-            if isinstance(item, bytes):
-                frame.data = item
-            else:
-                frame.image = item
-            self._slot = frame
-            self._cond.notify_all()
-
-    def read(self, timeout: float) -> Frame | None:
-        with self._cond:
-            if self._slot is None and timeout > 0:
-                self._cond.wait(timeout)
-            frame, self._slot = self._slot, None
-        if frame is not None:
-            frame.acquired = time.perf_counter()
-        return frame
-
-    @property
-    def received(self) -> int:
-        return self._count
-
-    def close(self) -> None:
-        self._stop.set()
-        conn = self._conn
-        if conn is not None:
-            # Only interrupt here: VideoCapture is not thread-safe, so the reader thread releases its own connection
-            # once its current read returns (within the read timeout).
-            conn.interrupt()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s + 1)
-
-    def stats(self) -> dict:
-        with self._cond:
-            gaps = list(self.gaps)
-            if self._open_gap is not None:  # still down when the run ended
-                gaps.append(
-                    {**self._open_gap, "end": None, "duration_s": round(time.time() - self._open_gap["start"], 3)}
-                )
-        return {"dropped": self.dropped, "gaps": gaps, "reconnects": self.reconnects, "received": self._count}
-
-
 def _is_url(text: str) -> bool:
     return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text))
 
 
 def _file_entry(path: Path) -> tuple[Path, str | None]:
+    if path.is_symlink() and not path.exists():
+        return path, f"{path} is a link to a file that does not exist; fix or remove the link"
+    if path.is_dir():
+        return path, f"{path} is a folder, not an image file"
     if not path.is_file():
         return path, f"{path} does not exist; fix the path in the list"
     if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -485,12 +172,17 @@ def _file_entry(path: Path) -> tuple[Path, str | None]:
     return path, None
 
 
+def _is_entry(p: Path) -> bool:
+    """A file, or a link (a dangling one too: it gets an error record instead of vanishing)."""
+    return p.is_file() or p.is_symlink() and not p.is_dir()
+
+
 def list_folder(root: Path) -> list[Path]:
-    """Every file under `root`, recursively, sorted by relative path; hidden files and folders are skipped."""
+    """Every file and link under `root`, recursively, sorted by relative path; hidden files and folders are skipped."""
     files = [
         p
         for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        if _is_entry(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
@@ -506,36 +198,40 @@ def read_list_file(path: Path) -> list[Path]:
     return out
 
 
-def open_source(text: str | int, *, timeout_s: float = 5.0, queue_size: int = 16) -> Source:
+def open_source(
+    text: str | int, *, timeout_s: float = 5.0, queue_size: int = 16, max_pixels: int | None = None
+) -> Source:
     """Resolve --source: camera index, URL, folder, list file (.txt), video file, image file or glob pattern."""
     if isinstance(text, int) or str(text).strip().isdigit():
         return LiveSource(int(text), timeout_s=timeout_s)
     text = str(text).strip()
+    if not text:
+        raise UserError("--source is empty; give an image, a folder, a glob, a list file, a video, a camera or a URL")
     if _is_url(text):
         return LiveSource(text, timeout_s=timeout_s)
     path = Path(text).expanduser()
     if path.is_dir():
         files = list_folder(path)
         if not files:
-            raise ValueError(f"folder {path} holds no files; point --source at a folder of images")
+            raise UserError(f"folder {path} holds no files; point --source at a folder of images")
         return ImageFiles(str(path), [_file_entry(p) for p in files], root=path)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in LIST_SUFFIXES:
             paths = read_list_file(path)
             if not paths:
-                raise ValueError(f"list file {path} names no images; write one image path per line")
+                raise UserError(f"list file {path} names no images; write one image path per line")
             return ImageFiles(str(path), [_file_entry(p) for p in paths])
         if suffix in VIDEO_SUFFIXES:
-            return VideoFile(path, queue_size=queue_size)
+            return VideoFile(path, queue_size=queue_size, max_pixels=max_pixels)
         return ImageFiles(str(path), [(path, None)])  # any other file is tried as an image and reported if it is not
+    if path.is_symlink():
+        return ImageFiles(str(path), [_file_entry(path)])  # a dangling link: one error record, like in a folder
     if any(ch in text for ch in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if _is_entry(Path(p)))
         if not matches:
-            raise ValueError(
-                f"the pattern {text} matches no files; check it (quote it so the shell does not expand it)"
-            )
+            raise UserError(f"the pattern {text} matches no files; check it (quote it so the shell does not expand it)")
         return ImageFiles(text, [_file_entry(p) for p in matches])
-    raise ValueError(
+    raise UserError(
         f"--source {text} is not an existing file or folder, a glob pattern, a camera index or a URL; check the path"
     )

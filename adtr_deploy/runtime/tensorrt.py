@@ -71,9 +71,9 @@ class TensorRTBackend(Backend):
                 "a TensorRT engine runs only on an NVIDIA GPU; use --device cuda, or run the .onnx model with --device cpu"
             )
         path = Path(path)
-        spec = read_spec(path)
         trt = _import_tensorrt()
         cuda = _Cuda(_import_cudart())
+        spec = read_spec(path)  # after the imports: a machine without TensorRT says so first
         self._buffers: list = []
         self._stream = None
         self._cuda = cuda

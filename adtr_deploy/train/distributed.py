@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from adtr_deploy.errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -59,7 +61,7 @@ def setup(device: str) -> World:
     if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         return world()
     if not dist.is_available():
-        raise RuntimeError("this PyTorch build has no torch.distributed; run without torchrun / --nproc")
+        raise UserError("this PyTorch build has no torch.distributed; run without torchrun / --nproc")
     cuda = str(device).startswith("cuda")
     if cuda:
         # One GPU per process: the process's LOCAL_RANK picks it (set before NCCL touches a device).

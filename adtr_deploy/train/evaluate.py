@@ -12,13 +12,16 @@ import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from adtr_deploy.data.datasets import AnomalyData, image_loader, open_dataset
+if TYPE_CHECKING:
+    import torch
+
+from adtr_deploy.data.layout import AnomalyData, load_sample, open_dataset
 from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import atomic_write, write_json_atomic
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -30,11 +33,15 @@ class TorchRunner:
     name = "pytorch"
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
+        import torch
+
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.input_size = tuple(model.cfg.input_size)
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         x = torch.as_tensor(batch).to(self.device)
         with torch.no_grad():
             amap, score = self.model(x)
@@ -50,7 +57,7 @@ class BackendRunner:
         self.input_size = tuple(backend.spec.input_size)
 
     def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        arr = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        arr = np.asarray(batch)  # a torch tensor (DataLoader) or a numpy batch (torch-free evaluation)
         amap, score = self.backend.run(arr)
         return np.asarray(amap, dtype=np.float32), np.asarray(score, dtype=np.float32).reshape(-1)
 
@@ -89,9 +96,46 @@ def open_runner(model_path: str | Path, device: str = "cpu"):
 
 def check_device(device: str) -> None:
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ValueError(f"device {device!r} is not supported; use cpu or cuda")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but PyTorch sees no CUDA GPU here; use --device cpu")
+        raise UserError(f"device {device!r} is not supported; use cpu or cuda")
+    if str(device).startswith("cuda") and not _cuda_available():
+        raise UserError("--device cuda was given but PyTorch sees no CUDA GPU here; use --device cpu")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False  # onnxruntime-gpu alone: the backend itself says whether CUDA works
+    return torch.cuda.is_available()
+
+
+def _numpy_batches(samples, size, *, batch_size: int, masks: bool):
+    """The DataLoader's batches without torch (exported models in a runtime-only install), decoded in this process."""
+    from adtr_deploy.preprocess import load_mask
+
+    for start in range(0, len(samples), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(samples)))
+        batch = {"image": np.stack([load_sample(samples[i], size) for i in idx]), "index": idx}
+        if masks:
+            batch["mask"] = np.stack([load_mask(samples[i].mask, size)[None] for i in idx])
+        yield batch
+
+
+def _batches(samples, size, *, batch_size: int, workers: int, masks: bool):
+    """torch's DataLoader (parallel decoding with workers) when torch is installed, else the numpy batches."""
+    try:
+        from adtr_deploy.data.datasets import image_loader
+    except ImportError:
+        return _numpy_batches(samples, size, batch_size=batch_size, masks=masks)
+    return image_loader(samples, size, batch_size=batch_size, workers=workers, masks=masks)
+
+
+def _progress(iterable, *, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the train extra; a runtime-only install evaluates without a bar
+        return iterable
+    return tqdm(iterable, desc=desc, unit="batch", disable=not enabled, leave=False)
 
 
 @dataclass
@@ -113,21 +157,19 @@ def predict(
     desc: str = "eval",
 ) -> Predictions:
     """Run a model over samples; keep the maps (and load the masks) only of samples with pixel ground truth."""
-    from tqdm import tqdm
-
     size = runner.input_size
     scores = np.zeros(len(samples), dtype=np.float32)
     maps, masks, pix = [], [], []
-    loader = image_loader(samples, size, batch_size=batch_size, workers=workers, masks=keep_maps)
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+    loader = _batches(samples, size, batch_size=batch_size, workers=workers, masks=keep_maps)
+    for batch in _progress(loader, desc=desc, enabled=progress):
         amap, score = runner.run(batch["image"])
-        idx = batch["index"].numpy()
+        idx = np.asarray(batch["index"])
         scores[idx] = score
         if keep_maps:
             for j, i in enumerate(idx):
                 if samples[i].has_pixel_truth:
                     maps.append(amap[j])
-                    masks.append(batch["mask"][j].numpy())
+                    masks.append(np.asarray(batch["mask"][j]))
                     pix.append(i)
     if not keep_maps or not pix:
         return Predictions(scores, None, None, None)
@@ -196,7 +238,7 @@ def evaluate_runner(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of a runner on the test split of `data`, and the raw scores in test order."""
     if not data.has_test:
-        raise ValueError(
+        raise UserError(
             f"{data.root} has no test split for {data.category or 'this data'}; evaluation needs test images "
             "(MVTec-AD layout test/good and test/<defect>, or CIFAR test_batch)"
         )
@@ -228,7 +270,7 @@ def evaluate_model(
     """
     data = open_dataset(data_root, category)
     if not data.has_test:
-        raise ValueError(
+        raise UserError(
             f"{data_root} has no test split; evaluation needs the MVTec-AD test folders or CIFAR test_batch"
         )
     runner = open_runner(model_path, device)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.train.losses_plus import adtr_plus_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
@@ -34,7 +35,7 @@ LOSS_OPTIONS: dict[str, dict[str, str]] = {"adtr+": {"alpha": "alpha", "k": "top
 
 def get_loss(mode: str) -> LossFn:
     if mode not in LOSSES:
-        raise ValueError(f"training mode {mode!r} has no loss; choose one of: {', '.join(LOSSES)}")
+        raise UserError(f"training mode {mode!r} has no loss; choose one of: {', '.join(LOSSES)}")
     return LOSSES[mode]
 
 

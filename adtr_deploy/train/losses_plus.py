@@ -35,6 +35,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from adtr_deploy.errors import UserError
+
 ALPHA = 0.003  # the paper's weight of the push terms
 TOP_K = 20  # the paper's k for L_img on CIFAR-10
 PUSH_EPS = 1e-6
@@ -43,7 +45,7 @@ PUSH_EPS = 1e-6
 def phi_map(feats: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
     """Pseudo-Huber of the channel-mean absolute reconstruction error: (B, C, h, w) twice -> (B, h, w), float32."""
     if feats.shape != rec.shape or feats.dim() != 4:
-        raise ValueError(
+        raise UserError(
             f"features {tuple(feats.shape)} and reconstruction {tuple(rec.shape)} must both be (B, C, h, w)"
         )
     m = (feats.float() - rec.float()).abs().mean(dim=1)  # (B, h, w)
@@ -65,7 +67,7 @@ def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     if mask.dim() == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]  # (N, H, W): the training loop's image loader stacks masks as (N, 1, H, W)
     if mask.dim() != 3:
-        raise ValueError(f"masks must be (N, H, W) or (N, 1, H, W), got {tuple(mask.shape)}")
+        raise UserError(f"masks must be (N, H, W) or (N, 1, H, W), got {tuple(mask.shape)}")
     y = mask.float().clamp(0.0, 1.0).unsqueeze(1)  # (N, 1, H, W)
     return F.adaptive_avg_pool2d(y, grid).squeeze(1)  # (N, h, w)
 
@@ -137,7 +139,7 @@ def adtr_plus_loss(
     mask = batch.get("mask")
     labels = batch.get("label")
     if mask is None and labels is None:
-        raise ValueError('an ADTR+ batch needs "mask" and/or "label"; the ADTR+ data set provides both')
+        raise UserError('an ADTR+ batch needs "mask" and/or "label"; the ADTR+ data set provides both')
     if labels is None:
         labels = mask.flatten(1).to(torch.bool).any(1)
     total = w_img * image_loss_per_sample(phi, labels.to(phi.device), alpha, k).mean()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adtr_deploy import metrics
+from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import atomic_write_text, write_json_atomic
 
 SUMMARY_JSON = "summary.json"
@@ -36,13 +37,13 @@ def parse_categories(data_root: str | Path, category: str | None) -> list[str] |
             raise FileNotFoundError(f"data folder {root} does not exist; check --data")
         found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
         if not found:
-            raise ValueError(
+            raise UserError(
                 f"{root} has no category folders with train/good images; --category all needs an MVTec root"
             )
         return found
     names = [c.strip() for c in category.split(",") if c.strip()]
     if len(set(names)) != len(names):
-        raise ValueError(f"--category {category} names a category twice; list each once")
+        raise UserError(f"--category {category} names a category twice; list each once")
     missing = [c for c in names if not (root / c).is_dir()]
     if missing:
         raise FileNotFoundError(f"category folder {root / missing[0]} does not exist; check --category and --data")
@@ -56,9 +57,9 @@ def parse_devices(devices: str | None) -> list[str]:
     names = [d.strip() for d in devices.split(",") if d.strip()]
     for d in names:
         if not (d.startswith("cuda:") and d[5:].isdigit()):
-            raise ValueError(f"--devices entry {d!r} is not cuda:N; list GPUs like cuda:0,cuda:1 (omit it on the CPU)")
+            raise UserError(f"--devices entry {d!r} is not cuda:N; list GPUs like cuda:0,cuda:1 (omit it on the CPU)")
     if len(set(names)) != len(names):
-        raise ValueError(f"--devices {devices} names a GPU twice; list each once")
+        raise UserError(f"--devices {devices} names a GPU twice; list each once")
     return names
 
 

@@ -28,12 +28,15 @@ import torch
 from adtr_deploy.calibration import calibrate
 from adtr_deploy.data.datasets import AnomalyData, image_loader, load_sample
 from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.errors import UserError
+from adtr_deploy.fileio import atomic_write_text
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from adtr_deploy.model.config import ADTRConfig
 from adtr_deploy.train import distributed
 from adtr_deploy.train.evaluate import TorchRunner, check_device, evaluate_runner, predict, write_results
 from adtr_deploy.train.losses import loss_for
+from adtr_deploy.train.resume import apply_schedule, epoch_of
 
 # Default epochs on the CPU. The paper trains 500 epochs on a GPU; with cached features a lite0 epoch of the demo's 72 images
 # takes about 13 s on 2 cores, and 30 epochs at batch 4 (600 steps) reach brick's accuracy (see docs/train.md).
@@ -95,10 +98,10 @@ def split_validation(samples: tuple[Sample, ...] | list[Sample], cfg: TrainConfi
     """Deterministic (seeded) split of the training images into (train indices, calibration indices)."""
     n = len(samples)
     if not 0.0 < cfg.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction {cfg.val_fraction} must be between 0 and 1 (e.g. 0.1)")
+        raise UserError(f"--val-fraction {cfg.val_fraction} must be between 0 and 1 (e.g. 0.1)")
     n_val = max(cfg.min_val_images, int(round(cfg.val_fraction * n)))
     if n - n_val < 1:
-        raise ValueError(
+        raise UserError(
             f"only {n} training images: {n_val} are held out for calibration, so at least {n_val + 1} are needed; "
             "add good images"
         )
@@ -204,13 +207,14 @@ def init_feature_standardization(
 
 
 class _Log:
-    """train_log.jsonl: on resume, lines after the checkpoint's epoch are dropped (those epochs run again)."""
+    """train_log.jsonl: on resume, lines after the checkpoint's epoch are dropped (those epochs run again), and so is a
+    torn last line left by a crash mid-write."""
 
     def __init__(self, path: Path, keep_until: int):
         self.path = path
         lines = path.read_text().splitlines() if path.is_file() and keep_until > 0 else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("epoch", 0) <= keep_until]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln for ln in lines if epoch_of(ln) is not None and epoch_of(ln) <= keep_until]
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
@@ -262,7 +266,7 @@ def train(
     ckpt_path = out_dir / CHECKPOINT_NAME
     check_device(cfg.device)
     if cfg.epochs < 1:
-        raise ValueError(f"--epochs {cfg.epochs} must be at least 1")
+        raise UserError(f"--epochs {cfg.epochs} must be at least 1")
     w = distributed.world()  # rank 0 of 1 unless launched by torchrun (see train/distributed.py)
     device = distributed.rank_device(cfg.device, w)
     loss_fn = loss_for(cfg)
@@ -276,9 +280,9 @@ def train(
         ckpt = read_checkpoint(ckpt_path)
         state = ckpt.get("train_state")
         if not state:
-            raise ValueError(f"{ckpt_path} has no training state to resume from; start a new run without --resume")
+            raise UserError(f"{ckpt_path} has no training state to resume from; start a new run without --resume")
         if state["data_order"] != data_order:
-            raise ValueError(
+            raise UserError(
                 f"the training images differ from those of the run in {out_dir} (or --seed/--val-fraction changed); "
                 "resume with the same data and options, or start a new run"
             )
@@ -305,7 +309,8 @@ def train(
         scaler.load_state_dict(state["scaler"])
         start = int(state["epoch"])
         if start > cfg.epochs:
-            raise ValueError(f"the run in {out_dir} already trained {start} epochs, more than --epochs {cfg.epochs}")
+            raise UserError(f"the run in {out_dir} already trained {start} epochs, more than --epochs {cfg.epochs}")
+        apply_schedule(opt, sched, cfg, start)
 
     info = {
         "data": data.info(),
@@ -320,7 +325,7 @@ def train(
     # Distributed: each rank caches only its own shard (row k holds item rank + k * world, see local_batches).
     shard = distributed.shard_indices(len(train_samples), w)
     if w.distributed and len(shard) == 0:
-        raise ValueError(f"only {len(train_samples)} training images for {w.size} processes; use fewer processes")
+        raise UserError(f"only {len(train_samples)} training images for {w.size} processes; use fewer processes")
     cached = [train_samples[i] for i in shard]
     show = cfg.progress and w.is_main
     cache = cache_features(model, cached, cfg, device, progress=show) if use_cache else None
@@ -404,7 +409,7 @@ def train(
                 "images_per_s": round(seen / seconds, 2),
             }
             if not math.isfinite(record["loss"]):
-                raise RuntimeError(f"the loss became {record['loss']} at epoch {epoch}; lower --lr or check the data")
+                raise UserError(f"the loss became {record['loss']} at epoch {epoch}; lower --lr or check the data")
             if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
                 checkpoint(epoch)
             if log is not None:
