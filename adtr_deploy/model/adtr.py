@@ -162,6 +162,23 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return (k[:, None] * k[None, :])[None, None]  # (1, 1, K, K)
 
 
+def area_kernels(cfg: ADTRConfig) -> dict[int, tuple[int, int]]:
+    """Stage -> the (kh, kw) average-pooling window that takes it to the token grid, for cfg.resize == "area".
+
+    Static ints from the configuration (never from tensor shapes, so every exporter sees constants): stage s has stride
+    2**s and, with TF-"same" padding, ceil(H / 2**s) rows. A stage finer than the grid whose size the grid divides is
+    averaged; any other stage is resampled bilinearly, as in the paper.
+    """
+    if cfg.resize != "area":
+        return {}
+    kernels = {}
+    for s in cfg.stages:
+        size = [-(-n // 2**s) for n in cfg.input_size]
+        if all(n > g and n % g == 0 for n, g in zip(size, cfg.grid)):
+            kernels[s] = (size[0] // cfg.grid[0], size[1] // cfg.grid[1])
+    return kernels
+
+
 class ADTR(nn.Module):
     """The ADTR reference module. `forward` is the exported inference graph; training feeds its losses from
     `forward_features` (frozen, without gradients) and `reconstruct`."""
@@ -183,6 +200,7 @@ class ADTR(nn.Module):
         std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
+        self.area_kernels = area_kernels(cfg)
         if cfg.blur_sigma > 0:
             self.register_buffer("blur_kernel", gaussian_kernel(cfg.blur_sigma), persistent=False)
         else:
@@ -197,7 +215,7 @@ class ADTR(nn.Module):
         """uint8 (N, H, W, 3) RGB -> multi-scale backbone features on the stride-16 grid (N, C, h, w)."""
         x = images.permute(0, 3, 1, 2).to(torch.float32) * self.pixel_scale + self.pixel_shift  # (N, 3, H, W)
         feats = self.backbone.forward_stages(x, self.cfg.stages)
-        return torch.cat([self._to_grid(self._aggregate(f)) for f in feats], dim=1)  # (N, C, h, w)
+        return torch.cat([self._to_grid(self._aggregate(f), s) for f, s in zip(feats, self.cfg.stages)], dim=1)
 
     def _aggregate(self, f: torch.Tensor) -> torch.Tensor:
         """Each position sees its k x k neighbourhood at the stage's own resolution (PatchCore's local aggregation)."""
@@ -206,14 +224,12 @@ class ADTR(nn.Module):
             return f
         return F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
 
-    def _to_grid(self, f: torch.Tensor) -> torch.Tensor:
+    def _to_grid(self, f: torch.Tensor, stage: int) -> torch.Tensor:
         """One stage's (N, c, H', W') output on the token grid (N, c, h, w)."""
-        grid = self.cfg.grid
-        fh, fw = f.shape[-2], f.shape[-1]
-        if self.cfg.resize == "area" and fh > grid[0] and fh % grid[0] == 0 and fw % grid[1] == 0:
-            # Average each grid cell's pixels: sampling a finer stage at the grid's points drops most of it.
-            return F.avg_pool2d(f, (fh // grid[0], fw // grid[1]))
-        return F.interpolate(f, size=grid, mode="bilinear", align_corners=True)
+        kernel = self.area_kernels.get(stage)
+        if kernel is not None:  # average each grid cell's pixels: sampling at the grid's points drops most of them
+            return F.avg_pool2d(f, kernel)
+        return F.interpolate(f, size=self.cfg.grid, mode="bilinear", align_corners=True)
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) features -> (N, C, h, w) reconstruction by the transformer."""
