@@ -187,11 +187,12 @@ def parse_sink(text: str) -> Sink:
 
 
 def sink_observer(sinks: list[Sink], model: dict) -> Callable:
-    """A pipeline observer that offers every anomalous record, with the model's identity, to every sink."""
-    identity = {k: model.get(k) for k in ("name", "sha256")}
+    """A pipeline observer that offers every anomalous record, with the model's identity, to every sink. `model` is
+    read at each anomaly: the service fills it in once the model is loaded."""
 
     def observe(record: dict, picture, infer_ms) -> None:
         if record.get("is_anomaly"):
+            identity = {k: model.get(k) for k in ("name", "sha256")}
             message = {"event": "anomaly", **record, "model": identity, "time": time.time()}
             for sink in sinks:
                 sink.offer(message)
