@@ -45,9 +45,10 @@ def get_json(url: str, **kw) -> tuple[int, dict]:
 class ServedRun:
     """`adtr-run ... --serve 127.0.0.1:0` in its own process; `url` once it serves. Stopped with SIGTERM on exit."""
 
-    def __init__(self, *args, env: dict | None = None, start_timeout: float = 120):
+    def __init__(self, *args, env: dict | None = None, cwd: Path | None = None, start_timeout: float = 120):
         self.cmd = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()", *map(str, args)]
         self.env = env
+        self.cwd = cwd
         self.start_timeout = start_timeout
         self.lines: list[str] = []
         self.url: str | None = None
@@ -64,7 +65,7 @@ class ServedRun:
 
     def __enter__(self) -> ServedRun:
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+            self.cmd, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.parse
 from pathlib import Path
 
 import cv2
@@ -121,6 +122,8 @@ def test_page_status_metrics_health_stream_and_pause_resume_during_a_video_run(m
         frame = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
         assert code == 200 and frame.shape == (120, 160, 3) and frame.std() > 5
         assert int(headers["X-Frame-Seq"]) >= 1
+        about = json.loads(urllib.parse.unquote(headers["X-Frame-Info"]))  # the record this picture belongs to
+        assert about["frame"] == n - 1 and about["score"] == s["last"]["score"] and about["status"] == "ok"
         for g in s["gallery"]:
             code, _, thumb = get(url + f"gallery/{g['id']}.jpg")
             assert code == 200 and cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR) is not None

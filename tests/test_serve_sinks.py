@@ -91,7 +91,9 @@ def test_mqtt_sink_publishes_one_message_per_anomaly_to_a_real_broker(model_path
     pytest.importorskip("paho.mqtt", reason="paho-mqtt is not installed: pip install 'adtr-deploy[serve]'")
     with Mosquitto(tmp_path) as broker:
         got = broker.subscribe("factory/line1/anomalies")
-        result, records = run_with_sinks(model_path, tmp_path, f"mqtt://127.0.0.1:{broker.port}/factory/line1/anomalies")
+        result, records = run_with_sinks(
+            model_path, tmp_path, f"mqtt://127.0.0.1:{broker.port}/factory/line1/anomalies"
+        )
         assert result.exit_code == 0, result.output
         expected = sum(bool(r["is_anomaly"]) for r in records)
         messages, t0 = [], time.monotonic()

@@ -114,11 +114,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/frame.jpg":
             state.watched()
             with state.cond:
-                jpeg, seq = state.frame_jpeg, state.frame_seq
+                jpeg, seq, info = state.frame_jpeg, state.frame_seq, state.frame_info
             if jpeg is None:
                 self._send(204, b"", "image/jpeg")
-            else:
-                self._send(200, jpeg, "image/jpeg", extra={"X-Frame-Seq": str(seq)})
+            else:  # the record this very picture belongs to, so the page's caption always matches it
+                about = urllib.parse.quote(json.dumps(info, default=str))
+                self._send(200, jpeg, "image/jpeg", extra={"X-Frame-Seq": str(seq), "X-Frame-Info": about})
         elif path.startswith("/gallery/") and path.endswith(".jpg"):
             jpeg = state.thumbnail(_int([path[len("/gallery/") : -4]], -1))
             if jpeg is None:

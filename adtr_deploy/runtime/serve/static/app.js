@@ -3,7 +3,7 @@
 "use strict";
 
 const POLL_MS = 500;
-const TIMELINE_MAX = 600;
+const TIMELINE_MAX = 300;
 const $ = (id) => document.getElementById(id);
 let since = 0;
 let points = []; // [seq, time, normalized score, is_anomaly]
@@ -11,6 +11,7 @@ let frameSeq = -1;
 let frameBusy = false;
 let galleryKey = "";
 let modelShown = false;
+let lastIsError = false;
 
 function text(id, value) {
   $(id).textContent = value === null || value === undefined ? "–" : String(value);
@@ -57,14 +58,28 @@ function showLast(last) {
   $("where").textContent = last.source + (last.frame ? " #" + last.frame : "") + (last.error ? " — " + last.error : "");
 }
 
-function showFrame(frame) {
+async function showFrame(frame) {
+  // Fetched as a blob so that the record it belongs to (header X-Frame-Info) captions it, whatever came in between.
   if (!frame || frame.seq === frameSeq || frame.seq === 0 || frameBusy) return;
   frameBusy = true;
-  const img = $("frame");
-  const seq = frame.seq;
-  img.onload = () => { frameBusy = false; frameSeq = seq; $("no-frame").hidden = true; };
-  img.onerror = () => { frameBusy = false; };
-  img.src = "/frame.jpg?seq=" + seq;
+  try {
+    const r = await fetch("/frame.jpg?seq=" + frame.seq, { cache: "no-store" });
+    if (r.status !== 200) return;
+    const info = JSON.parse(decodeURIComponent(r.headers.get("X-Frame-Info") || "null"));
+    const url = URL.createObjectURL(await r.blob());
+    const img = $("frame");
+    const old = img.src;
+    img.src = url;
+    if (old && old.startsWith("blob:")) URL.revokeObjectURL(old);
+    frameSeq = Number(r.headers.get("X-Frame-Seq"));
+    img.dataset.seq = String(frameSeq);
+    $("no-frame").hidden = true;
+    if (info && !lastIsError) showLast(info);
+  } catch (e) {
+    // the next poll tries again
+  } finally {
+    frameBusy = false;
+  }
 }
 
 function showGallery(gallery) {
@@ -83,7 +98,7 @@ function showGallery(gallery) {
     score.className = "bad";
     score.textContent = "score " + fmt(g.normalized_score, 3) + "  (raw " + Number(g.score).toPrecision(4) + ")";
     const when = document.createElement("div");
-    when.textContent = new Date(g.time * 1000).toLocaleTimeString();
+    when.textContent = new Date(g.time * 1000).toLocaleTimeString(undefined, { hour12: false });
     const src = document.createElement("div");
     src.className = "src";
     src.textContent = g.source + (g.frame ? " #" + g.frame : "");
@@ -97,7 +112,7 @@ function drawTimeline() {
   const canvas = $("timeline");
   const ratio = window.devicePixelRatio || 1;
   const w = canvas.clientWidth || 1200;
-  const h = canvas.clientHeight || 180;
+  const h = canvas.clientHeight || 150;
   if (canvas.width !== Math.round(w * ratio)) canvas.width = Math.round(w * ratio);
   if (canvas.height !== Math.round(h * ratio)) canvas.height = Math.round(h * ratio);
   const ctx = canvas.getContext("2d");
@@ -149,7 +164,9 @@ function show(s) {
   text("c-latency", fmt(s.latency_ms.p50, 1) + " / " + fmt(s.latency_ms.p99, 1));
   $("source").textContent = s.source.name || "";
   $("token").hidden = !s.control.needs_token;
-  showLast(s.last);
+  // The caption describes the picture shown (set when it loads); an error record has no picture: show it at once.
+  lastIsError = !!s.last && s.last.status !== "ok";
+  if (lastIsError || frameSeq < 0) showLast(s.last);
   showFrame(s.frame);
   if (s.timeline.length) {
     points = points.concat(s.timeline).slice(-TIMELINE_MAX);
