@@ -73,7 +73,7 @@ class Service:
         sinks: tuple[str, ...] | list[str] = (),
         *,
         log: Callable[[str], None] = print,
-        max_fps: float = 10.0,
+        max_fps: float = 5.0,
     ):
         self.log = log
         self.token = token or None

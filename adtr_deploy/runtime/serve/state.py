@@ -9,6 +9,7 @@ inference thread, and every viewer is served the same shared JPEG bytes.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import deque
@@ -19,9 +20,10 @@ import numpy as np
 
 TIMELINE_LEN = 600  # score points kept for the timeline
 GALLERY_LEN = 12  # latest anomalies kept with a thumbnail
-GALLERY_PER_S = 4.0  # thumbnails drawn per second at most (a burst of anomalies must not eat the CPU)
+GALLERY_PER_S = 1.0  # thumbnails drawn per second at most (a burst of anomalies must not eat the CPU)
 LATENCY_WINDOW = 1024  # latest end-to-end latencies for p50/p99
 RATE_WINDOW_S = 5.0  # images/s over this many seconds
+SNAPSHOT_TTL_S = 0.2  # viewers polling within this time share one status snapshot
 FRAME_MAX_WIDTH = 960  # the live frame is downscaled to this width: viewers need a picture, not the sensor's pixels
 THUMB_WIDTH = 240
 WATCH_TIMEOUT_S = 5.0  # no frame is drawn when nobody asked for one this long
@@ -48,7 +50,7 @@ class LiveState:
         source: dict,
         *,
         source_stats: Callable[[], dict] = dict,
-        max_fps: float = 10.0,
+        max_fps: float = 5.0,
         stale_s: float = 10.0,
         timing: Callable[[str, float], None] | None = None,
     ):
@@ -67,7 +69,8 @@ class LiveState:
         self.last_time: float | None = None
         self.timeline: deque[list] = deque(maxlen=TIMELINE_LEN)  # [seq, unix time, normalized score, is_anomaly]
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.done_times: deque[float] = deque(maxlen=4096)  # monotonic times of recent records, for images/s
+        self.rate_marks: deque[tuple[float, int]] = deque(maxlen=64)  # (monotonic time, images) every 0.25 s
+        self._snapshot: tuple[float, dict] | None = None  # shared by all viewers for SNAPSHOT_TTL_S
         self.gallery: deque[dict] = deque(maxlen=GALLERY_LEN)  # newest first, each with its "jpeg" thumbnail
         self.gallery_next_id = 1
         self.frame_jpeg: bytes | None = None
@@ -94,7 +97,8 @@ class LiveState:
             self.counts["ok" if ok else "errors"] += 1
             self.last = {**record, "seq": self.seq, "time": now}
             self.last_time = mono
-            self.done_times.append(mono)
+            if not self.rate_marks or mono - self.rate_marks[-1][0] >= 0.25:
+                self.rate_marks.append((mono, self.counts["images"]))
             if self.state == "starting":
                 self.state = "running"
             if ok:
@@ -212,18 +216,30 @@ class LiveState:
         }
 
     def snapshot(self, since: int = 0) -> dict:
-        """The JSON status: counters, rates, latency percentiles, the last record, timeline points after `since`."""
+        """The JSON status: counters, rates, latency percentiles, the last record, timeline points after `since`.
+
+        One snapshot is built at most every SNAPSHOT_TTL_S and shared by every viewer; each gets only the timeline
+        points it has not seen yet (seq > since, found by bisection: the points are in seq order)."""
         mono = time.monotonic()
+        cached = self._snapshot
+        if cached is None or mono - cached[0] > SNAPSHOT_TTL_S:
+            cached = self._snapshot = (mono, self._build_snapshot(mono))
+        snap = dict(cached[1])
+        timeline = snap["timeline"]
+        snap["timeline"] = timeline[bisect.bisect_right(timeline, since, key=lambda p: p[0]) :]
+        return snap
+
+    def _build_snapshot(self, mono: float) -> dict:
         with self.cond:
             counts = dict(self.counts)
             lat = np.asarray(self.latencies, dtype=np.float64)
-            recent = sum(1 for t in self.done_times if mono - t <= RATE_WINDOW_S)
-            timeline = [p for p in self.timeline if p[0] > since]
+            marks = [m for m in self.rate_marks if mono - m[0] <= RATE_WINDOW_S]
+            timeline = list(self.timeline)
             gallery = [{k: v for k, v in g.items() if k != "jpeg"} for g in self.gallery]
             last, state, frame_seq, frame_info = self.last, self.state, self.frame_seq, self.frame_info
             age = self.frame_age()
         stats = self.stats()
-        window = min(RATE_WINDOW_S, max(time.time() - self.started, 1e-3))
+        rate = (counts["images"] - marks[0][1]) / max(mono - marks[0][0], 1e-3) if marks else 0.0
         return {
             "state": state,
             "uptime_s": round(time.time() - self.started, 1),
@@ -234,7 +250,7 @@ class LiveState:
                 "dropped_frames": int(stats.get("dropped", 0)),
                 "reconnects": int(stats.get("reconnects", 0)),
             },
-            "images_per_s": round(recent / window, 2) if state != "finished" else 0.0,
+            "images_per_s": round(rate, 2) if state == "running" else 0.0,
             "latency_ms": {
                 "p50": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
                 "p99": round(float(np.percentile(lat, 99)), 2) if lat.size else None,

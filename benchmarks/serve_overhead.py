@@ -1,0 +1,206 @@
+"""What serving the live view costs the run: `adtr-run` over one video without --serve, and with --serve and 10 viewers.
+
+    python benchmarks/serve_overhead.py                 # tiny model, 10 viewers, 3 interleaved rounds (a few minutes)
+
+Each round runs the same adtr-run three times, in rotating order: no serving; serving with 10 viewers that do what the
+page does (poll /api/status twice a second, fetch each new frame and each new gallery thumbnail); serving with 10
+/stream.mjpg clients. The viewers run in a separate process (real viewers sit on other machines, but here they share
+the CPU with the run, so the figure includes their cost too). Reported: images/s from each run's own summary.json
+(the pipeline's wall time) and CPU seconds per image of the adtr-run process itself (user+system, from wait4), the
+latter being far less sensitive to other load on a shared machine.
+
+The model is the tests' tiny ADTR (64x64 input): inference is so cheap that the per-frame bookkeeping and the drawing
+for viewers weigh the most they ever can; with a real model the relative cost is smaller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common import command_line, machine, write_result  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("none", "page", "mjpeg")
+URL_LINE = re.compile(r"live view on (http://\S+/) ")
+
+
+# -- viewers (run in their own process: `serve_overhead.py --viewers URL N MODE`) ------------------------------------
+def _page_viewer(url: str, stop: threading.Event) -> None:
+    since, frame_seq, thumbs = 0, 0, set()
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(f"{url}api/status?view=1&since={since}", timeout=10) as r:
+                s = json.loads(r.read())
+            if s["timeline"]:
+                since = s["timeline"][-1][0]
+            if s["frame"]["seq"] != frame_seq:
+                with urllib.request.urlopen(f"{url}frame.jpg", timeout=10) as r:
+                    r.read()
+                frame_seq = s["frame"]["seq"]
+            for g in s["gallery"]:
+                if g["id"] not in thumbs:
+                    with urllib.request.urlopen(f"{url}gallery/{g['id']}.jpg", timeout=10) as r:
+                        r.read()
+                    thumbs.add(g["id"])
+        except OSError:
+            pass  # the run ended
+        stop.wait(0.5)
+
+
+def _mjpeg_viewer(url: str, stop: threading.Event) -> None:
+    try:
+        with urllib.request.urlopen(f"{url}stream.mjpg", timeout=10) as r:
+            while not stop.is_set() and r.read(65536):
+                pass
+    except OSError:
+        pass
+
+
+def viewers(url: str, n: int, mode: str) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    target = _page_viewer if mode == "page" else _mjpeg_viewer
+    threads = [threading.Thread(target=target, args=(url, stop), daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    stop.wait()
+
+
+# -- runs --------------------------------------------------------------------------------------------------------------
+def one_run(model: Path, clip: Path, out: Path, mode: str, n_viewers: int) -> dict:
+    """One adtr-run; returns its summary plus the process's CPU seconds and the viewers' mode."""
+    cmd = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()"]
+    cmd += ["--model", str(model), "--source", str(clip), "--out", str(out)]
+    if mode != "none":
+        cmd += ["--serve", "127.0.0.1:0", "--serve-linger", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    viewer_proc = None
+    if mode != "none":
+        for line in proc.stderr:
+            m = URL_LINE.search(line)
+            if m:
+                me = [sys.executable, __file__, "--viewers", m.group(1), str(n_viewers), mode]
+                viewer_proc = subprocess.Popen(me, env=env)
+                break
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain the rest
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if viewer_proc is not None:
+        viewer_proc.terminate()
+        viewer_proc.wait(timeout=30)
+    if proc.returncode != 0:
+        raise SystemExit(f"adtr-run failed in mode {mode} (exit {proc.returncode})")
+    summary = json.loads((out / "summary.json").read_text())
+    cpu = usage.ru_utime + usage.ru_stime
+    return {
+        "mode": mode,
+        "images": summary["images"],
+        "images_per_s": summary["throughput_fps"],
+        "cpu_s": round(cpu, 3),
+        "cpu_ms_per_image": round(1000 * cpu / summary["images"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", type=int, default=1500, help="Frames in the test video (360x480 MJPG).")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--viewers", type=int, default=10)
+    ap.add_argument("--out", default=str(RESULTS / "serve_overhead.json"))
+    args = ap.parse_args(argv)
+
+    from tests import runtime_fixtures as rf
+    from tests.test_sources import write_video
+
+    work = Path(tempfile.mkdtemp(prefix="adtr-serve-bench-"))
+    try:
+        model = rf.onnx_model()
+        clip = work / "line.avi"
+        write_video(clip, args.frames, fps=25.0, size=(360, 480))
+        runs = []
+        for r in range(args.rounds):
+            order = MODES[r % 3 :] + MODES[: r % 3]  # rotate, so no mode always runs first
+            for mode in order:
+                run = one_run(model, clip, work / f"out_{r}_{mode}", mode, args.viewers)
+                run["round"] = r
+                print(json.dumps(run), flush=True)
+                runs.append(run)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(x[key] for x in runs if x["mode"] == mode)
+
+    summary = {
+        mode: {
+            "images_per_s": median(mode, "images_per_s"),
+            "cpu_ms_per_image": median(mode, "cpu_ms_per_image"),
+            "throughput_ratio_vs_none": round(median(mode, "images_per_s") / median("none", "images_per_s"), 4),
+            "cpu_ratio_vs_none": round(median(mode, "cpu_ms_per_image") / median("none", "cpu_ms_per_image"), 4),
+        }
+        for mode in MODES
+    }
+    result = {
+        "command": command_line("serve_overhead.py", argv),
+        "frames": args.frames,
+        "video": "360x480 MJPG, texture frames",
+        "model": "tests' tiny ADTR, 64x64, ONNX Runtime CPU, batch 1, 2 decode workers",
+        "viewers": args.viewers,
+        "rounds": args.rounds,
+        "summary": summary,
+        "runs": runs,
+        "machine": machine(omp_num_threads=os.environ.get("OMP_NUM_THREADS", "1")),
+    }
+    return write_result(result, args.out, markdown)
+
+
+def markdown(r: dict) -> str:
+    rows = "\n".join(
+        f"| {mode} | {s['images_per_s']:.1f} | **{s['throughput_ratio_vs_none']:.3f}** | {s['cpu_ms_per_image']:.2f} | "
+        f"{s['cpu_ratio_vs_none']:.3f} |"
+        for mode, s in r["summary"].items()
+    )
+    per_run = ", ".join(f"{x['mode']} {x['images_per_s']:.0f}" for x in r["runs"])
+    m = r["machine"]
+    return f"""# What serving the live view costs a run
+
+Command: `{r["command"]}`
+
+The same `adtr-run` over a {r["frames"]}-frame video ({r["video"]}; {r["model"]}), {r["rounds"]} interleaved rounds,
+medians shown. Modes: `none` (no --serve), `page` ({r["viewers"]} viewers polling /api/status twice a second and
+fetching each new frame and thumbnail, as the page does), `mjpeg` ({r["viewers"]} /stream.mjpg clients). The viewers
+run in a separate process on the same machine, so their own CPU is in the wall-time figure too; CPU ms/image counts
+the adtr-run process only (startup included, the same in every mode).
+
+| mode | images/s | throughput vs none | CPU ms/image (adtr-run) | CPU vs none |
+|---|---|---|---|---|
+{rows}
+
+Images/s per run, in run order: {per_run}.
+
+Machine: {m["cpus"]} CPUs, load average {m["loadavg_1m_at_end"]:.1f} at the end ({m["platform"]}); other jobs shared
+this machine during the run, so single-run wall figures move by several percent.
+"""
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--viewers":
+        viewers(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        main()
