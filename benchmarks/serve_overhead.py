@@ -1,6 +1,7 @@
 """What serving the live view costs the run: `adtr-run` over one video without --serve, and with --serve and 10 viewers.
 
-    python benchmarks/serve_overhead.py                 # tiny model, 10 viewers, 3 interleaved rounds (a few minutes)
+    python benchmarks/serve_overhead.py                       # tiny model, 10 viewers, 3 interleaved rounds (minutes)
+    python benchmarks/serve_overhead.py --preset lite0 --frames 300   # the default model (untrained export)
 
 Each round runs the same adtr-run three times, in rotating order: no serving; serving with 10 viewers that do what the
 page does (poll /api/status twice a second, fetch each new frame and each new gallery thumbnail); serving with 10
@@ -16,6 +17,7 @@ for viewers weigh the most they ever can; with a real model the relative cost is
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -36,29 +38,35 @@ from common import command_line, machine, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("none", "page", "mjpeg")
+MODELS = {"tiny": "the tests' tiny ADTR (64x64 input, calibrated)", "lite0": "untrained lite0 (224x224 input)"}
 URL_LINE = re.compile(r"live view on (http://\S+/) ")
 
 
 # -- viewers (run in their own process: `serve_overhead.py --viewers URL N MODE`) ------------------------------------
 def _page_viewer(url: str, stop: threading.Event) -> None:
+    """What the page does, over one keep-alive connection as a browser keeps it."""
+    host, port = urllib.parse.urlsplit(url)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
     since, frame_seq, thumbs = 0, 0, set()
+
+    def fetch(path: str) -> bytes:
+        conn.request("GET", path)
+        return conn.getresponse().read()
+
     while not stop.is_set():
         try:
-            with urllib.request.urlopen(f"{url}api/status?view=1&since={since}", timeout=10) as r:
-                s = json.loads(r.read())
+            s = json.loads(fetch(f"/api/status?view=1&since={since}"))
             if s["timeline"]:
                 since = s["timeline"][-1][0]
             if s["frame"]["seq"] != frame_seq:
-                with urllib.request.urlopen(f"{url}frame.jpg", timeout=10) as r:
-                    r.read()
+                fetch("/frame.jpg")
                 frame_seq = s["frame"]["seq"]
             for g in s["gallery"]:
                 if g["id"] not in thumbs:
-                    with urllib.request.urlopen(f"{url}gallery/{g['id']}.jpg", timeout=10) as r:
-                        r.read()
+                    fetch(f"/gallery/{g['id']}.jpg")
                     thumbs.add(g["id"])
-        except OSError:
-            pass  # the run ended
+        except (OSError, http.client.HTTPException, ValueError):
+            conn.close()  # the run ended, or the server closed an idle connection: reconnect on the next poll
         stop.wait(0.5)
 
 
@@ -122,7 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=1500, help="Frames in the test video (360x480 MJPG).")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--viewers", type=int, default=10)
-    ap.add_argument("--out", default=str(RESULTS / "serve_overhead.json"))
+    ap.add_argument(
+        "--preset", default="tiny", help="tiny (the tests' calibrated model) or a preset to export untrained."
+    )
+    ap.add_argument("--out", default=None, help="Default: benchmarks/results/serve_overhead[_PRESET].json")
     args = ap.parse_args(argv)
 
     from tests import runtime_fixtures as rf
@@ -130,7 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="adtr-serve-bench-"))
     try:
-        model = rf.onnx_model()
+        if args.preset == "tiny":
+            model = rf.onnx_model()
+        else:  # an untrained export of the preset: timing does not depend on the weights
+            from runtime_bench import make_models
+
+            model = make_models(args.preset, work)[1]
         clip = work / "line.avi"
         write_video(clip, args.frames, fps=25.0, size=(360, 480))
         runs = []
@@ -147,12 +163,17 @@ def main(argv: list[str] | None = None) -> dict:
     def median(mode: str, key: str) -> float:
         return statistics.median(x[key] for x in runs if x["mode"] == mode)
 
+    def paired(mode: str, key: str) -> float:
+        """Median over rounds of (mode / none) within the same round: load that drifts between rounds cancels."""
+        base = {x["round"]: x[key] for x in runs if x["mode"] == "none"}
+        return round(statistics.median(x[key] / base[x["round"]] for x in runs if x["mode"] == mode), 4)
+
     summary = {
         mode: {
             "images_per_s": median(mode, "images_per_s"),
             "cpu_ms_per_image": median(mode, "cpu_ms_per_image"),
-            "throughput_ratio_vs_none": round(median(mode, "images_per_s") / median("none", "images_per_s"), 4),
-            "cpu_ratio_vs_none": round(median(mode, "cpu_ms_per_image") / median("none", "cpu_ms_per_image"), 4),
+            "throughput_ratio_vs_none": paired(mode, "images_per_s"),
+            "cpu_ratio_vs_none": paired(mode, "cpu_ms_per_image"),
         }
         for mode in MODES
     }
@@ -160,14 +181,15 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command_line("serve_overhead.py", argv),
         "frames": args.frames,
         "video": "360x480 MJPG, texture frames",
-        "model": "tests' tiny ADTR, 64x64, ONNX Runtime CPU, batch 1, 2 decode workers",
+        "model": MODELS.get(args.preset, f"untrained {args.preset}") + ", ONNX Runtime CPU, batch 1, 2 decode workers",
         "viewers": args.viewers,
         "rounds": args.rounds,
         "summary": summary,
         "runs": runs,
         "machine": machine(omp_num_threads=os.environ.get("OMP_NUM_THREADS", "1")),
     }
-    return write_result(result, args.out, markdown)
+    suffix = "" if args.preset == "tiny" else f"_{args.preset}"
+    return write_result(result, args.out or RESULTS / f"serve_overhead{suffix}.json", markdown)
 
 
 def markdown(r: dict) -> str:
@@ -182,9 +204,9 @@ def markdown(r: dict) -> str:
 
 Command: `{r["command"]}`
 
-The same `adtr-run` over a {r["frames"]}-frame video ({r["video"]}; {r["model"]}), {r["rounds"]} interleaved rounds,
-medians shown. Modes: `none` (no --serve), `page` ({r["viewers"]} viewers polling /api/status twice a second and
-fetching each new frame and thumbnail, as the page does), `mjpeg` ({r["viewers"]} /stream.mjpg clients). The viewers
+The same `adtr-run` over a {r["frames"]}-frame video ({r["video"]}; {r["model"]}), {r["rounds"]} interleaved rounds;
+images/s and CPU are medians, the ratios are medians of the per-round ratios (each mode against `none` of its round). Modes: `none` (no --serve), `page` ({r["viewers"]} viewers polling /api/status twice a second and
+fetching each new frame and thumbnail over keep-alive connections, as the page does), `mjpeg` ({r["viewers"]} /stream.mjpg clients). The viewers
 run in a separate process on the same machine, so their own CPU is in the wall-time figure too; CPU ms/image counts
 the adtr-run process only (startup included, the same in every mode).
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -241,3 +243,23 @@ def test_a_hostile_source_name_is_data_in_the_status_and_never_markup_in_the_pag
     js = (Path(__file__).parents[1] / "adtr_deploy/runtime/serve/static/app.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in js
+
+
+def test_the_plain_runtime_never_imports_the_serve_code_and_a_missing_extra_is_one_sentence(model_path, tmp_path):
+    env = poisoned_torch_env(tmp_path)
+    fake = tmp_path / "no_torch" / "prometheus_client"  # beside the fake torch: `import prometheus_client` fails
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('prometheus_client is not installed')\n")
+    code = (
+        "import sys, adtr_deploy.cli.run, adtr_deploy.runtime.pipeline; "
+        "print(sorted(m for m in sys.modules if m.startswith(('adtr_deploy.runtime.serve', 'paho', 'http.server'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    clip = tmp_path / "line.avi"
+    write_video(clip, 3)
+    run = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()", "--model", str(model_path)]
+    run += ["--source", str(clip), "--out", str(tmp_path / "out"), "--serve", "127.0.0.1:0"]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "--serve needs the serve extra: pip install 'adtr-deploy[serve]'" in done.stderr
+    assert "Traceback" not in done.stderr
