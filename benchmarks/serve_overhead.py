@@ -40,6 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("none", "page", "mjpeg")
 MODELS = {"tiny": "the tests' tiny ADTR (64x64 input, calibrated)", "lite0": "untrained lite0 (224x224 input)"}
 URL_LINE = re.compile(r"live view on (http://\S+/) ")
+SERVE_CPU_LINE = re.compile(r"serving used ([0-9.]+) s of CPU \(([^)]*)\)")
 
 
 # -- viewers (run in their own process: `serve_overhead.py --viewers URL N MODE`) ------------------------------------
@@ -89,6 +90,20 @@ def viewers(url: str, n: int, mode: str) -> None:
     stop.wait()
 
 
+def export_untrained(preset: str, work: Path) -> Path:
+    """model.onnx of an untrained `preset` (fixed seed), through the project's own export (TorchScript-based exporter,
+    the fast one; no verification: only speed is measured here)."""
+    import torch
+
+    from adtr_deploy.export import export_checkpoint
+    from adtr_deploy.model import ADTR, get_preset
+    from adtr_deploy.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(work / "checkpoint.pt", ADTR(get_preset(preset)).eval())
+    return Path(export_checkpoint(ckpt, "onnx", work / "export", verify=False, dynamo=False).path)
+
+
 # -- runs --------------------------------------------------------------------------------------------------------------
 def one_run(model: Path, clip: Path, out: Path, mode: str, n_viewers: int) -> dict:
     """One adtr-run; returns its summary plus the process's CPU seconds and the viewers' mode."""
@@ -106,7 +121,9 @@ def one_run(model: Path, clip: Path, out: Path, mode: str, n_viewers: int) -> di
                 me = [sys.executable, __file__, "--viewers", m.group(1), str(n_viewers), mode]
                 viewer_proc = subprocess.Popen(me, env=env)
                 break
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain the rest
+    rest: list[str] = []
+    drain = threading.Thread(target=lambda: rest.append(proc.stderr.read()), daemon=True)
+    drain.start()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if viewer_proc is not None:
@@ -114,14 +131,20 @@ def one_run(model: Path, clip: Path, out: Path, mode: str, n_viewers: int) -> di
         viewer_proc.wait(timeout=30)
     if proc.returncode != 0:
         raise SystemExit(f"adtr-run failed in mode {mode} (exit {proc.returncode})")
+    drain.join(timeout=30)
     summary = json.loads((out / "summary.json").read_text())
     cpu = usage.ru_utime + usage.ru_stime
+    served = SERVE_CPU_LINE.search("".join(rest))
+    serve_cpu = float(served.group(1)) if served else 0.0
     return {
         "mode": mode,
         "images": summary["images"],
         "images_per_s": summary["throughput_fps"],
         "cpu_s": round(cpu, 3),
         "cpu_ms_per_image": round(1000 * cpu / summary["images"], 3),
+        "serve_cpu_s": serve_cpu,  # what the service measured on its own threads (time.thread_time)
+        "serve_cpu_share": round(serve_cpu / cpu, 4),
+        "serve_cpu_parts": served.group(2) if served else None,
     }
 
 
@@ -144,9 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.preset == "tiny":
             model = rf.onnx_model()
         else:  # an untrained export of the preset: timing does not depend on the weights
-            from runtime_bench import make_models
-
-            model = make_models(args.preset, work)[1]
+            model = export_untrained(args.preset, work)
         clip = work / "line.avi"
         write_video(clip, args.frames, fps=25.0, size=(360, 480))
         runs = []
@@ -174,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_ms_per_image": median(mode, "cpu_ms_per_image"),
             "throughput_ratio_vs_none": paired(mode, "images_per_s"),
             "cpu_ratio_vs_none": paired(mode, "cpu_ms_per_image"),
+            "serve_cpu_share": median(mode, "serve_cpu_share"),
         }
         for mode in MODES
     }
@@ -194,30 +216,36 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(r: dict) -> str:
     rows = "\n".join(
-        f"| {mode} | {s['images_per_s']:.1f} | **{s['throughput_ratio_vs_none']:.3f}** | {s['cpu_ms_per_image']:.2f} | "
-        f"{s['cpu_ratio_vs_none']:.3f} |"
+        f"| {mode} | {s['images_per_s']:.1f} | {s['throughput_ratio_vs_none']:.3f} | {s['cpu_ms_per_image']:.2f} | "
+        f"{s['cpu_ratio_vs_none']:.3f} | **{100 * s['serve_cpu_share']:.1f}%** |"
         for mode, s in r["summary"].items()
     )
     per_run = ", ".join(f"{x['mode']} {x['images_per_s']:.0f}" for x in r["runs"])
+    spread = [x["images_per_s"] for x in r["runs"] if x["mode"] == "none"]
     m = r["machine"]
     return f"""# What serving the live view costs a run
 
 Command: `{r["command"]}`
 
-The same `adtr-run` over a {r["frames"]}-frame video ({r["video"]}; {r["model"]}), {r["rounds"]} interleaved rounds;
-images/s and CPU are medians, the ratios are medians of the per-round ratios (each mode against `none` of its round). Modes: `none` (no --serve), `page` ({r["viewers"]} viewers polling /api/status twice a second and
-fetching each new frame and thumbnail over keep-alive connections, as the page does), `mjpeg` ({r["viewers"]} /stream.mjpg clients). The viewers
-run in a separate process on the same machine, so their own CPU is in the wall-time figure too; CPU ms/image counts
-the adtr-run process only (startup included, the same in every mode).
+The same `adtr-run` over a {r["frames"]}-frame video ({r["video"]}; {r["model"]}), {r["rounds"]} interleaved rounds in
+rotating order. Modes: `none` (no --serve), `page` ({r["viewers"]} viewers polling /api/status twice a second and
+fetching each new frame and thumbnail over keep-alive connections, as the page does), `mjpeg` ({r["viewers"]}
+/stream.mjpg clients). Images/s and CPU are medians; the ratios are medians of per-round ratios against `none` of the
+same round. CPU ms/image: the adtr-run process's user+system time (wait4), startup included. **Serving CPU share**: the
+CPU the service measured on its own threads (time.thread_time around the per-record bookkeeping on the inference
+thread, the drawing thread and every HTTP request) over the process's total CPU: on a CPU-bound box this is the share
+of throughput serving takes, and unlike wall time it does not move with other load. Not in it: the one-time import
+and start of the server (about the same in every run, in the CPU column).
 
-| mode | images/s | throughput vs none | CPU ms/image (adtr-run) | CPU vs none |
-|---|---|---|---|---|
+| mode | images/s | throughput vs none | CPU ms/image | CPU vs none | serving CPU share |
+|---|---|---|---|---|---|
 {rows}
 
-Images/s per run, in run order: {per_run}.
-
-Machine: {m["cpus"]} CPUs, load average {m["loadavg_1m_at_end"]:.1f} at the end ({m["platform"]}); other jobs shared
-this machine during the run, so single-run wall figures move by several percent.
+Images/s per run, in run order: {per_run}. Runs without serving alone range from {min(spread):.0f} to
+{max(spread):.0f} images/s: other jobs shared this machine (load average {m["loadavg_1m_at_end"]:.1f} on
+{m["cpus"]} CPUs at the end), so wall-time ratios cannot resolve a few percent here; the serving CPU share can. The
+viewers ran in a separate process on the same 2 CPUs (real viewers sit on other machines), so their own CPU also
+slowed the served runs' wall time.
 """
 
 

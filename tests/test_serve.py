@@ -153,6 +153,8 @@ def test_page_status_metrics_health_stream_and_pause_resume_during_a_video_run(m
         for stage in ("before_inference", "inference", "end_to_end"):
             assert sample(m, "adtr_stage_latency_seconds_count", stage=stage) == n
         assert sample(m, "adtr_model_info", sha256=spec["extra"]["sha256"]) == 1
+        assert sample(m, "adtr_serve_cpu_seconds_total", part="http") > 0  # what serving itself costs, measured
+        assert sample(m, "adtr_serve_cpu_seconds_total", part="observe") > 0
 
         # Resume: the run goes on to the end of the video; then health says the source is gone.
         code, body = get_json(url + "api/resume", method="POST", headers=ANY_TOKEN)

@@ -54,8 +54,13 @@ class _StateCollector:
             for outcome in ("sent", "dropped", "failed", "retries"):
                 sink.add_metric([s["name"], outcome], s[outcome])
         yield sink
-        viewers = GaugeMetricFamily("adtr_mjpeg_streams", "Open /stream.mjpg connections.", value=self.service.streams)
-        yield viewers
+        yield GaugeMetricFamily("adtr_mjpeg_streams", "Open /stream.mjpg connections.", value=self.service.streams)
+        cpu = CounterMetricFamily(
+            "adtr_serve_cpu_seconds", "CPU the live view itself used: observe, draw, http.", labels=["part"]
+        )
+        for part, seconds in self.service.state.cpu_s.items():
+            cpu.add_metric([part], seconds)
+        yield cpu
 
 
 def build_registry(service) -> tuple[CollectorRegistry, Callable[[str, float], None]]:

@@ -15,6 +15,7 @@ import http.server
 import json
 import socket
 import threading
+import time
 import urllib.parse
 from importlib import resources
 
@@ -76,6 +77,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     @property
     def service(self):
         return self.server.service
+
+    def handle_one_request(self) -> None:
+        cpu0 = time.thread_time()  # CPU only: a stream waiting for its next frame costs nothing here
+        try:
+            super().handle_one_request()
+        finally:
+            state = self.server.service.state
+            if state is not None:
+                state.add_http_cpu(time.thread_time() - cpu0)
 
     # -- responses ---------------------------------------------------------------------------------------------------
     def _send(self, code: int, body: bytes, ctype: str, cache: bool = False, extra: dict | None = None) -> None:

@@ -202,9 +202,15 @@ class Service:
             s = sink.stats()
             error = f" (last error: {s['last_error']})" if s["failed"] and s["last_error"] else ""
             self.log(f"{s['name']}: {s['sent']} sent, {s['dropped']} dropped, {s['failed']} failed{error}")
+        end = time.monotonic() + 2
+        while self.streams and time.monotonic() < end:  # MJPEG streams notice `closing` within a second
+            time.sleep(0.05)
         if self.server is not None:
             if self._serving:  # shutdown() waits for serve_forever, which never ran if the model failed to load
                 self.server.shutdown()
             self.server.server_close()
         if self.state is not None:
             self.state.stop()
+            cpu = self.state.cpu_s
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+            self.log(f"serving used {sum(cpu.values()):.2f} s of CPU ({parts})")

@@ -84,11 +84,15 @@ class LiveState:
         self._next_thumb_at = 0.0
         self._stats_cache: tuple[float, dict] = (0.0, {})
         self._stop = False
+        # CPU seconds the serving itself costs, per part, measured per thread (time.thread_time), so the figure holds
+        # whatever else runs on the machine: the bookkeeping on the inference thread, drawing, answering HTTP.
+        self.cpu_s = {"observe": 0.0, "draw": 0.0, "http": 0.0}
         self._thread = threading.Thread(target=self._render_loop, name="adtr-serve-render", daemon=True)
 
     # -- inference thread ------------------------------------------------------------------------------------------
     def observe(self, record: dict, picture: Callable[[], np.ndarray | None], infer_ms: float | None) -> None:
         """Pipeline observer: cheap bookkeeping; pictures are drawn later on the render thread, if at all."""
+        cpu0 = time.thread_time()
         now, mono = time.time(), time.monotonic()
         ok = record["status"] == "ok"
         with self.cond:
@@ -122,6 +126,7 @@ class LiveState:
             if infer_ms is not None:
                 self.timing("inference", infer_ms / 1000)
                 self.timing("before_inference", max(record["latency_ms"] - infer_ms, 0.0) / 1000)
+        self.cpu_s["observe"] += time.thread_time() - cpu0  # only this thread writes this entry
 
     # -- render thread ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,6 +149,7 @@ class LiveState:
                 frame_job, self._job_frame = self._job_frame, None
                 thumbs = list(self._job_thumbs)
                 self._job_thumbs.clear()
+            cpu0 = time.thread_time()
             for info, picture in thumbs:
                 jpeg = self._draw(picture, THUMB_WIDTH)
                 if jpeg is not None:
@@ -158,6 +164,7 @@ class LiveState:
                         self.frame_jpeg, self.frame_info = jpeg, info
                         self.frame_seq += 1
                         self.cond.notify_all()
+            self.cpu_s["draw"] += time.thread_time() - cpu0
 
     @staticmethod
     def _draw(picture: Callable[[], np.ndarray | None], width: int) -> bytes | None:
@@ -179,6 +186,10 @@ class LiveState:
                 self._next_frame_at = mono + self.min_frame_gap
                 self._job_frame = latest
                 self.cond.notify_all()
+
+    def add_http_cpu(self, seconds: float) -> None:
+        with self.cond:  # many handler threads add here
+            self.cpu_s["http"] += seconds
 
     def set_state(self, state: str) -> None:
         with self.cond:
