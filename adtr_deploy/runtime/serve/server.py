@@ -13,7 +13,9 @@ from __future__ import annotations
 import hmac
 import http.server
 import json
+import math
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -56,6 +58,12 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        # A viewer that goes away mid-answer is normal; anything else is one line, never a traceback on the terminal.
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            self.service.log(f"the live view could not answer {client_address[0]}: {type(exc).__name__}: {exc}")
 
     def process_request_thread(self, request, client_address):
         try:
@@ -103,7 +111,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, code: int, data: dict) -> None:
-        self._send(code, json.dumps(data, allow_nan=False, default=str).encode(), "application/json")
+        try:
+            body = json.dumps(data, allow_nan=False, default=str)
+        except ValueError:  # a model that produced NaN: JSON has no NaN, the page gets null
+            body = json.dumps(_finite(data), default=str)
+        self._send(code, body.encode(), "application/json")
 
     def _error(self, code: int, message: str) -> None:
         self._json(code, {"error": message})
@@ -137,7 +149,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             else:
                 self._send(200, jpeg, "image/jpeg", cache=True)
         elif path == "/stream.mjpg":
-            self._stream()
+            if self.command == "HEAD":
+                self._send(200, b"", "multipart/x-mixed-replace; boundary=frame")
+            else:
+                self._stream()
         elif path == "/metrics":
             body, ctype = self.service.metrics()
             self._send(200, body, ctype)
@@ -199,6 +214,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             service.stream_opened(-1)
             service.stream_slots.release()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _int(values: list[str] | None, default: int) -> int:
