@@ -112,7 +112,8 @@ def test_page_status_metrics_health_stream_and_pause_resume_during_a_video_run(m
         assert s["source"]["name"] == str(clip) and s["counts"]["images"] == n
         assert len(s["timeline"]) == s["counts"]["ok"] == n and s["latency_ms"]["p50"] > 0
         assert [p[0] for p in s["timeline"]] == list(range(1, n + 1))
-        assert all((p[2] > 0.5) == bool(p[3]) for p in s["timeline"])  # decisions agree with the threshold line
+        # decisions agree with the threshold line (a score rounded onto the line may be either)
+        assert all(p[2] >= 0.5 if p[3] else p[2] <= 0.5 for p in s["timeline"])
         assert get_json(url + f"api/status?since={n - 1}")[1]["timeline"] == s["timeline"][-1:]
         assert s["last"]["frame"] == n - 1 and s["control"]["needs_token"] is False
 
@@ -129,7 +130,7 @@ def test_page_status_metrics_health_stream_and_pause_resume_during_a_video_run(m
         for g in s["gallery"]:
             code, _, thumb = get(url + f"gallery/{g['id']}.jpg")
             assert code == 200 and cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR) is not None
-            assert g["normalized_score"] > 0.5 and g["source"] == str(clip)
+            assert g["normalized_score"] >= 0.5 and g["source"] == str(clip)
 
         # MJPEG: the current frame comes at once; streams are capped (the next one gets 503 and the run goes on).
         streams = [open_stream(url) for _ in range(MAX_STREAMS)]
@@ -223,7 +224,7 @@ def test_a_busy_port_is_one_clear_sentence(model_path, tmp_path):
         port = busy.getsockname()[1]
         args = ["--model", model_path, "--source", clip, "--out", tmp_path / "out", "--serve", f"127.0.0.1:{port}"]
         result = CliRunner().invoke(command, [str(a) for a in args])
-    assert result.exit_code == 1 and f"Cannot serve on 127.0.0.1:{port}" in result.output, result.output
+    assert result.exit_code == 1 and f"cannot serve on 127.0.0.1:{port}" in result.output, result.output
 
 
 def test_a_hostile_source_name_is_data_in_the_status_and_never_markup_in_the_page(model_path, tmp_path):

@@ -21,6 +21,8 @@ import time
 import urllib.parse
 from importlib import resources
 
+from adtr_deploy.errors import UserError
+
 MAX_CONNECTIONS = 64
 MAX_STREAMS = 16
 IDLE_TIMEOUT_S = 30
@@ -239,6 +241,6 @@ def make_server(host: str, port: int, service) -> BoundedHTTPServer:
     try:
         return BoundedHTTPServer((host, port), Handler, service)
     except OSError as exc:
-        raise RuntimeError(
+        raise UserError(
             f"cannot serve on {host}:{port} ({exc.strerror or exc}); choose another --serve HOST:PORT"
         ) from None

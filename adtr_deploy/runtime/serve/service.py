@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from adtr_deploy.errors import MissingExtraError, UserError
 from adtr_deploy.runtime.serve.sinks import Sink, parse_sink, sink_observer
 from adtr_deploy.runtime.serve.state import LiveState
 
@@ -26,7 +27,7 @@ def parse_address(text: str) -> tuple[str, int]:
         host, port = "127.0.0.1", text
     host = host.strip("[]") or "0.0.0.0"
     if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--serve {text} is not HOST:PORT; write e.g. --serve 127.0.0.1:8080 or --serve 0.0.0.0:8080")
+        raise UserError(f"--serve {text} is not HOST:PORT; write e.g. --serve 127.0.0.1:8080 or --serve 0.0.0.0:8080")
     return host, int(port)
 
 
@@ -93,14 +94,14 @@ class Service:
         if serve is not None:
             host, port = parse_address(serve)
             if not is_loopback(host) and self.token is None:
-                raise ValueError(
+                raise UserError(
                     f"--serve {serve} is reachable from the network, so control needs a token: pass --serve-token "
                     f"SECRET or set {TOKEN_ENV} (or serve on 127.0.0.1)"
                 )
             try:
                 import prometheus_client  # noqa: F401 -- the serve extra, checked before the model loads
             except ImportError:
-                raise RuntimeError("--serve needs the serve extra: pip install 'adtr-deploy[serve]'") from None
+                raise MissingExtraError("--serve needs the serve extra: pip install 'adtr-deploy[serve]'") from None
             from adtr_deploy.runtime.serve.server import MAX_STREAMS, make_server
 
             self.stream_slots = threading.BoundedSemaphore(MAX_STREAMS)

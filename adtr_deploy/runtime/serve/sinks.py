@@ -16,6 +16,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
+from adtr_deploy.errors import MissingExtraError, UserError
+
 QUEUE_SIZE = 1000
 MAX_ATTEMPTS = 6
 BACKOFF_START_S = 0.25
@@ -139,11 +141,11 @@ class MqttSink(Sink):
         self.host, self.port = parsed.hostname or "localhost", parsed.port or 1883
         self.topic = parsed.path.lstrip("/")
         if not self.topic:
-            raise ValueError(f"--sink {target} has no topic; write mqtt://HOST[:PORT]/TOPIC")
+            raise UserError(f"--sink {target} has no topic; write mqtt://HOST[:PORT]/TOPIC")
         try:
             import paho.mqtt.client as mqtt
         except ImportError:
-            raise RuntimeError("--sink mqtt:// needs paho-mqtt: pip install 'adtr-deploy[serve]'") from None
+            raise MissingExtraError("--sink mqtt:// needs paho-mqtt: pip install 'adtr-deploy[serve]'") from None
         self._mqtt = mqtt
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"adtr-run-{id(self):x}")
         if parsed.username:
@@ -177,13 +179,13 @@ def parse_sink(text: str) -> Sink:
     if text.startswith("webhook:"):
         url = text[len("webhook:") :]
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise ValueError(
+            raise UserError(
                 f"--sink {text}: the webhook needs an http:// or https:// URL, e.g. webhook:http://host/hook"
             )
         return WebhookSink(url)
     if text.startswith("mqtt://"):
         return MqttSink(text)
-    raise ValueError(f"--sink {text} is not understood; use webhook:http://HOST/PATH or mqtt://HOST[:PORT]/TOPIC")
+    raise UserError(f"--sink {text} is not understood; use webhook:http://HOST/PATH or mqtt://HOST[:PORT]/TOPIC")
 
 
 def sink_observer(sinks: list[Sink], model: dict) -> Callable:

@@ -109,7 +109,7 @@ class LiveState:
                 self.latencies.append(record["latency_ms"])
                 anomalous = bool(record["is_anomaly"])
                 self.counts["anomalies"] += anomalous
-                self.timeline.append([self.seq, round(now, 3), round(record["normalized_score"], 4), int(anomalous)])
+                self.timeline.append([self.seq, round(now, 3), round(record["normalized_score"], 6), int(anomalous)])
                 info = {k: record[k] for k in ("source", "frame", "score", "normalized_score", "is_anomaly", "status")}
                 info.update(seq=self.seq, time=now)
                 self._latest = (info, picture)
