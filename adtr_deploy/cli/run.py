@@ -158,6 +158,32 @@ def _quiet_opencv() -> None:
     "skipped, new records are appended.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress line and no summary on the terminal.")
+@click.option(
+    "--serve",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve a live view, /metrics, /healthz and /api/status on HOST:PORT (e.g. 127.0.0.1:8080). Needs the serve extra.",
+)
+@click.option(
+    "--serve-token",
+    envvar="ADTR_SERVE_TOKEN",
+    default=None,
+    help="Token for pause/resume (header X-ADTR-Token); required when --serve is not a loopback address. "
+    "Env: ADTR_SERVE_TOKEN.",
+)
+@click.option(
+    "--serve-linger",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --serve: seconds to keep serving after a finite source ends. Default: until Ctrl-C.",
+)
+@click.option(
+    "--sink",
+    "sinks",
+    multiple=True,
+    metavar="SINK",
+    help="Send each anomaly as JSON to webhook:URL or mqtt://HOST[:PORT]/TOPIC (repeatable); never blocks inference.",
+)
 @user_errors
 def command(
     model: Path,
@@ -182,6 +208,10 @@ def command(
     overwrite: bool,
     resume: bool,
     quiet: bool,
+    serve: str | None,
+    serve_token: str | None,
+    serve_linger: float | None,
+    sinks: tuple[str, ...],
 ) -> None:
     """Run an exported ADTR model over images, a video, a camera or a stream; write OUT/results.jsonl (one record per
     image or frame) and OUT/summary.json.
@@ -201,6 +231,12 @@ def command(
     from adtr_deploy.runtime.sources import open_source
     from adtr_deploy.runtime.triton import TritonBackend
 
+    log = (lambda msg: None) if quiet else (lambda msg: click.echo(f"Note: {msg}", err=True))
+    service = None
+    if serve is not None or sinks:  # checked and bound before the model loads; imported only when asked for
+        from adtr_deploy.runtime.serve import Service
+
+        service = Service(serve, serve_token, sinks, log=lambda msg: click.echo(f"Note: {msg}", err=True))
     cls = backend_class(model, backend)
     if device is None:
         device = "cuda" if cls is TensorRTBackend else "cpu"
@@ -223,7 +259,6 @@ def command(
         overwrite=overwrite,
         resume=resume,
     )
-    log = (lambda msg: None) if quiet else (lambda msg: click.echo(f"Note: {msg}", err=True))
     fallback = getattr(engine, "fallback", None)
     if fallback:
         log(fallback + "; running anyway because of --allow-fallback")
@@ -234,13 +269,21 @@ def command(
         )
     total = min(src.total, max_frames) if src.total and max_frames else src.total
     progress = _Progress(total, enabled=not quiet)
-    pipeline = Pipeline(engine, src, out_dir, run_options, on_record=progress, log=log)
+    hooks = service.pipeline_hooks() if service else {}
+    pipeline = Pipeline(engine, src, out_dir, run_options, on_record=progress, log=log, **hooks)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        if service:
+            service.start(pipeline, engine, model)
         summary = pipeline.run()
+        if service:
+            progress.end()
+            service.linger(serve_linger, summary)
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.end()
+        if service:
+            service.close()
         engine.close()
     if not quiet:
         _print_summary(summary, out_dir)

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -78,6 +78,9 @@ class Pipeline:
     """Runs one backend over one source and writes OUT_DIR/results.jsonl and OUT_DIR/summary.json.
 
     `on_record(record, counts)` is called after every record (for progress displays); `log(message)` receives notices.
+    `observers` (the live view and alert sinks, adtr_deploy.runtime.serve) are called as
+    `observer(record, picture, infer_ms)` after every record: `picture()` renders the annotated frame on demand (None for
+    an error record) so nobody pays for pictures they do not use. While `pause` is set, no new frames are taken.
     """
 
     def __init__(
@@ -89,6 +92,8 @@ class Pipeline:
         *,
         on_record: Callable[[dict, dict], None] | None = None,
         log: Callable[[str], None] | None = None,
+        observers: Sequence[Callable[..., None]] = (),
+        pause: threading.Event | None = None,
     ):
         if options.batch_size < 1 or options.workers < 1:
             raise UserError("--batch-size and --workers must be at least 1")
@@ -102,13 +107,15 @@ class Pipeline:
         self.post = Postprocessor(backend.spec.calibration, options.threshold)
         self.batch_size = min(options.batch_size, backend.max_batch or options.batch_size)
         self.on_record = on_record
+        self.observers = tuple(observers)
+        self.pause = pause
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.counts = {"images": 0, "ok": 0, "anomalies": 0, "errors": 0}
         self.skipped = 0  # inputs recorded by the earlier run that --resume continues
         self._signal: int | None = None
         self._latencies: list[float] = []
         self._infer_ms: list[float] = []
-        self._keep_original = options.save_overlays or options.save_video is not None or options.show
+        self._keep_original = bool(options.save_overlays or options.save_video is not None or options.show or observers)
 
     # -- worker side -------------------------------------------------------------------------------------------------
     def _load(self, frame: Frame) -> tuple[np.ndarray | None, np.ndarray]:
@@ -163,7 +170,8 @@ class Pipeline:
                 if deadline is not None and time.perf_counter() >= deadline and not exhausted:
                     exhausted, stopped = True, "duration"
                 # Keep the window full; block briefly on the source only when there is nothing else to do.
-                while not exhausted and len(pending) < window:
+                paused = self.pause is not None and self.pause.is_set()
+                while not exhausted and not paused and len(pending) < window:
                     if opts.max_frames is not None and taken >= opts.max_frames:
                         exhausted, stopped = True, "max-frames"
                         break
@@ -181,6 +189,8 @@ class Pipeline:
                         batch = []
                     if exhausted or self._stop_requested or self._signal:
                         break
+                    if paused:
+                        time.sleep(0.05)
                     continue
                 if self._signal:
                     break
@@ -248,6 +258,7 @@ class Pipeline:
         return restore
 
     _stop_requested = False
+    _last_infer_ms = 0.0
 
     def _finish(self, batch: list[tuple[Frame, object]]) -> None:
         """Infer the decodable frames of a batch and write every frame's record, in order."""
@@ -259,6 +270,7 @@ class Pipeline:
             maps, scores = self.backend.run(x)
             infer_ms = (time.perf_counter() - t0) * 1000
             self._infer_ms.append(infer_ms / len(good))
+            self._last_infer_ms = infer_ms / len(good)
             for (f, _), p in zip(good, self.post(maps, scores), strict=True):
                 predictions[id(f)] = p
         for frame, item in batch:
@@ -267,8 +279,9 @@ class Pipeline:
                 continue
             pred = predictions[id(frame)]
             record = self._record(frame, pred, None)
-            original = item[0]
-            if original is not None:
+            original, picture = item[0], None
+            drawn_here = self.options.save_overlays or self._video is not None or self._window is not None
+            if original is not None and drawn_here:
                 picture = overlay(original, pred, self.post.heat(pred.anomaly_map))
                 if self.options.save_overlays:
                     target = self.out_dir / OVERLAY_DIR / f"{frame.key}.jpg"
@@ -279,7 +292,7 @@ class Pipeline:
                     self._video.write(picture)
                 if self._window is not None and not self._window.show(picture):
                     self._stop_requested = True
-            self._write(record)
+            self._write(record, original, pred, picture)
 
     def _record(self, frame: Frame, pred: Prediction | None, error: str | None) -> dict:
         latency = (time.perf_counter() - frame.acquired) * 1000
@@ -298,7 +311,7 @@ class Pipeline:
             record["gap"] = frame.gap
         return record
 
-    def _write(self, record: dict) -> None:
+    def _write(self, record: dict, original=None, pred: Prediction | None = None, drawn=None) -> None:
         # One write call per line, then flush; the record is counted only once it is in the file.
         self._results.write(json.dumps(record) + "\n")
         self._results.flush()
@@ -311,6 +324,17 @@ class Pipeline:
             self.counts["errors"] += 1
         if self.on_record is not None:
             self.on_record(record, self.counts)
+        if self.observers:
+            heat = self.post.heat
+
+            def picture() -> np.ndarray | None:  # rendered later, on the observer's own thread, only if wanted
+                if drawn is not None or original is None or pred is None:
+                    return drawn
+                return overlay(original, pred, heat(pred.anomaly_map))
+
+            infer_ms = self._last_infer_ms if pred is not None else None
+            for observe in self.observers:
+                observe(record, picture, infer_ms)
 
     def _summary(self, started_at: str, wall_s: float, stopped: str) -> dict:
         src = self.source.stats()

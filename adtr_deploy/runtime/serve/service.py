@@ -1,0 +1,217 @@
+"""`adtr-run --serve` / `--sink`: the live view, metrics, health and alert sinks around one pipeline run.
+
+Used by the CLI in three steps: `Service(...)` checks the options and binds the port before anything heavy loads;
+`start(pipeline, model_path)` hooks into the pipeline (observers + a pause event) and starts the threads; after the run,
+`linger()` keeps serving the final state and `close()` drains the sinks and stops the server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from adtr_deploy.errors import MissingExtraError, UserError
+from adtr_deploy.runtime.serve.sinks import Sink, parse_sink, sink_observer
+from adtr_deploy.runtime.serve.state import LiveState
+
+TOKEN_ENV = "ADTR_SERVE_TOKEN"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT or PORT (then 127.0.0.1) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UserError(f"--serve {text} is not HOST:PORT; write e.g. --serve 127.0.0.1:8080 or --serve 0.0.0.0:8080")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name could resolve anywhere: treat it as reachable from the network
+
+
+def model_identity(engine, pipeline, model_path: Path | str) -> dict:
+    """What the page shows about the model: name, sha256, threshold, input size, backend, device."""
+    spec = engine.spec
+    sha = spec.extra.get("sha256")
+    path = Path(model_path)
+    if not sha and path.is_file():
+        from adtr_deploy.fileio import sha256_file
+
+        sha = sha256_file(path)
+    return {
+        "name": str(model_path),
+        "sha256": sha,
+        "threshold": pipeline.post.threshold,
+        "calibration": pipeline.post.calibration.method,
+        "input_size": list(spec.input_size),
+        "preset": spec.preset,
+        "backbone": spec.backbone,
+        "format": spec.format,
+        "precision": spec.precision,
+        "backend": getattr(engine, "name", type(engine).__name__),
+        "device": str(getattr(engine, "device", "")),
+    }
+
+
+class Service:
+    """Live view + metrics + health (when `serve` is given) and alert sinks, for one run."""
+
+    def __init__(
+        self,
+        serve: str | None,
+        token: str | None = None,
+        sinks: tuple[str, ...] | list[str] = (),
+        *,
+        log: Callable[[str], None] = print,
+        max_fps: float = 5.0,
+    ):
+        self.log = log
+        self.token = token or None
+        self.max_fps = max_fps
+        self.pause = threading.Event()
+        self.closing = False
+        self.streams = 0
+        self.state: LiveState | None = None
+        self.server = None
+        self.url: str | None = None
+        self.registry = None
+        self._backend_loaded = False
+        self._lock = threading.Lock()
+        self.sinks: list[Sink] = [parse_sink(s) for s in sinks]
+        self.model: dict = {}  # filled in by start(), once the model is loaded
+        self._serving = False
+        if serve is not None:
+            host, port = parse_address(serve)
+            if not is_loopback(host) and self.token is None:
+                raise UserError(
+                    f"--serve {serve} is reachable from the network, so control needs a token: pass --serve-token "
+                    f"SECRET or set {TOKEN_ENV} (or serve on 127.0.0.1)"
+                )
+            try:
+                import prometheus_client  # noqa: F401 -- the serve extra, checked before the model loads
+            except ImportError:
+                raise MissingExtraError("--serve needs the serve extra: pip install 'adtr-deploy[serve]'") from None
+            from adtr_deploy.runtime.serve.server import MAX_STREAMS, make_server
+
+            self.stream_slots = threading.BoundedSemaphore(MAX_STREAMS)
+            self.server = make_server(host, port, self)
+            bound_host, bound_port = self.server.server_address[:2]
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+            self.url = f"http://{shown}:{bound_port}/"
+            self.state = LiveState(self.model, {}, max_fps=max_fps)
+
+    # -- pipeline side ---------------------------------------------------------------------------------------------
+    def pipeline_hooks(self) -> dict:
+        """Keyword arguments for Pipeline: the observers, and the pause event when serving."""
+        observers: list[Callable] = []
+        if self.sinks:
+            observers.append(sink_observer(self.sinks, self.model))
+        if self.state is not None:
+            observers.append(self.state.observe)
+            return {"observers": observers, "pause": self.pause}
+        return {"observers": observers}
+
+    def start(self, pipeline, engine, model_path: Path | str) -> None:
+        """Fill in the model's identity and start the threads (render, HTTP, sinks)."""
+        self.model.update(model_identity(engine, pipeline, model_path))
+        for sink in self.sinks:
+            sink.start()
+        if self.server is None:
+            return
+        from adtr_deploy.runtime.serve.metrics import build_registry
+
+        src = pipeline.source
+        self.registry, self.state.timing = build_registry(self)
+        self.state.source.update(name=src.name, live=src.live, total=src.total)
+        self.state.source_stats = src.stats
+        self.state.stale_s = max(10.0, 2 * getattr(src, "timeout_s", 5.0))
+        self.state.start()
+        self._backend_loaded = True
+        self._serving = True
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="adtr-serve-http", daemon=True
+        ).start()
+        note = "" if self.token is None else "; pause/resume need the token"
+        self.log(f"live view on {self.url} (metrics {self.url}metrics, health {self.url}healthz){note}")
+
+    # -- HTTP side ---------------------------------------------------------------------------------------------------
+    def status(self, since: int = 0) -> dict:
+        snap = self.state.snapshot(since)
+        snap["sinks"] = self.sink_stats()
+        snap["control"] = {"needs_token": self.token is not None, "header": "X-ADTR-Token"}
+        return snap
+
+    def health(self) -> dict:
+        return self.state.health(self._backend_loaded)
+
+    def metrics(self) -> tuple[bytes, str]:
+        from adtr_deploy.runtime.serve.metrics import render
+
+        return render(self.registry)
+
+    def sink_stats(self) -> list[dict]:
+        return [s.stats() for s in self.sinks]
+
+    def set_paused(self, paused: bool) -> None:
+        if self.state.state in ("finished",):
+            return
+        if paused:
+            self.pause.set()
+        else:
+            self.pause.clear()
+        self.state.set_state("paused" if paused else "running")
+        self.log("inference paused from the live view" if paused else "inference resumed from the live view")
+
+    def stream_opened(self, delta: int) -> None:
+        with self._lock:
+            self.streams += delta
+
+    # -- end ---------------------------------------------------------------------------------------------------------
+    def linger(self, seconds: float | None, summary: dict) -> None:
+        """After the source ended: keep serving the final state for `seconds` (None: until Ctrl-C / SIGTERM)."""
+        if self.state is not None:
+            self.state.set_state("finished")
+        self._backend_loaded = False
+        if self.server is None or summary.get("stopped") == "interrupted" or seconds == 0:
+            return
+        how = "until Ctrl-C" if seconds is None else f"for {seconds:g} s"
+        self.log(f"the source has ended; still serving the results on {self.url} {how}")
+        try:
+            end = None if seconds is None else time.monotonic() + seconds
+            while end is None or time.monotonic() < end:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+
+    def close(self) -> None:
+        """Drain the sinks (a few seconds at most), stop the server and the render thread; log what the sinks did."""
+        self.closing = True
+        self._backend_loaded = False
+        for sink in self.sinks:
+            sink.close()
+            s = sink.stats()
+            error = f" (last error: {s['last_error']})" if s["failed"] and s["last_error"] else ""
+            self.log(f"{s['name']}: {s['sent']} sent, {s['dropped']} dropped, {s['failed']} failed{error}")
+        end = time.monotonic() + 2
+        while self.streams and time.monotonic() < end:  # MJPEG streams notice `closing` within a second
+            time.sleep(0.05)
+        if self.server is not None:
+            if self._serving:  # shutdown() waits for serve_forever, which never ran if the model failed to load
+                self.server.shutdown()
+            self.server.server_close()
+        if self.state is not None:
+            self.state.stop()
+            cpu = self.state.cpu_s
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+            self.log(f"serving used {sum(cpu.values()):.2f} s of CPU ({parts})")

@@ -1,0 +1,215 @@
+// adtr-run live view. Polls /api/status and the shared latest frame; no libraries, nothing from other hosts.
+// Everything that comes from the run (source names, errors, model names) is shown with textContent, never as HTML.
+"use strict";
+
+const POLL_MS = 500;
+const TIMELINE_MAX = 300;
+const $ = (id) => document.getElementById(id);
+let since = 0;
+let points = []; // [seq, time, normalized score, is_anomaly]
+let frameSeq = -1;
+let frameBusy = false;
+let galleryKey = "";
+let modelShown = false;
+let lastIsError = false;
+
+function text(id, value) {
+  $(id).textContent = value === null || value === undefined ? "–" : String(value);
+}
+
+function fmt(x, digits) {
+  return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
+}
+
+function showModel(model) {
+  const dl = $("model");
+  dl.replaceChildren();
+  const rows = [
+    ["model", model.name], ["sha256", model.sha256 ? model.sha256.slice(0, 12) : "–"],
+    ["threshold", model.threshold === undefined ? "–" : Number(model.threshold).toPrecision(4)],
+    ["input", model.input_size ? model.input_size.join("×") : "–"], ["backend", model.backend], ["device", model.device],
+  ];
+  for (const [k, v] of rows) {
+    const div = document.createElement("div");
+    const dt = document.createElement("dt");
+    const dd = document.createElement("dd");
+    dt.textContent = k;
+    dd.textContent = v === null || v === undefined ? "–" : String(v);
+    if (k === "sha256" && model.sha256) dd.title = model.sha256;
+    if (k === "model") dd.title = String(v);
+    div.append(dt, dd);
+    dl.append(div);
+  }
+  modelShown = true;
+}
+
+function showLast(last) {
+  if (!last) return;
+  const badge = $("decision");
+  if (last.status !== "ok") {
+    badge.textContent = "ERROR";
+    badge.className = "badge bad";
+  } else {
+    badge.textContent = last.is_anomaly ? "ANOMALY" : "OK";
+    badge.className = "badge " + (last.is_anomaly ? "bad" : "ok");
+  }
+  text("score", fmt(last.normalized_score, 3));
+  text("raw", last.score === null ? null : Number(last.score).toPrecision(4));
+  $("where").textContent = last.source + (last.frame ? " #" + last.frame : "") + (last.error ? " — " + last.error : "");
+}
+
+async function showFrame(frame) {
+  // Fetched as a blob so that the record it belongs to (header X-Frame-Info) captions it, whatever came in between.
+  if (!frame || frame.seq === frameSeq || frame.seq === 0 || frameBusy) return;
+  frameBusy = true;
+  try {
+    const r = await fetch("/frame.jpg?seq=" + frame.seq, { cache: "no-store" });
+    if (r.status !== 200) return;
+    const info = JSON.parse(decodeURIComponent(r.headers.get("X-Frame-Info") || "null"));
+    const url = URL.createObjectURL(await r.blob());
+    const img = $("frame");
+    const old = img.src;
+    img.src = url;
+    if (old && old.startsWith("blob:")) URL.revokeObjectURL(old);
+    frameSeq = Number(r.headers.get("X-Frame-Seq"));
+    img.dataset.seq = String(frameSeq);
+    $("no-frame").hidden = true;
+    if (info && !lastIsError) showLast(info);
+  } catch (e) {
+    // the next poll tries again
+  } finally {
+    frameBusy = false;
+  }
+}
+
+function showGallery(gallery) {
+  const key = gallery.map((g) => g.id).join(",");
+  if (key === galleryKey) return;
+  galleryKey = key;
+  $("no-anomaly").hidden = gallery.length > 0;
+  const ol = $("gallery");
+  ol.replaceChildren();
+  for (const g of gallery) {
+    const li = document.createElement("li");
+    const img = document.createElement("img");
+    img.src = "/gallery/" + encodeURIComponent(g.id) + ".jpg";
+    img.alt = "anomaly " + g.id;
+    const score = document.createElement("div");
+    score.className = "bad";
+    score.textContent = "score " + fmt(g.normalized_score, 3) + "  (raw " + Number(g.score).toPrecision(4) + ")";
+    const when = document.createElement("div");
+    when.textContent = new Date(g.time * 1000).toLocaleTimeString(undefined, { hour12: false });
+    const src = document.createElement("div");
+    src.className = "src";
+    src.textContent = g.source + (g.frame ? " #" + g.frame : "");
+    src.title = g.source;
+    li.append(img, score, when, src);
+    ol.append(li);
+  }
+}
+
+function drawTimeline() {
+  const canvas = $("timeline");
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 1200;
+  const h = canvas.clientHeight || 150;
+  if (canvas.width !== Math.round(w * ratio)) canvas.width = Math.round(w * ratio);
+  if (canvas.height !== Math.round(h * ratio)) canvas.height = Math.round(h * ratio);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  const pad = 24;
+  const top = Math.max(1, ...points.map((p) => p[2])) * 1.05;
+  const y = (v) => h - pad / 2 - (Math.min(Math.max(v, 0), top) / top) * (h - pad);
+  const n = Math.max(points.length, 2);
+  const x = (i) => pad + (i / (n - 1)) * (w - 2 * pad);
+  ctx.strokeStyle = "#2c343d";
+  ctx.fillStyle = "#8b96a1";
+  ctx.font = "11px system-ui, sans-serif";
+  for (const v of [0, 0.25, 0.75, 1]) {
+    ctx.beginPath(); ctx.moveTo(pad, y(v)); ctx.lineTo(w - pad, y(v)); ctx.stroke();
+    ctx.fillText(v.toFixed(2), 0, y(v) + 4);
+  }
+  ctx.strokeStyle = "#fab005"; // the threshold
+  ctx.setLineDash([6, 4]);
+  ctx.beginPath(); ctx.moveTo(pad, y(0.5)); ctx.lineTo(w - pad, y(0.5)); ctx.stroke();
+  ctx.setLineDash([]);
+  ctx.fillStyle = "#fab005";
+  ctx.fillText("threshold", w - pad - 52, y(0.5) - 4);
+  if (!points.length) return;
+  ctx.strokeStyle = "#4dabf7";
+  ctx.lineWidth = 1.5;
+  ctx.beginPath();
+  points.forEach((p, i) => (i ? ctx.lineTo(x(i), y(p[2])) : ctx.moveTo(x(i), y(p[2]))));
+  ctx.stroke();
+  ctx.lineWidth = 1;
+  for (let i = 0; i < points.length; i++) {
+    if (!points[i][3]) continue;
+    ctx.fillStyle = "#f03e3e";
+    ctx.beginPath(); ctx.arc(x(i), y(points[i][2]), 3, 0, 2 * Math.PI); ctx.fill();
+  }
+}
+
+function show(s) {
+  const st = $("state");
+  st.textContent = s.state;
+  st.className = "state " + s.state;
+  if (!modelShown && s.model && s.model.name) showModel(s.model);
+  const c = s.counts;
+  text("c-images", c.images);
+  text("c-anomalies", c.anomalies);
+  text("c-errors", c.errors);
+  text("c-dropped", c.dropped_frames);
+  text("c-rate", fmt(s.images_per_s, 1));
+  text("c-latency", fmt(s.latency_ms.p50, 1) + " / " + fmt(s.latency_ms.p99, 1));
+  $("source").textContent = s.source.name || "";
+  $("token").hidden = !s.control.needs_token;
+  // The caption describes the picture shown (set when it loads); an error record has no picture: show it at once.
+  lastIsError = !!s.last && s.last.status !== "ok";
+  if (lastIsError || frameSeq < 0) showLast(s.last);
+  showFrame(s.frame);
+  if (s.timeline.length) {
+    points = points.concat(s.timeline).slice(-TIMELINE_MAX);
+    since = points[points.length - 1][0];
+    drawTimeline();
+  }
+  showGallery(s.gallery);
+  const sinks = $("sinks");
+  sinks.replaceChildren();
+  for (const k of s.sinks) {
+    const li = document.createElement("li");
+    li.textContent = k.name + ": " + k.sent + " sent, " + k.dropped + " dropped, " + k.failed + " failed";
+    sinks.append(li);
+  }
+}
+
+async function poll() {
+  try {
+    const r = await fetch("/api/status?view=1&since=" + since, { cache: "no-store" });
+    if (r.ok) show(await r.json());
+  } catch (e) {
+    const st = $("state");
+    st.textContent = "disconnected";
+    st.className = "state";
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+async function control(action) {
+  const msg = $("control-msg");
+  try {
+    const r = await fetch("/api/" + action, { method: "POST", headers: { "X-ADTR-Token": $("token").value || "-" } });
+    const body = await r.json();
+    msg.textContent = r.ok ? "" : body.error;
+  } catch (e) {
+    msg.textContent = "no answer from the server";
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("pause").addEventListener("click", () => control("pause"));
+  $("resume").addEventListener("click", () => control("resume"));
+  window.addEventListener("resize", drawTimeline);
+  drawTimeline();
+  poll();
+});
