@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 
 from adtr_deploy.data.datasets import image_loader
 from adtr_deploy.errors import UserError
+from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.train import distributed
 from adtr_deploy.train.config import TrainConfig
 from adtr_deploy.train.features import TrainingSet
@@ -35,7 +37,7 @@ class Optimizer:
 
 def run_epoch(
     epoch: int,
-    model: Any,
+    model: ADTR,
     data: TrainingSet,
     optim: Optimizer,
     loss_fn: Any,
@@ -86,17 +88,22 @@ def run_epoch(
 
 
 def epoch_batches(
-    data: TrainingSet, order: torch.Tensor, epoch: int, model: Any, cfg: TrainConfig, device: torch.device, w
-) -> Any:
+    data: TrainingSet,
+    order: torch.Tensor,
+    epoch: int,
+    model: ADTR,
+    cfg: TrainConfig,
+    device: torch.device,
+    w: distributed.World,
+) -> Iterable[dict[str, Any]]:
     """The batches of one epoch in `order`: this rank's share when distributed, else cached features, the Dataset's
     items or decoded images."""
     if w.distributed:
         torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, w))  # per-rank dropout masks
         return rank_batches(order, epoch, data.cache, data.shard, data.dataset, model, cfg, device, w)
     if data.cache is not None:
-        cache = data.cache
         return (
-            {"index": idx, "label": torch.zeros_like(idx), "features": cache[idx.to(device)].float()}
+            {"index": idx, "label": torch.zeros_like(idx), "features": data.cache[idx.to(device)].float()}
             for idx in order.split(cfg.batch_size)
         )
     if data.dataset is not None:
