@@ -108,7 +108,8 @@ def diagnose(run: Path, data_root: Path, category: str) -> dict:
     from adtr_deploy.metrics import image_auroc, pixel_auroc
     from adtr_deploy.model.checkpoint import load_checkpoint
     from adtr_deploy.preprocess import load_mask
-    from adtr_deploy.train.trainer import TrainConfig, cache_features
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.features import cache_features
 
     model, ckpt = load_checkpoint(run / "checkpoint.pt")
     data = open_dataset(data_root, category)

@@ -66,7 +66,8 @@ def ceiling(data, setting: str) -> dict:
     from adtr_deploy.model.adtr import ADTR
     from adtr_deploy.model.config import get_preset
     from adtr_deploy.preprocess import load_mask
-    from adtr_deploy.train.trainer import TrainConfig, split_validation
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.trainer import split_validation
 
     size_s, stages_s, resize = setting.split(":")
     size, stages = int(size_s), tuple(int(c) for c in stages_s)

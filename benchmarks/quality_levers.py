@@ -133,8 +133,10 @@ def train_transformer(model, f_train, train_over: dict, seed: int = 0) -> dict:
     """Train the transformer on cached features as adtr-train does; returns timing and the final loss."""
     import torch
 
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.features import init_feature_standardization
+    from adtr_deploy.train.loop import epoch_order
     from adtr_deploy.train.losses import adtr_loss
-    from adtr_deploy.train.trainer import TrainConfig, epoch_order, init_feature_standardization
 
     cfg = TrainConfig(progress=False, **train_over)
     torch.manual_seed(seed)
@@ -175,7 +177,8 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False) 
     from adtr_deploy.model.adtr import ADTR
     from adtr_deploy.model.config import get_preset
     from adtr_deploy.preprocess import load_mask
-    from adtr_deploy.train.trainer import TrainConfig, split_validation
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.trainer import split_validation
 
     name, model_over, train_over = parse_variant(text)
     torch.manual_seed(0)

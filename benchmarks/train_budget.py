@@ -1,7 +1,7 @@
 """How the transformer's accuracy grows with optimizer steps on the demo data, for a few training settings.
 
 Answers "why does the default lite0 model fall short": the frozen backbone's features are cached once (the trainer's own
-cache_features, on the trainer's own training split), then each setting trains a fresh transformer from the same seed
+train/features.py cache_features, on the trainer's own training split), then each setting trains a fresh transformer from the same seed
 on them and evaluates image and pixel AUROC of the test split every --eval-every steps, with the training-set mean
 squared error of the reconstruction beside the error of two references that need no training (per-position mean and
 global mean of the training features: a reconstruction that cannot beat the per-position mean has not learned yet).
@@ -42,7 +42,9 @@ def features(data_root: Path, category: str, cache: Path):
     from adtr_deploy.model.adtr import ADTR
     from adtr_deploy.model.config import get_preset
     from adtr_deploy.preprocess import load_mask
-    from adtr_deploy.train.trainer import TrainConfig, cache_features, split_validation
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.features import cache_features
+    from adtr_deploy.train.trainer import split_validation
 
     model = ADTR(get_preset("lite0"))
     data = open_dataset(data_root, category)
@@ -64,7 +66,8 @@ def run_setting(args, setting: str) -> list[dict]:
     import torch
 
     from adtr_deploy.metrics import image_auroc, pixel_auroc
-    from adtr_deploy.train.trainer import TrainConfig, init_feature_standardization
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.features import init_feature_standardization
 
     name, batch, lr, standardize, *rest = setting.split(":")
     batch, lr, standardize = int(batch), float(lr), standardize == "1"

@@ -36,8 +36,10 @@ def measure(preset: str, samples, args, torch) -> dict:
     from adtr_deploy.data.datasets import image_loader
     from adtr_deploy.model.adtr import ADTR
     from adtr_deploy.model.config import get_preset
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.features import cache_features
+    from adtr_deploy.train.loop import epoch_order, train_step
     from adtr_deploy.train.losses import get_loss
-    from adtr_deploy.train.trainer import TrainConfig, _step, cache_features, epoch_order
 
     cfg = TrainConfig(batch_size=args.batch_size, progress=False)
     torch.manual_seed(0)
@@ -63,7 +65,7 @@ def measure(preset: str, samples, args, torch) -> dict:
         else:
             batches = image_loader(samples, model.cfg.input_size, batch_size=cfg.batch_size, order=order)
         for batch in batches:
-            _step(model, batch, loss_fn, opt, scaler, params, cfg, device, False)
+            train_step(model, batch, loss_fn, opt, scaler, params, cfg, device, False)
 
     epoch(True, 0)  # warm-up of both paths (allocator, kernels), not timed
     epoch(False, 0)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from adtr_deploy.data.datasets import open_dataset
-    from adtr_deploy.train.trainer import TrainConfig, split_validation
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.trainer import split_validation
 
     data_root = args.data
     if data_root is None:

@@ -19,8 +19,9 @@ from adtr_deploy.cli.train import command as train_command
 from adtr_deploy.data.datasets import open_dataset
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.config import get_preset
+from adtr_deploy.train.config import TrainConfig
 from adtr_deploy.train.distributed import World, local_batches, loss_weight, shard_indices
-from adtr_deploy.train.trainer import TrainConfig, train
+from adtr_deploy.train.trainer import train
 from tests.train_data import make_mvtec
 
 # Dropout off: with dropout each rank draws its own masks, so only dropout-free runs can be compared weight by weight.
@@ -37,7 +38,8 @@ WORKER = textwrap.dedent(
     from adtr_deploy.data.datasets import open_dataset
     from adtr_deploy.model.config import get_preset
     from adtr_deploy.train import distributed
-    from adtr_deploy.train.trainer import TrainConfig, train
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.trainer import train
 
     data_root, out = sys.argv[1], sys.argv[2]
     w = distributed.setup("cpu")

@@ -16,8 +16,9 @@ from adtr_deploy.metrics import evaluate
 from adtr_deploy.model.checkpoint import load_checkpoint
 from adtr_deploy.model.config import get_preset
 from adtr_deploy.preprocess import load_mask
+from adtr_deploy.train.config import TrainConfig
 from adtr_deploy.train.evaluate import evaluate_model, is_checkpoint
-from adtr_deploy.train.trainer import TrainConfig, train
+from adtr_deploy.train.trainer import train
 from tests.train_data import make_folder, make_mvtec
 
 KEYS = ("image_auroc", "pixel_auroc", "pro", "f1_max", "threshold", "num_images")

@@ -16,8 +16,9 @@ from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import load_checkpoint, model_from_checkpoint
 from adtr_deploy.model.config import get_preset
 from adtr_deploy.preprocess import ImageDecodeError
+from adtr_deploy.train.config import TrainConfig
 from adtr_deploy.train.losses import LOSSES, get_loss
-from adtr_deploy.train.trainer import TrainConfig, split_validation, train
+from adtr_deploy.train.trainer import split_validation, train
 from tests.train_data import make_cifar10, make_folder, make_mvtec
 
 TINY = get_preset("tiny")

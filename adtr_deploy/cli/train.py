@@ -179,7 +179,7 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
     from adtr_deploy.cli.common import require_torch
 
     require_torch("adtr-train")
-    from adtr_deploy.train import distributed, multi
+    from adtr_deploy.train import distributed, multi, plan
 
     nproc, devices = opts.pop("nproc"), multi.parse_devices(opts.pop("devices"))
     if nproc > 1:
@@ -191,6 +191,7 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
     categories = multi.parse_categories(data_root, category)
     if devices and categories is None:
         raise click.ClickException("--devices spreads several categories over GPUs; give --category a,b or all")
+    plan.check_options(opts["mode"], _given(ctx, opts), resume=opts["resume"], init_from=opts["init_from"])
     distributed.setup(opts["device"])
     try:
         if categories is None:
@@ -222,13 +223,12 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
     from pathlib import Path
 
     from adtr_deploy.data.datasets import open_dataset
-    from adtr_deploy.data.plus_dataset import build_plus_dataset, parse_synthetic
-    from adtr_deploy.model.checkpoint import read_checkpoint
-    from adtr_deploy.model.config import ADTRConfig, get_preset
-    from adtr_deploy.train.trainer import CHECKPOINT_NAME, DEFAULT_EPOCHS, TrainConfig, split_validation, train
+    from adtr_deploy.train import plan as plans
+    from adtr_deploy.train.config import DEFAULT_EPOCHS, TrainConfig
+    from adtr_deploy.train.trainer import train
 
     out = Path(out_dir)
-    given = {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    given = _given(ctx, opts)
     values = {
         "epochs": opts["epochs"] or DEFAULT_EPOCHS,
         "batch_size": opts["batch_size"],
@@ -242,69 +242,32 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
         "alpha": opts["alpha"],
         "topk": opts["topk"],
     }
-    plus_opts = {k: opts[k] for k in ("synthetic", "anomalies", "external")}
-    init_from = opts["init_from"]
-    if opts["mode"] != "adtr+":
-        used = [k for k in ("synthetic", "anomalies", "external", "alpha", "topk") if k in given]
-        if used:
-            raise click.ClickException(f"--{used[0]} only applies to ADTR+; add --mode adtr+")
-    model_opts = [k for k in ("input_size", "stages") if k in given]
-    if model_opts and (opts["resume"] or init_from is not None):
-        raise click.ClickException(
-            f"--{model_opts[0].replace('_', '-')} shapes a new model; with --resume or --init-from the checkpoint's "
-            "model is used, so drop it"
-        )
     runtime = {"device": opts["device"], "workers": opts["workers"], "progress": not opts["quiet"]}
-    if opts["resume"]:
-        ckpt = read_checkpoint(out / CHECKPOINT_NAME)
-        stored = TrainConfig.from_dict(ckpt.get("info", {}).get("train", {}))
-        overrides = {k: v for k, v in values.items() if k in given or (k == "cache_features" and "no_cache" in given)}
-        cfg = stored.replace(**overrides, **runtime)
-        model_cfg = ADTRConfig.from_dict(ckpt["config"])
-        data_info = ckpt.get("info", {}).get("data", {})
-        stored_plus = ckpt.get("info", {}).get("adtr_plus") or {}  # rebuild the same anomaly sources
-        plus_opts = {"synthetic": ",".join(stored_plus.get("synthetic", [])) or "none"} | {
-            k: stored_plus.get(k) for k in ("anomalies", "external")
-        }
-        init_from = stored_plus.get("init_from")
-        if category is None and data_info.get("category") is not None:
-            category = data_info["category"]
+    if opts["resume"]:  # options given again take effect; the others are the run's stored ones
+        changes = {k: v for k, v in values.items() if k in given or (k == "cache_features" and "no_cache" in given)}
+        plan = plans.resumed_run(out, changes | runtime, category)
     else:
-        if (out / CHECKPOINT_NAME).exists() and not opts["overwrite"]:
-            raise click.ClickException(
-                f"{out} already holds a run; continue it with --resume, or start over with --overwrite or another --out"
-            )
-        cfg = TrainConfig(**values, **runtime)
-        if init_from is not None:
-            init_path = Path(init_from)
-            init_from = str((init_path / CHECKPOINT_NAME if init_path.is_dir() else init_path).resolve())
-            model_cfg = ADTRConfig.from_dict(read_checkpoint(init_from)["config"])
-        else:
-            model_cfg = get_preset(
-                opts["preset"],
-                weights=opts["weights"],
-                input_size=parse_input_size(opts["input_size"]),
-                stages=parse_stages(opts["stages"]),
-            )
-    data = open_dataset(data_root, category)
+        plan = plans.new_run(
+            out,
+            TrainConfig(**values, **runtime),
+            category,
+            overwrite=opts["overwrite"],
+            init_from=opts["init_from"],
+            preset=opts["preset"],
+            weights=opts["weights"],
+            input_size=parse_input_size(opts["input_size"]),
+            stages=parse_stages(opts["stages"]),
+            plus=plans.PlusSources(**{k: opts[k] for k in ("synthetic", "anomalies", "external")}),
+        )
+    cfg = plan.train
+    data = open_dataset(data_root, plan.category)
     plus_data = {}
     if cfg.mode == "adtr+":
-        train_idx, _ = split_validation(data.train, cfg)  # the trainer's own split: calibration images stay unseen
-        synthetic = None if plus_opts["synthetic"] is None else parse_synthetic(plus_opts["synthetic"])
-        dataset, record = build_plus_dataset(
-            data,
-            [data.train[i] for i in train_idx],
-            model_cfg.input_size,
-            synthetic=synthetic,
-            anomalies=plus_opts["anomalies"],
-            external=plus_opts["external"],
-            seed=cfg.seed,
-        )
-        record |= {"alpha": cfg.alpha, "k": cfg.topk, "init_from": init_from}
-        plus_data = {"train_dataset": dataset, "extra_info": {"adtr_plus": record}}
+        plus = plans.plus_training(data, plan)
+        plus_data = plus.train_kwargs()
         click.echo(
-            f"ADTR+: {len(train_idx)} good images + {record['anomalies_per_epoch']} anomalies per epoch from "
-            f"{', '.join(record['sources'])}; the backbone runs on every batch (no feature cache)",
+            f"ADTR+: {plus.good_images} good images + {plus.record['anomalies_per_epoch']} anomalies per epoch from "
+            f"{', '.join(plus.record['sources'])}; the backbone runs on every batch (no feature cache)",
             err=True,
         )
     click.echo(
@@ -314,13 +277,13 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
     )
     try:
         ckpt_path = train(
-            model_cfg,
+            plan.model,
             cfg,
             data,
             out,
             resume=opts["resume"],
             evaluate=opts["do_eval"],
-            init_from=None if opts["resume"] else init_from,
+            init_from=None if opts["resume"] else plan.init_from,
             **plus_data,
         )
     except KeyboardInterrupt as exc:
@@ -328,6 +291,11 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
         raise SystemExit(130) from None
     _report(ckpt_path)
     return ckpt_path
+
+
+def _given(ctx: click.Context, opts: dict) -> set[str]:
+    """The options (parameter names) given on the command line, as opposed to defaults."""
+    return {k for k in opts if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
 
 
 def _child_args(ctx: click.Context, **overrides) -> list[str]:

@@ -126,7 +126,7 @@ class ReconstructionTransformer(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(*args) for _ in range(cfg.num_decoder_layers))
         self.decoder_norm = nn.LayerNorm(d)
         # Fixed per-channel standardization of the tokens in, undone on the way out: set from the training features
-        # before training (train/trainer.py init_feature_standardization); identity until then. An affine
+        # before training (train/features.py init_feature_standardization); identity until then. An affine
         # reparameterization of the two projections (the function class is the paper's), which AdamW trains much
         # faster: the backbone's channels differ in mean and scale by orders of magnitude.
         self.register_buffer("feature_mean", torch.zeros(channels))

@@ -1,4 +1,5 @@
-"""Resuming a training run honestly: options given with --resume take effect, and a crash's torn log line is skipped.
+"""Resuming a training run honestly: options given with --resume take effect, every RNG continues where it stopped, and
+a crash's torn log line is skipped.
 
 Kept apart from the trainer so the resume rules read in one place.
 """
@@ -7,7 +8,14 @@ from __future__ import annotations
 
 import collections
 import json
+import random
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+
+from adtr_deploy.fileio import atomic_write_text
 
 
 def apply_schedule(opt: Any, sched: Any, cfg: Any, epoch: int) -> None:
@@ -31,3 +39,48 @@ def epoch_of(line: str) -> int | None:
     except json.JSONDecodeError:
         return None
     return int(record.get("epoch", 0)) if isinstance(record, dict) else None
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG the loop may touch, as tensors and plain data (the checkpoint must load with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class TrainLog:
+    """train_log.jsonl: on resume, lines after the checkpoint's epoch are dropped (those epochs run again), and so is a
+    torn last line left by a crash mid-write."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        lines = path.read_text().splitlines() if path.is_file() and keep_until > 0 else []
+        kept = [ln for ln in lines if epoch_of(ln) is not None and epoch_of(ln) <= keep_until]
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")

@@ -1,0 +1,116 @@
+"""The training set's features: the frozen backbone's features cached once (an epoch then costs only the transformer),
+and the standardization of the transformer's tokens set from their statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adtr_deploy.data.datasets import image_loader
+from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.errors import UserError
+from adtr_deploy.model.adtr import ADTR
+from adtr_deploy.train import distributed
+from adtr_deploy.train.config import TrainConfig
+
+
+@torch.no_grad()
+def cache_features(model: ADTR, samples, cfg: TrainConfig, device: torch.device, *, progress: bool) -> torch.Tensor:
+    """Backbone features of every sample, once: (N, C, h, w) on `device` in cfg.cache_dtype."""
+    from tqdm import tqdm
+
+    dtype = {"float32": torch.float32, "float16": torch.float16}.get(cfg.cache_dtype)
+    if dtype is None:
+        raise ValueError(f"cache dtype {cfg.cache_dtype!r} is not float32 or float16")
+    h, w = model.cfg.grid
+    cache = torch.empty((len(samples), model.channels, h, w), dtype=dtype, device=device)
+    loader = image_loader(samples, model.cfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
+    for batch in tqdm(loader, desc="caching features", unit="batch", disable=not progress, leave=False):
+        cache[batch["index"].to(device)] = model.forward_features(batch["image"].to(device)).to(dtype)
+    return cache
+
+
+@torch.no_grad()
+def init_feature_standardization(
+    model: ADTR, cache: torch.Tensor | None, samples, cfg: TrainConfig, device: torch.device
+) -> None:
+    """Set the transformer's standardization buffers to the per-channel mean and std of the training features.
+
+    The backbone's features are not normalized: lite0's channels have means of several units and standard deviations
+    from about 0.1 to 10. The transformer's input and output projections are plain linear layers, and AdamW moves each
+    weight by about `lr` per step, so at the paper's lr 1e-4 they need thousands of steps just to match those scales
+    (measured on the demo data: docs/train.md). With tokens standardized on the way in and the output scaled back by
+    std plus mean (the output bias starts at zero, so the reconstruction starts at the mean feature), the steps go to
+    what matters, the image-specific reconstruction. The loss and the anomaly map stay in raw feature units (the
+    paper's). Over all processes when distributed (each holds a shard), so every rank sets the same values.
+    """
+    c = model.channels
+    total = torch.zeros(2 * c, dtype=torch.float64, device=device)  # sum of x, sum of x^2 per channel
+    count = 0
+
+    def add(f: torch.Tensor) -> None:
+        f = f.double()
+        total[:c] += f.sum(dim=(0, 2, 3))
+        total[c:] += (f * f).sum(dim=(0, 2, 3))
+
+    if cache is not None:
+        for part in cache.split(64):
+            add(part)
+        count = cache.shape[0] * cache.shape[2] * cache.shape[3]
+    else:
+        loader = image_loader(samples, model.cfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
+        for batch in loader:
+            f = model.forward_features(batch["image"].to(device))  # (B, C, h, w)
+            add(f)
+            count += f.shape[0] * f.shape[2] * f.shape[3]
+    sums = distributed.all_reduce_sum([*total.tolist(), float(count)], device)
+    n = max(sums[-1], 1.0)
+    mean = torch.tensor(sums[:c], dtype=torch.float64) / n
+    var = (torch.tensor(sums[c : 2 * c], dtype=torch.float64) / n - mean * mean).clamp_min(0.0)
+    std = var.sqrt()
+    # A channel that never varies (a dead unit) must not divide by ~0: floor at 1e-3 of the typical std.
+    std = std.clamp_min(max(float(std.mean()) * 1e-3, 1e-6))
+    t = model.transformer
+    t.feature_mean.copy_(mean.to(t.feature_mean))
+    t.feature_std.copy_(std.to(t.feature_std))
+    t.output_proj.bias.zero_()
+
+
+@dataclass
+class TrainingSet:
+    """Where an epoch's batches come from: the training samples, this process's shard of them (all of them on one
+    process; shard row k holds item rank + k * world, see distributed.local_batches) with their cached features, or a
+    Dataset that replaces them (ADTR+)."""
+
+    samples: list[Sample]
+    shard: list[Sample]
+    cache: torch.Tensor | None = None
+    dataset: torch.utils.data.Dataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.samples)
+
+
+def training_set(
+    model: ADTR,
+    samples: list[Sample],
+    cfg: TrainConfig,
+    device: torch.device,
+    w: distributed.World,
+    *,
+    dataset: torch.utils.data.Dataset | None = None,
+    standardize: bool = True,
+    progress: bool = False,
+) -> TrainingSet:
+    """The training set of this process: features cached once when cfg.cache_features (never with a `dataset`, whose
+    items change every epoch); with `standardize`, the model's token standardization set from them."""
+    shard_idx = distributed.shard_indices(len(samples), w)
+    if w.distributed and len(shard_idx) == 0:
+        raise UserError(f"only {len(samples)} training images for {w.size} processes; use fewer processes")
+    shard = [samples[i] for i in shard_idx]
+    use_cache = cfg.cache_features and dataset is None
+    cache = cache_features(model, shard, cfg, device, progress=progress) if use_cache else None
+    if standardize:
+        init_feature_standardization(model, cache, shard, cfg, device)
+    return TrainingSet(samples, shard, cache, dataset)

@@ -1,0 +1,138 @@
+"""Which configuration a training run uses: a new run (a preset), a fine-tuning run (--init-from: the model of an
+earlier checkpoint) or a resumed one (--resume: the run's own stored options, ADTR+ anomaly sources included), and the
+ADTR+ training set it trains on.
+
+Plain functions the CLI calls once it has parsed its options; mistakes a user can make raise UserError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adtr_deploy.data.datasets import AnomalyData
+from adtr_deploy.errors import UserError
+from adtr_deploy.model.checkpoint import read_checkpoint
+from adtr_deploy.model.config import ADTRConfig, get_preset
+from adtr_deploy.train.config import TrainConfig
+from adtr_deploy.train.trainer import CHECKPOINT_NAME, split_validation
+
+PLUS_ONLY = ("synthetic", "anomalies", "external", "alpha", "topk")  # options that only ADTR+ uses
+NEW_MODEL_ONLY = ("input_size", "stages")  # options that shape a new model (a checkpoint's model is fixed)
+
+
+@dataclass(frozen=True)
+class PlusSources:
+    """ADTR+ anomaly sources as options: synthetic is the --synthetic text (None: the default), anomalies a folder,
+    external a --external spec."""
+
+    synthetic: str | None = None
+    anomalies: str | None = None
+    external: str | None = None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run trains: how (train), which model (model), on which category, from which ADTR+ sources, and the
+    checkpoint it started from (init_from, absolute; on resume the stored one, recorded again, not loaded again)."""
+
+    train: TrainConfig
+    model: ADTRConfig
+    category: str | None
+    plus: PlusSources
+    init_from: str | None = None
+
+
+def check_options(mode: str, given: Collection[str], *, resume: bool, init_from: str | None) -> None:
+    """Refuse options that would be silently ignored; `given` names the options (parameter names) on the command line."""
+    if mode != "adtr+":
+        used = [k for k in PLUS_ONLY if k in given]
+        if used:
+            raise UserError(f"--{used[0]} only applies to ADTR+; add --mode adtr+")
+    model_opts = [k for k in NEW_MODEL_ONLY if k in given]
+    if model_opts and (resume or init_from is not None):
+        raise UserError(
+            f"--{model_opts[0].replace('_', '-')} shapes a new model; with --resume or --init-from the checkpoint's "
+            "model is used, so drop it"
+        )
+
+
+def new_run(
+    out_dir: Path,
+    cfg: TrainConfig,
+    category: str | None,
+    *,
+    overwrite: bool = False,
+    init_from: str | None = None,
+    preset: str = "lite0",
+    weights: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    stages: tuple[int, ...] | None = None,
+    plus: PlusSources = PlusSources(),
+) -> RunPlan:
+    """A new run in `out_dir` (refused over an existing run unless `overwrite`): the model of `init_from` (a checkpoint
+    or run folder) when given, else the preset shaped by weights/input_size/stages."""
+    if (out_dir / CHECKPOINT_NAME).exists() and not overwrite:
+        raise UserError(
+            f"{out_dir} already holds a run; continue it with --resume, or start over with --overwrite or another --out"
+        )
+    if init_from is not None:
+        init_path = Path(init_from)
+        init_from = str((init_path / CHECKPOINT_NAME if init_path.is_dir() else init_path).resolve())
+        model_cfg = ADTRConfig.from_dict(read_checkpoint(init_from)["config"])
+    else:
+        model_cfg = get_preset(preset, weights=weights, input_size=input_size, stages=stages)
+    return RunPlan(cfg, model_cfg, category, plus, init_from)
+
+
+def resumed_run(out_dir: Path, changes: dict[str, Any], category: str | None) -> RunPlan:
+    """The interrupted run in `out_dir` with its stored options, model, category and ADTR+ sources; `changes` are the
+    TrainConfig fields given again (they take effect, e.g. more --epochs) plus the runtime ones (device, workers)."""
+    ckpt = read_checkpoint(out_dir / CHECKPOINT_NAME)
+    info = ckpt.get("info", {})
+    cfg = TrainConfig.from_dict(info.get("train", {})).replace(**changes)
+    stored_plus = info.get("adtr_plus") or {}  # rebuild the same anomaly sources
+    plus = PlusSources(
+        synthetic=",".join(stored_plus.get("synthetic", [])) or "none",
+        anomalies=stored_plus.get("anomalies"),
+        external=stored_plus.get("external"),
+    )
+    if category is None:
+        category = info.get("data", {}).get("category")
+    return RunPlan(cfg, ADTRConfig.from_dict(ckpt["config"]), category, plus, stored_plus.get("init_from"))
+
+
+@dataclass(frozen=True)
+class PlusTraining:
+    """The ADTR+ training set of a run and the record of its sources (stored in the checkpoint and metrics.json)."""
+
+    dataset: Any  # data.plus_dataset.PlusDataset
+    record: dict[str, Any]
+    good_images: int
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """The arguments of trainer.train that make it train on this set."""
+        return {"train_dataset": self.dataset, "extra_info": {"adtr_plus": self.record}}
+
+
+def plus_training(data: AnomalyData, plan: RunPlan) -> PlusTraining:
+    """The ADTR+ training set of `plan` on `data`: its good training images (the trainer's own split, so the
+    calibration images stay unseen) and the anomalies of plan.plus."""
+    from adtr_deploy.data.plus_dataset import build_plus_dataset, parse_synthetic
+
+    cfg = plan.train
+    train_idx, _ = split_validation(data.train, cfg)
+    synthetic = None if plan.plus.synthetic is None else parse_synthetic(plan.plus.synthetic)
+    dataset, record = build_plus_dataset(
+        data,
+        [data.train[i] for i in train_idx],
+        plan.model.input_size,
+        synthetic=synthetic,
+        anomalies=plan.plus.anomalies,
+        external=plan.plus.external,
+        seed=cfg.seed,
+    )
+    record |= {"alpha": cfg.alpha, "k": cfg.topk, "init_from": plan.init_from}
+    return PlusTraining(dataset, record, len(train_idx))
