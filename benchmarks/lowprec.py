@@ -47,6 +47,9 @@ LEVERS: dict[str, dict] = {
     "int8 minmax, quantized outputs": {"precision": "int8", "quantize_outputs": True},
     "int8 minmax per-tensor": {"precision": "int8", "per_channel": False},
     "int8 minmax reduce-range": {"precision": "int8", "reduce_range": True},
+    "int8 minmax, output projection fp32": {"precision": "int8", "fp32_head": True},
+    "int8 minmax, output projection int8": {"precision": "int8", "fp32_head": False},
+    "int8 percentile, output projection fp32": {"precision": "int8", "calib_method": "percentile", "fp32_head": True},
 }
 EAGER = "pytorch eager (fp32)"
 # ONNX Runtime's integer CPU kernels after its Q/DQ fusions (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ...)
@@ -176,6 +179,15 @@ def _fmt(x, spec: str, none: str = "n/a") -> str:
     return none if x is None else format(x, spec)
 
 
+def _vs_fp32(timing: dict, name: str, bs: str) -> str:
+    """Throughput ratio to the ONNX fp32 variant at batch 1 and `bs`, where both were timed."""
+    if "fp32" not in timing or name not in timing:
+        return "-"
+    r1 = timing[name]["1"]["throughput_ips"] / timing["fp32"]["1"]["throughput_ips"]
+    rb = timing[name][bs]["throughput_ips"] / timing["fp32"][bs]["throughput_ips"]
+    return f"{r1:.2f}x / {rb:.2f}x"
+
+
 def summary(report: dict) -> list[str]:
     """One table over all categories: mean accuracy per model, speed from the (first) timed category."""
     cats = report["categories"]
@@ -195,17 +207,18 @@ def summary(report: dict) -> list[str]:
         f"## Summary: mean over {', '.join(cats)}" + (f"; speed measured on {timed}" if timed else ""),
         "",
         "| model | image AUROC | pixel AUROC | decisions = eager (test) | p50 ms (batch 1) "
-        f"| img/s (batch {bs}) | speed-up vs eager |",
-        "|---|---|---|---|---|---|---|",
+        f"| img/s (batch {bs}) | speed-up vs eager | vs ONNX fp32 (batch 1 / {bs}) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         img, pix = mean(name, "image_auroc"), mean(name, "pixel_auroc")
         d_img = "" if name == EAGER else f" ({100 * (img - mean(EAGER, 'image_auroc')):+.1f})"
         d_pix = "" if name == EAGER else f" ({100 * (pix - mean(EAGER, 'pixel_auroc')):+.1f})"
-        speed = "- | - | -"
+        speed = "- | - | - | -"
         if timed:
             t, base = cats[timed]["timing"][name], cats[timed]["timing"][EAGER][bs]["throughput_ips"]
             speed = f"{t['1']['p50_ms']:.0f} | {t[bs]['throughput_ips']:.2f} | {t[bs]['throughput_ips'] / base:.2f}x"
+            speed += f" | {_vs_fp32(cats[timed]['timing'], name, bs)}"
         lines.append(
             f"| {name} | {img:.4f}{d_img} | {pix:.4f}{d_pix} "
             f"| {100 * mean(name, 'decision_agreement_with_eager'):.1f}% | {speed} |"
@@ -234,8 +247,10 @@ def markdown(report: dict) -> str:
             f"Run: `{res['run']}`; test split: {ref['test_images']} images; verification: {res['verification_source']}.",
             "",
             "| model | image AUROC | pixel AUROC | decisions = eager (test) | map corr. vs FP32 | score err. max "
-            f"| p50 ms (batch 1) | img/s (batch {report['throughput_batch']}) | speed-up vs eager | size MB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| min map corr. per image "
+            f"| p50 ms (batch 1) | img/s (batch {report['throughput_batch']}) | speed-up vs eager | vs ONNX fp32 "
+            "(batch 1 / 8) | size MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name in [EAGER, *res["exported"]]:
             e, t = ev[name], tm.get(name)
@@ -246,12 +261,14 @@ def markdown(report: dict) -> str:
             if t:
                 ips = t[str(report["throughput_batch"])]["throughput_ips"]
                 speed = f"{t['1']['p50_ms']:.0f} | {ips:.2f} | {ips / eager_ips:.2f}x"
+                speed += f" | {_vs_fp32(tm, name, str(report['throughput_batch']))}"
             else:
-                speed = "- | - | -"
+                speed = "- | - | - | -"
             lines.append(
                 f"| {name} | {e['image_auroc']:.4f}{dauroc} | {e['pixel_auroc']:.4f}{dpix} "
                 f"| {100 * e['decision_agreement_with_eager']:.1f}% | {_fmt(v.get('map_correlation'), '.5f', '1')} "
                 f"| {_fmt(v.get('score_max_rel_to_score'), '.2%', '0')} "
+                f"| {_fmt(v.get('min_image_map_correlation'), '.5f', '1')} "
                 f"| {speed} | {_fmt(size, '.1f', '')} |"
             )
         for n, other in res.get("timing_at_threads", {}).items():
@@ -301,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CATEGORY",
         help="time and profile only these runs (default: all); speed does not depend on which category a model learned",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="export only these VARIANTS/LEVERS names (e.g. fp32 'int8 minmax' int8-dynamic); default: all VARIANTS",
+    )
     ap.add_argument("--min-seconds", type=float, default=5.0)
     ap.add_argument("--min-iters", type=int, default=10)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "adtr-lowprec")
@@ -334,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work / category
         levers = args.levers is not None and (not args.levers or category in args.levers)
         variants = {**VARIANTS, **(LEVERS if levers else {})}
+        if args.variants:
+            variants = {n: v for n, v in {**VARIANTS, **LEVERS}.items() if n in args.variants}
         exported = export_variants(run, work, variants, args.exporter == "dynamo")
         verification = verify_variants(model, ckpt, exported)
         evaluation = evaluate_variants(run, args.data, category, exported)

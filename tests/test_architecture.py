@@ -112,11 +112,6 @@ def _long_modules() -> list[str]:
     return sorted(f"{p.relative_to(PACKAGE.parent)}: {n} lines" for p, n in lengths.items() if n > MAX_LINES)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the one module still over: export/quantize.py (494 lines), being split on another branch (issue 17); "
-    "remove this mark when it lands",
-)
 def test_no_module_is_longer_than_400_lines():
     long = _long_modules()
     assert not long, f"modules over {MAX_LINES} lines (split them where the steps are):\n" + "\n".join(long)

@@ -123,6 +123,21 @@ def test_onnx_export_is_checked_opset_17_plus_with_the_spec_inside_and_beside(on
     assert beside.extra["onnx"]["exporter"] == "dynamo"
 
 
+def test_the_default_onnx_export_is_the_fused_graph_and_reads_the_uint8_input_with_one_cast(onnx_export):
+    model = onnx.load(str(onnx_export.path))
+    users = [n.op_type for n in model.graph.node if "image" in n.input]
+    assert users == ["Cast"]  # cast before permute: no graph surgery needed (TensorRT takes uint8 only so)
+    fusion = ModelSpec.load(onnx_export.spec_path).extra["onnx"]["fusion"]
+    assert fusion["fused"] is True and fusion["self_check_max_rel"] < 1e-4
+    # tiny: 1 encoder + 1 decoder layer. Unfused: q, k, v, out per attention (3 attentions) + 2 FFN x 2 + in/out = 18
+    # weighted MatMuls; fused: QKV + out (encoder), out (decoder 1: its self-attention and query are constants), one
+    # K/V product, FFN x 2 per layer, in/out = 10.
+    inits = {t.name for t in model.graph.initializer}
+    weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    assert len(weighted) == 10
+    assert onnx_export.verification["passed"] and onnx_export.verification["tolerance"] == 1e-4
+
+
 def test_verification_ran_on_the_checkpoint_calibration_images_at_batch_1_and_8(onnx_export, ts_export):
     for result in (onnx_export, ts_export):
         v = json.loads((result.path.parent / "verification.json").read_text())
@@ -282,7 +297,7 @@ def test_unsupported_format_precision_pairs_are_refused_before_any_work(work, ch
 
 
 def test_formats_table_says_what_each_format_supports():
-    assert set(FORMATS) == {"onnx", "torchscript", "tensorrt"}
+    assert set(FORMATS) == {"onnx", "torchscript", "pt2", "tensorrt"}
     for row in FORMATS.values():
         assert {"filename", "suffix", "exporter", "dynamic_batch", "precisions", "needs_gpu"} <= set(row)
         assert set(row["precisions"]) <= set(PRECISIONS)

@@ -172,6 +172,21 @@ def test_static_int8_is_a_qdq_graph_with_per_channel_int8_weights_and_fp32_islan
     assert "QLinearConv" in kernels and kernels & {"QLinearMatMul", "MatMulIntegerToFloat"}
 
 
+def test_int8_quantizes_the_fused_qkv_product_with_one_scale_per_output_channel(int8_export):
+    model = onnx.load(str(int8_export.path))
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = _producers(model.graph)
+    scales = []
+    for n in model.graph.node:
+        dq = producer.get(n.input[1]) if n.op_type == "MatMul" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8
+            scales.append(list(inits[dq.input[1]].dims))
+    d = get_preset("tiny").d_model
+    assert [3 * d] in scales  # the encoder's fused QKV (d -> 3d): per channel, all three projections' own scales
+    assert int8_export.spec.extra["onnx"]["fusion"]["fused"] is True
+
+
 def test_dynamic_int8_quantizes_the_transformer_weights_only(dynamic_export, work):
     model = onnx.load(str(dynamic_export.path))
     ops = {n.op_type for n in model.graph.node}
@@ -179,7 +194,8 @@ def test_dynamic_int8_quantizes_the_transformer_weights_only(dynamic_export, wor
     assert "QuantizeLinear" not in ops  # no calibrated ranges anywhere
     _fp32_inputs_only(model)
     q = dynamic_export.spec.extra["onnx"]["int8-dynamic"]
-    assert q["mode"] == "dynamic" and q["quantized_nodes"] == {"MatMul": 18} and not q["calibration"]
+    # the fused tiny transformer has 10 weighted MatMuls (18 unfused: tests/test_export.py counts them)
+    assert q["mode"] == "dynamic" and q["quantized_nodes"] == {"MatMul": 10} and not q["calibration"]
     assert "DynamicQuantizeMatMul" in _ort_kernels(dynamic_export.path, work)
 
 
@@ -262,11 +278,10 @@ def test_tensorrt_int8_recipes_parse_symmetric_qdq_onnx(model, demo):
     assert opts.precision == "int8" and opts.quant.target == "tensorrt"
     assert opts.quant.calib_files == ("a.png",) and opts.quant.method == "percentile"
     # the Q/DQ flavour TensorRT takes: int8 activations and weights, zero points all 0
-    from adtr_deploy.export.onnx import cast_input_first, torch_to_onnx
+    from adtr_deploy.export.onnx import torch_to_onnx
     from adtr_deploy.spec import ModelSpec
 
     fp32 = torch_to_onnx(model, ModelSpec(input_size=SIZE, preset="tiny"), dynamo=False)
-    cast_input_first(fp32)
     images = np.stack([load_image(f, SIZE) for f in sorted((demo / "train" / "good").glob("*.png"))[:8]])
     q, report = quantize_static_onnx(fp32, images, opts.quant)
     zero_points = [
@@ -275,3 +290,21 @@ def test_tensorrt_int8_recipes_parse_symmetric_qdq_onnx(model, demo):
     assert zero_points and all(t.data_type == onnx.TensorProto.INT8 for t in zero_points)
     assert all(not onnx.numpy_helper.to_array(t).any() for t in zero_points)
     assert report.settings["activation_type"] == "QInt8" and fp32_violations(q) == []
+
+
+def test_fp32_head_keeps_exactly_the_output_projection_in_fp32(model):
+    from adtr_deploy.export.onnx import fused_for_export, torch_to_onnx
+    from adtr_deploy.export.quant_graph import name_nodes, plan_nodes, reconstruction_head_names
+    from adtr_deploy.spec import ModelSpec
+
+    module, _, _ = fused_for_export(model, ExportOptions())
+    graph = torch_to_onnx(module, ModelSpec(input_size=SIZE, preset="tiny"), dynamo=False)
+    name_nodes(graph)
+    heads = reconstruction_head_names(graph)
+    inits = {t.name: list(t.dims) for t in graph.graph.initializer}
+    weights = [inits[n.input[1]] for n in graph.graph.node if n.name in heads]
+    assert weights == [[model.cfg.d_model, model.channels]]  # the output projection: d_model -> feature channels
+    everything, _ = plan_nodes(graph, "transformer")
+    without_head, kept = plan_nodes(graph, "transformer", fp32_head=True)
+    assert set(everything) - set(without_head) == heads
+    assert [kept[h] for h in heads] == ["the reconstruction head (output projection)"]

@@ -28,9 +28,11 @@ BACKEND_CHOICES: dict[str, tuple[str, str]] = {
     "tensorrt": (".engine", "cuda"),
     "torchscript-cpu": (".torchscript", "cpu"),
     "torchscript-cuda": (".torchscript", "cuda"),
+    "pt2-cpu": (".pt2", "cpu"),  # torch.export + AOTInductor: a package runs on the device kind it was compiled for
+    "pt2-cuda": (".pt2", "cuda"),
 }
-ARTIFACT_SUFFIXES = (".onnx", ".torchscript", ".engine")
-FORMAT_FOLDERS = ("onnx", "torchscript", "tensorrt")  # the sub-folders of `adtr-export --format all`
+ARTIFACT_SUFFIXES = (".onnx", ".torchscript", ".engine", ".pt2")
+FORMAT_FOLDERS = ("onnx", "torchscript", "tensorrt", "pt2")  # sub-folders of `adtr-export --format all` (pt2: by hand)
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,8 @@ def backend_runners(name: str, path: Path, threads: int | None) -> list[Runner]:
     runners = [Runner(name, name, "cuda", "included", bind_run, info, _device_gpu_peak())]
     if name == "onnxruntime-cuda":
         runners.append(_ort_resident(backend, info))
+    elif name == "pt2-cuda":
+        runners.append(_pt2_resident(backend, info))
     elif name == "torchscript-cuda":
         from adtr_deploy.runtime.base import parse_device
 
@@ -260,11 +264,29 @@ def _ort_resident(backend: Any, info: dict) -> Runner:
     )
 
 
+def _pt2_resident(backend: Any, info: dict) -> Runner:
+    """A CUDA .pt2 package with the input already on the device, outputs left there, the device synchronized."""
+    import torch
+
+    def bind(batch: np.ndarray) -> Callable[[], Any]:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(backend._device)
+
+        def call():
+            with torch.inference_mode():
+                out = backend.module(x)
+            torch.cuda.synchronize(backend._device)
+            return out
+
+        return call
+
+    return Runner("pt2-cuda (device-resident)", "pt2-cuda", "cuda", "excluded (device-resident)", bind, info)
+
+
 def build_runners(desc: dict) -> list[Runner]:
     """Runners from a plain description (so a child process can rebuild them for memory measurements):
     {"kind": "reference", "checkpoint", "device"} or {"kind": "backend", "name", "path", "threads"}."""
     threads = desc.get("threads")
-    if threads and (desc["kind"] == "reference" or desc.get("name", "").startswith("torchscript")):
+    if threads and (desc["kind"] == "reference" or desc.get("name", "").startswith(("torchscript", "pt2"))):
         import torch
 
         torch.set_num_threads(int(threads))

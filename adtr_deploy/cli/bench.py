@@ -9,7 +9,15 @@ import click
 from adtr_deploy.cli.common import user_errors
 from adtr_deploy.errors import UserError
 
-BACKEND_NAMES = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torchscript-cpu", "torchscript-cuda")
+BACKEND_NAMES = (
+    "onnxruntime-cpu",
+    "onnxruntime-cuda",
+    "tensorrt",
+    "torchscript-cpu",
+    "torchscript-cuda",
+    "pt2-cpu",
+    "pt2-cuda",
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,4 +1,4 @@
-"""`adtr-export` / `adtr export`: checkpoint -> TorchScript, ONNX or TensorRT, each verified against the PyTorch reference."""
+"""`adtr-export` / `adtr export`: checkpoint -> TorchScript, ONNX, .pt2 (AOTInductor) or TensorRT, each verified against the PyTorch reference."""
 
 from __future__ import annotations
 
@@ -128,6 +128,13 @@ def _describe(result) -> list[str]:
     help="int8: also quantize Conv/MatMul outputs (fully integer layers; less accurate, see docs/lowprec.md).",
 )
 @click.option(
+    "--fp32-head/--int8-head",
+    default=True,
+    show_default=True,
+    help="int8: keep the transformer's output projection (the reconstruction the map is measured against) in FP32 "
+    "(quantizing it cost 1 point of pixel AUROC on the demo's grass, docs/lowprec.md).",
+)
+@click.option(
     "--exporter",
     type=click.Choice(["dynamo", "torchscript"]),
     default="dynamo",
@@ -143,6 +150,13 @@ def _describe(result) -> list[str]:
 )
 @click.option(
     "--simplify", is_flag=True, help="Simplify the ONNX graph with onnxslim (skipped with a note if missing)."
+)
+@click.option(
+    "--fuse/--no-fuse",
+    default=True,
+    show_default=True,
+    help="ONNX, TensorRT and pt2: export the fused inference rewrite of the transformer (fused QKV and K/V products, "
+    "the input-independent first decoder step precomputed; same function, verified alike; docs/export.md).",
 )
 @click.option(
     "--batch-max",
@@ -172,6 +186,12 @@ def _describe(result) -> list[str]:
 )
 @click.option(
     "--device", default="cuda:0", show_default=True, help="GPU that builds (and verifies) the TensorRT engine."
+)
+@click.option(
+    "--pt2-device",
+    default="cpu",
+    show_default=True,
+    help="pt2: the device AOTInductor compiles for and verifies on (cpu, cuda, cuda:N); the package runs only there.",
 )
 @click.option(
     "--timing-cache",
@@ -213,14 +233,17 @@ def command(
     per_tensor,
     reduce_range,
     quantize_outputs,
+    fp32_head,
     exporter,
     opset,
     simplify,
+    fuse,
     batch_max,
     verify,
     verify_images,
     workspace_gb,
     device,
+    pt2_device,
     timing_cache,
     triton_platform,
     triton_name,
@@ -260,8 +283,10 @@ def command(
         dynamo=exporter == "dynamo",
         opset=opset,
         simplify=simplify,
+        fuse=fuse,
         workspace_gb=workspace_gb,
         device=device,
+        pt2_device=pt2_device,
         timing_cache=timing_cache,
         calib_images=calib_images,
         calib_method=calib_method,
@@ -270,6 +295,7 @@ def command(
         per_channel=not per_tensor,
         reduce_range=reduce_range,
         quantize_outputs=quantize_outputs,
+        fp32_head=fp32_head,
     )
     for r in result if isinstance(result, list) else [result]:
         for note in r.notes:

@@ -59,7 +59,7 @@ def _quiet_opencv() -> None:
     "--model",
     required=True,
     type=click.Path(path_type=Path),
-    help="Exported model: model.onnx, model.engine, model.torchscript (or its folder).",
+    help="Exported model: model.onnx, model.engine, model.torchscript, model.pt2 (or its folder).",
 )
 @click.option(
     "--source",
@@ -82,7 +82,8 @@ def _quiet_opencv() -> None:
     "--backend",
     default="auto",
     show_default=True,
-    help="auto (by file suffix), onnxruntime, tensorrt, torchscript, or triton (then --model is the served model's name).",
+    help="auto (by file suffix), onnxruntime, tensorrt, torchscript, pt2, or triton (then --model is the served model's "
+    "name).",
 )
 @click.option(
     "--url", default=None, help="Triton server HOST:PORT (with --backend triton). Default: localhost:8000 (http)."

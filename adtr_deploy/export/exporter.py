@@ -174,7 +174,7 @@ def _export_one(
         spec_file = spec.save(staging / SPEC_FILENAME)
         verification: dict[str, Any] | None = None
         if images is not None:
-            device = options.device if row["needs_gpu"] else "cpu"
+            device = options.device if row["needs_gpu"] else getattr(options, row.get("device_option") or "", "cpu")
             verification = verify_artifact(
                 model,
                 artifact,
@@ -242,10 +242,13 @@ def export_checkpoint(
     per_channel: bool = True,
     reduce_range: bool = False,
     quantize_outputs: bool = False,
+    fp32_head: bool = True,
+    fuse: bool = True,
+    pt2_device: str = "cpu",
 ) -> ExportResult | list[ExportResult]:
     """Export a checkpoint (file or run folder) to `fmt` in `out_dir`, with model.json, verified against the reference.
 
-    fmt is one of FORMATS ("onnx", "torchscript", "tensorrt"), or "all": then every format that supports `precision`
+    fmt is one of FORMATS ("onnx", "torchscript", "pt2", "tensorrt"), or "all": then every format that supports `precision`
     goes into its own sub-folder (out_dir/onnx, ...), TensorRT only where it and a GPU are present, and a list of
     results comes back. Raises ValueError/RuntimeError with one sentence on bad input, VerificationError on a failed
     parity check (nothing is published then).
@@ -255,6 +258,9 @@ def export_checkpoint(
     entropy, percentile); images inside the evaluated test split are refused. `quant_scope` (all, backbone,
     transformer), `per_channel`, `reduce_range` and `quantize_outputs` (True: Conv/MatMul outputs are quantized too)
     choose what and how it quantizes (adtr_deploy/export/quantize.py); "int8-dynamic" uses per_channel/reduce_range.
+    `pt2_device`: what the pt2 format compiles for and is verified on. `fuse` (ONNX, TensorRT, pt2): export the fused
+    inference rewrite of the transformer (adtr_deploy/export/fuse.py). "all" leaves pt2 out (minutes of C++
+    compilation): ask for it with fmt="pt2".
     """
     from adtr_deploy.export.onnx import check_opset
     from adtr_deploy.export.tensorrt import TensorRTUnavailable, profile_shapes
@@ -271,6 +277,8 @@ def export_checkpoint(
         opset=opset,
         dynamo=dynamo,
         simplify=simplify,
+        fuse=fuse,
+        pt2_device=pt2_device,
         batch_max=int(batch_max),
         batch_opt=batch_opt,
         workspace_gb=workspace_gb,
@@ -283,14 +291,18 @@ def export_checkpoint(
             reduce_range=reduce_range,
             scope=quant_scope,
             quantize_outputs=quantize_outputs,
+            fp32_head=fp32_head,
         ),
     )
     notes: list[str] = []
     if fmt == ALL:
-        formats = [f for f, row in FORMATS.items() if precision in row["precisions"]]
+        formats = [f for f, row in FORMATS.items() if precision in row["precisions"] and row.get("in_all", True)]
         notes += [
-            f"{f} skipped: it supports {', '.join(FORMATS[f]['precisions'])} only" for f in FORMATS if f not in formats
+            f"{f} skipped: it supports {', '.join(FORMATS[f]['precisions'])} only"
+            for f in FORMATS
+            if precision not in FORMATS[f]["precisions"]
         ]
+        notes += [f"{f} skipped: {FORMATS[f]['in_all_note']}" for f in FORMATS if not FORMATS[f].get("in_all", True)]
         if "tensorrt" in formats:
             reason = _tensorrt_ready(device)
             if reason:

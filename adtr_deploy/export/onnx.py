@@ -78,40 +78,20 @@ def opset_of(model: onnx.ModelProto) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def cast_input_first(model: onnx.ModelProto) -> int:
-    """Cast each uint8 graph input to float32 first thing; returns how many inputs were rewired.
+def fused_for_export(
+    model: torch.nn.Module, options: ExportOptions
+) -> tuple[torch.nn.Module, dict[str, Any], list[str]]:
+    """The module to export: the fused inference rewrite of the transformer (fuse.py) unless --no-fuse; a model whose
+    structure fuse.py does not know is exported unfused, with a note. Returns (module, details, notes)."""
+    if not options.fuse:
+        return model, {"fused": False, "reason": "--no-fuse"}, []
+    from adtr_deploy.export.fuse import FusionError, fuse_model
 
-    The exporters write `image -> Transpose -> Cast(float)` (and `Shape(image)`). The values are the same either way, but
-    TensorRT accepts uint8 only as a network input that is cast straight away, so every consumer is moved onto one
-    leading Cast; the old Cast becomes float->float (an identity, which TensorRT and ONNX Runtime drop). Inputs with
-    any other kind of consumer are left alone.
-    """
-    graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def movable(node: onnx.NodeProto) -> bool:
-        if node.op_type in ("Shape", "Cast"):
-            return True
-        after = consumers.get(node.output[0], [])
-        return node.op_type == "Transpose" and len(after) == 1 and after[0].op_type == "Cast"
-
-    rewired = 0
-    for inp in graph.input:
-        users = consumers.get(inp.name, [])
-        if inp.type.tensor_type.elem_type != onnx.TensorProto.UINT8 or not users or not all(map(movable, users)):
-            continue
-        as_float = f"{inp.name}_as_float"
-        graph.node.insert(0, onnx.helper.make_node("Cast", [inp.name], [as_float], to=onnx.TensorProto.FLOAT,
-                                                   name=f"cast_{inp.name}_first"))  # fmt: skip
-        for node in users:
-            node.input[list(node.input).index(inp.name)] = as_float
-        rewired += 1
-    if rewired:
-        del graph.value_info[:]  # intermediate types changed; inference re-derives them
-    return rewired
+    try:
+        fused, details = fuse_model(model)
+    except FusionError as exc:
+        return model, {"fused": False, "reason": str(exc)}, [f"exported unfused: {exc}"]
+    return fused, details, []
 
 
 def simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -186,17 +166,19 @@ def check(path: Path, spec: ModelSpec) -> None:
 
 
 def export_onnx(model: torch.nn.Module, path: Path, *, spec: ModelSpec, options: ExportOptions) -> dict[str, Any]:
-    """Export, post-process (cast-first, optional simplify, optional FP16), embed the spec, save and check.
+    """Export (the fused transformer unless --no-fuse), post-process (optional simplify, optional precision pass),
+    embed the spec, save and check.
 
     Returns {"extra": details for the spec, "notes": messages for the user, "files": paths written}.
     """
-    proto = torch_to_onnx(model, spec, opset=options.opset, dynamo=options.dynamo, batch_max=options.batch_max)
+    module, fusion, notes = fused_for_export(model, options)
+    proto = torch_to_onnx(module, spec, opset=options.opset, dynamo=options.dynamo, batch_max=options.batch_max)
     details: dict[str, Any] = {
         "exporter": "dynamo" if options.dynamo else "torchscript",
         "opset": opset_of(proto),
-        "notes": [],
+        "fusion": fusion,
+        "notes": notes,
     }
-    cast_input_first(proto)
     if options.simplify:
         proto, note = simplify(proto)
         details["simplified"] = note is None

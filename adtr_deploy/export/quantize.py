@@ -1,4 +1,5 @@
-"""INT8 passes over the exported FP32 ONNX graph (ONNX Runtime's quantization tools); images.py picks the images.
+"""INT8 passes over the exported FP32 ONNX graph (ONNX Runtime's quantization tools); images.py picks the images,
+quant_graph.py decides what is quantized and repairs the graph afterwards.
 
 Static INT8 (`int8`): `quant_pre_process` (shape inference + ONNX Runtime's basic graph optimizations), then
 `quantize_static` in the Q/DQ format with per-channel int8 weights, calibrated on good TRAINING images. Dynamic INT8
@@ -24,7 +25,7 @@ What is quantized, and what stays FP32 and why:
 from __future__ import annotations
 
 import tempfile
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,21 @@ from adtr_deploy.export.formats import (
     ExportOptions,
     QuantOptions,
 )
-from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, FP32_TAIL_OPS
 from adtr_deploy.export.images import load_calibration_batch
+from adtr_deploy.export.quant_graph import (  # noqa: F401  (re-exported: the graph analysis lives in quant_graph.py)
+    KEEP_FP32_OPS,
+    QDQ_OPS,
+    WEIGHT_INPUT,
+    fp32_violations,
+    map_node_names,
+    op_counts,
+    plan_nodes,
+    protected_node_names,
+    restore_fp32_inputs,
+)
+from adtr_deploy.export.quant_graph import name_nodes as _name_nodes
 from adtr_deploy.export.quiet import quiet as _quiet
 
-KEEP_FP32_OPS: frozenset[str] = frozenset({"LayerNormalization", "Softmax"})
-WEIGHT_INPUT = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # which input of a quantizable op holds its weight
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 CALIB_BATCH = 8  # images per calibration run (memory of the augmented graph grows with it)
 # Our calibration method -> extra options of onnxruntime's create_calibrator. Entropy: 512 histogram bins searched for
 # the 128-bin quantization with the least KL divergence (TensorRT's method); percentile: a 99.99 percentile cut of a
@@ -85,165 +94,6 @@ class _Reader:
 
     def set_range(self, start_index: int, end_index: int) -> None:  # the strided-calibration protocol
         self.pos = start_index
-
-
-# --- graph analysis --------------------------------------------------------------------------------------------------
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{i}"
-        seen.add(node.name)
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                out[name].append(node)
-    return out
-
-
-def _constants(graph: onnx.GraphProto) -> set[str]:
-    return {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
-
-
-def map_node_names(model: onnx.ModelProto) -> set[str]:
-    """The anomaly-map part: the L2 error (the Sub/Pow feeding the reduction), the reduction, and all after it."""
-    graph = model.graph
-    consumers = _consumers(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    starts = [n for n in graph.node if n.op_type in FP32_TAIL_OPS]
-    tail: set[str] = set()
-    queue = deque(starts)
-    while queue:  # forward: the reduction and everything downstream (upsampling, blur, pooling, max)
-        node = queue.popleft()
-        if node.name in tail:
-            continue
-        tail.add(node.name)
-        queue.extend(c for out in node.output for c in consumers.get(out, ()))
-    queue = deque(starts)
-    while queue:  # backward: the elementwise chain (Pow, Sub) that only feeds the map
-        node = queue.popleft()
-        for name in node.input:
-            prev = producer.get(name)
-            if prev is None or prev.name in tail or prev.op_type not in ELEMENTWISE_OPS | {"Pow"}:
-                continue
-            if all(c.name in tail for out in prev.output for c in consumers.get(out, ())):
-                tail.add(prev.name)
-                queue.append(prev)
-    return tail
-
-
-def protected_node_names(model: onnx.ModelProto) -> set[str]:
-    """Nodes that must compute in FP32 from FP32 inputs: LayerNorm, Softmax and the anomaly-map part."""
-    return {n.name for n in model.graph.node if n.op_type in KEEP_FP32_OPS} | map_node_names(model)
-
-
-def plan_nodes(model: onnx.ModelProto, scope: str) -> tuple[list[str], dict[str, str]]:
-    """(names of the nodes to quantize, {name of a weighted node kept FP32: why}) for a QUANT_SCOPES scope."""
-    op_types = QUANT_SCOPES[scope]
-    graph = model.graph
-    consts = _constants(graph)
-    in_map = map_node_names(model)
-    quantize, kept = [], {}
-    for node in graph.node:
-        if node.op_type not in WEIGHT_INPUT:
-            continue
-        if node.name in in_map:
-            kept[node.name] = "part of the anomaly map"
-        elif node.input[WEIGHT_INPUT[node.op_type]] not in consts:
-            kept[node.name] = "activation x activation (attention)"
-        elif node.op_type not in op_types:
-            kept[node.name] = f"outside the quantization scope {scope!r}"
-        else:
-            quantize.append(node.name)
-    return quantize, kept
-
-
-def fp32_violations(model: onnx.ModelProto) -> list[str]:
-    """Protected nodes (LayerNorm, Softmax, the map) with an input straight out of a DequantizeLinear or a dynamic
-    quantization, and quantize nodes reading the uint8 image; [] for a well-formed INT8 graph."""
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    protected = protected_node_names(model)
-    problems = []
-    for node in graph.node:
-        if node.name not in protected:
-            continue
-        for name in node.input:
-            prev = producer.get(name)
-            if prev is not None and prev.op_type in ("DequantizeLinear", "DynamicQuantizeLinear"):
-                problems.append(f"{node.op_type} {node.name!r} reads {prev.op_type} output {name!r}")
-    inputs = {i.name for i in graph.input}
-    for node in graph.node:
-        if node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") and node.input[0] in inputs:
-            problems.append(f"the graph input {node.input[0]!r} is quantized by {node.name!r}")
-    return problems
-
-
-def restore_fp32_inputs(model: onnx.ModelProto, original: onnx.ModelProto) -> int:
-    """Rewire inputs of protected nodes that come straight out of a DequantizeLinear back to FP32; returns how many.
-
-    An activation goes back to the tensor its QuantizeLinear read; a dequantized initializer (ONNX Runtime dedupes
-    equal initializers, so a LayerNorm bias can share a quantized Conv bias) becomes an FP32 copy of the original.
-    Q/DQ nodes and initializers nobody reads any more are removed.
-    """
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    floats = {t.name: t for t in original.graph.initializer}
-    have = {t.name for t in graph.initializer}
-    protected = protected_node_names(model)
-    restored = 0
-    for node in graph.node:
-        if node.name not in protected:
-            continue
-        for idx, name in enumerate(node.input):
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producer.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[idx] = q.input[0]
-            elif name in floats:
-                copy = f"{name}__fp32"
-                if copy not in have:
-                    tensor = onnx.TensorProto()
-                    tensor.CopyFrom(floats[name])
-                    tensor.name = copy
-                    graph.initializer.append(tensor)
-                    have.add(copy)
-                node.input[idx] = copy
-            else:
-                continue
-            restored += 1
-    _prune(graph)
-    return restored
-
-
-def _prune(graph: onnx.GraphProto) -> None:
-    """Drop Q/DQ nodes whose outputs nobody reads (to a fixed point), then unread initializers."""
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {name for n in graph.node for name in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in QDQ_OPS and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {name for n in graph.node for name in n.input} | outputs
-    for t in [t for t in graph.initializer if t.name not in used]:
-        graph.initializer.remove(t)
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for node in model.graph.node:
-        counts[node.op_type] += 1
-    return dict(sorted(counts.items()))
 
 
 # --- the passes ------------------------------------------------------------------------------------------------------
@@ -367,7 +217,7 @@ def quantize_static_onnx(
         prepared = onnx.load(str(pre_path))
         _name_nodes(prepared)
         onnx.save_model(prepared, str(pre_path))
-        to_quantize, kept = plan_nodes(prepared, quant.scope)
+        to_quantize, kept = plan_nodes(prepared, quant.scope, quant.fp32_head)
         if not to_quantize:
             raise UserError(f"the graph has no weighted op to quantize in scope {quant.scope!r}")
         cache, seconds = calibrate(pre_path, images, quant, input_name, Path(tmp))
@@ -400,6 +250,7 @@ def quantize_static_onnx(
             "per_channel": quant.per_channel,
             "reduce_range": quant.reduce_range,
             "quantize_outputs": quant.quantize_outputs,
+            "fp32_head": quant.fp32_head,
             "activation_type": target["activation"],
             "weight_type": target["weight"],
         },

@@ -213,7 +213,9 @@ class ADTR(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) RGB -> multi-scale backbone features on the stride-16 grid (N, C, h, w)."""
-        x = images.permute(0, 3, 1, 2).to(torch.float32) * self.pixel_scale + self.pixel_shift  # (N, 3, H, W)
+        # Cast first, then permute: exported graphs then read the uint8 input with one Cast and nothing else (TensorRT
+        # takes uint8 only as a network input cast straight away).
+        x = images.to(torch.float32).permute(0, 3, 1, 2) * self.pixel_scale + self.pixel_shift  # (N, 3, H, W)
         feats = self.backbone.forward_stages(x, self.cfg.stages)
         return torch.cat([self._to_grid(self._aggregate(f), s) for f, s in zip(feats, self.cfg.stages)], dim=1)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, parse_device, read_spec
+from adtr_deploy.runtime.pt2 import Pt2Backend
 from adtr_deploy.runtime.tensorrt import TensorRTBackend
 from adtr_deploy.runtime.triton import TritonBackend
 from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME
@@ -25,6 +26,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "OnnxRuntimeBackend",
+    "Pt2Backend",
     "TensorRTBackend",
     "TorchScriptBackend",
     "backend_class",
@@ -45,7 +47,9 @@ ORT_PROVIDERS: dict[str, list[str]] = {
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime on the CPU, CUDA or TensorRT execution provider.
 
-    Options: `threads` (intra-op threads), `allow_fallback` (run on whatever ORT picked, with a warning, instead of
+    Options: `threads` (intra-op threads), `spinning` (let idle intra-op threads spin-wait for work; default off:
+    measured on a shared 2-core CPU, spinning pools of other sessions and processes steal the cores, and turning it off
+    halved the wall time at batch 1, benchmarks/results/speed_levers.md), `allow_fallback` (run on whatever ORT picked, with a warning, instead of
     refusing), `io_binding` (default: on for GPU devices), `trt_cache_dir` (TensorRT engine cache, default
     `trt_cache/` beside the model), `fp16` (TensorRT provider in fp16; default: the spec's precision).
     """
@@ -58,6 +62,7 @@ class OnnxRuntimeBackend(Backend):
         device: str = "cpu",
         *,
         threads: int | None = None,
+        spinning: bool = False,
         allow_fallback: bool = False,
         io_binding: bool | None = None,
         trt_cache_dir: str | Path | None = None,
@@ -75,6 +80,8 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if not spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The spec decides the TensorRT precision unless the caller says otherwise; read it before the session exists.
         spec_hint = read_spec(path, None, verify=False) if path.with_name(SPEC_FILENAME).is_file() else None
         if fp16 is None:
@@ -246,6 +253,7 @@ BACKENDS: dict[str, type[Backend]] = {
     ".plan": TensorRTBackend,
     ".torchscript": TorchScriptBackend,
     ".pt": TorchScriptBackend,
+    ".pt2": Pt2Backend,
 }
 
 # --backend NAME -> backend class, for an explicit choice (a served model, e.g. Triton, has no local file to look at).
@@ -253,6 +261,7 @@ NAMED_BACKENDS: dict[str, type[Backend]] = {
     "onnxruntime": OnnxRuntimeBackend,
     "tensorrt": TensorRTBackend,
     "torchscript": TorchScriptBackend,
+    "pt2": Pt2Backend,
     "triton": TritonBackend,  # remote: --model is the served model's name, --url the server
 }
 
@@ -308,7 +317,9 @@ def model_file(path: str | Path) -> Path:
         if not exported and found:
             raise _not_exported(found[0])
         if not exported:
-            raise BackendError(f"{path} holds no exported model (model.onnx, model.engine or model.torchscript)")
+            raise BackendError(
+                f"{path} holds no exported model (model.onnx, model.engine, model.torchscript or model.pt2)"
+            )
         return exported[0]
     if not path.is_file():
         raise BackendError(f"model file {path} does not exist; give the file that adtr-export wrote")
