@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "adtr_deploy"
 MAX_LINES = 400
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "tensorrt")
