@@ -1,6 +1,6 @@
 """What each model preset costs in ONNX Runtime on this CPU, measured side by side in one process.
 
-Every preset is exported with the project's own ONNX exporter (the same graph `adtr-export --format onnx` writes; the
+Every preset is exported with the project's own ONNX exporter (the same fused graph `adtr-export --format onnx` writes; the
 transformer's weights do not change its cost, so fresh weights are used) and timed with adtr-bench's interleaved blocks
 (`bench.timing.measure_interleaved`: alternating blocks, spinning off), at batch 1 and 8. The table reports wall-clock
 and process CPU milliseconds per image and both as ratios to the previous default (`lite0-classic`); CPU time does not
@@ -26,6 +26,7 @@ def session(preset: str, threads: int, **overrides):
     import onnxruntime as ort
     import torch
 
+    from adtr_deploy.export.fuse import fuse_model
     from adtr_deploy.export.onnx import torch_to_onnx
     from adtr_deploy.model.adtr import ADTR
     from adtr_deploy.model.config import get_preset
@@ -33,7 +34,8 @@ def session(preset: str, threads: int, **overrides):
 
     torch.manual_seed(0)
     model = ADTR(get_preset(preset, **overrides)).eval()
-    proto = torch_to_onnx(model, ModelSpec(input_size=model.cfg.input_size, preset=preset))
+    fused, _ = fuse_model(model)  # what adtr-export writes by default
+    proto = torch_to_onnx(fused, ModelSpec(input_size=model.cfg.input_size, preset=preset))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
