@@ -31,8 +31,9 @@ from common import command_line, machine, nearest_training_distance, write_resul
 
 HERE = Path(__file__).resolve().parent
 
-# name -> (model overrides on the lite0 preset, training overrides). "default" is the model adtr-train trained before
-# this study (14x14 tokens, bilinear, no aggregation, no smoothing, 30 epochs).
+# name -> (model overrides on the lite0-classic preset, training overrides). "default" is the model adtr-train trained
+# before this study (lite0-classic: 14x14 tokens, stages 1-5 bilinear, no aggregation, no smoothing, 30 epochs);
+# "area-1234" is today's default lite0.
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
     "blur4": ({"blur_sigma": 4.0}, {}),
@@ -182,7 +183,7 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False) 
 
     name, model_over, train_over = parse_variant(text)
     torch.manual_seed(0)
-    model = ADTR(get_preset("lite0", **model_over)).eval()
+    model = ADTR(get_preset("lite0-classic", **model_over)).eval()
     cfg = model.cfg
     key = (cfg.backbone, cfg.input_size, cfg.stages, cfg.feature_stride, cfg.resize, cfg.aggregate)  # what features see
     t0 = time.perf_counter()
