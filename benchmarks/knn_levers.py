@@ -49,7 +49,7 @@ masks = np.stack([load_mask(s.mask, (size, size)) for s in data.test]).astype(bo
 defs = sorted({s.defect for s in data.test if s.label})
 
 
-def feats(S, st, grid, resize, agg, norm, stats=None):
+def feats(S, st, grid, resize, agg):
     fs = []
     for i in st:
         f = S[i - 1]
@@ -65,8 +65,8 @@ def feats(S, st, grid, resize, agg, norm, stats=None):
 
 def run(st, stride, resize, agg, norm, blur, pool):
     grid = size // stride
-    a = feats(tr, st, grid, resize, agg, norm)
-    b = feats(te, st, grid, resize, agg, norm)
+    a = feats(tr, st, grid, resize, agg)
+    b = feats(te, st, grid, resize, agg)
     if norm == "z":
         A = torch.cat(a, 1)
         mu = A.mean((0, 2, 3), keepdim=True)

@@ -64,9 +64,7 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
     model_over, train_over = dict(VARIANTS[name][0]), dict(VARIANTS[name][1])
     for item in extra:
         key, _, value = item.partition("=")
-        if key == "balance":
-            train_over["balance"] = bool(int(value))
-        elif key in ("epochs", "lr", "batch_size"):
+        if key in ("epochs", "lr", "batch_size"):
             train_over[key] = float(value) if key == "lr" else int(value)
         elif key == "stages":
             model_over[key] = tuple(int(c) for c in value)
@@ -95,15 +93,8 @@ def _features(model, samples):
 
 
 def _scores(model, err):
-    """(N, 1, h, w) token errors -> the model's own map and image score (upsample, optional blur, pooled max)."""
-    import torch.nn.functional as F
-
-    with_err = err
-    amap = F.interpolate(with_err, size=model.cfg.input_size, mode="bilinear", align_corners=True)
-    if model.blur_kernel is not None:
-        pad = model.blur_kernel.shape[-1] // 2
-        amap = F.conv2d(F.pad(amap, (pad, pad, pad, pad), mode="replicate"), model.blur_kernel)
-    score = F.avg_pool2d(amap, model.cfg.score_pool, stride=1).amax(dim=(1, 2, 3))
+    """(N, 1, h, w) token errors -> numpy map (N, H, W) and image scores, exactly as the model scores its own error."""
+    amap, score = model.map_and_score(err)
     return amap[:, 0].numpy(), score.numpy()
 
 
@@ -191,12 +182,6 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False) 
         train_idx, _ = split_validation(data.train, TrainConfig(progress=False))
         feature_cache[key] = (_features(model, [data.train[i] for i in train_idx]), _features(model, data.test))
     f_train, f_test = feature_cache[key]
-    if train_over.pop("balance", False):  # every stage's tokens scaled to the same mean L2 norm on the training images
-        sizes = model.backbone.stage_channels(cfg.stages)
-        scale = torch.cat(
-            [torch.full((c,), 1.0 / float(p.norm(dim=1).mean())) for c, p in zip(sizes, f_train.split(sizes, dim=1))]
-        ).view(1, -1, 1, 1)
-        f_train, f_test = f_train * scale, f_test * scale
     masks = np.stack([load_mask(s.mask, cfg.input_size) for s in data.test]).astype(bool)
     knn_map, knn_score = _scores(model, nearest_training_distance(f_train, f_test))
     row = {

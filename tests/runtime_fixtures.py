@@ -10,6 +10,8 @@ import atexit
 import dataclasses
 import functools
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -86,6 +88,20 @@ def copy_model(dest: Path, spec_override: ModelSpec | None = None) -> Path:
     shutil.copy(src, dest / src.name)
     (spec_override or spec()).save(dest / "model.json")
     return dest / src.name
+
+
+def start_interruptible(cmd: list[str], env: dict) -> subprocess.Popen:
+    """Start a CLI child that a test will stop with a signal. SIGINT goes back to its default in the child: a test run
+    started in the background (`cmd &`) inherits SIGINT ignored, and Python then keeps ignoring it, as a backgrounded
+    adtr-run should (SIGTERM still stops it)."""
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def write_images(folder: Path, n: int, *, seed: int = 0, sizes=((96, 80), (64, 64), (120, 150))) -> list[Path]:

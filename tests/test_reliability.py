@@ -456,14 +456,7 @@ def test_signal_mid_run_then_resume_gives_every_input_exactly_one_record(sig, ba
     out = tmp_path / "out"
     args = ["--model", model, "--source", slow_folder, "--out", out, "--batch-size", batch, "--save-overlays", "-q"]
     cmd = [PYTHON, "-c", ENTRY.format("run"), *map(str, args)]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = rf.start_interruptible(cmd, env)
     try:
         t0 = time.monotonic()
         while time.monotonic() - t0 < 120 and proc.poll() is None:

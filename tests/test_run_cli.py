@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -191,16 +190,7 @@ def test_ctrl_c_on_a_live_stream_keeps_every_record_and_writes_the_summary_witho
     with rf.MjpegServer([("stream", 3000, "close")], interval_s=0.02) as server:
         cmd = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()"]
         cmd += ["--model", str(model_path), "--source", server.url, "--out", str(out), "--duration", "60"]
-        # SIGINT back to its default in the child: a test run started in the background (`cmd &`) inherits SIGINT
-        # ignored, and Python then keeps ignoring it, as a backgrounded adtr-run should (SIGTERM still stops it).
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+        proc = rf.start_interruptible(cmd, env)
         try:
             results, t0 = out / "results.jsonl", time.monotonic()
             # Interrupt only a run that is really processing the stream: wait for its first records (generously, so a

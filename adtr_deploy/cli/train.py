@@ -47,7 +47,8 @@ from adtr_deploy.model.config import PRESETS
     default=None,
     metavar="N|HxW",
     help="Model input size in pixels (default: the preset's, 224 for lite0). Tokens are a stride-16 grid, so 448 gives "
-    "4x the tokens: finer defects, about 4x the time. Multiples of 32 keep every stage aligned.",
+    "4x the tokens: finer defects, about 4x the time. Use multiples of 32: they keep every stage aligned, and the "
+    "lite presets' area averaging needs it (other sizes resample those stages bilinearly).",
 )
 @click.option(
     "--stages",

@@ -244,6 +244,11 @@ class ADTR(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token L2 reconstruction error -> map at input size (N, 1, H, W) and image score (N,)."""
         err = torch.sqrt(torch.sum((features - reconstruction) ** 2, dim=1, keepdim=True))  # (N, 1, h, w)
+        return self.map_and_score(err)
+
+    def map_and_score(self, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token scores (N, 1, h, w) -> map at input size (N, 1, H, W) and image score (N,): upsample, optional
+        blur, max of the average-pooled map. Benchmarks score other per-token distances (kNN) through it too."""
         amap = F.interpolate(err, size=self.cfg.input_size, mode="bilinear", align_corners=True)  # (N, 1, H, W)
         if self.blur_kernel is not None:
             pad = self.blur_kernel.shape[-1] // 2
