@@ -162,7 +162,7 @@ def train_transformer(model, f_train, train_over: dict, seed: int = 0) -> dict:
     }
 
 
-def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False) -> dict:
+def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False, save: Path | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -194,6 +194,10 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False) 
     if skip_train:
         return row
     row["train"] = train_transformer(model, f_train, train_over)
+    if save is not None:  # the trained transformer, for post-hoc scoring studies (benchmarks/scoring_levers.py)
+        save.mkdir(parents=True, exist_ok=True)
+        state = {"config": cfg.to_dict(), "train": train_over, "transformer": model.transformer.state_dict()}
+        torch.save(state, save / f"{data.category}__{name}.pt")
     with torch.no_grad():
         err = torch.cat(
             [torch.linalg.vector_norm(f - model.reconstruct(f), dim=1, keepdim=True) for f in f_test.split(8)]
@@ -271,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--knn-only", action="store_true", help="only the nearest-neighbour reference (no training)")
     ap.add_argument("--out", default=str(HERE / "results" / "quality_levers.json"))
     ap.add_argument("--append", action="store_true", help="add rows to an existing --out")
+    ap.add_argument("--save", default="", help="folder to keep each trained transformer in (for scoring studies)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (two 1-thread runs use 2 cores best)")
     args = ap.parse_args(argv)
 
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         cache: dict = {}
         rows = result["categories"].setdefault(cat, [])
         for variant in (v for v in args.variants.split(",") if v):
-            row = run_variant(data, variant, cache, skip_train=args.knn_only)
+            row = run_variant(data, variant, cache, args.knn_only, Path(args.save) if args.save else None)
             print(json.dumps({"category": cat, **row}), flush=True)
             rows[:] = [r for r in rows if r["variant"] != row["variant"]] + [row]
             result["machine"] = machine()

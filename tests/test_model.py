@@ -192,6 +192,38 @@ def test_reconstruction_error_is_the_anomaly_map():
     np.testing.assert_allclose(score.numpy(), windows.mean(axis=(-1, -2)).max(axis=(1, 2)), rtol=1e-4)
 
 
+def test_mahalanobis_error_is_the_residuals_norm_under_its_shrunk_covariance():
+    torch.manual_seed(0)
+    model = ADTR(get_preset("tiny")).eval()
+    assert model.cfg.error_metric == "mahalanobis"
+    x = torch.from_numpy(texture_images(2, 64))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        rec = model.reconstruct(feats)
+        plain = model.token_errors(feats, rec)  # not fitted yet: identity whitening, the L2 error
+        np.testing.assert_allclose(plain.numpy(), torch.linalg.vector_norm(feats - rec, dim=1, keepdim=True), rtol=1e-5)
+        c = model.channels
+        g = torch.Generator().manual_seed(1)
+        a = torch.randn(c, c, generator=g, dtype=torch.float64)
+        cov = a @ a.T / c + torch.diag(torch.rand(c, generator=g, dtype=torch.float64))  # correlated channels
+        mean = torch.randn(c, generator=g, dtype=torch.float64) * 0.1
+        model.set_error_statistics(mean, cov)
+        got = model.token_errors(feats, rec)[:, 0].double()
+        amap, _ = model(x)
+    # by hand: sqrt((r - mean)^T (cov + shrink * mean variance * I)^(-1) (r - mean)) per token
+    r = (feats - rec).double().permute(0, 2, 3, 1) - mean  # (N, h, w, C)
+    shrunk = cov + model.cfg.error_shrink * cov.diagonal().mean() * torch.eye(c, dtype=torch.float64)
+    want = torch.einsum("nhwc,nhwc->nhw", r, torch.linalg.solve(shrunk, r.reshape(-1, c).T).T.reshape(r.shape)).sqrt()
+    assert want.std() > 0
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4)
+    assert np.abs(got.numpy() / plain[:, 0].double().numpy() - 1).max() > 0.05  # the metric does change the map
+    assert amap.shape == (2, 1, 64, 64)
+    # the paper's L2 keeps no statistics at all
+    assert "error_whiten" not in ADTR(get_preset("tiny", error_metric="l2")).state_dict()
+    with pytest.raises(ValueError, match="only 'mahalanobis'"):
+        ADTR(get_preset("tiny", error_metric="l2")).set_error_statistics(mean, cov)
+
+
 def test_gaussian_blur_option_smooths_the_map():
     cfg = get_preset("tiny")
     torch.manual_seed(0)

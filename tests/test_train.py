@@ -61,6 +61,34 @@ def test_checkpoint_is_plain_data_with_calibration_and_run_info(run, mvtec):
     )
 
 
+def test_training_fits_the_mahalanobis_error_to_the_training_residuals(run, mvtec):
+    path, _ = run
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model, _ = load_checkpoint(path)
+    assert model.cfg.error_metric == "mahalanobis"
+    trained = ckpt["train_state"]["data_order"]["train"]
+    h, w = model.cfg.grid
+    assert ckpt["info"]["error_metric"] == {
+        "error_metric": "mahalanobis",
+        "tokens": len(trained) * h * w,
+        "shrink": 0.001,
+    }
+    # Recompute the residuals of the training images by hand: the fitted mean is theirs, and the whitened residuals
+    # have (about) zero mean and a covariance no larger than the identity (the shrinkage only lowers it).
+    images = torch.from_numpy(
+        np.stack([load_sample(s, model.cfg.input_size) for s in mvtec.train if str(s.path) in trained])
+    )
+    with torch.no_grad():
+        f = model.forward_features(images)
+        r = (f - model.reconstruct(f)).permute(0, 2, 3, 1).reshape(-1, model.channels).double()
+    torch.testing.assert_close(model.error_mean.double(), r.mean(dim=0), atol=1e-4, rtol=1e-3)
+    z = (r - model.error_mean.double()) @ model.error_whiten.double()
+    evals = torch.linalg.eigvalsh(torch.cov(z.T, correction=0))
+    assert float(z.mean(dim=0).abs().max()) < 1e-3
+    assert float(evals.max()) < 1.0001 and float(evals.mean()) > 0.3  # whitened, not collapsed
+    assert not torch.allclose(model.error_whiten, torch.eye(model.channels))
+
+
 def test_train_log_has_one_line_per_epoch_and_the_lr_drops_late(run):
     _, out = run
     lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
@@ -116,7 +144,10 @@ def test_cached_features_train_exactly_like_recomputed_ones(mvtec, tmp_path):
     sa = torch.load(a, weights_only=True)["state_dict"]
     sb = torch.load(b, weights_only=True)["state_dict"]
     for key in sa:
-        torch.testing.assert_close(sb[key], sa[key], atol=1e-5, rtol=1e-5)
+        # The error whitening is (cov + shrink)^(-1/2) of the final residuals: it magnifies their 1e-6 differences
+        # by up to 1/sqrt(shrink), so it is compared relative to its own scale.
+        tol = 1e-3 * float(sa[key].abs().max()) if key == "error_whiten" else 1e-5
+        torch.testing.assert_close(sb[key], sa[key], atol=tol, rtol=1e-5)
     # ... and training did move the weights away from the seeded initialisation.
     torch.manual_seed(0)
     init = ADTR(TINY).state_dict()

@@ -5,6 +5,8 @@ What stays FP32 and why:
 - The anomaly map and score: the L2 reconstruction error (Sub -> Pow -> ReduceSum -> Sqrt) is a small difference of two
   large feature vectors, so it is computed in FP32 from FP16 features, and everything after it (upsampling, blur, pooling,
   the max that gives the score) stays FP32 too.
+- The Mahalanobis error's whitening (a 1x1 Conv on the residual, model/adtr.py token_errors) belongs to the map: it
+  scales the small residual by up to 1/sqrt(shrink) and must not see it rounded.
 - The graph's inputs and outputs keep their types: uint8 images in, float32 map and score out.
 
 Elementwise arithmetic whose every consumer runs in FP32 (the residual adds before a LayerNorm, the Sub of the L2 map)
@@ -45,6 +47,8 @@ FP32_OPS: frozenset[str] = frozenset(
 FP32_TAIL_OPS: frozenset[str] = frozenset({"ReduceSum", "ReduceSumSquare", "ReduceL2", "Sqrt"})
 # Elementwise ops that may join the FP32 side when all their consumers are there.
 ELEMENTWISE_OPS: frozenset[str] = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs"})
+# Weighted ops; one applied straight to a difference (Sub) is the Mahalanobis error's whitening, part of the map.
+WEIGHTED_OPS: frozenset[str] = frozenset({"Conv", "MatMul", "Gemm"})
 # Inputs that must stay float32 whatever the node's precision (by the operator's type constraints).
 FLOAT32_ONLY_INPUTS: dict[str, frozenset[int]] = {"Resize": frozenset({1, 2}), "Upsample": frozenset({1})}
 
@@ -95,6 +99,12 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def is_residual_whitening(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> bool:
+    """Whether `node` is the Mahalanobis error's whitening: a Conv/MatMul/Gemm whose data input is a difference."""
+    prev = producer.get(node.input[0]) if node.input else None
+    return node.op_type in WEIGHTED_OPS and prev is not None and prev.op_type == "Sub"
+
+
 def fp32_node_names(model: onnx.ModelProto) -> set[str]:
     """Names of the nodes that keep FP32 (see the module docstring). Node names must be unique and non-empty."""
     graph = model.graph
@@ -113,13 +123,15 @@ def fp32_node_names(model: onnx.ModelProto) -> set[str]:
                 if nxt.name not in fp32:
                     fp32.add(nxt.name)
                     queue.append(nxt)
-    # Backward: elementwise ops whose every consumer is FP32 join it (to a fixed point; stops at any other op).
+    # Backward: elementwise ops (and the residual's whitening) whose every consumer is FP32 join it (to a fixed point;
+    # stops at any other op).
     graph_outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
     changed = True
     while changed:
         changed = False
         for node in graph.node:
-            if node.name in fp32 or node.op_type not in ELEMENTWISE_OPS:
+            if node.name in fp32 or not (node.op_type in ELEMENTWISE_OPS or is_residual_whitening(node, producer)):
                 continue
             users = [u for out in node.output for u in consumers.get(out, ())]
             feeds_output = any(out in graph_outputs for out in node.output)

@@ -10,7 +10,7 @@ from collections import defaultdict, deque
 import onnx
 
 from adtr_deploy.export.formats import QUANT_SCOPES
-from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, FP32_TAIL_OPS
+from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, FP32_TAIL_OPS, is_residual_whitening
 
 KEEP_FP32_OPS: frozenset[str] = frozenset({"LayerNormalization", "Softmax"})
 WEIGHT_INPUT = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # which input of a quantizable op holds its weight
@@ -42,7 +42,8 @@ def constants_of(graph: onnx.GraphProto) -> set[str]:
 
 
 def map_node_names(model: onnx.ModelProto) -> set[str]:
-    """The anomaly-map part: the L2 error (the Sub/Pow feeding the reduction), the reduction, and all after it."""
+    """The anomaly-map part: the error (the Sub/Pow feeding the reduction, and the Mahalanobis whitening between them),
+    the reduction, and all after it."""
     graph = model.graph
     consumers = consumers_of(graph)
     producer = {o: n for n in graph.node for o in n.output}
@@ -56,11 +57,13 @@ def map_node_names(model: onnx.ModelProto) -> set[str]:
         tail.add(node.name)
         queue.extend(c for out in node.output for c in consumers.get(out, ()))
     queue = deque(starts)
-    while queue:  # backward: the elementwise chain (Pow, Sub) that only feeds the map
+    while queue:  # backward: the elementwise chain (Pow, whitening, Sub) that only feeds the map
         node = queue.popleft()
         for name in node.input:
             prev = producer.get(name)
-            if prev is None or prev.name in tail or prev.op_type not in ELEMENTWISE_OPS | {"Pow"}:
+            if prev is None or prev.name in tail:
+                continue
+            if prev.op_type not in ELEMENTWISE_OPS | {"Pow"} and not is_residual_whitening(prev, producer):
                 continue
             if all(c.name in tail for out in prev.output for c in consumers.get(out, ())):
                 tail.add(prev.name)

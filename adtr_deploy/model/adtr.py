@@ -201,6 +201,11 @@ class ADTR(nn.Module):
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
         self.area_kernels = area_kernels(cfg)
+        if cfg.error_metric == "mahalanobis":  # identity until fit_error_metric: the plain L2 error
+            self.register_buffer("error_mean", torch.zeros(self.channels))
+            self.register_buffer("error_whiten", torch.eye(self.channels))
+        else:
+            self.error_mean = self.error_whiten = None
         if cfg.blur_sigma > 0:
             self.register_buffer("blur_kernel", gaussian_kernel(cfg.blur_sigma), persistent=False)
         else:
@@ -239,12 +244,33 @@ class ADTR(nn.Module):
         rec = self.transformer(tokens)  # (N, hw, C)
         return rec.transpose(1, 2).unflatten(2, self.cfg.grid)  # (N, C, h, w)
 
+    def token_errors(self, features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) features and reconstruction -> (N, 1, h, w) reconstruction error per token: the L2 norm of the
+        residual, whitened first under cfg.error_metric "mahalanobis"."""
+        residual = features - reconstruction
+        if self.error_whiten is not None:  # a 1x1 convolution: every exporter and TensorRT handle it natively
+            residual = F.conv2d(residual - self.error_mean.view(1, -1, 1, 1), self.error_whiten[:, :, None, None])
+        return torch.sqrt(torch.sum(residual**2, dim=1, keepdim=True))
+
+    @torch.no_grad()
+    def set_error_statistics(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        """Whitening for cfg.error_metric "mahalanobis" from the residual's per-channel mean (C,) and channel covariance
+        (C, C) on good images: (cov + shrink * mean variance * I)^(-1/2), symmetric. The shrinkage keeps directions the
+        training images never vary in from dominating the error."""
+        if self.error_whiten is None:
+            raise ValueError(f"error_metric is {self.cfg.error_metric!r}; only 'mahalanobis' has error statistics")
+        cov = cov.double()
+        cov = (cov + cov.T) / 2 + self.cfg.error_shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        evals, evecs = torch.linalg.eigh(cov)
+        evals = evals.clamp_min(float(evals.max()) * 1e-12)  # only for a degenerate fit (all-zero residuals)
+        self.error_mean.copy_(mean.to(self.error_mean))
+        self.error_whiten.copy_(((evecs * evals.rsqrt()) @ evecs.T).to(self.error_whiten))
+
     def anomaly_outputs(
         self, features: torch.Tensor, reconstruction: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token L2 reconstruction error -> map at input size (N, 1, H, W) and image score (N,)."""
-        err = torch.sqrt(torch.sum((features - reconstruction) ** 2, dim=1, keepdim=True))  # (N, 1, h, w)
-        return self.map_and_score(err)
+        """Per-token reconstruction error -> map at input size (N, 1, H, W) and image score (N,)."""
+        return self.map_and_score(self.token_errors(features, reconstruction))
 
     def map_and_score(self, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token scores (N, 1, h, w) -> map at input size (N, 1, H, W) and image score (N,): upsample, optional

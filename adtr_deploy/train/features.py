@@ -114,3 +114,42 @@ def training_set(
     if standardize:
         init_feature_standardization(model, cache, shard, cfg, device)
     return TrainingSet(samples, shard, cache, dataset)
+
+
+@torch.no_grad()
+def fit_error_metric(model: ADTR, training: TrainingSet, cfg: TrainConfig, device: torch.device) -> dict | None:
+    """After training, for cfg.error_metric "mahalanobis": the residual's mean and channel covariance over every token
+    of the training images (this process's shard, summed over ranks) set the model's error whitening
+    (ADTR.set_error_statistics). Returns what was fitted for the checkpoint's info; None for the L2 metric.
+
+    From the cached features when there are some, else from the good training images (ADTR+ trains on a dataset of
+    synthetic anomalies; the metric describes good images only). In eval mode: dropout off, as at inference.
+    """
+    if model.cfg.error_metric != "mahalanobis":
+        return None
+    c = model.channels
+    sums = torch.zeros(c + c * c + 1, dtype=torch.float64, device=device)  # sum r, sum r r^T, token count
+    was_training = model.training
+    model.eval()
+
+    def add(f: torch.Tensor) -> None:
+        r = (f.float() - model.reconstruct(f.float())).permute(0, 2, 3, 1).reshape(-1, c).double()
+        sums[:c] += r.sum(dim=0)
+        sums[c:-1] += (r.T @ r).flatten()
+        sums[-1] += r.shape[0]
+
+    if training.cache is not None:
+        for part in training.cache.split(cfg.eval_batch_size):
+            add(part)
+    else:
+        loader = image_loader(training.shard, model.cfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
+        for batch in loader:
+            add(model.forward_features(batch["image"].to(device)))
+    if distributed.world().distributed:
+        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+    model.train(was_training)
+    n = float(sums[-1])
+    mean = sums[:c] / n
+    cov = sums[c:-1].view(c, c) / n - torch.outer(mean, mean)
+    model.set_error_statistics(mean.cpu(), cov.cpu())
+    return {"error_metric": "mahalanobis", "tokens": int(n), "shrink": model.cfg.error_shrink}

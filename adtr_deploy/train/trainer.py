@@ -31,7 +31,7 @@ from adtr_deploy.model.config import ADTRConfig
 from adtr_deploy.train import distributed
 from adtr_deploy.train.config import TrainConfig
 from adtr_deploy.train.evaluate import TorchRunner, check_device, evaluate_runner, predict, write_results
-from adtr_deploy.train.features import TrainingSet, training_set
+from adtr_deploy.train.features import TrainingSet, fit_error_metric, training_set
 from adtr_deploy.train.loop import Optimizer, run_epoch
 from adtr_deploy.train.losses import loss_for
 from adtr_deploy.train.resume import TrainLog, apply_schedule, rng_state, set_rng_state
@@ -134,6 +134,9 @@ def train(
         set_rng_state(state["rng"], device)  # after caching: nothing random happens before the next epoch
 
     _train_epochs(run, training, loss_fn, reconstruct, start, log, on_epoch_end, progress=show)
+    fitted = fit_error_metric(model, training, cfg, device)  # every rank: the statistics are summed over them
+    if fitted is not None:
+        run.info["error_metric"] = fitted
     del training  # frees the feature cache before calibration
     if not w.is_main:
         distributed.barrier()  # rank 0 calibrates, evaluates and writes; the others wait for its checkpoint
