@@ -3,10 +3,12 @@ reconstruction model on this backbone separate at all? Used to choose what bench
 
 Each spec on standard input is STAGES:STRIDE:RESIZE:AGG:NORM:BLUR:POOL, e.g. 1234:16:area:1:raw:0:16 =
 stages 1-4 on the stride-16 grid, finer stages averaged (area) or resampled (bilinear), AGG x AGG local averaging of
-each stage first, NORM raw | z (per-channel standardized) | stage (each stage scaled to unit mean token norm), map blur
+each stage first, NORM raw | z (per-channel standardized) | stage (each stage scaled to unit mean token norm) | maha
+(not kNN: the Mahalanobis distance to one Gaussian of all training tokens, shrink 0.001 as the model's error metric;
+what the trained transformer's Mahalanobis error came within a point or two of on grass and brick), map blur
 sigma, image score = max of the POOL x POOL average-pooled map. Backbone lite0 (stages 1-5 computed once).
 
-    echo "1234:16:area:1:raw:0:16 123:16:area:1:raw:0:16" | python benchmarks/knn_levers.py grass 224 DEMO_ROOT
+    echo "1234:16:area:1:raw:0:16 123:16:area:1:raw:0:16" | python benchmarks/knn_levers.py grass 224 DEMO_ROOT [BACKBONE]
 
 Prints one line per spec: image AUROC, pixel AUROC, per-defect image AUROC (%). The recorded runs are in
 benchmarks/results/knn_levers.md.
@@ -29,7 +31,8 @@ torch.set_num_threads(2)
 cat = sys.argv[1]
 size = int(sys.argv[2]) if len(sys.argv) > 2 else 224
 data = open_dataset(sys.argv[3] if len(sys.argv) > 3 else "/tmp/demo", cat)
-m = ADTR(get_preset("lite0-classic", input_size=(size, size))).eval()
+backbone = sys.argv[4] if len(sys.argv) > 4 else "efficientnet-lite0"
+m = ADTR(get_preset("lite0-classic", input_size=(size, size), backbone=backbone)).eval()
 
 
 def stages(samples):
@@ -63,6 +66,16 @@ def feats(S, st, grid, resize, agg):
     return fs
 
 
+def gaussian_distance(A, B, shrink=0.001):
+    """Each test token's Mahalanobis distance to the Gaussian of all training tokens (any position)."""
+    c = A.shape[1]
+    x = A.permute(0, 2, 3, 1).reshape(-1, c).double()
+    mu, cov = x.mean(0), torch.cov(x.T, correction=0)
+    evals, evecs = torch.linalg.eigh(cov + shrink * cov.diagonal().mean() * torch.eye(c, dtype=cov.dtype))
+    z = (B.permute(0, 2, 3, 1).double() - mu) @ ((evecs * evals.rsqrt()) @ evecs.T)
+    return z.norm(dim=-1).unsqueeze(1).float()
+
+
 def run(st, stride, resize, agg, norm, blur, pool):
     grid = size // stride
     a = feats(tr, st, grid, resize, agg)
@@ -80,7 +93,10 @@ def run(st, stride, resize, agg, norm, blur, pool):
     else:
         A = torch.cat(a, 1)
         B = torch.cat(b, 1)
-    d = nearest_training_distance(A, B)
+    if norm == "maha":
+        d = gaussian_distance(A, B)
+    else:
+        d = nearest_training_distance(A, B)
     amap = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=True)
     if blur:
         k = gaussian_kernel(blur)

@@ -42,6 +42,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "area-agg3-blur4": ({"resize": "area", "aggregate": 3, "blur_sigma": 4.0}, {}),
     "area-123": ({"resize": "area", "stages": (1, 2, 3)}, {}),
     "area-1234": ({"resize": "area", "stages": (1, 2, 3, 4)}, {}),
+    # today's default lite0: area-1234 with the Mahalanobis reconstruction error (benchmarks/scoring_levers.py)
+    "lite0": ({"resize": "area", "stages": (1, 2, 3, 4), "error_metric": "mahalanobis"}, {}),
     "s8": ({"feature_stride": 8}, {}),
     "s8-area": ({"feature_stride": 8, "resize": "area"}, {}),
     "s8-area-agg3-blur4": ({"feature_stride": 8, "resize": "area", "aggregate": 3, "blur_sigma": 4.0}, {}),
@@ -72,9 +74,9 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
             model_over[key] = (int(value), int(value))
         elif key == "backbone":
             model_over[key] = value
-        elif key == "resize":
+        elif key in ("resize", "error_metric"):
             model_over[key] = value
-        elif key in ("blur_sigma", "dropout"):
+        elif key in ("blur_sigma", "dropout", "error_shrink"):
             model_over[key] = float(value)
         else:
             model_over[key] = int(value)
@@ -170,6 +172,7 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False, 
     from adtr_deploy.model.config import get_preset
     from adtr_deploy.preprocess import load_mask
     from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.features import TrainingSet, fit_error_metric
     from adtr_deploy.train.trainer import split_validation
 
     name, model_over, train_over = parse_variant(text)
@@ -194,14 +197,13 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False, 
     if skip_train:
         return row
     row["train"] = train_transformer(model, f_train, train_over)
+    fit_error_metric(model, TrainingSet([], [], f_train), TrainConfig(progress=False), torch.device("cpu"))
     if save is not None:  # the trained transformer, for post-hoc scoring studies (benchmarks/scoring_levers.py)
         save.mkdir(parents=True, exist_ok=True)
         state = {"config": cfg.to_dict(), "train": train_over, "transformer": model.transformer.state_dict()}
         torch.save(state, save / f"{data.category}__{name}.pt")
     with torch.no_grad():
-        err = torch.cat(
-            [torch.linalg.vector_norm(f - model.reconstruct(f), dim=1, keepdim=True) for f in f_test.split(8)]
-        )
+        err = torch.cat([model.token_errors(f, model.reconstruct(f)) for f in f_test.split(8)])
     amap, score = _scores(model, err)
     row["adtr"] = _metrics(data.test, amap, score, masks)
     try:

@@ -59,8 +59,15 @@ def image_files(work) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def model() -> ADTR:
+    """The tiny preset with its Mahalanobis error fitted to its residuals on other photographs (as training does), so
+    every export carries a real whitening."""
     torch.manual_seed(0)
-    return ADTR(get_preset("tiny")).eval()
+    m = ADTR(get_preset("tiny")).eval()
+    with torch.no_grad():
+        f = m.forward_features(torch.from_numpy(texture_images(8, 64, seed=1)))
+        r = (f - m.reconstruct(f)).permute(0, 2, 3, 1).reshape(-1, m.channels).double()
+    m.set_error_statistics(r.mean(dim=0), torch.cov(r.T, correction=0))
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +214,11 @@ def test_fp16_onnx_takes_uint8_gives_float32_and_keeps_fragile_ops_in_fp32(work,
         assert types[node.input[0]] == onnx.TensorProto.FLOAT, node.name
     matmuls = [n for n in g.node if n.op_type == "MatMul"]
     assert matmuls and all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in matmuls)  # really half precision
+    # The Mahalanobis whitening (the 1x1 Conv on the residual) belongs to the map: FP32 inputs, weight and output.
+    producer = {o: n for n in g.node for o in n.output}
+    whitening = [n for n in g.node if n.op_type == "Conv" and producer[n.input[0]].op_type == "Sub"]
+    assert len(whitening) == 1
+    assert all(types[name] == onnx.TensorProto.FLOAT for name in [*whitening[0].input, *whitening[0].output])
 
     v = result.verification
     assert v["passed"] and v["tolerance"] == PRECISIONS["fp16"]["tolerance"] and v["batch_sizes"] == [1, 8]

@@ -232,7 +232,14 @@ def test_cli_input_size_and_stages_shape_the_model_and_bad_values_get_one_senten
     with torch.no_grad():
         amap, score = model(torch.zeros(1, 96, 64, 3, dtype=torch.uint8))
     assert amap.shape == (1, 1, 96, 64) and model.cfg.grid == (6, 4)
-    for opt, bad in (("--input-size", "big"), ("--input-size", "16"), ("--stages", "0,6"), ("--stages", "a")):
+    assert model.cfg.error_metric == "mahalanobis"  # the tiny preset's, like the lite presets'
+    paper_error = CliRunner().invoke(train_command, [*base, "--overwrite", "--error-metric", "l2"])
+    assert paper_error.exit_code == 0, paper_error.output
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["error_metric"] == "l2" and "error_whiten" not in ckpt["state_dict"]
+    assert "error_metric" not in ckpt["info"]
+    bad_values = (("--input-size", "big"), ("--input-size", "16"), ("--stages", "0,6"), ("--stages", "a"))
+    for opt, bad in (*bad_values, ("--error-metric", "cosine")):
         res = CliRunner().invoke(train_command, [*base, "--overwrite", opt, bad])
         assert res.exit_code == 2 and bad in res.output and "Traceback" not in res.output
     resumed = CliRunner().invoke(train_command, [*base[:4], "--resume", "--input-size", "128"])

@@ -57,6 +57,15 @@ from adtr_deploy.model.config import PRESETS
     help="Backbone stages to concatenate, e.g. 1,2,3,4,5 (strides 2..32; default: the preset's: 1-4 for lite, 1-5 for paper).",
 )
 @click.option(
+    "--error-metric",
+    type=click.Choice(["l2", "mahalanobis"]),
+    default=None,
+    help="How the reconstruction error is measured (default: the preset's: mahalanobis for lite, l2 for paper and "
+    "lite0-classic). l2: in the backbone's units, the paper's. mahalanobis: the residual whitened by its mean and "
+    "channel covariance on the training images, fitted after training; much better on irregular textures "
+    "(benchmarks/results/scoring_levers.md).",
+)
+@click.option(
     "--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default 30; the paper: 500 on a GPU)."
 )
 @click.option(
@@ -259,6 +268,7 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
             weights=opts["weights"],
             input_size=parse_input_size(opts["input_size"]),
             stages=parse_stages(opts["stages"]),
+            error_metric=opts["error_metric"],
             plus=plans.PlusSources(**{k: opts[k] for k in ("synthetic", "anomalies", "external")}),
         )
     cfg = plan.train

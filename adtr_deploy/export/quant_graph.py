@@ -101,9 +101,12 @@ def reconstruction_head_names(model: onnx.ModelProto) -> set[str]:
     return heads
 
 
-def plan_nodes(model: onnx.ModelProto, scope: str, fp32_head: bool = False) -> tuple[list[str], dict[str, str]]:
+def plan_nodes(
+    model: onnx.ModelProto, scope: str, fp32_head: bool = False, fp32_lead: float = 0.0
+) -> tuple[list[str], dict[str, str]]:
     """(names of the nodes to quantize, {name of a weighted node kept FP32: why}) for a QUANT_SCOPES scope;
-    `fp32_head` also keeps the reconstruction head (the output projection) in FP32."""
+    `fp32_head` also keeps the reconstruction head (the output projection) in FP32, `fp32_lead` the first fraction of
+    the quantizable nodes in graph order (a topological order: the encoder's before the decoder's)."""
     op_types = QUANT_SCOPES[scope]
     graph = model.graph
     consts = constants_of(graph)
@@ -123,7 +126,10 @@ def plan_nodes(model: onnx.ModelProto, scope: str, fp32_head: bool = False) -> t
             kept[node.name] = f"outside the quantization scope {scope!r}"
         else:
             quantize.append(node.name)
-    return quantize, kept
+    lead = int(round(fp32_lead * len(quantize)))
+    for name in quantize[:lead]:
+        kept[name] = f"the first {fp32_lead:.0%} of the quantizable ops (map fidelity)"
+    return quantize[lead:], kept
 
 
 def fp32_violations(model: onnx.ModelProto) -> list[str]:

@@ -217,7 +217,7 @@ def quantize_static_onnx(
         prepared = onnx.load(str(pre_path))
         _name_nodes(prepared)
         onnx.save_model(prepared, str(pre_path))
-        to_quantize, kept = plan_nodes(prepared, quant.scope, quant.fp32_head)
+        to_quantize, kept = plan_nodes(prepared, quant.scope, quant.fp32_head, quant.fp32_lead)
         if not to_quantize:
             raise UserError(f"the graph has no weighted op to quantize in scope {quant.scope!r}")
         cache, seconds = calibrate(pre_path, images, quant, input_name, Path(tmp))
@@ -251,6 +251,7 @@ def quantize_static_onnx(
             "reduce_range": quant.reduce_range,
             "quantize_outputs": quant.quantize_outputs,
             "fp32_head": quant.fp32_head,
+            "fp32_lead": quant.fp32_lead,
             "activation_type": target["activation"],
             "weight_type": target["weight"],
         },
@@ -283,7 +284,7 @@ def quantize_dynamic_onnx(model: onnx.ModelProto, quant: QuantOptions) -> tuple[
         prepared = onnx.load(str(pre_path))
         _name_nodes(prepared)
         onnx.save_model(prepared, str(pre_path))
-        to_quantize, kept = plan_nodes(prepared, "transformer")
+        to_quantize, kept = plan_nodes(prepared, "transformer", fp32_lead=quant.fp32_lead)
         out_path = Path(tmp) / "int8.onnx"
         with _quiet():
             quantize_dynamic(

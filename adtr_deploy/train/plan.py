@@ -70,10 +70,11 @@ def new_run(
     weights: str | None = None,
     input_size: tuple[int, int] | None = None,
     stages: tuple[int, ...] | None = None,
+    error_metric: str | None = None,
     plus: PlusSources = PlusSources(),
 ) -> RunPlan:
     """A new run in `out_dir` (refused over an existing run unless `overwrite`): the model of `init_from` (a checkpoint
-    or run folder) when given, else the preset shaped by weights/input_size/stages."""
+    or run folder) when given, else the preset shaped by weights/input_size/stages/error_metric."""
     if (out_dir / CHECKPOINT_NAME).exists() and not overwrite:
         raise UserError(
             f"{out_dir} already holds a run; continue it with --resume, or start over with --overwrite or another --out"
@@ -83,7 +84,7 @@ def new_run(
         init_from = str((init_path / CHECKPOINT_NAME if init_path.is_dir() else init_path).resolve())
         model_cfg = ADTRConfig.from_dict(read_checkpoint(init_from)["config"])
     else:
-        model_cfg = get_preset(preset, weights=weights, input_size=input_size, stages=stages)
+        model_cfg = get_preset(preset, weights=weights, input_size=input_size, stages=stages, error_metric=error_metric)
     return RunPlan(cfg, model_cfg, category, plus, init_from)
 
 
