@@ -10,8 +10,9 @@ quality_levers.py --save DIR keeps each trained transformer; this script reloads
               longer drowns the channels it reconstructs closely
 - whiten-val: the same with the RMS from the held-out calibration images (never trained on)
 - center:     whiten, with the residual's per-channel mean on the training images subtracted first
-- mahaS:       Mahalanobis norm of the residual under its full channel covariance on the training images (S times the mean
-              variance added to its diagonal; 0.01 without S): correlated channels count once
+- mahaS:       the model's error_metric "mahalanobis" (ADTR.token_errors): the residual's norm under its mean and full
+              channel covariance on the training images, S times the mean variance added to the diagonal (error_shrink;
+              0.001 without S, the default): correlated channels count once
 - featmahaS:  reference without the transformer: the same Mahalanobis norm of the features themselves
 - ...+poolK:  image score = max of the map average-pooled with a K x K window (default: the config's score_pool)
 - ...+blurS:  Gaussian smoothing of the map with sigma S pixels
@@ -64,7 +65,7 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
     from adtr_deploy.train.trainer import split_validation
 
     state = torch.load(path, map_location="cpu")
-    cfg = ADTRConfig.from_dict(state["config"])
+    cfg = ADTRConfig.from_dict({**state["config"], "error_metric": "mahalanobis"})  # buffers for the maha rows
     torch.manual_seed(0)
     model = ADTR(cfg).eval()
     model.transformer.load_state_dict(state["transformer"])
@@ -84,7 +85,7 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
 
     def gaussian(x):  # per-channel mean and channel covariance over every token of x (N, C, h, w)
         flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
-        return flat.mean(dim=0), torch.cov(flat.T)
+        return flat.mean(dim=0), torch.cov(flat.T, correction=0)
 
     def mahalanobis(x, stats, shrink: float):  # (N, C, h, w) -> (N, 1, h, w) under (cov + shrink * mean var * I)
         mean, cov = stats
@@ -108,10 +109,12 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
                 blur = float(m[4:])
             else:
                 raise SystemExit(f"unknown scoring modifier {m!r} in {text!r}")
-        if base.startswith("maha"):
-            err = mahalanobis(r_test, residual_stats, float(base[4:] or 0.01))
+        if base.startswith("maha"):  # the model's own code: ADTR.set_error_statistics + token_errors
+            model.cfg = cfg.replace(error_metric="mahalanobis", error_shrink=float(base[4:] or 0.001))
+            model.set_error_statistics(*residual_stats)
+            err = model.token_errors(r_test, torch.zeros_like(r_test))
         elif base.startswith("featmaha"):  # no transformer: the features' own Gaussian (PaDiM without positions)
-            err = mahalanobis(f_test, feature_stats, float(base[8:] or 0.01))
+            err = mahalanobis(f_test, feature_stats, float(base[8:] or 0.001))
         elif base == "center":
             z = (r_test - residual_stats[0].float().view(1, -1, 1, 1)) / scales["whiten"].view(1, -1, 1, 1)
             err = torch.linalg.vector_norm(z, dim=1, keepdim=True)

