@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--match", default="", help="only model files whose name contains this")
     ap.add_argument(
         "--scorings",
-        default="raw,std,whiten,whiten-val,center,maha,maha+blur4,whiten+pool8,whiten+pool32,whiten+blur4,raw+blur4",
+        default="raw,raw+blur4,std,whiten,whiten-val,center,whiten+pool8,whiten+pool32,maha0.0001,maha,maha0.01,maha0.1,"
+        "maha+blur4,maha+pool32,featmaha",
+        help="comma-separated scorings (see the module docstring); maha is the default model's",
     )
     ap.add_argument("--out", default=str(HERE / "results" / "scoring_levers.json"))
     ap.add_argument("--threads", type=int, default=2)
