@@ -84,8 +84,9 @@ def _describe(result) -> list[str]:
     default="fp32",
     show_default=True,
     help="fp16: ONNX and TensorRT; int8: static Q/DQ calibrated on good training images, ONNX and TensorRT; "
-    "int8-dynamic: int8 transformer weights, no calibration, ONNX only. LayerNorm, Softmax, the L2 map and the score "
-    "stay fp32; uint8 in, fp32 out.",
+    "int8-dynamic: int8 transformer weights, no calibration, ONNX only. LayerNorm, Softmax, the error map and the score "
+    "stay fp32; uint8 in, fp32 out. An INT8 export that fails verification is retried with the first 50%, then 75%, "
+    "of the quantizable ops in fp32 (docs/lowprec.md).",
 )
 @click.option(
     "--calib-images",
