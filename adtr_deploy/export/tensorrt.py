@@ -150,14 +150,50 @@ def environment(device: str | int = 0) -> dict[str, Any]:
 # --- building --------------------------------------------------------------------------------------------------------
 
 
+def _whitening_layers(trt, network) -> set[str]:
+    """Names of the Mahalanobis error's layers (model/adtr.py token_errors, fp16.is_residual_whitening): a convolution
+    whose input is a difference, and the differences (SUB) that feed it."""
+    producers = {}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            producers[layer.get_output(j).name] = layer
+
+    def sub(layer) -> bool:  # ILayer -> IElementWiseLayer to read its operation (the documented downcast)
+        if layer is None or layer.type != trt.LayerType.ELEMENTWISE:
+            return False
+        layer.__class__ = trt.IElementWiseLayer
+        return layer.op == trt.ElementWiseOperation.SUB
+
+    def producer(layer):  # the layer that computes `layer`'s first input, if any
+        tensor = layer.get_input(0) if layer.num_inputs else None
+        return producers.get(tensor.name) if tensor is not None else None
+
+    names: set[str] = set()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type != trt.LayerType.CONVOLUTION:
+            continue
+        prev = producer(layer)
+        if sub(prev):
+            names |= {layer.name, prev.name}
+            first = producer(prev)  # features - reconstruction, before the mean is taken off
+            if sub(first):
+                names.add(first.name)
+    return names
+
+
 def _pin_fragile_layers(trt, network) -> int:
-    """Weak typing only: ask for FP32 on normalization, softmax, reductions, sqrt, pooling and resize layers."""
+    """Weak typing only: ask for FP32 on normalization, softmax, reductions, sqrt, pooling and resize layers, and on
+    the Mahalanobis whitening (it magnifies the residual's rounding)."""
     types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES if hasattr(trt.LayerType, name)}
+    whitening = _whitening_layers(trt, network)
     pinned = 0
     floats = (trt.float32, trt.float16)
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type in types and all(layer.get_output(j).dtype in floats for j in range(layer.num_outputs)):
+        fragile = layer.type in types or layer.name in whitening
+        if fragile and all(layer.get_output(j).dtype in floats for j in range(layer.num_outputs)):
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
