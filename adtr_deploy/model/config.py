@@ -36,12 +36,11 @@ class ADTRConfig:
     dim_feedforward: int = 1024
     dropout: float = 0.1
     # How the per-token reconstruction error is measured: "l2" in the backbone's units (the paper's), or "mahalanobis":
-    # the residual whitened by its own mean and channel covariance on the training images (fitted after training,
-    # model.fit_error_metric), so channels the transformer cannot predict on good data stop drowning the rest.
+    # the residual whitened by its own mean and channel covariance on the training images (fitted after training by
+    # train/features.py fit_error_metric), so channels the transformer cannot predict on good data stop drowning the
+    # rest. error_shrink times the mean residual variance is added to the covariance's diagonal.
     error_metric: str = "l2"
-    error_shrink: float = (
-        0.001  # mahalanobis: this times the mean residual variance is added to the covariance diagonal
-    )
+    error_shrink: float = 0.001
     score_pool: int = 16  # image score = max of the map average-pooled with this kernel (stride 1)
     blur_sigma: float = 0.0  # optional Gaussian smoothing of the map; off in the paper
 
