@@ -128,7 +128,10 @@ def markdown(r: dict) -> str:
     lines = [
         "# Scoring levers: one trained transformer's residuals scored several ways, beside the kNN reference",
         "",
-        f"Reproduce: `{r['command']}`",
+        f"Reproduce: `{r['command']}`, on the transformers that",
+        "`python benchmarks/quality_levers.py --threads 1 --data DATA --variants area-1234 --save MODELS` trained and",
+        "saved (add `--set eval` for the second set; the training rows are in quality_levers.md / quality_levers_eval.md).",
+        "The `maha` row is the default model's error (ADTR.token_errors with error_shrink 0.001).",
         "",
         "Each cell: image AUROC / pixel AUROC / PRO in %; then per-defect image AUROC. kNN = nearest training token on the",
         "same features, scored with the model's own map settings.",
