@@ -237,6 +237,8 @@ def markdown(r: dict) -> str:
         "Each cell: ADTR (trained transformer) / kNN (nearest training token on the same features). Image AUROC, pixel",
         "AUROC, PRO (FPR <= 0.3) in %, then per-defect image AUROC (ADTR). `train min` = transformer training on the",
         f"cached features ({r['machine']['cpus']} CPUs, load {r['machine']['loadavg_1m_at_end']:.1f} at the end).",
+        "The `lite0` variants (today's default) score the transformer with the Mahalanobis error, the others with the",
+        "paper's L2 error (the same trained weights scored both ways: scoring_levers.md).",
         "",
     ]
     for cat, rows in r["categories"].items():
