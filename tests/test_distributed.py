@@ -120,6 +120,12 @@ def test_rank_0_calibrates_and_evaluates_with_the_whole_run_recorded(runs):
     assert ckpt["info"]["world_size"] == 2 and ckpt["train_state"]["epoch"] == 2
     ref = torch.load(single, map_location="cpu", weights_only=True)
     assert ckpt["calibration"]["threshold"] == pytest.approx(ref["calibration"]["threshold"], rel=1e-4)
+    # The Mahalanobis error's statistics are summed over both ranks' shards: the same as one process's.
+    assert ckpt["info"]["error_metric"] == ref["info"]["error_metric"]
+    mean_2, mean_1 = ckpt["state_dict"]["error_mean"], ref["state_dict"]["error_mean"]
+    assert float((mean_2 - mean_1).abs().max()) < 1e-4 * max(1.0, float(mean_1.abs().max()))
+    whiten_2, whiten_1 = ckpt["state_dict"]["error_whiten"], ref["state_dict"]["error_whiten"]
+    assert float((whiten_2 - whiten_1).abs().max()) < 1e-3 * float(whiten_1.abs().max())
     metrics = json.loads((plain / "metrics.json").read_text())
     assert metrics["num_images"] == 6
     assert metrics["image_auroc"] == pytest.approx(ref["metrics"]["image_auroc"], abs=1e-6)
