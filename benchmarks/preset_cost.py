@@ -7,6 +7,7 @@ and process CPU milliseconds per image and both as ratios to the previous defaul
 grow while other processes hold the cores, so it is the steadier figure on a shared machine.
 
     python benchmarks/preset_cost.py --presets lite0-classic,lite0 --threads 2
+    python benchmarks/preset_cost.py --presets lite0,lite0+d_model=128+dim_feedforward=512 --out results/transformer_size_cost.json
 
 Writes benchmarks/results/preset_cost.json and .md (or --out).
 """
@@ -22,7 +23,13 @@ from common import command_line, machine, write_result
 HERE = Path(__file__).resolve().parent
 
 
-def session(preset: str, threads: int, **overrides):
+def parse_preset(text: str) -> tuple[str, dict]:
+    """PRESET or PRESET+key=value+... with integer model overrides, e.g. lite0+d_model=128+dim_feedforward=512."""
+    name, *extra = text.split("+")
+    return name, {k: int(v) for k, v in (item.split("=", 1) for item in extra)}
+
+
+def session(preset: str, overrides: dict, threads: int):
     import onnxruntime as ort
     import torch
 
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     from adtr_deploy.bench.timing import TimingPlan, measure_interleaved
 
     presets = [p for p in args.presets.split(",") if p]
-    sessions = {p: session(p, args.threads) for p in presets}
+    sessions = {p: session(*parse_preset(p), args.threads) for p in presets}
     result = {"command": command_line("preset_cost.py", argv), "threads": args.threads, "rows": []}
     rng = np.random.default_rng(0)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
