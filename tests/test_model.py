@@ -117,6 +117,15 @@ def test_paper_preset_matches_the_paper():
     assert model.channels == 720
 
 
+def test_lite0_small_is_lite0_with_a_quarter_size_transformer():
+    lite0, small = get_preset("lite0"), get_preset("lite0-small")
+    assert small.replace(d_model=lite0.d_model, dim_feedforward=lite0.dim_feedforward) == lite0  # tokens, metric alike
+    sizes = [
+        sum(p.numel() for p in ADTR(cfg.replace(pretrained=False)).transformer.parameters()) for cfg in (lite0, small)
+    ]
+    assert sizes[1] < 0.3 * sizes[0]
+
+
 def test_backbone_is_frozen_and_stays_in_eval_mode():
     model = ADTR(get_preset("tiny"))
     model.train()

