@@ -44,3 +44,17 @@ def nearest_training_distance(f_train, f_test):
     bank = f_train.permute(0, 2, 3, 1).reshape(-1, c)
     query = f_test.permute(0, 2, 3, 1).reshape(-1, c)
     return torch.cat([torch.cdist(q, bank).min(dim=1).values for q in query.split(1024)]).reshape(-1, 1, h, w)
+
+
+def gaussian_distance(f_train, f_test, shrink: float = 0.001):
+    """(N, C, h, w) training and test features -> (M, 1, h, w): each test token's Mahalanobis distance to one Gaussian
+    of all training tokens (any position; PaDiM without positions), shrunk as the model's error metric
+    (model/adtr.py whitening). The no-transformer reference of the Mahalanobis error."""
+    import torch
+
+    from adtr_deploy.model.adtr import whitening
+
+    c = f_train.shape[1]
+    x = f_train.permute(0, 2, 3, 1).reshape(-1, c).double()
+    z = (f_test.permute(0, 2, 3, 1).double() - x.mean(dim=0)) @ whitening(torch.cov(x.T, correction=0), shrink)
+    return torch.linalg.vector_norm(z, dim=-1).unsqueeze(1).float()

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import nearest_training_distance
+from common import gaussian_distance, nearest_training_distance
 
 from adtr_deploy.data.datasets import image_loader, open_dataset
 from adtr_deploy.metrics import image_auroc, pixel_auroc
@@ -64,16 +64,6 @@ def feats(S, st, grid, resize, agg):
             f = F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=True)
         fs.append(f)
     return fs
-
-
-def gaussian_distance(A, B, shrink=0.001):
-    """Each test token's Mahalanobis distance to the Gaussian of all training tokens (any position)."""
-    c = A.shape[1]
-    x = A.permute(0, 2, 3, 1).reshape(-1, c).double()
-    mu, cov = x.mean(0), torch.cov(x.T, correction=0)
-    evals, evecs = torch.linalg.eigh(cov + shrink * cov.diagonal().mean() * torch.eye(c, dtype=cov.dtype))
-    z = (B.permute(0, 2, 3, 1).double() - mu) @ ((evecs * evals.rsqrt()) @ evecs.T)
-    return z.norm(dim=-1).unsqueeze(1).float()
 
 
 def run(st, stride, resize, agg, norm, blur, pool):

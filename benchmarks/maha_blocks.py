@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import gaussian_distance
 
 from adtr_deploy.data.datasets import image_loader, open_dataset
 from adtr_deploy.metrics import image_auroc, pixel_auroc
@@ -33,13 +34,9 @@ labels = np.array([s.label for s in data.test])
 masks = np.stack([load_mask(s.mask, (224, 224)) for s in data.test]).astype(bool)
 
 
-def maha2(A, B, sl, shrink=1e-3):
-    a = A[:, sl].permute(0, 2, 3, 1).reshape(-1, sl.stop - sl.start).double()
-    c = a.shape[1]
-    mu, cov = a.mean(0), torch.cov(a.T, correction=0)
-    ev, V = torch.linalg.eigh(cov + shrink * cov.diagonal().mean() * torch.eye(c, dtype=cov.dtype))
-    z = (B[:, sl].permute(0, 2, 3, 1).double() - mu) @ ((V * ev.rsqrt()) @ V.T)
-    return (z**2).sum(-1), c
+def maha2(A, B, sl):
+    """Squared distance of B's tokens to the Gaussian of A's over the channel block `sl`, and the block's width."""
+    return gaussian_distance(A[:, sl], B[:, sl])[:, 0].double() ** 2, sl.stop - sl.start
 
 
 def score(d):

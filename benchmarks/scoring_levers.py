@@ -26,7 +26,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import command_line, machine, nearest_training_distance, write_result
+from common import command_line, gaussian_distance, machine, nearest_training_distance, write_result
 from quality_levers import _features, _metrics, _pct
 
 HERE = Path(__file__).resolve().parent
@@ -83,19 +83,8 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
         "whiten-val": r_val.pow(2).mean(dim=(0, 2, 3)).sqrt(),
     }
 
-    def gaussian(x):  # per-channel mean and channel covariance over every token of x (N, C, h, w)
-        flat = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double()
-        return flat.mean(dim=0), torch.cov(flat.T, correction=0)
-
-    def mahalanobis(x, stats, shrink: float):  # (N, C, h, w) -> (N, 1, h, w) under (cov + shrink * mean var * I)
-        mean, cov = stats
-        evals, evecs = torch.linalg.eigh(
-            cov + shrink * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
-        )
-        z = (x.permute(0, 2, 3, 1).double() - mean) @ ((evecs * evals.rsqrt()) @ evecs.T)
-        return torch.linalg.vector_norm(z, dim=-1).unsqueeze(1).float()
-
-    residual_stats, feature_stats = gaussian(r_train), gaussian(f_train)
+    flat = r_train.permute(0, 2, 3, 1).reshape(-1, r_train.shape[1]).double()
+    residual_stats = flat.mean(dim=0), torch.cov(flat.T, correction=0)  # as train/features.py fit_error_metric
     knn = nearest_training_distance(f_train, f_test)
     row = {"model": path.stem, "feature_seconds": round(time.perf_counter() - t0, 1), "scorings": {}}
     row["knn"] = _metrics(data.test, *_score(model, knn, cfg.blur_sigma, cfg.score_pool), masks)
@@ -110,11 +99,10 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
             else:
                 raise SystemExit(f"unknown scoring modifier {m!r} in {text!r}")
         if base.startswith("maha"):  # the model's own code: ADTR.set_error_statistics + token_errors
-            model.cfg = cfg.replace(error_metric="mahalanobis", error_shrink=float(base[4:] or 0.001))
-            model.set_error_statistics(*residual_stats)
+            model.set_error_statistics(*residual_stats, shrink=float(base[4:] or 0.001))
             err = model.token_errors(r_test, torch.zeros_like(r_test))
         elif base.startswith("featmaha"):  # no transformer: the features' own Gaussian (PaDiM without positions)
-            err = mahalanobis(f_test, feature_stats, float(base[8:] or 0.001))
+            err = gaussian_distance(f_train, f_test, float(base[8:] or 0.001))
         elif base == "center":
             z = (r_test - residual_stats[0].float().view(1, -1, 1, 1)) / scales["whiten"].view(1, -1, 1, 1)
             err = torch.linalg.vector_norm(z, dim=1, keepdim=True)

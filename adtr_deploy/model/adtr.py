@@ -162,6 +162,17 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return (k[:, None] * k[None, :])[None, None]  # (1, 1, K, K)
 
 
+def whitening(cov: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(C, C) covariance -> the symmetric (cov + shrink * mean variance * I)^(-1/2), float64: multiplying a centred
+    vector by it gives the Mahalanobis norm's coordinates. The shrinkage keeps directions the data never varies in from
+    dominating."""
+    cov = cov.double()
+    cov = (cov + cov.T) / 2 + shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(float(evals.max()) * 1e-12)  # only for a degenerate fit (all-zero residuals)
+    return (evecs * evals.rsqrt()) @ evecs.T
+
+
 def area_kernels(cfg: ADTRConfig) -> dict[int, tuple[int, int]]:
     """Stage -> the (kh, kw) average-pooling window that takes it to the token grid, for cfg.resize == "area".
 
@@ -253,18 +264,15 @@ class ADTR(nn.Module):
         return torch.sqrt(torch.sum(residual**2, dim=1, keepdim=True))
 
     @torch.no_grad()
-    def set_error_statistics(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+    def set_error_statistics(self, mean: torch.Tensor, cov: torch.Tensor, shrink: float | None = None) -> None:
         """Whitening for cfg.error_metric "mahalanobis" from the residual's per-channel mean (C,) and channel covariance
-        (C, C) on good images: (cov + shrink * mean variance * I)^(-1/2), symmetric. The shrinkage keeps directions the
-        training images never vary in from dominating the error."""
+        (C, C) on good images (`whitening`, with cfg.error_shrink unless `shrink` is given: benchmarks sweep it)."""
         if self.error_whiten is None:
             raise ValueError(f"error_metric is {self.cfg.error_metric!r}; only 'mahalanobis' has error statistics")
-        cov = cov.double()
-        cov = (cov + cov.T) / 2 + self.cfg.error_shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
-        evals, evecs = torch.linalg.eigh(cov)
-        evals = evals.clamp_min(float(evals.max()) * 1e-12)  # only for a degenerate fit (all-zero residuals)
         self.error_mean.copy_(mean.to(self.error_mean))
-        self.error_whiten.copy_(((evecs * evals.rsqrt()) @ evecs.T).to(self.error_whiten))
+        self.error_whiten.copy_(
+            whitening(cov, self.cfg.error_shrink if shrink is None else shrink).to(self.error_whiten)
+        )
 
     def anomaly_outputs(
         self, features: torch.Tensor, reconstruction: torch.Tensor
