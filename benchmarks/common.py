@@ -58,3 +58,19 @@ def gaussian_distance(f_train, f_test, shrink: float = 0.001):
     x = f_train.permute(0, 2, 3, 1).reshape(-1, c).double()
     z = (f_test.permute(0, 2, 3, 1).double() - x.mean(dim=0)) @ whitening(torch.cov(x.T, correction=0), shrink)
     return torch.linalg.vector_norm(z, dim=-1).unsqueeze(1).float()
+
+
+def standardize_by_ring(d, d_train, inner: int = 3):
+    """(M, 1, h, w) token scores standardized by the mean and std of the training images' scores (N, 1, h, w) in the
+    same ring: tokens at the same distance to the border (0, 1, 2; the interior as one)."""
+    import torch
+
+    h, w = d.shape[-2:]
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ring = torch.minimum(torch.minimum(i, j), torch.minimum(h - 1 - i, w - 1 - j)).clamp(max=inner)
+    out = d.clone()
+    for r in ring.unique():
+        sel = ring == r
+        ref = d_train[..., sel]
+        out[..., sel] = (d[..., sel] - ref.mean()) / (ref.std() + 1e-6)
+    return out

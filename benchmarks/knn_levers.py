@@ -3,9 +3,11 @@ reconstruction model on this backbone separate at all? Used to choose what bench
 
 Each spec on standard input is STAGES:STRIDE:RESIZE:AGG:NORM:BLUR:POOL, e.g. 1234:16:area:1:raw:0:16 =
 stages 1-4 on the stride-16 grid, finer stages averaged (area) or resampled (bilinear), AGG x AGG local averaging of
-each stage first, NORM raw | z (per-channel standardized) | stage (each stage scaled to unit mean token norm) | maha
+each stage first (AGGp: zero-padded at the border, as PatchCore's unfold), NORM raw | z (per-channel standardized) | stage (each stage scaled to unit mean token norm) | maha
 (not kNN: the Mahalanobis distance to one Gaussian of all training tokens, shrink 0.001 as the model's error metric;
-what the trained transformer's Mahalanobis error came within a point or two of on grass and brick), map blur
+what the trained transformer's Mahalanobis error came within a point or two of on grass and brick) | maharing (maha
+standardized per ring of tokens at the same distance to the border by the training tokens' distances, as the model's
+border standardization), map blur
 sigma, image score = max of the POOL x POOL average-pooled map. Backbone lite0 (stages 1-5 computed once).
 
     echo "1234:16:area:1:raw:0:16 123:16:area:1:raw:0:16" | python benchmarks/knn_levers.py grass 224 DEMO_ROOT [BACKBONE]
@@ -19,7 +21,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import gaussian_distance, nearest_training_distance
+from common import gaussian_distance, nearest_training_distance, standardize_by_ring
 
 from adtr_deploy.data.datasets import image_loader, open_dataset
 from adtr_deploy.metrics import image_auroc, pixel_auroc
@@ -52,12 +54,12 @@ masks = np.stack([load_mask(s.mask, (size, size)) for s in data.test]).astype(bo
 defs = sorted({s.defect for s in data.test if s.label})
 
 
-def feats(S, st, grid, resize, agg):
+def feats(S, st, grid, resize, agg, pad=False):
     fs = []
     for i in st:
         f = S[i - 1]
-        if agg > 1:
-            f = F.avg_pool2d(f, agg, 1, agg // 2, count_include_pad=False)
+        if agg > 1:  # AGGp: zero-padded (border tokens shrink toward 0, as PatchCore's unfold does)
+            f = F.avg_pool2d(f, agg, 1, agg // 2, count_include_pad=pad)
         if f.shape[-1] > grid and resize == "area":
             f = F.avg_pool2d(f, f.shape[-1] // grid)
         elif f.shape[-1] != grid:
@@ -68,8 +70,10 @@ def feats(S, st, grid, resize, agg):
 
 def run(st, stride, resize, agg, norm, blur, pool):
     grid = size // stride
-    a = feats(tr, st, grid, resize, agg)
-    b = feats(te, st, grid, resize, agg)
+    pad = agg.endswith("p")
+    agg = int(agg.rstrip("p"))
+    a = feats(tr, st, grid, resize, agg, pad)
+    b = feats(te, st, grid, resize, agg, pad)
     if norm == "z":
         A = torch.cat(a, 1)
         mu = A.mean((0, 2, 3), keepdim=True)
@@ -83,8 +87,10 @@ def run(st, stride, resize, agg, norm, blur, pool):
     else:
         A = torch.cat(a, 1)
         B = torch.cat(b, 1)
-    if norm == "maha":
+    if norm.startswith("maha"):
         d = gaussian_distance(A, B)
+        if norm == "maharing":  # standardized per distance to the border by the training tokens' own distances
+            d = standardize_by_ring(d, gaussian_distance(A, A))
     else:
         d = nearest_training_distance(A, B)
     amap = F.interpolate(d, size=(size, size), mode="bilinear", align_corners=True)
@@ -98,7 +104,7 @@ def run(st, stride, resize, agg, norm, blur, pool):
         sel = np.array([not s.label or s.defect == dd for s in data.test])
         pd.append(f"{dd[:3]} {100 * image_auroc(sc[sel], labels[sel]):.0f}")
     print(
-        f"{st} s{stride} {resize} agg{agg} {norm} blur{blur} pool{pool}: img {100 * image_auroc(sc, labels):.1f} px {100 * pixel_auroc(amap.numpy()[:, 0], masks):.1f} | "
+        f"{st} s{stride} {resize} agg{agg}{'p' if pad else ''} {norm} blur{blur} pool{pool}: img {100 * image_auroc(sc, labels):.1f} px {100 * pixel_auroc(amap.numpy()[:, 0], masks):.1f} | "
         + " ".join(pd),
         flush=True,
     )
@@ -106,4 +112,4 @@ def run(st, stride, resize, agg, norm, blur, pool):
 
 for spec in sys.stdin.read().split():
     st, stride, resize, agg, norm, blur, pool = spec.split(":")
-    run(tuple(int(c) for c in st), int(stride), resize, int(agg), norm, float(blur), int(pool))
+    run(tuple(int(c) for c in st), int(stride), resize, agg, norm, float(blur), int(pool))

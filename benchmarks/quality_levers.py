@@ -44,6 +44,18 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "area-1234": ({"resize": "area", "stages": (1, 2, 3, 4)}, {}),
     # today's default lite0: area-1234 with the Mahalanobis reconstruction error (benchmarks/scoring_levers.py)
     "lite0": ({"resize": "area", "stages": (1, 2, 3, 4), "error_metric": "mahalanobis"}, {}),
+    # lite0 with 3x3 zero-padded local averaging and border standardization of the error (the default since then)
+    "lite0-agg3z-ring3": (
+        {
+            "resize": "area",
+            "stages": (1, 2, 3, 4),
+            "error_metric": "mahalanobis",
+            "aggregate": 3,
+            "aggregate_padding": "zeros",
+            "border_rings": 3,
+        },
+        {},
+    ),
     "s8": ({"feature_stride": 8}, {}),
     "s8-area": ({"feature_stride": 8, "resize": "area"}, {}),
     "s8-area-agg3-blur4": ({"feature_stride": 8, "resize": "area", "aggregate": 3, "blur_sigma": 4.0}, {}),
@@ -74,7 +86,7 @@ def parse_variant(text: str) -> tuple[str, dict, dict]:
             model_over[key] = (int(value), int(value))
         elif key == "backbone":
             model_over[key] = value
-        elif key in ("resize", "error_metric"):
+        elif key in ("resize", "error_metric", "aggregate_padding"):
             model_over[key] = value
         elif key in ("blur_sigma", "dropout", "error_shrink"):
             model_over[key] = float(value)
@@ -179,7 +191,15 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False, 
     torch.manual_seed(0)
     model = ADTR(get_preset("lite0-classic", **model_over)).eval()
     cfg = model.cfg
-    key = (cfg.backbone, cfg.input_size, cfg.stages, cfg.feature_stride, cfg.resize, cfg.aggregate)  # what features see
+    key = (
+        cfg.backbone,
+        cfg.input_size,
+        cfg.stages,
+        cfg.feature_stride,
+        cfg.resize,
+        cfg.aggregate,
+        cfg.aggregate_padding,
+    )
     t0 = time.perf_counter()
     if key not in feature_cache:
         train_idx, _ = split_validation(data.train, TrainConfig(progress=False))

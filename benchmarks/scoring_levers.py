@@ -16,6 +16,10 @@ quality_levers.py --save DIR keeps each trained transformer; this script reloads
 - featmahaS:  reference without the transformer: the same Mahalanobis norm of the features themselves
 - ...+poolK:  image score = max of the map average-pooled with a K x K window (default: the config's score_pool)
 - ...+blurS:  Gaussian smoothing of the map with sigma S pixels
+- ...+edgeK:  image score over the map without its outer K token rings (a diagnostic: are good images' maxima at
+              the border?); the pixel map is unchanged
+- ...+ring / +pos: each token's error standardized by the mean and std of the training images' errors at the same
+              distance to the border (ring: outer rings 0, 1, 2 and the interior) or the same position (pos)
 
     python benchmarks/scoring_levers.py --data /tmp/demo --models /tmp/q13/models --out benchmarks/results/scoring_levers.json
 """
@@ -39,7 +43,28 @@ def _residuals(model, feats):
         return torch.cat([f - model.reconstruct(f) for f in feats.split(8)])
 
 
-def _score(model, err, blur: float, pool: int):
+def _rings(h: int, w: int, inner: int = 3):
+    """(h, w) index of each token's distance to the border, the interior (>= inner) as one ring."""
+    import torch
+
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.minimum(torch.minimum(i, j), torch.minimum(h - 1 - i, w - 1 - j)).clamp(max=inner)
+
+
+def _standardize(err, err_train, by: str):
+    """Token errors standardized by the training images' errors at the same ring or position."""
+    if by == "pos":
+        return (err - err_train.mean(dim=0)) / (err_train.std(dim=0) + 1e-6)
+    ring = _rings(*err.shape[-2:])
+    out = err.clone()
+    for r in ring.unique():
+        sel = ring == r
+        ref = err_train[..., sel]
+        out[..., sel] = (err[..., sel] - ref.mean()) / (ref.std() + 1e-6)
+    return out
+
+
+def _score(model, err, blur: float, pool: int, edge: int = 0):
     """(N, 1, h, w) token errors -> map (N, H, W) and image score, as ADTR.map_and_score with blur/pool overridden."""
     import torch.nn.functional as F
 
@@ -50,7 +75,11 @@ def _score(model, err, blur: float, pool: int):
         k = gaussian_kernel(blur)
         pad = k.shape[-1] // 2
         amap = F.conv2d(F.pad(amap, (pad, pad, pad, pad), mode="replicate"), k)
-    score = F.avg_pool2d(amap, pool, stride=1).amax(dim=(1, 2, 3))
+    pooled = F.avg_pool2d(amap, pool, stride=1)
+    if edge:
+        cut = edge * model.cfg.input_size[0] // err.shape[-2]
+        pooled = pooled[..., cut:-cut, cut:-cut]
+    score = pooled.amax(dim=(1, 2, 3))
     return amap[:, 0].numpy(), score.numpy()
 
 
@@ -90,17 +119,22 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
     row["knn"] = _metrics(data.test, *_score(model, knn, cfg.blur_sigma, cfg.score_pool), masks)
     for text in scorings:
         base, *mods = text.split("+")
-        blur, pool = cfg.blur_sigma, cfg.score_pool
+        blur, pool, edge, standardize = cfg.blur_sigma, cfg.score_pool, 0, None
         for m in mods:
             if m.startswith("pool"):
                 pool = int(m[4:])
             elif m.startswith("blur"):
                 blur = float(m[4:])
+            elif m.startswith("edge"):
+                edge = int(m[4:])
+            elif m in ("ring", "pos"):
+                standardize = m
             else:
                 raise SystemExit(f"unknown scoring modifier {m!r} in {text!r}")
         if base.startswith("maha"):  # the model's own code: ADTR.set_error_statistics + token_errors
             model.set_error_statistics(*residual_stats, shrink=float(base[4:] or 0.001))
             err = model.token_errors(r_test, torch.zeros_like(r_test))
+            err_train = model.token_errors(r_train, torch.zeros_like(r_train))
         elif base.startswith("featmaha"):  # no transformer: the features' own Gaussian (PaDiM without positions)
             err = gaussian_distance(f_train, f_test, float(base[8:] or 0.001))
         elif base == "center":
@@ -108,7 +142,11 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
             err = torch.linalg.vector_norm(z, dim=1, keepdim=True)
         else:
             err = torch.linalg.vector_norm(r_test / scales[base].view(1, -1, 1, 1), dim=1, keepdim=True)
-        row["scorings"][text] = _metrics(data.test, *_score(model, err, blur, pool), masks)
+        if standardize:
+            if not base.startswith("maha"):
+                raise SystemExit(f"+{standardize} is defined for the maha scorings only, not {text!r}")
+            err = _standardize(err, err_train, standardize)
+        row["scorings"][text] = _metrics(data.test, *_score(model, err, blur, pool, edge), masks)
     return row
 
 

@@ -27,6 +27,8 @@ from adtr_deploy.model.checkpoint import save_checkpoint
 from adtr_deploy.preprocess import load_image
 from adtr_deploy.runtime.backends import open_model
 from adtr_deploy.spec import METADATA_KEY, ModelSpec
+from adtr_deploy.train.config import TrainConfig
+from adtr_deploy.train.features import TrainingSet, fit_error_metric
 from tests.conftest import texture_images
 
 ort = pytest.importorskip("onnxruntime")
@@ -60,13 +62,12 @@ def image_files(work) -> list[Path]:
 @pytest.fixture(scope="module")
 def model() -> ADTR:
     """The tiny preset with its Mahalanobis error fitted to its residuals on other photographs (as training does), so
-    every export carries a real whitening."""
+    every export carries a real whitening and border standardization."""
     torch.manual_seed(0)
     m = ADTR(get_preset("tiny")).eval()
     with torch.no_grad():
         f = m.forward_features(torch.from_numpy(texture_images(8, 64, seed=1)))
-        r = (f - m.reconstruct(f)).permute(0, 2, 3, 1).reshape(-1, m.channels).double()
-    m.set_error_statistics(r.mean(dim=0), torch.cov(r.T, correction=0))
+    fit_error_metric(m, TrainingSet([], [], f), TrainConfig(progress=False), torch.device("cpu"))  # and the border
     return m
 
 

@@ -148,7 +148,7 @@ def test_chosen_stages_set_the_channel_count():
 def test_area_tokens_average_each_grid_cell_and_coarser_stages_are_upsampled():
     """resize="area": a finer stage's token is the mean of its grid cell (not a sample of it); stage 4 is the grid."""
     torch.manual_seed(0)
-    cfg = get_preset("tiny", input_size=(64, 64))  # grid 4x4; stages 1-4 at 32, 16, 8, 4 pixels
+    cfg = get_preset("tiny", input_size=(64, 64), aggregate=1)  # grid 4x4; stages 1-4 at 32, 16, 8, 4 pixels
     model = ADTR(cfg).eval()
     x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.no_grad():
@@ -164,6 +164,60 @@ def test_area_tokens_average_each_grid_cell_and_coarser_stages_are_upsampled():
     bilinear.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert not torch.allclose(bilinear.eval().forward_features(x), feats, atol=1e-3)
+
+
+def test_zero_padded_aggregation_averages_each_neighbourhood_counting_the_padding():
+    """aggregate=3: each stage position becomes the mean of its 3x3 neighbourhood; with aggregate_padding "zeros" the
+    positions outside the image count as zeros (border features shrink), with "inside" they are left out."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", aggregate=3, aggregate_padding="zeros")
+    zeros, inside = ADTR(cfg).eval(), ADTR(cfg.replace(aggregate_padding="inside")).eval()
+    f = torch.rand(1, 2, 5, 5) + 1.0
+    by_hand = torch.nn.functional.pad(f, (1, 1, 1, 1)).unfold(2, 3, 1).unfold(3, 3, 1).sum(dim=(-1, -2)) / 9
+    torch.testing.assert_close(zeros._aggregate(f), by_hand)
+    assert torch.allclose(inside._aggregate(f)[..., 1:-1, 1:-1], by_hand[..., 1:-1, 1:-1])
+    torch.testing.assert_close(inside._aggregate(f)[..., 0, 0], f[..., :2, :2].mean(dim=(-1, -2)))
+    with pytest.raises(Exception, match="aggregate_padding"):
+        cfg.replace(aggregate_padding="reflect")
+
+
+def test_border_standardization_maps_each_rings_error_onto_the_interiors():
+    from adtr_deploy.model.adtr import token_rings
+    from adtr_deploy.train.config import TrainConfig
+    from adtr_deploy.train.features import TrainingSet, fit_error_metric
+
+    assert token_rings((5, 6), 3).tolist() == [
+        [0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 1, 1, 0],
+        [0, 1, 2, 2, 1, 0],
+        [0, 1, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0],
+    ]
+    torch.manual_seed(0)
+    model = ADTR(get_preset("tiny", input_size=(128, 128), border_rings=3)).eval()  # 8x8 grid: rings 0-2, interior
+    x = torch.from_numpy(texture_images(6, 128))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        raw = model.token_errors(feats, model.reconstruct(feats))  # not fitted yet: unchanged
+        info = fit_error_metric(model, TrainingSet([], [], feats), TrainConfig(progress=False), torch.device("cpu"))
+        fitted = model.token_errors(feats, model.reconstruct(feats))
+        unstandardized = model.token_errors(feats, model.reconstruct(feats), border=False)
+    ring = token_rings(model.cfg.grid, 3)
+    means = [float(fitted[..., ring == r].mean()) for r in range(4)]
+    stds = [float(fitted[..., ring == r].std(unbiased=False)) for r in range(4)]
+    raw_means = [float(unstandardized[..., ring == r].mean()) for r in range(4)]
+    assert info["border_rings"] == 3 and len(info["ring_mean"]) == 4
+    np.testing.assert_allclose(info["ring_mean"], raw_means, rtol=1e-3)
+    np.testing.assert_allclose(means, means[3], rtol=1e-4)  # every ring now has the interior's mean and std
+    np.testing.assert_allclose(stds, stds[3], rtol=1e-3)
+    assert max(raw_means) - min(raw_means) > 0.01 * raw_means[3]  # it had something to do
+    assert torch.equal(fitted[..., ring == 3], unstandardized[..., ring == 3])  # the interior is untouched
+    assert not torch.equal(raw, fitted)
+    # the paper's model keeps no border statistics
+    paper_like = ADTR(get_preset("tiny", border_rings=0))
+    assert "error_gain" not in paper_like.state_dict() and get_preset("paper").border_rings == 0
+    with pytest.raises(ValueError, match="border_rings is 0"):
+        paper_like.set_border_statistics(torch.ones(4), torch.ones(4))
 
 
 def _upsample_align_corners(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:

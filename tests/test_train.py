@@ -68,11 +68,15 @@ def test_training_fits_the_mahalanobis_error_to_the_training_residuals(run, mvte
     assert model.cfg.error_metric == "mahalanobis"
     trained = ckpt["train_state"]["data_order"]["train"]
     h, w = model.cfg.grid
-    assert ckpt["info"]["error_metric"] == {
+    fitted = ckpt["info"]["error_metric"]
+    assert {k: fitted[k] for k in ("error_metric", "tokens", "shrink", "border_rings")} == {
         "error_metric": "mahalanobis",
         "tokens": len(trained) * h * w,
         "shrink": 0.001,
+        "border_rings": model.cfg.border_rings,
     }
+    # the border standardization was fitted too: the 4x4 grid's outer ring is mapped onto its 2x2 interior
+    assert len(fitted["ring_mean"]) == 2 and not torch.all(model.error_gain == 1)
     # Recompute the residuals of the training images by hand: the fitted mean is theirs, and the whitened residuals
     # have (about) zero mean and a covariance no larger than the identity (the shrinkage only lowers it).
     images = torch.from_numpy(
@@ -237,7 +241,8 @@ def test_cli_input_size_and_stages_shape_the_model_and_bad_values_get_one_senten
     assert paper_error.exit_code == 0, paper_error.output
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["error_metric"] == "l2" and "error_whiten" not in ckpt["state_dict"]
-    assert "error_metric" not in ckpt["info"]
+    fitted = ckpt["info"]["error_metric"]  # no whitening statistics; the border standardization stays (its own field)
+    assert fitted["error_metric"] == "l2" and "tokens" not in fitted and fitted["border_rings"] == 3
     bad_values = (("--input-size", "big"), ("--input-size", "16"), ("--stages", "0,6"), ("--stages", "a"))
     for opt, bad in (*bad_values, ("--error-metric", "cosine")):
         res = CliRunner().invoke(train_command, [*base, "--overwrite", opt, bad])

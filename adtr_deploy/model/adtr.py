@@ -173,6 +173,14 @@ def whitening(cov: torch.Tensor, shrink: float) -> torch.Tensor:
     return (evecs * evals.rsqrt()) @ evecs.T
 
 
+def token_rings(grid: tuple[int, int], rings: int) -> torch.Tensor:
+    """(h, w) ring index of each token: its distance to the nearest edge of the grid, capped at `rings` (the interior)."""
+    h, w = grid
+    i = torch.arange(h).view(-1, 1)
+    j = torch.arange(w).view(1, -1)
+    return torch.minimum(torch.minimum(i, h - 1 - i), torch.minimum(j, w - 1 - j)).clamp(max=rings)
+
+
 def area_kernels(cfg: ADTRConfig) -> dict[int, tuple[int, int]]:
     """Stage -> the (kh, kw) average-pooling window that takes it to the token grid, for cfg.resize == "area".
 
@@ -217,6 +225,11 @@ class ADTR(nn.Module):
             self.register_buffer("error_whiten", torch.eye(self.channels))
         else:
             self.error_mean = self.error_whiten = None
+        if cfg.border_rings > 0:  # identity until fit_error_metric
+            self.register_buffer("error_gain", torch.ones(1, 1, *cfg.grid))
+            self.register_buffer("error_offset", torch.zeros(1, 1, *cfg.grid))
+        else:
+            self.error_gain = self.error_offset = None
         if cfg.blur_sigma > 0:
             self.register_buffer("blur_kernel", gaussian_kernel(cfg.blur_sigma), persistent=False)
         else:
@@ -240,7 +253,8 @@ class ADTR(nn.Module):
         k = self.cfg.aggregate
         if k == 1:
             return f
-        return F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
+        zeros = self.cfg.aggregate_padding == "zeros"
+        return F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=zeros)
 
     def _to_grid(self, f: torch.Tensor, stage: int) -> torch.Tensor:
         """One stage's (N, c, H', W') output on the token grid (N, c, h, w)."""
@@ -255,13 +269,30 @@ class ADTR(nn.Module):
         rec = self.transformer(tokens)  # (N, hw, C)
         return rec.transpose(1, 2).unflatten(2, self.cfg.grid)  # (N, C, h, w)
 
-    def token_errors(self, features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    def token_errors(self, features: torch.Tensor, reconstruction: torch.Tensor, border: bool = True) -> torch.Tensor:
         """(N, C, h, w) features and reconstruction -> (N, 1, h, w) reconstruction error per token: the L2 norm of the
-        residual, whitened first under cfg.error_metric "mahalanobis"."""
+        residual, whitened first under cfg.error_metric "mahalanobis", then border-standardized (cfg.border_rings;
+        `border=False` skips that, for fitting it)."""
         residual = features - reconstruction
         if self.error_whiten is not None:  # a 1x1 convolution: every exporter and TensorRT handle it natively
             residual = F.conv2d(residual - self.error_mean.view(1, -1, 1, 1), self.error_whiten[:, :, None, None])
-        return torch.sqrt(torch.sum(residual**2, dim=1, keepdim=True))
+        err = torch.sqrt(torch.sum(residual**2, dim=1, keepdim=True))
+        if border and self.error_gain is not None:
+            err = err * self.error_gain + self.error_offset
+        return err
+
+    @torch.no_grad()
+    def set_border_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Border standardization (cfg.border_rings) from each ring's error mean and std on good images, (rings + 1,)
+        each, ring 0 the outermost: ring r's errors are mapped onto the innermost ring's mean and std."""
+        if self.error_gain is None:
+            raise ValueError("border_rings is 0; there is no border standardization to set")
+        ring = token_rings(self.cfg.grid, self.cfg.border_rings)
+        ref = int(ring.max())
+        gain = std[ref] / std.clamp(min=1e-12)
+        offset = mean[ref] - mean * gain
+        self.error_gain.copy_(gain[ring].view_as(self.error_gain).to(self.error_gain))
+        self.error_offset.copy_(offset[ring].view_as(self.error_offset).to(self.error_offset))
 
     @torch.no_grad()
     def set_error_statistics(self, mean: torch.Tensor, cov: torch.Tensor, shrink: float | None = None) -> None:

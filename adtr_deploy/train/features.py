@@ -10,7 +10,7 @@ import torch
 from adtr_deploy.data.datasets import image_loader
 from adtr_deploy.data.mvtec import Sample
 from adtr_deploy.errors import UserError
-from adtr_deploy.model.adtr import ADTR
+from adtr_deploy.model.adtr import ADTR, token_rings
 from adtr_deploy.train import distributed
 from adtr_deploy.train.config import TrainConfig
 
@@ -118,38 +118,70 @@ def training_set(
 
 @torch.no_grad()
 def fit_error_metric(model: ADTR, training: TrainingSet, cfg: TrainConfig, device: torch.device) -> dict | None:
-    """After training, for cfg.error_metric "mahalanobis": the residual's mean and channel covariance over every token
-    of the training images (this process's shard, summed over ranks) set the model's error whitening
-    (ADTR.set_error_statistics). Returns what was fitted for the checkpoint's info; None for the L2 metric.
+    """After training, what the map's error needs from good images, summed over DDP ranks (this process's shard):
+
+    - cfg.error_metric "mahalanobis": the residual's mean and channel covariance over every token of the training
+      images set the model's error whitening (ADTR.set_error_statistics);
+    - cfg.border_rings > 0: then, each border ring's error mean and std (ADTR.set_border_statistics), a second pass
+      because the errors depend on the whitening just fitted.
 
     From the cached features when there are some, else from the good training images (ADTR+ trains on a dataset of
-    synthetic anomalies; the metric describes good images only). In eval mode: dropout off, as at inference.
+    synthetic anomalies; the statistics describe good images only). In eval mode: dropout off, as at inference.
+    Returns what was fitted for the checkpoint's info; None when there is nothing to fit (the paper's L2, no rings).
     """
-    if model.cfg.error_metric != "mahalanobis":
+    mcfg = model.cfg
+    if mcfg.error_metric != "mahalanobis" and mcfg.border_rings == 0:
         return None
-    c = model.channels
-    sums = torch.zeros(c + c * c + 1, dtype=torch.float64, device=device)  # sum r, sum r r^T, token count
     was_training = model.training
     model.eval()
 
-    def add(f: torch.Tensor) -> None:
-        r = (f.float() - model.reconstruct(f.float())).permute(0, 2, 3, 1).reshape(-1, c).double()
-        sums[:c] += r.sum(dim=0)
-        sums[c:-1] += (r.T @ r).flatten()
-        sums[-1] += r.shape[0]
-
-    if training.cache is not None:
-        for part in training.cache.split(cfg.eval_batch_size):
-            add(part)
-    else:
-        loader = image_loader(training.shard, model.cfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
+    def feature_batches():
+        if training.cache is not None:
+            yield from (part.float() for part in training.cache.split(cfg.eval_batch_size))
+            return
+        loader = image_loader(training.shard, mcfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
         for batch in loader:
-            add(model.forward_features(batch["image"].to(device)))
-    if distributed.world().distributed:
-        torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+            yield model.forward_features(batch["image"].to(device))
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        if distributed.world().distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    info: dict = {"error_metric": mcfg.error_metric}
+    if mcfg.error_metric == "mahalanobis":
+        c = model.channels
+        sums = torch.zeros(c + c * c + 1, dtype=torch.float64, device=device)  # sum r, sum r r^T, token count
+        for f in feature_batches():
+            r = (f - model.reconstruct(f)).permute(0, 2, 3, 1).reshape(-1, c).double()
+            sums[:c] += r.sum(dim=0)
+            sums[c:-1] += (r.T @ r).flatten()
+            sums[-1] += r.shape[0]
+        all_reduce(sums)
+        n = float(sums[-1])
+        mean = sums[:c] / n
+        cov = sums[c:-1].view(c, c) / n - torch.outer(mean, mean)
+        model.set_error_statistics(mean.cpu(), cov.cpu())
+        info.update(tokens=int(n), shrink=mcfg.error_shrink)
+    if mcfg.border_rings > 0:
+        ring = token_rings(mcfg.grid, mcfg.border_rings).to(device).flatten()
+        k = mcfg.border_rings + 1
+        sums = torch.zeros(3, k, dtype=torch.float64, device=device)  # per ring: sum e, sum e^2, token count
+        for f in feature_batches():
+            e = model.token_errors(f, model.reconstruct(f), border=False).flatten(1).double()  # (N, hw)
+            sums[0].index_add_(0, ring, e.sum(dim=0))
+            sums[1].index_add_(0, ring, e.pow(2).sum(dim=0))
+            sums[2].index_add_(0, ring, torch.full_like(e[0], e.shape[0]))
+        all_reduce(sums)
+        count = sums[2].clamp(min=1)
+        mean = sums[0] / count
+        std = (sums[1] / count - mean**2).clamp(min=0).sqrt()
+        model.set_border_statistics(mean.float().cpu(), std.float().cpu())
+        present = sums[2] > 0
+        info.update(
+            border_rings=mcfg.border_rings,
+            ring_mean=[round(float(v), 4) for v in mean[present]],
+            ring_std=[round(float(v), 4) for v in std[present]],
+        )
     model.train(was_training)
-    n = float(sums[-1])
-    mean = sums[:c] / n
-    cov = sums[c:-1].view(c, c) / n - torch.outer(mean, mean)
-    model.set_error_statistics(mean.cpu(), cov.cpu())
-    return {"error_metric": "mahalanobis", "tokens": int(n), "shrink": model.cfg.error_shrink}
+    return info
