@@ -45,6 +45,16 @@ def test_faithful_maps_pass_and_flat_maps_are_judged_by_score_and_decision():
     ok = compare(ref_map, ref_score, noisy, ref_score * 1.01, threshold=thr, **BOUNDS)
     assert ok["passed"], ok["reason"]
     assert ok["map"]["flat_images"] == 1 and ok["map"]["per_image_correlation"][5] is None
+    # flat means: a range under FLAT_FRACTION (15%) of the most structured map's range, whatever the maps' levels
+    faint = ref_map.copy()
+    faint[2, 0] = faint[2, 0].mean() + 0.1 * (faint[2, 0] - faint[2, 0].mean())  # 10% of the others' range: flat
+    faint[4, 0] = faint[4, 0].mean() + 0.2 * (faint[4, 0] - faint[4, 0].mean())  # 20%: a pattern to keep
+    scrambled = faint.copy()
+    for i in (2, 4):
+        scrambled[i, 0] = rng.permutation(faint[i, 0].ravel()).reshape(faint[i, 0].shape)
+    res = compare(faint, ref_score, scrambled, ref_score, threshold=thr, **BOUNDS)
+    assert res["map"]["per_image_correlation"][2] is None and res["map"]["flat_images"] == 2
+    assert not res["passed"] and "on image 4" in res["reason"]
     # a decision flip far from the threshold fails even when every map correlates
     flipped = ref_score.copy()
     far = int(np.argmax(ref_score))

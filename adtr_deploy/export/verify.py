@@ -8,7 +8,8 @@ reference score lies further from the threshold than the tolerance (a flip right
 Low-precision artifacts (FP16 on some paths, INT8) are bounded by map correlation PER IMAGE: pooled over all images,
 the correlation is dominated by the differences between images (one image's map sits higher than another's) and stays
 high even when one image's map is scrambled. An image whose reference map is nearly flat (range below FLAT_FRACTION of
-the range over all images) has no pattern to correlate and is bounded through its score and decision instead.
+the largest range of any one image's map) has no pattern to correlate and is bounded through its score, its decision
+and the pooled correlation instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import numpy as np
 from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import PRECISIONS
 
-FLAT_FRACTION = 0.05  # a map whose own range is below 5% of the range over all images counts as flat
+# A map whose own range is below this fraction of the most structured map's range counts as flat. 0.15: on a trained
+# lite0 with border standardization (demo grass), good images' maps span 10-15% of a defect map's range and their
+# per-image correlation with INT8 measures only noise against texture (0.977 with the encoder FP32, at 0.7 / 0.0
+# points of image / pixel AUROC); every map above 15% correlated at 0.992 or better (docs/lowprec.md).
+FLAT_FRACTION = 0.15
 FULL_BATCH = 8  # every artifact is run at batch 1 and at this batch (or --batch-max when smaller)
 
 
@@ -98,7 +103,7 @@ def compare(
     score_rel = d_score / np.maximum(np.abs(ref_scores), 1e-12)
     result["score"].update(max_rel_to_score=float(score_rel.max()), mean_rel_to_score=float(score_rel.mean()))
     ranges = np.ptp(ref_maps.reshape(len(ref_maps), -1), axis=1) if len(ref_maps) else np.zeros(0)
-    patterned = [i for i, r in enumerate(ranges) if r >= FLAT_FRACTION * scale]
+    patterned = [i for i, r in enumerate(ranges) if r > 0 and r >= FLAT_FRACTION * float(ranges.max())]
     per_image = {i: _pearson(ref_maps[i], maps[i]) for i in patterned}
     scored = {i: c for i, c in per_image.items() if c is not None}
     worst_image = min(scored, key=scored.get) if scored else None
@@ -128,8 +133,9 @@ def compare(
     )
     worst = max(result["map"]["max_rel"], result["score"]["max_rel"])
     corr = result["map"]["min_image_correlation"]
+    pooled = result["map"]["correlation"]
     if corr is None and not patterned:
-        corr = result["map"]["correlation"]  # every map flat: the pooled figure is all there is
+        corr = pooled  # every map flat: the pooled figure is all there is
     if tolerance is not None and worst > tolerance:
         which = "anomaly maps" if result["map"]["max_rel"] >= result["score"]["max_rel"] else "scores"
         result.update(
@@ -143,6 +149,13 @@ def compare(
             passed=False,
             reason=f"the anomaly maps correlate with the PyTorch reference at {shown} on image {worst_image} "
             f"(Pearson per image, the worst of {len(patterned)}), below the bound {min_map_correlation}",
+        )
+    elif min_map_correlation is not None and (pooled is None or pooled < min_map_correlation):
+        shown = "undefined (constant maps)" if pooled is None else f"{pooled:.4f}"
+        result.update(
+            passed=False,
+            reason=f"the anomaly maps correlate with the PyTorch reference at {shown} over all images' pixels, below "
+            f"the bound {min_map_correlation}",
         )
     elif max_score_rel is not None and result["score"]["max_rel_to_score"] > max_score_rel:
         result.update(
