@@ -49,6 +49,11 @@ def _describe(result) -> list[str]:
     bounds = [
         f"max |diff| <= {v['tolerance']:.0e} of the map range" if v.get("tolerance") is not None else None,
         f"map correlation per image >= {v['min_map_correlation']}"
+        + (
+            f" (flagged images; {v['min_unflagged_correlation']} for the others)"
+            if v.get("min_unflagged_correlation") is not None
+            else ""
+        )
         if v.get("min_map_correlation") is not None
         else None,
         f"score error <= {100 * v['max_score_rel']:.0f}%" if v.get("max_score_rel") is not None else None,

@@ -87,6 +87,7 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     "int8": {
         "tolerance": None,
         "min_map_correlation": 0.99,
+        "min_unflagged_correlation": 0.95,
         "max_score_rel": 0.05,
         "onnx_pass": "adtr_deploy.export.quantize:int8_static_pass",
         "calibrated": True,
@@ -96,6 +97,7 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     "int8-dynamic": {
         "tolerance": None,
         "min_map_correlation": 0.99,
+        "min_unflagged_correlation": 0.95,
         "max_score_rel": 0.05,
         "onnx_pass": "adtr_deploy.export.quantize:int8_dynamic_pass",
         "calibrated": False,
