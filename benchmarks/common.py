@@ -62,12 +62,11 @@ def gaussian_distance(f_train, f_test, shrink: float = 0.001):
 
 def standardize_by_ring(d, d_train, inner: int = 3):
     """(M, 1, h, w) token scores standardized by the mean and std of the training images' scores (N, 1, h, w) in the
-    same ring: tokens at the same distance to the border (0, 1, 2; the interior as one)."""
-    import torch
+    same ring: tokens at the same distance to the border (0, 1, 2; the interior as one; model/adtr.py token_rings).
+    The model's border standardization up to one affine map of all tokens, so AUROCs are the same."""
+    from adtr_deploy.model.adtr import token_rings
 
-    h, w = d.shape[-2:]
-    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ring = torch.minimum(torch.minimum(i, j), torch.minimum(h - 1 - i, w - 1 - j)).clamp(max=inner)
+    ring = token_rings(tuple(d.shape[-2:]), inner)
     out = d.clone()
     for r in ring.unique():
         sel = ring == r

@@ -30,7 +30,14 @@ import argparse
 import time
 from pathlib import Path
 
-from common import command_line, gaussian_distance, machine, nearest_training_distance, write_result
+from common import (
+    command_line,
+    gaussian_distance,
+    machine,
+    nearest_training_distance,
+    standardize_by_ring,
+    write_result,
+)
 from quality_levers import _features, _metrics, _pct
 
 HERE = Path(__file__).resolve().parent
@@ -43,25 +50,11 @@ def _residuals(model, feats):
         return torch.cat([f - model.reconstruct(f) for f in feats.split(8)])
 
 
-def _rings(h: int, w: int, inner: int = 3):
-    """(h, w) index of each token's distance to the border, the interior (>= inner) as one ring."""
-    import torch
-
-    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.minimum(torch.minimum(i, j), torch.minimum(h - 1 - i, w - 1 - j)).clamp(max=inner)
-
-
 def _standardize(err, err_train, by: str):
     """Token errors standardized by the training images' errors at the same ring or position."""
     if by == "pos":
         return (err - err_train.mean(dim=0)) / (err_train.std(dim=0) + 1e-6)
-    ring = _rings(*err.shape[-2:])
-    out = err.clone()
-    for r in ring.unique():
-        sel = ring == r
-        ref = err_train[..., sel]
-        out[..., sel] = (err[..., sel] - ref.mean()) / (ref.std() + 1e-6)
-    return out
+    return standardize_by_ring(err, err_train)
 
 
 def _score(model, err, blur: float, pool: int, edge: int = 0):
