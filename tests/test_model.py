@@ -126,6 +126,11 @@ def test_lite0_small_is_lite0_with_a_quarter_size_transformer():
     assert sizes[1] < 0.3 * sizes[0]
 
 
+def test_accurate_is_lite0_at_320_px():
+    lite0, accurate = get_preset("lite0"), get_preset("accurate")
+    assert accurate.replace(input_size=lite0.input_size) == lite0 and accurate.grid == (20, 20)
+
+
 def test_backbone_is_frozen_and_stays_in_eval_mode():
     model = ADTR(get_preset("tiny"))
     model.train()
