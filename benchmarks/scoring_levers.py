@@ -127,7 +127,6 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
         if base.startswith("maha"):  # the model's own code: ADTR.set_error_statistics + token_errors
             model.set_error_statistics(*residual_stats, shrink=float(base[4:] or 0.001))
             err = model.token_errors(r_test, torch.zeros_like(r_test))
-            err_train = model.token_errors(r_train, torch.zeros_like(r_train))
         elif base.startswith("featmaha"):  # no transformer: the features' own Gaussian (PaDiM without positions)
             err = gaussian_distance(f_train, f_test, float(base[8:] or 0.001))
         elif base == "center":
@@ -138,6 +137,7 @@ def run_model(data, path: Path, scorings: list[str]) -> dict:
         if standardize:
             if not base.startswith("maha"):
                 raise SystemExit(f"+{standardize} is defined for the maha scorings only, not {text!r}")
+            err_train = model.token_errors(r_train, torch.zeros_like(r_train))  # under the same statistics
             err = _standardize(err, err_train, standardize)
         row["scorings"][text] = _metrics(data.test, *_score(model, err, blur, pool, edge), masks)
     return row

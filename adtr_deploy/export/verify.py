@@ -110,12 +110,17 @@ def compare(
     per_image = {i: _pearson(ref_maps[i], maps[i]) for i in patterned}
     scored = {i: c for i, c in per_image.items() if c is not None}
     flagged = ref_scores > threshold
-    if min_map_correlation is not None and min_unflagged_correlation is not None:
-        # each image against its own bound: the worst is the one furthest below (or closest above) it
-        bound_of = {i: min_map_correlation if flagged[i] else min_unflagged_correlation for i in scored}
-    else:
-        bound_of = {i: 0.0 for i in scored}
-    worst_image = min(scored, key=lambda i: scored[i] - bound_of[i]) if scored else None
+
+    def bound_of(i: int) -> float | None:
+        """The correlation an image's map must reach: lower for images the reference does not flag, when set."""
+        return (
+            min_unflagged_correlation
+            if min_unflagged_correlation is not None and not flagged[i]
+            else min_map_correlation
+        )
+
+    # the worst image is the one furthest below its own bound (or closest above it)
+    worst_image = min(scored, key=lambda i: scored[i] - (bound_of(i) or 0.0)) if scored else None
     result["map"].update(
         correlation=_pearson(ref_maps, maps),
         min_image_correlation=None if worst_image is None else scored[worst_image],
@@ -141,13 +146,26 @@ def compare(
         decision_noise_band=band,
     )
     worst = max(result["map"]["max_rel"], result["score"]["max_rel"])
-    corr = result["map"]["min_image_correlation"]
-    pooled = result["map"]["correlation"]
-    bound = min_map_correlation
-    if corr is None and not patterned:
-        corr = pooled  # every map flat: the pooled figure is all there is
-    elif worst_image is not None and min_unflagged_correlation is not None and not flagged[worst_image]:
-        bound = min_unflagged_correlation
+    corr, pooled = result["map"]["min_image_correlation"], result["map"]["correlation"]
+    # correlation checks in order, the first failing one is reported: the worst patterned map against its own bound,
+    # then the pool (with every map flat, the pool is all there is)
+    corr_checks = []
+    if min_map_correlation is not None:
+        if patterned:
+            bound = min_map_correlation if worst_image is None else bound_of(worst_image)
+            which = "" if bound == min_map_correlation else ", an image the reference does not flag"
+            where = f"on image {worst_image}{which} (Pearson per image, the worst of {len(patterned)})"
+            corr_checks.append((corr, bound, where, "a constant map"))
+        corr_checks.append((pooled, min_map_correlation, "over all images' pixels", "constant maps"))
+    corr_failure = next(
+        (
+            f"the anomaly maps correlate with the PyTorch reference at "
+            f"{'undefined (' + undefined + ')' if value is None else f'{value:.4f}'} {where}, below the bound {bound}"
+            for value, bound, where, undefined in corr_checks
+            if value is None or value < bound
+        ),
+        None,
+    )
     if tolerance is not None and worst > tolerance:
         which = "anomaly maps" if result["map"]["max_rel"] >= result["score"]["max_rel"] else "scores"
         result.update(
@@ -155,21 +173,8 @@ def compare(
             reason=f"the {which} differ from the PyTorch reference by up to {worst:.2e} of the reference map's "
             f"range (tolerance {tolerance:.0e})",
         )
-    elif min_map_correlation is not None and (corr is None or corr < bound):
-        shown = "undefined (a constant map)" if corr is None else f"{corr:.4f}"
-        which = "" if bound == min_map_correlation else ", an image the reference does not flag"
-        result.update(
-            passed=False,
-            reason=f"the anomaly maps correlate with the PyTorch reference at {shown} on image {worst_image}{which} "
-            f"(Pearson per image, the worst of {len(patterned)}), below the bound {bound}",
-        )
-    elif min_map_correlation is not None and (pooled is None or pooled < min_map_correlation):
-        shown = "undefined (constant maps)" if pooled is None else f"{pooled:.4f}"
-        result.update(
-            passed=False,
-            reason=f"the anomaly maps correlate with the PyTorch reference at {shown} over all images' pixels, below "
-            f"the bound {min_map_correlation}",
-        )
+    elif corr_failure is not None:
+        result.update(passed=False, reason=corr_failure)
     elif max_score_rel is not None and result["score"]["max_rel_to_score"] > max_score_rel:
         result.update(
             passed=False,

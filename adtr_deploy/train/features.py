@@ -122,8 +122,9 @@ def fit_error_metric(model: ADTR, training: TrainingSet, cfg: TrainConfig, devic
 
     - cfg.error_metric "mahalanobis": the residual's mean and channel covariance over every token of the training
       images set the model's error whitening (ADTR.set_error_statistics);
-    - cfg.border_rings > 0: then, each border ring's error mean and std (ADTR.set_border_statistics), a second pass
-      because the errors depend on the whitening just fitted.
+    - cfg.border_rings > 0: then, each border ring's error mean and std (ADTR.set_border_statistics), after the
+      whitening because the errors depend on it. The residuals of the first pass are kept for it (the size of the
+      feature cache), so the backbone and the transformer run once.
 
     From the cached features when there are some, else from the good training images (ADTR+ trains on a dataset of
     synthetic anomalies; the statistics describe good images only). In eval mode: dropout off, as at inference.
@@ -143,17 +144,25 @@ def fit_error_metric(model: ADTR, training: TrainingSet, cfg: TrainConfig, devic
         for batch in loader:
             yield model.forward_features(batch["image"].to(device))
 
+    def residual_batches():
+        for f in feature_batches():
+            yield f - model.reconstruct(f)
+
     def all_reduce(t: torch.Tensor) -> torch.Tensor:
         if distributed.world().distributed:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
 
     info: dict = {"error_metric": mcfg.error_metric}
+    residuals = residual_batches()
     if mcfg.error_metric == "mahalanobis":
         c = model.channels
         sums = torch.zeros(c + c * c + 1, dtype=torch.float64, device=device)  # sum r, sum r r^T, token count
-        for f in feature_batches():
-            r = (f - model.reconstruct(f)).permute(0, 2, 3, 1).reshape(-1, c).double()
+        kept = []
+        for res in residuals:
+            if mcfg.border_rings > 0:
+                kept.append(res)
+            r = res.permute(0, 2, 3, 1).reshape(-1, c).double()
             sums[:c] += r.sum(dim=0)
             sums[c:-1] += (r.T @ r).flatten()
             sums[-1] += r.shape[0]
@@ -163,12 +172,13 @@ def fit_error_metric(model: ADTR, training: TrainingSet, cfg: TrainConfig, devic
         cov = sums[c:-1].view(c, c) / n - torch.outer(mean, mean)
         model.set_error_statistics(mean.cpu(), cov.cpu())
         info.update(tokens=int(n), shrink=mcfg.error_shrink)
+        residuals = iter(kept)
     if mcfg.border_rings > 0:
         ring = token_rings(mcfg.grid, mcfg.border_rings).to(device).flatten()
         k = mcfg.border_rings + 1
         sums = torch.zeros(3, k, dtype=torch.float64, device=device)  # per ring: sum e, sum e^2, token count
-        for f in feature_batches():
-            e = model.token_errors(f, model.reconstruct(f), border=False).flatten(1).double()  # (N, hw)
+        for res in residuals:
+            e = model.token_errors(res, torch.zeros_like(res), border=False).flatten(1).double()  # (N, hw)
             sums[0].index_add_(0, ring, e.sum(dim=0))
             sums[1].index_add_(0, ring, e.pow(2).sum(dim=0))
             sums[2].index_add_(0, ring, torch.full_like(e[0], e.shape[0]))
