@@ -280,3 +280,30 @@ def test_summarize_and_interleaving_count_what_they_ran():
     assert len(samples["a"]) >= 5 and len(samples["b"]) >= 5
     # every call was either a warm-up, the block-length estimate, a pre-block call or a timed one
     assert calls["a"] >= 2 + 1 + len(samples["a"])
+
+
+def test_spinning_both_times_onnx_runtime_with_and_without_spin_waiting_in_one_run(exported, tmp_path):
+    from adtr_deploy.bench import BenchConfig, TimingPlan, run_benchmark
+
+    rep = run_benchmark(
+        BenchConfig(
+            model=exported["onnx"],
+            out=tmp_path,
+            batch_sizes=(1,),
+            backends=("onnxruntime-cpu",),
+            plan=TimingPlan(warmup=1, min_iters=3, min_seconds=0.0),
+            threads=2,
+            spinning="both",
+            pipeline=False,
+            memory=False,
+            images=exported["images"],
+            peak_seconds=0.2,
+        ),
+        log=lambda m: None,
+    )
+    rows = {r["runner"]: r for r in rep["results"]}
+    assert set(rows) == {"onnxruntime-cpu", "onnxruntime-cpu (spinning)"}
+    assert all(r["backend"] == "onnxruntime-cpu" and r["count"] >= 3 and r["p50_ms"] > 0 for r in rows.values())
+    assert rep["settings"]["onnxruntime_spinning"] == "both"
+    # both sessions compute the same model: the agreement section compares them with each other
+    assert "onnxruntime-cpu (spinning)" in (tmp_path / "report.md").read_text()

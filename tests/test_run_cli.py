@@ -215,3 +215,22 @@ def test_ctrl_c_on_a_live_stream_keeps_every_record_and_writes_the_summary_witho
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == "interrupted" and summary["images"] == len(records)
     assert "Stopped by Ctrl-C" in stdout and "torch" not in stderr
+
+
+def test_thread_settings_reach_onnx_runtime_and_do_not_change_the_results(model_path, tmp_path):
+    clip = tmp_path / "line.avi"
+    write_video(clip, 4)
+    base, records, summary = run_cli("--model", model_path, "--source", clip, "--out", tmp_path / "a")
+    spun, spun_records, spun_summary = run_cli(
+        "--model", model_path, "--source", clip, "--out", tmp_path / "b", "--threads", "1", "--spin"
+    )
+    assert base.exit_code == 0 and spun.exit_code == 0, base.output + spun.output
+    assert summary["backend"]["spinning"] is False and summary["backend"]["intra_op_threads"] is None
+    assert spun_summary["backend"]["spinning"] is True and spun_summary["backend"]["intra_op_threads"] == 1
+    assert len(records) == len(spun_records) == 4
+    for a, b in zip(records, spun_records):  # the thread pool changes the speed, never the answer
+        assert b["score"] == pytest.approx(a["score"], rel=TOL, abs=TOL)
+    bad = CliRunner().invoke(
+        command, ["--model", str(model_path), "--source", str(clip), "--out", str(tmp_path / "c"), "--threads", "0"]
+    )
+    assert bad.exit_code != 0 and "--threads" in bad.output and "Traceback" not in bad.output

@@ -31,6 +31,7 @@ class BenchConfig:
     backends: tuple[str, ...] | None = None  # None: every backend available here
     plan: TimingPlan = field(default_factory=TimingPlan)
     threads: int | None = None  # None: physical cores
+    spinning: str = "off"  # onnxruntime-cpu: intra-op spin-waiting "off" (the runtime's default), "on", or "both" rows
     pipeline: bool = True
     images: Path | None = None  # image files for the pipeline and as timing input; None: write demo images
     profile: bool = False
@@ -162,7 +163,13 @@ def _make_runners(
         artifacts[".torchscript"] = made_here
     chosen, skipped = _select_backends(cfg, artifacts)
     descs += [
-        {"kind": "backend", "name": n, "path": str(artifacts[R.BACKEND_CHOICES[n][0]]), "threads": threads}
+        {
+            "kind": "backend",
+            "name": n,
+            "path": str(artifacts[R.BACKEND_CHOICES[n][0]]),
+            "threads": threads,
+            "spinning": cfg.spinning,
+        }
         for n in chosen
     ]
     runners: list[R.Runner] = []
@@ -360,6 +367,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
         "settings": {
             "batch_sizes": list(cfg.batch_sizes),
             "threads": threads,
+            "onnxruntime_spinning": cfg.spinning,
             "warmup": cfg.plan.warmup,
             "min_iters": cfg.plan.min_iters,
             "min_seconds": cfg.plan.min_seconds,

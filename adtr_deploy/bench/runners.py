@@ -211,19 +211,43 @@ def export_torchscript(checkpoint: Path, out_dir: Path) -> Path:
 # Exported-model backends through the runtime
 
 
-def backend_runners(name: str, path: Path, threads: int | None) -> list[Runner]:
-    """Runners for one runtime backend on `path`. Raises BackendError (with the reason) when it cannot run here."""
+SPINNING = (
+    "off",
+    "on",
+    "both",
+)  # ONNX Runtime CPU rows: intra-op threads spin-wait off (the runtime's default), on, both
+SPINNING_SUFFIX = " (spinning)"
+
+
+def _bind_run(backend: Any) -> Callable[[np.ndarray], Callable[[], Any]]:
+    def bind(batch: np.ndarray) -> Callable[[], Any]:
+        return lambda: backend.run(batch)
+
+    return bind
+
+
+def backend_runners(name: str, path: Path, threads: int | None, spinning: str = "off") -> list[Runner]:
+    """Runners for one runtime backend on `path`. Raises BackendError (with the reason) when it cannot run here.
+    `spinning` (onnxruntime-cpu only): "on" times a session whose idle intra-op threads spin-wait, "both" times it
+    beside the default one (a second row, "onnxruntime-cpu (spinning)")."""
     from adtr_deploy.runtime.backends import open_model
 
+    if spinning not in SPINNING:
+        raise ValueError(f"spinning {spinning!r} is not one of {', '.join(SPINNING)}")
     suffix, device = BACKEND_CHOICES[name]
     opts: dict[str, Any] = {}
     if name.startswith("onnxruntime") and threads:
         opts["threads"] = threads
+    if name == "onnxruntime-cpu" and spinning != "off":
+        runners = []
+        for spin in ([False] if spinning == "both" else []) + [True]:
+            backend = open_model(path, device, spinning=spin, **opts)
+            label = name + (SPINNING_SUFFIX if spin else "")
+            runners.append(Runner(label, name, "cpu", "n/a (cpu)", _bind_run(backend), dict(backend.describe())))
+        return runners
     backend = open_model(path, device, **opts)
     info = dict(backend.describe())
-
-    def bind_run(batch: np.ndarray) -> Callable[[], Any]:
-        return lambda: backend.run(batch)
+    bind_run = _bind_run(backend)
 
     if device == "cpu":
         return [Runner(name, name, "cpu", "n/a (cpu)", bind_run, info)]
@@ -284,7 +308,7 @@ def _pt2_resident(backend: Any, info: dict) -> Runner:
 
 def build_runners(desc: dict) -> list[Runner]:
     """Runners from a plain description (so a child process can rebuild them for memory measurements):
-    {"kind": "reference", "checkpoint", "device"} or {"kind": "backend", "name", "path", "threads"}."""
+    {"kind": "reference", "checkpoint", "device"} or {"kind": "backend", "name", "path", "threads", "spinning"}."""
     threads = desc.get("threads")
     if threads and (desc["kind"] == "reference" or desc.get("name", "").startswith(("torchscript", "pt2"))):
         import torch
@@ -292,7 +316,7 @@ def build_runners(desc: dict) -> list[Runner]:
         torch.set_num_threads(int(threads))
     if desc["kind"] == "reference":
         return reference_runners(desc["checkpoint"], desc["device"])[0]
-    return backend_runners(desc["name"], Path(desc["path"]), threads)
+    return backend_runners(desc["name"], Path(desc["path"]), threads, desc.get("spinning", "off"))
 
 
 def available_backends(artifacts: dict[str, Path]) -> dict[str, str | None]:

@@ -54,6 +54,15 @@ BACKEND_NAMES = (
     "--threads", default=None, type=int, help="Threads for PyTorch and ONNX Runtime (default: physical cores)."
 )
 @click.option(
+    "--spinning",
+    type=click.Choice(("off", "on", "both")),
+    default="off",
+    show_default=True,
+    help="onnxruntime-cpu: let idle intra-op threads spin-wait (adtr-run --spin). 'both' times a second row, "
+    "onnxruntime-cpu (spinning), beside the default one: on idle cores spinning is faster at batch 1, on a loaded "
+    "machine slower, so measure it on the target box.",
+)
+@click.option(
     "--profile/--no-profile", default=False, show_default=True, help="Add per-operator profiles to the report."
 )
 @click.option(
@@ -72,6 +81,7 @@ def command(
     pipeline: bool,
     images: Path | None,
     threads: int | None,
+    spinning: str,
     profile: bool,
     memory: bool,
 ) -> None:
@@ -100,6 +110,7 @@ def command(
         backends=chosen,
         plan=TimingPlan(warmup=warmup, min_iters=min_iters, min_seconds=min_seconds),
         threads=threads,
+        spinning=spinning,
         pipeline=pipeline,
         images=images,
         profile=profile,

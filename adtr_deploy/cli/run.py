@@ -140,6 +140,20 @@ def _quiet_opencv() -> None:
     help="Run on the CPU (with a warning) when the requested GPU provider cannot load, instead of refusing.",
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ONNX Runtime intra-op threads (default: the physical cores). On a box shared with other work, fewer threads "
+    "than cores keep inference steady.",
+)
+@click.option(
+    "--spin",
+    is_flag=True,
+    help="ONNX Runtime on the CPU: idle threads spin-wait between operators instead of sleeping. Faster at batch 1 on "
+    "otherwise idle cores (1.2-1.3x measured on 2 cores), slower when other processes need the cores; "
+    "`adtr-bench --spinning both` shows which wins on this machine.",
+)
+@click.option(
     "--max-pixels",
     type=click.IntRange(min=0),
     default=DEFAULT_MAX_PIXELS,
@@ -205,6 +219,8 @@ def command(
     workers: int,
     timeout_s: float,
     allow_fallback: bool,
+    threads: int | None,
+    spin: bool,
     max_pixels: int,
     overwrite: bool,
     resume: bool,
@@ -242,6 +258,10 @@ def command(
     if device is None:
         device = "cuda" if cls is TensorRTBackend else "cpu"
     options = {"allow_fallback": allow_fallback} if cls is OnnxRuntimeBackend else {}
+    if cls is OnnxRuntimeBackend:
+        options.update(threads=threads, spinning=spin)
+    elif threads or spin:
+        log(f"--threads and --spin set ONNX Runtime's thread pool; {cls.__name__} ignores them")
     if cls is TritonBackend:
         options = {"protocol": protocol, "spec_path": spec_path, **({"url": url} if url else {})}
     check_out_dir(out_dir, overwrite=overwrite, resume=resume)  # before the model loads: a wrong --out fails at once

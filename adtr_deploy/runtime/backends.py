@@ -47,9 +47,12 @@ ORT_PROVIDERS: dict[str, list[str]] = {
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime on the CPU, CUDA or TensorRT execution provider.
 
-    Options: `threads` (intra-op threads), `spinning` (let idle intra-op threads spin-wait for work; default off:
-    measured on a shared 2-core CPU, spinning pools of other sessions and processes steal the cores, and turning it off
-    halved the wall time at batch 1, benchmarks/results/speed_levers.md), `allow_fallback` (run on whatever ORT picked, with a warning, instead of
+    Options: `threads` (intra-op threads; default ORT's, the physical cores), `spinning` (let idle intra-op threads
+    spin-wait for work between operators). Spinning is a property of the machine, not the model, measured on 2 cores
+    (benchmarks/results/speed_levers_s6.md): on otherwise idle cores it is 1.2-1.3x faster at batch 1 (no thread wake-up
+    between the graph's ~300 operators); when other processes want the cores it is 10-25% slower, and on a heavily
+    loaded machine (load 11-14) 1.9x slower. The default is off (it never loses much); a dedicated box turns it on
+    (`adtr-run --spin`) after `adtr-bench --spinning both` shows it wins there. `allow_fallback` (run on whatever ORT picked, with a warning, instead of
     refusing), `io_binding` (default: on for GPU devices), `trt_cache_dir` (TensorRT engine cache, default
     `trt_cache/` beside the model), `fp16` (TensorRT provider in fp16; default: the spec's precision).
     """
@@ -80,6 +83,7 @@ class OnnxRuntimeBackend(Backend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        self.threads, self.spinning = threads, spinning
         if not spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The spec decides the TensorRT precision unless the caller says otherwise; read it before the session exists.
@@ -175,6 +179,8 @@ class OnnxRuntimeBackend(Backend):
         return {
             **super().describe(),
             "providers": self.providers,
+            "intra_op_threads": self.threads,  # None: ORT's default (the physical cores)
+            "spinning": self.spinning,
             "io_binding": self.io_binding,
             "fallback": self.fallback,
         }
