@@ -11,10 +11,12 @@ exports the variants itself (into --work, outside the repository):
   product, scale and standardization folded) without and with the input-independent first decoder step precomputed;
   that plus the transformers optimizer; ONNX Runtime's own ORT_ENABLE_ALL graph saved to a file and loaded with
   optimizations off;
-- session levers on the fused graph: thread spinning ON (every other row has it off, as the runtime now does;
-  the reference is also timed with it on), 1 intra-op thread instead of --threads, denormals as
-  zero, IO binding;
-- optionally the .pt2 package (AOTInductor) of the same checkpoint.
+- session levers on the fused graph: thread spinning ON (every other row has it off, as the runtime does by
+  default; the reference is also timed with it on), spinning only while a run is in flight
+  (session.force_spinning_stop), 1 intra-op thread instead of --threads, denormals as zero, IO binding;
+- optionally the .pt2 package (AOTInductor) of the same checkpoint;
+- optionally other exports (`--also LABEL=PATH`, e.g. the default preset's FP32 and INT8 exports), each with spinning
+  off and on, so their ratios to the fixed reference (and INT8 to FP32) come from the same run.
 
 All are timed interleaved in blocks (adtr_deploy.bench.timing, the method adtr-bench uses) at each batch size, on real
 images, and compared with the PyTorch FP32 reference on the same batch (max |diff| over the map range). Wall-clock
@@ -49,6 +51,7 @@ def session(
     level: str = "ORT_ENABLE_ALL",
     save: Path | None = None,
     denormal_as_zero: bool = False,
+    spin_stop: bool = False,
 ):
     import onnxruntime as ort
 
@@ -57,6 +60,8 @@ def session(
     opts.intra_op_num_threads = threads
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if spin_stop:  # spin while a run is in flight, block between runs (no CPU burnt between camera frames)
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if denormal_as_zero:  # flush-to-zero: denormal floats can cost x100 per op on x86
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     if save is not None:
@@ -150,6 +155,9 @@ def make_calls(args, files: dict[str, Path], batch: np.ndarray) -> dict:
     fused = files["fused"]
     calls["fused, spinning on (ORT's default)"] = plain(session(fused, args.threads, spin=True))
     calls["reference, spinning on (ORT's default)"] = plain(session(files["reference"], args.threads, spin=True))
+    calls["fused, spinning during runs only (force_spinning_stop)"] = plain(
+        session(fused, args.threads, spin=True, spin_stop=True)
+    )
     calls["fused, 1 intra-op thread"] = plain(session(fused, 1))
     calls["fused, denormals as zero"] = plain(session(fused, args.threads, denormal_as_zero=True))
     sess = session(fused, args.threads)
@@ -165,6 +173,9 @@ def make_calls(args, files: dict[str, Path], batch: np.ndarray) -> dict:
         return outs
 
     calls["fused, IO binding"] = bound
+    for label, path in args.also:  # other exports (another preset, INT8): the same input, their own model
+        calls[label] = plain(session(Path(path), args.threads))
+        calls[label + ", spinning on"] = plain(session(Path(path), args.threads, spin=True))
     if args.pt2:
         import torch
 
@@ -183,8 +194,12 @@ def time_batch(args, files, batch, reference_out) -> list[dict]:
     ref_map, ref_score = reference_out
     span = float(ref_map.max() - ref_map.min())
     parity = {}
+    others = {label for label, _ in args.also} | {label + ", spinning on" for label, _ in args.also}
     for name, call in calls.items():
         amap, score = call()
+        if name in others:  # another model: its parity is its own export's verification (notes)
+            parity[name] = float("nan")
+            continue
         parity[name] = float(max(np.abs(amap - ref_map).max(), np.abs(score - ref_score).max()) / span)
     plan = TimingPlan(warmup=3, min_iters=args.min_iters, min_seconds=args.min_seconds)
     cpu: dict[str, list[float]] = {}
@@ -214,6 +229,40 @@ def time_batch(args, files, batch, reference_out) -> list[dict]:
     return rows
 
 
+def also_exports(items: list[str]) -> list[tuple[str, str]]:
+    """--also LABEL=PATH -> [(label, model.onnx)], checked before minutes of exporting."""
+    out = []
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"--also {item!r}: give LABEL=PATH/model.onnx of an existing export")
+        out.append((label.strip(), path))
+    return out
+
+
+def also_notes(also: list[tuple[str, str]]) -> dict:
+    """Each extra export's own verification against its PyTorch model (verification.json beside it)."""
+    import json
+
+    notes = {}
+    for label, path in also:
+        ver = Path(path).with_name("verification.json")
+        spec = Path(path).with_name("model.json")
+        entry = {"path": path}
+        if spec.is_file():
+            meta = json.loads(spec.read_text())
+            entry.update(preset=meta.get("preset"), precision=meta.get("precision"))
+        if ver.is_file():
+            v = json.loads(ver.read_text())
+            entry.update(verification_passed=v.get("passed"), verification_images=v.get("images"))
+        notes[label] = entry
+    return notes
+
+
+def _parity(value: float) -> str:
+    return "own export's (below)" if value != value else f"{value:.1e}"  # NaN: another model
+
+
 def markdown(result: dict) -> str:
     lines = [
         "# FP32 ONNX Runtime speed levers (CPU)",
@@ -225,8 +274,8 @@ def markdown(result: dict) -> str:
         f"threads. Load average (1 min) during the timings: {result['load_range'][0]:.1f} .. "
         f"{result['load_range'][1]:.1f} (the machine is shared; ratios come from interleaved blocks in one process).",
         "",
-        "Every row runs with ONNX Runtime's intra-op thread spinning OFF (the runtime's setting now) except the two "
-        "rows that say otherwise. Speed-up = throughput / the reference's in the same run (wall clock); CPU-time speed-up = reference CPU ms per "
+        "Every row runs with ONNX Runtime's intra-op thread spinning OFF (the runtime's default) except the rows "
+        "that say otherwise. Speed-up = throughput / the reference's in the same run (wall clock); CPU-time speed-up = reference CPU ms per "
         "call / the variant's (process CPU time, all threads: less sensitive to other processes, but it counts "
         "spin-waiting). Parity = max |diff| of map and score vs the PyTorch FP32 model on the same batch, over the "
         "reference map range (verification bound for FP32: 1e-4).",
@@ -237,7 +286,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['p50_ms']:.1f} | {r['ips']:.2f} | **{r['speedup']:.2f}x** | "
-            f"{r['cpu_ms_p50']:.1f} | {r['speedup_cpu_time']:.2f}x | {r['parity_max_rel']:.1e} | {r['n']} |"
+            f"{r['cpu_ms_p50']:.1f} | {r['speedup_cpu_time']:.2f}x | {_parity(r['parity_max_rel'])} | {r['n']} |"
         )
     notes = result["notes"]
     lines += [
@@ -247,6 +296,11 @@ def markdown(result: dict) -> str:
         f"Session creation: fused graph {notes['session_seconds_fused']} s, saved ORT-optimized graph "
         f"{notes['session_seconds_saved_optimized']} s.",
         f"Verification of the fused export (adtr-export, FP32 bound 1e-4): {notes['fused_verification']}.",
+        *(
+            [f"Other exports timed in the same blocks (speed-up against this run's reference): {notes['also']}."]
+            if notes.get("also")
+            else []
+        ),
         "",
         "Op counts: " + "; ".join(f"{k}: {sum(v.values())} nodes" for k, v in notes["ops"].items()),
     ]
@@ -258,6 +312,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", required=True, help="trained run folder or checkpoint.pt")
     parser.add_argument("--reference", required=True, help="model.onnx exported by the code before this work")
     parser.add_argument("--pt2", default=None, help="model.pt2 of the same checkpoint, timed too")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="another export timed in the same blocks, with and without spinning (e.g. the default preset, an INT8 "
+        "export); repeatable; its parity is its own verification.json",
+    )
     parser.add_argument("--images", default=None, help="glob of real images (default: the checkpoint's test images)")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--threads", type=int, default=2)
@@ -267,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reuse", action="store_true", help="reuse the variants a previous run exported into --work")
     parser.add_argument("--out", default=str(RESULTS / "speed_levers.json"))
     args = parser.parse_args(argv)
+    args.also = also_exports(args.also)
 
     import onnxruntime
     import torch
@@ -282,13 +345,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = model_from_checkpoint(ckpt).eval()
     spec = ModelSpec(input_size=tuple(model.cfg.input_size), preset="custom")
     files, notes = build_variants(args, work, model, spec)
+    notes["also"] = also_notes(args.also)
     images, source = collect_images(model.cfg.input_size, verify_images=args.images, checkpoint=ckpt)
     rows = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))
         with torch.no_grad():
             ref = tuple(t.numpy() for t in model(torch.from_numpy(batch)))
-        log(f"batch {bs}: timing {len(files) + 5 + bool(args.pt2)} variants interleaved")
+        log(f"batch {bs}: timing {len(files) + 6 + bool(args.pt2) + 2 * len(args.also)} variants interleaved")
         rows += time_batch(args, files, batch, ref)
     loads = [r["load_1m_before"] for r in rows] + [r["load_1m_after"] for r in rows]
     result = {

@@ -282,7 +282,7 @@ def test_summarize_and_interleaving_count_what_they_ran():
     assert calls["a"] >= 2 + 1 + len(samples["a"])
 
 
-def test_spinning_both_times_onnx_runtime_with_and_without_spin_waiting_in_one_run(exported, tmp_path):
+def test_spinning_and_streams_rows_time_onnx_runtime_variants_in_one_run(exported, tmp_path):
     from adtr_deploy.bench import BenchConfig, TimingPlan, run_benchmark
 
     rep = run_benchmark(
@@ -294,6 +294,7 @@ def test_spinning_both_times_onnx_runtime_with_and_without_spin_waiting_in_one_r
             plan=TimingPlan(warmup=1, min_iters=3, min_seconds=0.0),
             threads=2,
             spinning="both",
+            streams=2,
             pipeline=False,
             memory=False,
             images=exported["images"],
@@ -302,8 +303,8 @@ def test_spinning_both_times_onnx_runtime_with_and_without_spin_waiting_in_one_r
         log=lambda m: None,
     )
     rows = {r["runner"]: r for r in rep["results"]}
-    assert set(rows) == {"onnxruntime-cpu", "onnxruntime-cpu (spinning)"}
+    assert set(rows) == {"onnxruntime-cpu", "onnxruntime-cpu (spinning)", "onnxruntime-cpu (2 streams)"}
     assert all(r["backend"] == "onnxruntime-cpu" and r["count"] >= 3 and r["p50_ms"] > 0 for r in rows.values())
-    assert rep["settings"]["onnxruntime_spinning"] == "both"
-    # both sessions compute the same model: the agreement section compares them with each other
-    assert "onnxruntime-cpu (spinning)" in (tmp_path / "report.md").read_text()
+    assert rep["settings"]["onnxruntime_spinning"] == "both" and rep["settings"]["onnxruntime_streams"] == 2
+    md = (tmp_path / "report.md").read_text()
+    assert "onnxruntime-cpu (spinning)" in md and "onnxruntime-cpu (2 streams)" in md

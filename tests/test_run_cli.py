@@ -224,6 +224,14 @@ def test_thread_settings_reach_onnx_runtime_and_do_not_change_the_results(model_
     spun, spun_records, spun_summary = run_cli(
         "--model", model_path, "--source", clip, "--out", tmp_path / "b", "--threads", "1", "--spin"
     )
+    streamed, streamed_records, streamed_summary = run_cli(
+        "--model", model_path, "--source", clip, "--out", tmp_path / "d", "--streams", "2", "--batch-size", "2"
+    )
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed_summary["backend"]["streams"] == 2 and len(streamed_records) == 4
+    for a, b in zip(records, streamed_records):  # frames split over two sessions come back in order
+        assert (b["source"], b.get("frame")) == (a["source"], a.get("frame"))
+        assert b["score"] == pytest.approx(a["score"], rel=TOL, abs=TOL)
     assert base.exit_code == 0 and spun.exit_code == 0, base.output + spun.output
     assert summary["backend"]["spinning"] is False and summary["backend"]["intra_op_threads"] is None
     assert spun_summary["backend"]["spinning"] is True and spun_summary["backend"]["intra_op_threads"] == 1

@@ -99,6 +99,24 @@ def test_io_binding_gives_the_same_outputs_as_plain_runs(model_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_inference_streams_split_a_batch_over_concurrent_sessions_with_the_same_outputs(model_path):
+    batch = stack_batch(texture_images(5, rf.INPUT_SIZE, seed=4))
+    ref_map, ref_score = rf.reference_outputs(batch)
+    span = float(ref_map.max() - ref_map.min())
+    with OnnxRuntimeBackend(model_path, threads=2, streams=2) as streamed:
+        info = streamed.describe()
+        assert info["streams"] == 2 and info["intra_op_threads"] == 1  # the 2 threads shared by the 2 sessions
+        for n in (1, 2, 5):  # 1: the first session alone; 5: parts of 3 and 2, outputs back in batch order
+            amap, score = streamed.run(batch[:n])
+            assert amap.shape == (n, 1, *SIZE) and score.shape == (n,)
+            assert np.abs(amap - ref_map[:n]).max() <= TOL * span
+            assert np.abs(score - ref_score[:n]).max() <= TOL * span
+    with pytest.raises(BackendError, match="--streams"):
+        OnnxRuntimeBackend(model_path, device="cuda", streams=2)
+    with pytest.raises(BackendError, match="--streams"):
+        OnnxRuntimeBackend(model_path, streams=0)
+
+
 def test_a_spec_that_does_not_match_the_graph_is_refused(tmp_path):
     wrong_size = rf.copy_model(tmp_path / "size", rf.spec().replace(input_size=(96, 96)))
     with pytest.raises(BackendError, match="belongs to another model"):

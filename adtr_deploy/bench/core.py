@@ -32,6 +32,7 @@ class BenchConfig:
     plan: TimingPlan = field(default_factory=TimingPlan)
     threads: int | None = None  # None: physical cores
     spinning: str = "off"  # onnxruntime-cpu: intra-op spin-waiting "off" (the runtime's default), "on", or "both" rows
+    streams: int = 1  # onnxruntime-cpu: > 1 adds a row splitting each batch over that many concurrent sessions
     pipeline: bool = True
     images: Path | None = None  # image files for the pipeline and as timing input; None: write demo images
     profile: bool = False
@@ -169,6 +170,7 @@ def _make_runners(
             "path": str(artifacts[R.BACKEND_CHOICES[n][0]]),
             "threads": threads,
             "spinning": cfg.spinning,
+            "streams": cfg.streams,
         }
         for n in chosen
     ]
@@ -368,6 +370,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = _log_default) -
             "batch_sizes": list(cfg.batch_sizes),
             "threads": threads,
             "onnxruntime_spinning": cfg.spinning,
+            "onnxruntime_streams": cfg.streams,
             "warmup": cfg.plan.warmup,
             "min_iters": cfg.plan.min_iters,
             "min_seconds": cfg.plan.min_seconds,

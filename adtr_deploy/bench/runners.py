@@ -8,7 +8,6 @@ the host-device copies, never hidden.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,10 +225,13 @@ def _bind_run(backend: Any) -> Callable[[np.ndarray], Callable[[], Any]]:
     return bind
 
 
-def backend_runners(name: str, path: Path, threads: int | None, spinning: str = "off") -> list[Runner]:
+def backend_runners(
+    name: str, path: Path, threads: int | None, spinning: str = "off", streams: int = 1
+) -> list[Runner]:
     """Runners for one runtime backend on `path`. Raises BackendError (with the reason) when it cannot run here.
-    `spinning` (onnxruntime-cpu only): "on" times a session whose idle intra-op threads spin-wait, "both" times it
-    beside the default one (a second row, "onnxruntime-cpu (spinning)")."""
+    onnxruntime-cpu only: `spinning` "on" times a session whose idle intra-op threads spin-wait, "both" times it beside
+    the default one (a second row, "onnxruntime-cpu (spinning)"); `streams` > 1 adds a row that splits each batch over
+    that many concurrent sessions sharing the threads ("onnxruntime-cpu (N streams)", runtime/streams.py)."""
     from adtr_deploy.runtime.backends import open_model
 
     if spinning not in SPINNING:
@@ -238,11 +240,15 @@ def backend_runners(name: str, path: Path, threads: int | None, spinning: str = 
     opts: dict[str, Any] = {}
     if name.startswith("onnxruntime") and threads:
         opts["threads"] = threads
-    if name == "onnxruntime-cpu" and spinning != "off":
+    if name == "onnxruntime-cpu" and (spinning != "off" or streams > 1):
         runners = []
-        for spin in ([False] if spinning == "both" else []) + [True]:
+        for spin in ([False] if spinning != "on" else []) + ([True] if spinning != "off" else []):
             backend = open_model(path, device, spinning=spin, **opts)
             label = name + (SPINNING_SUFFIX if spin else "")
+            runners.append(Runner(label, name, "cpu", "n/a (cpu)", _bind_run(backend), dict(backend.describe())))
+        if streams > 1:
+            backend = open_model(path, device, streams=streams, **opts)
+            label = f"{name} ({streams} streams)"
             runners.append(Runner(label, name, "cpu", "n/a (cpu)", _bind_run(backend), dict(backend.describe())))
         return runners
     backend = open_model(path, device, **opts)
@@ -308,7 +314,7 @@ def _pt2_resident(backend: Any, info: dict) -> Runner:
 
 def build_runners(desc: dict) -> list[Runner]:
     """Runners from a plain description (so a child process can rebuild them for memory measurements):
-    {"kind": "reference", "checkpoint", "device"} or {"kind": "backend", "name", "path", "threads", "spinning"}."""
+    {"kind": "reference", "checkpoint", "device"} or {"kind": "backend", "name", "path", "threads", "spinning", "streams"}."""
     threads = desc.get("threads")
     if threads and (desc["kind"] == "reference" or desc.get("name", "").startswith(("torchscript", "pt2"))):
         import torch
@@ -316,7 +322,9 @@ def build_runners(desc: dict) -> list[Runner]:
         torch.set_num_threads(int(threads))
     if desc["kind"] == "reference":
         return reference_runners(desc["checkpoint"], desc["device"])[0]
-    return backend_runners(desc["name"], Path(desc["path"]), threads, desc.get("spinning", "off"))
+    return backend_runners(
+        desc["name"], Path(desc["path"]), threads, desc.get("spinning", "off"), desc.get("streams", 1)
+    )
 
 
 def available_backends(artifacts: dict[str, Path]) -> dict[str, str | None]:
@@ -354,10 +362,6 @@ def available_backends(artifacts: dict[str, Path]) -> dict[str, str | None]:
 
 def default_threads() -> int:
     """Physical cores where psutil knows them, else logical CPUs: what both PyTorch and ONNX Runtime default to."""
-    try:
-        import psutil
+    from adtr_deploy.runtime.streams import physical_cores
 
-        n = psutil.cpu_count(logical=False)
-    except ImportError:
-        n = None
-    return int(n or os.cpu_count() or 1)
+    return physical_cores()

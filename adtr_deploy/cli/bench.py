@@ -63,6 +63,14 @@ BACKEND_NAMES = (
     "machine slower, so measure it on the target box.",
 )
 @click.option(
+    "--streams",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="onnxruntime-cpu: N > 1 adds a row, onnxruntime-cpu (N streams), that splits each batch over N concurrent "
+    "sessions sharing the threads (adtr-run --streams); compare its batch N with the plain row's batch 1.",
+)
+@click.option(
     "--profile/--no-profile", default=False, show_default=True, help="Add per-operator profiles to the report."
 )
 @click.option(
@@ -82,6 +90,7 @@ def command(
     images: Path | None,
     threads: int | None,
     spinning: str,
+    streams: int,
     profile: bool,
     memory: bool,
 ) -> None:
@@ -111,6 +120,7 @@ def command(
         plan=TimingPlan(warmup=warmup, min_iters=min_iters, min_seconds=min_seconds),
         threads=threads,
         spinning=spinning,
+        streams=streams,
         pipeline=pipeline,
         images=images,
         profile=profile,

@@ -16,6 +16,7 @@ import numpy as np
 
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, parse_device, read_spec
 from adtr_deploy.runtime.pt2 import Pt2Backend
+from adtr_deploy.runtime.streams import open_streams, threads_per_stream
 from adtr_deploy.runtime.tensorrt import TensorRTBackend
 from adtr_deploy.runtime.triton import TritonBackend
 from adtr_deploy.spec import METADATA_KEY, SPEC_FILENAME
@@ -54,7 +55,8 @@ class OnnxRuntimeBackend(Backend):
     loaded machine (load 11-14) 1.9x slower. The default is off (it never loses much); a dedicated box turns it on
     (`adtr-run --spin`) after `adtr-bench --spinning both` shows it wins there. `allow_fallback` (run on whatever ORT picked, with a warning, instead of
     refusing), `io_binding` (default: on for GPU devices), `trt_cache_dir` (TensorRT engine cache, default
-    `trt_cache/` beside the model), `fp16` (TensorRT provider in fp16; default: the spec's precision).
+    `trt_cache/` beside the model), `fp16` (TensorRT provider in fp16; default: the spec's precision), `streams` (CPU:
+    split each batch over this many concurrent sessions sharing `threads`, adtr_deploy/runtime/streams.py).
     """
 
     name = "onnxruntime"
@@ -70,6 +72,7 @@ class OnnxRuntimeBackend(Backend):
         io_binding: bool | None = None,
         trt_cache_dir: str | Path | None = None,
         fp16: bool | None = None,
+        streams: int = 1,
     ):
         try:
             import onnxruntime as ort
@@ -78,6 +81,13 @@ class OnnxRuntimeBackend(Backend):
                 "onnxruntime is not installed; install it with pip install 'adtr-deploy[cpu]' (or [gpu] on an NVIDIA machine)"
             ) from None
         kind, index = parse_device(device)
+        if streams < 1 or (streams > 1 and kind != "cpu"):
+            raise BackendError(
+                f"--streams {streams}: inference streams split a batch over CPU sessions; give 1 or more with "
+                "--device cpu (a GPU runs the whole batch at once)"
+            )
+        if streams > 1:
+            threads = threads_per_stream(threads, streams)
         path = Path(path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -135,6 +145,9 @@ class OnnxRuntimeBackend(Backend):
         self.io_binding = on_gpu if io_binding is None else io_binding
         self._ort_device = ("cuda", index) if on_gpu else ("cpu", 0)
         self._ort = ort
+        self._streams = open_streams(
+            lambda: ort.InferenceSession(str(path), sess_options=opts, providers=providers), self.session, streams
+        )
 
     @staticmethod
     def _providers(kind: str, index: int, path: Path, trt_cache_dir, fp16: bool) -> list:
@@ -159,6 +172,9 @@ class OnnxRuntimeBackend(Backend):
         batch = self.check_batch(batch)
         if self.io_binding:
             return self._run_bound(batch)
+        if self._streams is not None and len(batch) > 1:
+            amap, score = self._streams.run(self._fetch, self.input_name, batch)
+            return self.as_outputs(amap, score)
         amap, score = self.session.run(self._fetch, {self.input_name: batch})
         return self.as_outputs(amap, score)
 
@@ -181,9 +197,14 @@ class OnnxRuntimeBackend(Backend):
             "providers": self.providers,
             "intra_op_threads": self.threads,  # None: ORT's default (the physical cores)
             "spinning": self.spinning,
+            "streams": len(self._streams.sessions) if self._streams else 1,
             "io_binding": self.io_binding,
             "fallback": self.fallback,
         }
+
+    def close(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
 
 
 def _writable_cache(wanted: Path, model: Path) -> Path:

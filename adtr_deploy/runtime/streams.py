@@ -1,0 +1,65 @@
+"""Inference streams: each batch split over several ONNX Runtime CPU sessions that run at the same time.
+
+One session with T intra-op threads splits every operator of a frame over T threads and joins them again (~300
+operators per frame for lite0): at batch 1 on 2 cores a quarter of the time goes to that hand-off. N sessions with T/N
+threads each, every one on its own part of the batch, hand nothing off: at batch 2 with one frame per stream this was
+1.56x the throughput of batch 1 on one 2-thread session, at 1.3x its latency (benchmarks/results/speed_levers_s6.md);
+at batch 8, where one session already keeps both cores busy, 1.07x. The cost is memory: N copies of the model's
+weights. This is what other inference servers call throughput mode (OpenVINO's streams).
+
+ONNX Runtime releases the GIL inside `InferenceSession.run`, so plain threads run the sessions in parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+
+def physical_cores() -> int:
+    """Physical cores where psutil knows them, else logical CPUs: what ONNX Runtime and PyTorch default to."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    return int(n or os.cpu_count() or 1)
+
+
+def threads_per_stream(threads: int | None, streams: int) -> int:
+    """Intra-op threads of each of `streams` sessions sharing `threads` (default: the physical cores); at least 1."""
+    return max(1, (threads or physical_cores()) // streams)
+
+
+class Streams:
+    """`sessions` (ONNX Runtime InferenceSessions of one model) run the parts of a batch concurrently: part 0 on the
+    calling thread, the others on a pool, outputs concatenated in batch order."""
+
+    def __init__(self, sessions: Sequence[Any]):
+        self.sessions = list(sessions)
+        self._pool = ThreadPoolExecutor(len(self.sessions) - 1, thread_name_prefix="adtr-stream")
+
+    def run(self, fetch: list[str], input_name: str, batch: np.ndarray) -> list[np.ndarray]:
+        parts = np.array_split(batch, min(len(self.sessions), len(batch)))  # contiguous slices of a contiguous batch
+        futures = [
+            self._pool.submit(session.run, fetch, {input_name: part})
+            for session, part in zip(self.sessions[1:], parts[1:])
+        ]
+        first = self.sessions[0].run(fetch, {input_name: parts[0]})
+        outputs = [first] + [f.result() for f in futures]
+        return [np.concatenate([out[i] for out in outputs]) for i in range(len(fetch))]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def open_streams(make_session: Callable[[], Any], first: Any, count: int) -> Streams | None:
+    """`count` sessions (the already open `first` plus count - 1 new ones), or None for a single stream."""
+    if count <= 1:
+        return None
+    return Streams([first] + [make_session() for _ in range(count - 1)])
