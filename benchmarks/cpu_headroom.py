@@ -5,9 +5,10 @@
 Three measurements, each in one process with interleaved blocks (adtr_deploy.bench.timing):
 
 1. The dense FP32 matrix-multiply peak of this machine (the 1024x1024 product adtr-bench also measures), and ONNX
-   Runtime's MatMul at the transformer's own shapes (196 tokens, d_model 256, FFN 1024: the feed-forward and fused QKV
-   products) in GFLOP/s and as a fraction of that peak: how far the products that hold most of the FLOPs are from the
-   hardware's limit.
+   Runtime's products at the transformer's own shapes (196 tokens, the feed-forward blocks' 256 -> 1024 -> 256, 2/3 of
+   the transformer's product FLOPs; 8 products chained so per-call overhead does not count) in FP32, spinning off and
+   on, and quantized as our INT8 exports are (static QDQ, per-channel weights) and with dynamic activation scales:
+   GFLOP/s, fraction of the peak, INT8 against FP32.
 2. The attention core (softmax(q k^T) v over 8 heads, no projections) as our exported graph writes it with standard
    ONNX ops (Reshape/Transpose/MatMul/Softmax) against ONNX Runtime's fused contrib kernel
    `com.microsoft.MultiHeadAttention`, 12 blocks in a chain (the default model has 4 encoder self-attentions and
@@ -54,17 +55,21 @@ def _model(nodes, inputs, outputs, inits=()) -> bytes:
     return model.SerializeToString()
 
 
-def matmul_graph(k: int, n: int) -> bytes:
-    """x (B, 196, k) @ W (k, n), W a constant as in the exported model."""
+def ffn_chain(layers: int = 4) -> bytes:
+    """x (B, 196, 256) through `layers` feed-forward blocks' two products (256 -> 1024 -> 256, weights constant as in
+    the exported model; no bias or activation, so only the products are timed): 2 * layers MatMuls per run."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) * 0.05, "w")
-    return _model(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", TOKENS, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", TOKENS, n])],
-        [w],
-    )
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        for j, (k, n) in enumerate(((D_MODEL, FFN), (FFN, D_MODEL))):
+            w = f"w{i}_{j}"
+            inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), w))
+            nodes.append(helper.make_node("MatMul", [x, w], [f"y{i}_{j}"]))
+            x = f"y{i}_{j}"
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", TOKENS, D_MODEL]) for n in ("x", x)]
+    return _model(nodes, io[:1], io[1:], inits)
 
 
 def attention_graph(kind: str) -> bytes:
@@ -108,25 +113,65 @@ def time_calls(calls: dict, seconds: float) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
+def int8_graphs(fp32: bytes, batch: int) -> dict[str, bytes]:
+    """The chain quantized as our INT8 exports are (QDQ, per-channel int8 weights, u8 activations with static scales
+    calibrated on random tokens: the speed does not depend on the values) and with dynamic activation scales."""
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    class Tokens(CalibrationDataReader):
+        def __init__(self):
+            self.left = [{"x": np.random.default_rng(i).standard_normal((batch, TOKENS, D_MODEL)).astype(np.float32)}
+                         for i in range(4)]  # fmt: skip
+
+        def get_next(self):
+            return self.left.pop() if self.left else None
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "fp32.onnx"
+        src.write_bytes(fp32)
+        static, dynamic = Path(tmp) / "static.onnx", Path(tmp) / "dynamic.onnx"
+        quantize_static(str(src), str(static), Tokens(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        quantize_dynamic(str(src), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
+        out["INT8 static QDQ (as our exports)"] = static.read_bytes()
+        out["INT8 dynamic activations"] = dynamic.read_bytes()
+    return out
+
+
 def gemm_rows(threads: int, seconds: float, peak: float) -> list[dict]:
-    shapes = {
-        "FFN in (256 -> 1024)": (256, 1024),
-        "FFN out (1024 -> 256)": (1024, 256),
-        "fused QKV (256 -> 768)": (256, 768),
-    }
+    """The feed-forward products (2/3 of the transformer's product FLOPs) in FP32 and INT8: GFLOP/s and of the peak."""
+    layers = 4
+    fp32 = ffn_chain(layers)
+    flops_per_image = layers * 2 * (2 * TOKENS * D_MODEL * FFN)
     rows = []
     for batch in (1, 8):
-        calls, flops = {}, {}
-        for label, (k, n) in shapes.items():
-            x = np.random.default_rng(1).standard_normal((batch, TOKENS, k)).astype(np.float32)
-            for spin in (False, True):
-                sess = _session(matmul_graph(k, n), threads, spin)
-                name = f"{label}, spinning {'on' if spin else 'off'}"
-                calls[name] = lambda s=sess, x=x: s.run(None, {"x": x})
-                flops[name] = 2 * batch * TOKENS * k * n
-        for name, sec in time_calls(calls, seconds).items():
-            gflops = flops[name] / sec / 1e9
-            rows.append({"product": name, "batch": batch, "ms": sec * 1e3, "gflops": gflops, "of_peak": gflops / peak})
+        x = np.random.default_rng(1).standard_normal((batch, TOKENS, D_MODEL)).astype(np.float32)
+        variants = [(f"FP32, spinning {'on' if spin else 'off'}", fp32, spin) for spin in (False, True)]
+        variants += [(f"{label}, spinning off", model, False) for label, model in int8_graphs(fp32, batch).items()]
+        calls = {}
+        for name, model, spin in variants:
+            sess = _session(model, threads, spin)
+            calls[name] = lambda s=sess, x=x: s.run(None, {"x": x})
+        times = time_calls(calls, seconds)
+        for name, sec in times.items():
+            gflops = batch * flops_per_image / sec / 1e9
+            rows.append({
+                "product": f"{2 * layers} FFN products, {name}",
+                "batch": batch,
+                "ms": sec * 1e3,
+                "gflops": gflops,
+                "of_peak": gflops / peak,
+                "speedup_vs_fp32": times["FP32, spinning off"] / sec,
+            })  # fmt: skip
     return rows
 
 
@@ -179,14 +224,15 @@ def markdown(r: dict) -> str:
         f"{r['load'][0]:.1f} at start, {r['load'][1]:.1f} at end. Dense FP32 matmul peak (1024x1024, best of numpy "
         f"and torch, measured here): **{peak:.0f} GFLOP/s**.",
         "",
-        "## ONNX Runtime MatMul at the transformer's shapes (196 tokens)",
+        "## ONNX Runtime's products at the transformer's shapes (196 tokens, 256 -> 1024 -> 256), FP32 and INT8",
         "",
-        "| product | batch | ms | GFLOP/s | of the peak |",
-        "|---|---:|---:|---:|---:|",
+        "| products | batch | ms | GFLOP/s (INT8: same FLOP count) | of the FP32 peak | vs FP32 spinning off |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for g in r["gemm"]:
         lines.append(
-            f"| {g['product']} | {g['batch']} | {g['ms']:.3f} | {g['gflops']:.0f} | {100 * g['of_peak']:.0f}% |"
+            f"| {g['product']} | {g['batch']} | {g['ms']:.3f} | {g['gflops']:.0f} | {100 * g['of_peak']:.0f}% | "
+            f"{g['speedup_vs_fp32']:.2f}x |"
         )
     lines += [
         "",
