@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from adtr_deploy.fileio import atomic_write_text, write_json_atomic
 
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reproduces this run: `python benchmarks/<script> <its arguments>`."""
-    return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return f"python benchmarks/{script} " + shlex.join(argv if argv is not None else sys.argv[1:])
 
 
 def machine(**extra: Any) -> dict:

@@ -203,6 +203,8 @@ def time_batch(args, files, batch, reference_out) -> list[dict]:
     from adtr_deploy.bench.timing import TimingPlan, measure_interleaved, summarize
 
     calls = make_calls(args, files, batch)
+    if args.variants:  # a focused run: the reference and the variants whose names contain one of the given strings
+        calls = {k: v for k, v in calls.items() if k == "reference" or k in args.variants}
     ref_map, ref_score = reference_out
     span = float(ref_map.max() - ref_map.min())
     parity = {}
@@ -242,6 +244,23 @@ def time_batch(args, files, batch, reference_out) -> list[dict]:
         log(f"  bs {len(batch)} {name:<40} p50 {st['p50_ms']:8.1f} ms  x{rows[-1]['speedup']:.2f} wall  "
             f"x{rows[-1]['speedup_cpu_time']:.2f} cpu  parity {parity[name]:.1e}")  # fmt: skip
     return rows
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per variant from repeated interleaved runs: the median of each figure, and the speed-up's range."""
+    combined = []
+    for i, first in enumerate(rounds[0]):
+        same = [r[i] for r in rounds]
+        row = dict(first)
+        for key in ("p50_ms", "ips", "speedup", "cpu_ms_p50", "speedup_cpu_time"):
+            row[key] = float(np.median([r[key] for r in same]))
+        row["n"] = sum(r["n"] for r in same)
+        row["rounds"] = len(same)
+        row["speedup_range"] = [min(r["speedup"] for r in same), max(r["speedup"] for r in same)]
+        row["load_1m_before"] = min(r["load_1m_before"] for r in same)
+        row["load_1m_after"] = max(r["load_1m_after"] for r in same)
+        combined.append(row)
+    return combined
 
 
 def also_exports(items: list[str]) -> list[tuple[str, str]]:
@@ -296,13 +315,24 @@ def markdown(result: dict) -> str:
         "reference map range (verification bound for FP32: 1e-4). p50 ms is per call; the streams row at batch 1 "
         "takes 2 frames per call (one per stream), so its p50 is each frame's latency and its img/s counts both.",
         "",
-        "| variant | batch | p50 ms | img/s | speed-up | CPU ms p50 | CPU-time speed-up | parity | n |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            [
+                f"Each figure is the median over {result['rounds']} rounds of the whole interleaved timing; the "
+                "range column gives the lowest and highest speed-up of the rounds.",
+                "",
+            ]
+            if result.get("rounds", 1) > 1
+            else []
+        ),
+        "| variant | batch | p50 ms | img/s | speed-up | range | CPU ms p50 | CPU-time speed-up | parity | n |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
+        lo, hi = r.get("speedup_range", [r["speedup"], r["speedup"]])
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['p50_ms']:.1f} | {r['ips']:.2f} | **{r['speedup']:.2f}x** | "
-            f"{r['cpu_ms_p50']:.1f} | {r['speedup_cpu_time']:.2f}x | {_parity(r['parity_max_rel'])} | {r['n']} |"
+            f"{lo:.2f}-{hi:.2f} | {r['cpu_ms_p50']:.1f} | {r['speedup_cpu_time']:.2f}x | "
+            f"{_parity(r['parity_max_rel'])} | {r['n']} |"
         )
     notes = result["notes"]
     lines += [
@@ -336,6 +366,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="another export timed in the same blocks, with and without spinning (e.g. the default preset, an INT8 "
         "export); repeatable; its parity is its own verification.json",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the interleaved timing; rows give medians and the range"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="time only the reference and these variants (their names as in the table; a focused, longer run)",
+    )
     parser.add_argument("--images", default=None, help="glob of real images (default: the checkpoint's test images)")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--threads", type=int, default=2)
@@ -368,14 +407,18 @@ def main(argv: list[str] | None = None) -> dict:
         batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))
         with torch.no_grad():
             ref = tuple(t.numpy() for t in model(torch.from_numpy(batch)))
-        log(f"batch {bs}: timing {len(files) + 7 + bool(args.pt2) + 2 * len(args.also)} variants interleaved")
-        rows += time_batch(args, files, batch, ref)
+        rounds = []
+        for i in range(args.rounds):
+            log(f"batch {bs}: timing the variants interleaved (round {i + 1} of {args.rounds})")
+            rounds.append(time_batch(args, files, batch, ref))
+        rows += combine_rounds(rounds)
     loads = [r["load_1m_before"] for r in rows] + [r["load_1m_after"] for r in rows]
     result = {
         "command": command_line("speed_levers.py", argv),
         "machine": machine(),
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
         "threads": args.threads,
+        "rounds": args.rounds,
         "images": source,
         "load_range": [min(loads), max(loads)],
         "rows": rows,
