@@ -163,16 +163,9 @@ def _make_runners(
         made_here = R.export_torchscript(reference, cfg.out / "artifacts")
         artifacts[".torchscript"] = made_here
     chosen, skipped = _select_backends(cfg, artifacts)
+    session = {"threads": threads, "spinning": cfg.spinning, "streams": cfg.streams}
     descs += [
-        {
-            "kind": "backend",
-            "name": n,
-            "path": str(artifacts[R.BACKEND_CHOICES[n][0]]),
-            "threads": threads,
-            "spinning": cfg.spinning,
-            "streams": cfg.streams,
-        }
-        for n in chosen
+        {"kind": "backend", "name": n, "path": str(artifacts[R.BACKEND_CHOICES[n][0]]), **session} for n in chosen
     ]
     runners: list[R.Runner] = []
     for desc in descs:
