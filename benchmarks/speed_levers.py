@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -246,6 +247,20 @@ def time_batch(args, files, batch, reference_out) -> list[dict]:
     return rows
 
 
+def time_batch_rounds(args, files, images: np.ndarray, bs: int, model) -> list[dict]:
+    """Every variant at one batch size, args.rounds times; one combined row each."""
+    import torch
+
+    batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))
+    with torch.no_grad():
+        ref = tuple(t.numpy() for t in model(torch.from_numpy(batch)))
+    rounds = []
+    for i in range(args.rounds):
+        log(f"batch {bs}: timing the variants interleaved (round {i + 1} of {args.rounds})")
+        rounds.append(time_batch(args, files, batch, ref))
+    return combine_rounds(rounds)
+
+
 def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
     """One row per variant from repeated interleaved runs: the median of each figure, and the speed-up's range."""
     combined = []
@@ -317,6 +332,15 @@ def markdown(result: dict) -> str:
         "",
         *(
             [
+                f"**{result['background_load']} busy-looping processes ran beside the timings** (other work that "
+                "wants the cores).",
+                "",
+            ]
+            if result.get("background_load")
+            else []
+        ),
+        *(
+            [
                 f"Each figure is the median over {result['rounds']} rounds of the whole interleaved timing; the "
                 "range column gives the lowest and highest speed-up of the rounds.",
                 "",
@@ -367,6 +391,13 @@ def main(argv: list[str] | None = None) -> dict:
         "export); repeatable; its parity is its own verification.json",
     )
     parser.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy-looping processes during the timings (a box whose cores other work wants too)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=1, help="repeat the interleaved timing; rows give medians and the range"
     )
     parser.add_argument(
@@ -403,22 +434,24 @@ def main(argv: list[str] | None = None) -> dict:
     notes["also"] = also_notes(args.also)
     images, source = collect_images(model.cfg.input_size, verify_images=args.images, checkpoint=ckpt)
     rows = []
-    for bs in (int(b) for b in args.batch_sizes.split(",")):
-        batch = np.ascontiguousarray(np.resize(images, (bs, *images.shape[1:])))
-        with torch.no_grad():
-            ref = tuple(t.numpy() for t in model(torch.from_numpy(batch)))
-        rounds = []
-        for i in range(args.rounds):
-            log(f"batch {bs}: timing the variants interleaved (round {i + 1} of {args.rounds})")
-            rounds.append(time_batch(args, files, batch, ref))
-        rows += combine_rounds(rounds)
+    burners = [  # other work on the box: each a process that wants a whole core
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.background_load)
+    ]
+    try:
+        for bs in (int(b) for b in args.batch_sizes.split(",")):
+            rows += time_batch_rounds(args, files, images, bs, model)
+    finally:
+        for p in burners:
+            p.kill()
     loads = [r["load_1m_before"] for r in rows] + [r["load_1m_after"] for r in rows]
+
     result = {
         "command": command_line("speed_levers.py", argv),
         "machine": machine(),
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
         "threads": args.threads,
         "rounds": args.rounds,
+        "background_load": args.background_load,
         "images": source,
         "load_range": [min(loads), max(loads)],
         "rows": rows,
