@@ -242,3 +242,16 @@ def test_thread_settings_reach_onnx_runtime_and_do_not_change_the_results(model_
         command, ["--model", str(model_path), "--source", str(clip), "--out", str(tmp_path / "c"), "--threads", "0"]
     )
     assert bad.exit_code != 0 and "--threads" in bad.output and "Traceback" not in bad.output
+
+
+def test_streams_on_a_live_stream_keep_frames_in_flight_and_record_them_in_order(model_path, tmp_path):
+    with rf.MjpegServer([("stream", 600, "close")], interval_s=0.01) as server:
+        result, records, summary = run_cli(
+            "--model", model_path, "--source", server.url, "--out", tmp_path / "out", "--max-frames", "10",
+            "--duration", "30", "--streams", "2",
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(records) == 10 and all(r["status"] == "ok" for r in records)
+    frames = [r["frame"] for r in records]
+    assert frames == sorted(frames) and len(set(frames)) == 10  # written in source order, none twice
+    assert summary["backend"]["streams"] == 2 and summary["images"] == 10 and summary["stopped"] == "max-frames"

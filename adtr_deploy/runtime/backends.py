@@ -148,6 +148,7 @@ class OnnxRuntimeBackend(Backend):
         self._streams = open_streams(
             lambda: ort.InferenceSession(str(path), sess_options=opts, providers=providers), self.session, streams
         )
+        self.concurrency = streams  # run() calls that can usefully be in flight at once (the pipeline reads it)
 
     @staticmethod
     def _providers(kind: str, index: int, path: Path, trt_cache_dir, fp16: bool) -> list:
@@ -172,7 +173,7 @@ class OnnxRuntimeBackend(Backend):
         batch = self.check_batch(batch)
         if self.io_binding:
             return self._run_bound(batch)
-        if self._streams is not None and len(batch) > 1:
+        if self._streams is not None:  # any batch size: a single frame takes whichever session is free
             amap, score = self._streams.run(self._fetch, self.input_name, batch)
             return self.as_outputs(amap, score)
         amap, score = self.session.run(self._fetch, {self.input_name: batch})

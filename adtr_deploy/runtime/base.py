@@ -108,6 +108,7 @@ class Backend:
     name = "base"
     max_batch: int | None = None  # the largest batch the model accepts (None: no limit known)
     local = True  # opens a model file on this machine; a served backend (Triton) sets False and takes a name instead
+    concurrency = 1  # run() calls worth having in flight at once (ONNX Runtime with streams: one per stream)
 
     def __init__(self, path: str | Path, spec: ModelSpec, device: str):
         self.path = Path(path)

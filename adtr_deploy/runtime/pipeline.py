@@ -46,6 +46,8 @@ from adtr_deploy.runtime.outdir import (
 )
 from adtr_deploy.runtime.postprocess import Postprocessor, Prediction, overlay
 
+Batch = list[tuple[Frame, object]]  # frames in source order with (original, model input) or their error message
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -152,13 +154,16 @@ class Pipeline:
         # is never older than one batch.
         window = self.batch_size if self.source.live else max(2 * self.batch_size, 2 * opts.workers)
         pending: deque[tuple[Frame, Future]] = deque()
-        batch: list[tuple[Frame, object]] = []  # (frame, (original, input) or the error message), in source order
+        batch: Batch = []
         taken, exhausted, stopped = 0, False, "end of source"
         window_ui = Window(self.log) if opts.show else None
         video = None
         if opts.save_video:
             video = VideoOut(Path(opts.save_video), DEFAULT_VIDEO_FPS)
         pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="adtr-decode")
+        concurrency = getattr(self.backend, "concurrency", 1)
+        self._streams_pool = ThreadPoolExecutor(concurrency, "adtr-infer") if concurrency > 1 else None
+        self._inflight: deque[tuple[list, Future]] = deque()
         start_offset = results.tell()
         self._results, self._video, self._window = results, video, window_ui
         restore = self._catch_signals()
@@ -183,9 +188,10 @@ class Pipeline:
                         break
                     taken += 1
                     pending.append((frame, pool.submit(self._load, frame)))
+                self._drain(keep=len(self._inflight))  # write what the streams have finished, without waiting
                 if not pending:
                     if batch:
-                        self._finish(batch)
+                        self._dispatch(batch)
                         batch = []
                     if exhausted or self._stop_requested or self._signal:
                         break
@@ -205,11 +211,12 @@ class Pipeline:
                     or len(batch) >= 4 * self.batch_size
                     or (not pending and (exhausted or self.source.live))
                 ):
-                    self._finish(batch)
+                    self._dispatch(batch)
                     batch = []
                 if self._stop_requested:
                     stopped = "window closed"
                     break
+            self._drain()  # the batches still on a stream: finished, so recorded (a graceful stop included)
             if self._signal:
                 stopped = "interrupted"
         except KeyboardInterrupt:
@@ -222,6 +229,8 @@ class Pipeline:
             for _, future in pending:
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            if self._streams_pool is not None:  # batches still running finish; unrecorded ones are not counted
+                self._streams_pool.shutdown(wait=True, cancel_futures=True)
             self.source.close()
             results.close()
             if video is not None:
@@ -260,19 +269,41 @@ class Pipeline:
     _stop_requested = False
     _last_infer_ms = 0.0
 
-    def _finish(self, batch: list[tuple[Frame, object]]) -> None:
-        """Infer the decodable frames of a batch and write every frame's record, in order."""
+    def _infer(self, batch: Batch) -> tuple[dict[int, Prediction], float | None]:
+        """The decodable frames' predictions by id(frame), and inference ms per image (None: nothing to infer).
+        Touches no pipeline state, so it may run on a stream's thread."""
         good = [(f, item) for f, item in batch if not isinstance(item, str)]
-        predictions: dict[int, Prediction] = {}
-        if good:
-            x = stack_batch([item[1] for _, item in good])  # (B, H, W, 3) uint8
-            t0 = time.perf_counter()
-            maps, scores = self.backend.run(x)
-            infer_ms = (time.perf_counter() - t0) * 1000
-            self._infer_ms.append(infer_ms / len(good))
-            self._last_infer_ms = infer_ms / len(good)
-            for (f, _), p in zip(good, self.post(maps, scores), strict=True):
-                predictions[id(f)] = p
+        if not good:
+            return {}, None
+        x = stack_batch([item[1] for _, item in good])  # (B, H, W, 3) uint8
+        t0 = time.perf_counter()
+        maps, scores = self.backend.run(x)
+        infer_ms = (time.perf_counter() - t0) * 1000 / len(good)
+        return {id(f): p for (f, _), p in zip(good, self.post(maps, scores), strict=True)}, infer_ms
+
+    def _finish(self, batch: Batch) -> None:
+        """Infer the decodable frames of a batch and write every frame's record, in order."""
+        self._write_batch(batch, *self._infer(batch))
+
+    def _dispatch(self, batch: Batch) -> None:
+        """Infer and write a batch; with a backend that runs several batches at once (inference streams), start it on
+        a stream and write the batches that are done, oldest first, keeping at most `concurrency` in flight."""
+        if self._streams_pool is None:
+            self._finish(batch)
+            return
+        self._inflight.append((batch, self._streams_pool.submit(self._infer, batch)))
+        self._drain(keep=self.backend.concurrency - 1)
+
+    def _drain(self, keep: int = 0) -> None:
+        """Write finished batches in source order; block until at most `keep` remain in flight."""
+        while self._inflight and (len(self._inflight) > keep or self._inflight[0][1].done()):
+            batch, future = self._inflight.popleft()
+            self._write_batch(batch, *future.result())
+
+    def _write_batch(self, batch: Batch, predictions: dict[int, Prediction], infer_ms: float | None) -> None:
+        if infer_ms is not None:
+            self._infer_ms.append(infer_ms)
+            self._last_infer_ms = infer_ms
         for frame, item in batch:
             if isinstance(item, str):
                 self._write(self._record(frame, None, item))

@@ -2,9 +2,10 @@
 
 One session with T intra-op threads splits every operator of a frame over T threads and joins them again (~300
 operators per frame for lite0): at batch 1 on 2 cores a quarter of the time goes to that hand-off. N sessions with T/N
-threads each, every one on its own part of the batch, hand nothing off: at batch 2 with one frame per stream this was
-1.56x the throughput of batch 1 on one 2-thread session, at 1.3x its latency (benchmarks/results/speed_levers_s6.md);
-at batch 8, where one session already keeps both cores busy, 1.07x. The cost is memory: N copies of the model's
+threads each, every one on its own part of the batch or its own batch (the pipeline keeps one batch per stream in
+flight), hand nothing off: two frames in flight, one per stream, were 1.44x the throughput of batch 1 on one 2-thread
+session at 1.36x its latency (benchmarks/results/speed_levers_focus.md), 1.53x through adtr-run's whole pipeline
+(streams_pipeline.md); at batch 8, where one session already keeps both cores busy, 1.18x. The cost is memory: N copies of the model's
 weights. This is what other inference servers call throughput mode (OpenVINO's streams).
 
 ONNX Runtime releases the GIL inside `InferenceSession.run`, so plain threads run the sessions in parallel.
@@ -13,6 +14,7 @@ ONNX Runtime releases the GIL inside `InferenceSession.run`, so plain threads ru
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,20 +40,28 @@ def threads_per_stream(threads: int | None, streams: int) -> int:
 
 class Streams:
     """`sessions` (ONNX Runtime InferenceSessions of one model) run the parts of a batch concurrently: part 0 on the
-    calling thread, the others on a pool, outputs concatenated in batch order."""
+    calling thread, the others on a pool, outputs concatenated in batch order. Each session serves one part at a time
+    (a queue of free sessions), so several callers may run batches at once: the pipeline keeps one frame per stream in
+    flight on live sources that way."""
 
     def __init__(self, sessions: Sequence[Any]):
         self.sessions = list(sessions)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for session in self.sessions:
+            self._free.put(session)
         self._pool = ThreadPoolExecutor(len(self.sessions) - 1, thread_name_prefix="adtr-stream")
+
+    def _run_part(self, fetch: list[str], input_name: str, part: np.ndarray) -> list[np.ndarray]:
+        session = self._free.get()  # never held while waiting for anything else: no deadlock
+        try:
+            return session.run(fetch, {input_name: part})
+        finally:
+            self._free.put(session)
 
     def run(self, fetch: list[str], input_name: str, batch: np.ndarray) -> list[np.ndarray]:
         parts = np.array_split(batch, min(len(self.sessions), len(batch)))  # contiguous slices of a contiguous batch
-        futures = [
-            self._pool.submit(session.run, fetch, {input_name: part})
-            for session, part in zip(self.sessions[1:], parts[1:])
-        ]
-        first = self.sessions[0].run(fetch, {input_name: parts[0]})
-        outputs = [first] + [f.result() for f in futures]
+        futures = [self._pool.submit(self._run_part, fetch, input_name, part) for part in parts[1:]]
+        outputs = [self._run_part(fetch, input_name, parts[0])] + [f.result() for f in futures]
         return [np.concatenate([out[i] for out in outputs]) for i in range(len(fetch))]
 
     def close(self) -> None:
