@@ -286,8 +286,7 @@ class Pipeline:
         self._write_batch(batch, *self._infer(batch))
 
     def _dispatch(self, batch: Batch) -> None:
-        """Infer and write a batch; with a backend that runs several batches at once (inference streams), start it on
-        a stream and write the batches that are done, oldest first, keeping at most `concurrency` in flight."""
+        """Infer and write a batch; with inference streams, start it and keep at most `concurrency` in flight."""
         if self._streams_pool is None:
             self._finish(batch)
             return
