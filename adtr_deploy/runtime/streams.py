@@ -59,7 +59,7 @@ class Streams:
             self._free.put(session)
 
     def run(self, fetch: list[str], input_name: str, batch: np.ndarray) -> list[np.ndarray]:
-        parts = np.array_split(batch, min(len(self.sessions), len(batch)))  # contiguous slices of a contiguous batch
+        parts = np.array_split(batch, max(1, min(len(self.sessions), len(batch))))  # contiguous slices, in order
         futures = [self._pool.submit(self._run_part, fetch, input_name, part) for part in parts[1:]]
         outputs = [self._run_part(fetch, input_name, parts[0])] + [f.result() for f in futures]
         return [np.concatenate([out[i] for out in outputs]) for i in range(len(fetch))]
