@@ -16,7 +16,7 @@ exports the variants itself (into --work, outside the repository):
   (session.force_spinning_stop), 1 intra-op thread instead of --threads, denormals as zero, IO binding;
 - optionally the .pt2 package (AOTInductor) of the same checkpoint;
 - optionally other exports (`--also LABEL=PATH`, e.g. the default preset's FP32 and INT8 exports), each with spinning
-  off and on, so their ratios to the fixed reference (and INT8 to FP32) come from the same run.
+  off and on and as 2 streams, so their ratios to the fixed reference (and INT8 to FP32) come from the same run.
 
 All are timed interleaved in blocks (adtr_deploy.bench.timing, the method adtr-bench uses) at each batch size, on real
 images, and compared with the PyTorch FP32 reference on the same batch (max |diff| over the map range). Wall-clock
@@ -189,6 +189,10 @@ def make_calls(args, files: dict[str, Path], batch: np.ndarray) -> dict:
     for label, path in args.also:  # other exports (another preset, INT8): the same input, their own model
         calls[label] = plain(session(Path(path), args.threads))
         calls[label + ", spinning on"] = plain(session(Path(path), args.threads, spin=True))
+        other = OnnxRuntimeBackend(path, threads=args.threads, streams=2)
+        other_label = label + ", 2 streams x 1 thread" + (" (2 frames in flight)" if len(batch) == 1 else "")
+        calls[other_label] = lambda other=other: other.run(frames)
+        IMAGES_PER_CALL[other_label] = len(frames)
     if args.pt2:
         import torch
 
@@ -209,7 +213,7 @@ def time_batch(args, files, batch, reference_out) -> list[dict]:
     ref_map, ref_score = reference_out
     span = float(ref_map.max() - ref_map.min())
     parity = {}
-    others = {label for label, _ in args.also} | {label + ", spinning on" for label, _ in args.also}
+    others = {name for name in calls for label, _ in args.also if name.startswith(label)}
     for name, call in calls.items():
         amap, score = call()
         if name in others:  # another model: its parity is its own export's verification (notes)
