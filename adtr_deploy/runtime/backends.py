@@ -81,10 +81,12 @@ class OnnxRuntimeBackend(Backend):
                 "onnxruntime is not installed; install it with pip install 'adtr-deploy[cpu]' (or [gpu] on an NVIDIA machine)"
             ) from None
         kind, index = parse_device(device)
-        if streams < 1 or (streams > 1 and kind != "cpu"):
+        if streams < 1:
+            raise BackendError(f"--streams {streams} must be at least 1 (1: one session, the default)")
+        if streams > 1 and kind != "cpu":
             raise BackendError(
-                f"--streams {streams}: inference streams split a batch over CPU sessions; give 1 or more with "
-                "--device cpu (a GPU runs the whole batch at once)"
+                f"--streams {streams} needs --device cpu: inference streams are CPU sessions sharing the cores, and a "
+                "GPU runs the whole batch at once; leave --streams at 1 on a GPU"
             )
         if streams > 1:
             threads = threads_per_stream(threads, streams)
