@@ -303,8 +303,12 @@ def test_spinning_and_streams_rows_time_onnx_runtime_variants_in_one_run(exporte
         log=lambda m: None,
     )
     rows = {r["runner"]: r for r in rep["results"]}
-    assert set(rows) == {"onnxruntime-cpu", "onnxruntime-cpu (spinning)", "onnxruntime-cpu (2 streams)"}
+    streamed = "onnxruntime-cpu (2 streams, 2 batches in flight)"
+    assert set(rows) == {"onnxruntime-cpu", "onnxruntime-cpu (spinning)", streamed}
     assert all(r["backend"] == "onnxruntime-cpu" and r["count"] >= 3 and r["p50_ms"] > 0 for r in rows.values())
+    # each timed call of the streams row runs 2 batches of 1: its images/s counts both (throughput = 2 / mean latency)
+    s = rows[streamed]
+    assert s["throughput_ips"] == pytest.approx(2 * 1000 / s["mean_ms"], rel=1e-6)
     assert rep["settings"]["onnxruntime_spinning"] == "both" and rep["settings"]["onnxruntime_streams"] == 2
     md = (tmp_path / "report.md").read_text()
-    assert "onnxruntime-cpu (spinning)" in md and "onnxruntime-cpu (2 streams)" in md
+    assert "onnxruntime-cpu (spinning)" in md and streamed in md

@@ -45,6 +45,7 @@ class Runner:
     bind: Callable[[np.ndarray], Callable[[], Any]]
     info: dict = field(default_factory=dict)
     gpu_peak: Callable[[Callable[[], Any]], dict] | None = None  # GPU memory while running a callable, where measurable
+    in_flight: int = 1  # batches one timed call runs at once (inference streams: one per stream, as adtr-run does)
 
     @property
     def is_reference(self) -> bool:
@@ -225,13 +226,33 @@ def _bind_run(backend: Any) -> Callable[[np.ndarray], Callable[[], Any]]:
     return bind
 
 
+def _bind_in_flight(backend: Any, n: int) -> Callable[[np.ndarray], Callable[[], Any]]:
+    """A call that runs `n` copies of the batch at once (the first on the calling thread); returns the first's outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(n - 1, "adtr-bench-stream")
+
+    def bind(batch: np.ndarray) -> Callable[[], Any]:
+        def call():
+            others = [pool.submit(backend.run, batch) for _ in range(n - 1)]
+            out = backend.run(batch)
+            for f in others:
+                f.result()
+            return out
+
+        return call
+
+    return bind
+
+
 def backend_runners(
     name: str, path: Path, threads: int | None, spinning: str = "off", streams: int = 1
 ) -> list[Runner]:
     """Runners for one runtime backend on `path`. Raises BackendError (with the reason) when it cannot run here.
     onnxruntime-cpu only: `spinning` "on" times a session whose idle intra-op threads spin-wait, "both" times it beside
-    the default one (a second row, "onnxruntime-cpu (spinning)"); `streams` > 1 adds a row that splits each batch over
-    that many concurrent sessions sharing the threads ("onnxruntime-cpu (N streams)", runtime/streams.py)."""
+    the default one (a second row, "onnxruntime-cpu (spinning)"); `streams` > 1 adds a row with that many concurrent
+    sessions sharing the threads, each timed call running one batch per stream at once as adtr-run keeps them in flight
+    ("onnxruntime-cpu (N streams, N batches in flight)", runtime/streams.py); its images/s counts them all."""
     from adtr_deploy.runtime.backends import open_model
 
     if spinning not in SPINNING:
@@ -246,10 +267,13 @@ def backend_runners(
             backend = open_model(path, device, spinning=spin, **opts)
             label = name + (SPINNING_SUFFIX if spin else "")
             runners.append(Runner(label, name, "cpu", "n/a (cpu)", _bind_run(backend), dict(backend.describe())))
-        if streams > 1:
+        if streams > 1:  # adtr-run keeps one batch per stream in flight: so does each timed call
             backend = open_model(path, device, streams=streams, **opts)
-            label = f"{name} ({streams} streams)"
-            runners.append(Runner(label, name, "cpu", "n/a (cpu)", _bind_run(backend), dict(backend.describe())))
+            label = f"{name} ({streams} streams, {streams} batches in flight)"
+            info = dict(backend.describe())
+            runners.append(
+                Runner(label, name, "cpu", "n/a (cpu)", _bind_in_flight(backend, streams), info, None, streams)
+            )
         return runners
     backend = open_model(path, device, **opts)
     info = dict(backend.describe())

@@ -67,8 +67,8 @@ BACKEND_NAMES = (
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="onnxruntime-cpu: N > 1 adds a row, onnxruntime-cpu (N streams), that splits each batch over N concurrent "
-    "sessions sharing the threads (adtr-run --streams); compare its batch N with the plain row's batch 1.",
+    help="onnxruntime-cpu: N > 1 adds a row with N concurrent sessions sharing the threads, each timed call running "
+    "N batches at once as adtr-run --streams keeps them in flight (images/s counts them all; p50 is per batch).",
 )
 @click.option(
     "--profile/--no-profile", default=False, show_default=True, help="Add per-operator profiles to the report."
