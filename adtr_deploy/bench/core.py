@@ -208,7 +208,7 @@ def _time_batch(
     samples = measure_interleaved(calls, plan, cpu)
     rows = {}
     for r in runners:
-        stats = summarize(samples[r.name], bs * r.in_flight)  # images per timed call
+        stats = summarize(samples[r.name], bs * r.in_flight(bs))  # images per timed call
         cpu_ms = np.asarray(cpu[r.name]) * 1e3
         ref = _reference_for(r, refs) if not r.is_reference else None
         rows[r.name] = {

@@ -45,7 +45,11 @@ class Runner:
     bind: Callable[[np.ndarray], Callable[[], Any]]
     info: dict = field(default_factory=dict)
     gpu_peak: Callable[[Callable[[], Any]], dict] | None = None  # GPU memory while running a callable, where measurable
-    in_flight: int = 1  # batches one timed call runs at once (inference streams: one per stream, as adtr-run does)
+    streams: int = 1  # inference streams: a timed call runs streams // batch batches at once, as adtr-run does
+
+    def in_flight(self, batch_size: int) -> int:
+        """Batches one timed call runs at once (images per call = batch size x this)."""
+        return max(1, self.streams // batch_size)
 
     @property
     def is_reference(self) -> bool:
@@ -226,13 +230,16 @@ def _bind_run(backend: Any) -> Callable[[np.ndarray], Callable[[], Any]]:
     return bind
 
 
-def _bind_in_flight(backend: Any, n: int) -> Callable[[np.ndarray], Callable[[], Any]]:
-    """A call that runs `n` copies of the batch at once (the first on the calling thread); returns the first's outputs."""
+def _bind_in_flight(backend: Any, streams: int) -> Callable[[np.ndarray], Callable[[], Any]]:
+    """A call that runs streams // batch copies of the batch at once (the first on the calling thread), each split over
+    the free streams, as adtr-run's pipeline does; returns the first's outputs."""
     from concurrent.futures import ThreadPoolExecutor
 
-    pool = ThreadPoolExecutor(n - 1, "adtr-bench-stream")
+    pool = ThreadPoolExecutor(max(1, streams - 1), "adtr-bench-stream")
 
     def bind(batch: np.ndarray) -> Callable[[], Any]:
+        n = max(1, streams // len(batch))
+
         def call():
             others = [pool.submit(backend.run, batch) for _ in range(n - 1)]
             out = backend.run(batch)
@@ -251,8 +258,8 @@ def backend_runners(
     """Runners for one runtime backend on `path`. Raises BackendError (with the reason) when it cannot run here.
     onnxruntime-cpu only: `spinning` "on" times a session whose idle intra-op threads spin-wait, "both" times it beside
     the default one (a second row, "onnxruntime-cpu (spinning)"); `streams` > 1 adds a row with that many concurrent
-    sessions sharing the threads, each timed call running one batch per stream at once as adtr-run keeps them in flight
-    ("onnxruntime-cpu (N streams, N batches in flight)", runtime/streams.py); its images/s counts them all."""
+    sessions sharing the threads ("onnxruntime-cpu (N streams)", runtime/streams.py): below N images per batch each
+    timed call runs N // batch batches at once, as adtr-run keeps them in flight; its images/s counts them all."""
     from adtr_deploy.runtime.backends import open_model
 
     if spinning not in SPINNING:
@@ -267,9 +274,9 @@ def backend_runners(
             backend = open_model(path, device, spinning=spin, **opts)
             label = name + (SPINNING_SUFFIX if spin else "")
             runners.append(Runner(label, name, "cpu", "n/a (cpu)", _bind_run(backend), dict(backend.describe())))
-        if streams > 1:  # adtr-run keeps one batch per stream in flight: so does each timed call
+        if streams > 1:  # timed as adtr-run runs it: streams // batch batches in flight, each split over free streams
             backend = open_model(path, device, streams=streams, **opts)
-            label = f"{name} ({streams} streams, {streams} batches in flight)"
+            label = f"{name} ({streams} streams)"
             info = dict(backend.describe())
             runners.append(
                 Runner(label, name, "cpu", "n/a (cpu)", _bind_in_flight(backend, streams), info, None, streams)

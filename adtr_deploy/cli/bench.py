@@ -67,8 +67,9 @@ BACKEND_NAMES = (
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="onnxruntime-cpu: N > 1 adds a row with N concurrent sessions sharing the threads, each timed call running "
-    "N batches at once as adtr-run --streams keeps them in flight (images/s counts them all; p50 is per batch).",
+    help="onnxruntime-cpu: N > 1 adds a row, onnxruntime-cpu (N streams), with N concurrent sessions sharing the "
+    "threads, timed as adtr-run --streams runs: below N images per batch, N // batch batches at once (images/s counts "
+    "them all; p50 is per batch), larger batches split over the streams.",
 )
 @click.option(
     "--profile/--no-profile", default=False, show_default=True, help="Add per-operator profiles to the report."

@@ -150,7 +150,7 @@ class OnnxRuntimeBackend(Backend):
         self._streams = open_streams(
             lambda: ort.InferenceSession(str(path), sess_options=opts, providers=providers), self.session, streams
         )
-        self.concurrency = streams  # run() calls that can usefully be in flight at once (the pipeline reads it)
+        self.concurrency = streams  # sessions that can run at once (the pipeline keeps streams // batch in flight)
 
     @staticmethod
     def _providers(kind: str, index: int, path: Path, trt_cache_dir, fp16: bool) -> list:

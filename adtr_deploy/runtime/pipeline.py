@@ -161,8 +161,8 @@ class Pipeline:
         if opts.save_video:
             video = VideoOut(Path(opts.save_video), DEFAULT_VIDEO_FPS)
         pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="adtr-decode")
-        concurrency = getattr(self.backend, "concurrency", 1)
-        self._streams_pool = ThreadPoolExecutor(concurrency, "adtr-infer") if concurrency > 1 else None
+        self._in_flight = max(1, getattr(self.backend, "concurrency", 1) // self.batch_size)  # streams: batches at once
+        self._streams_pool = ThreadPoolExecutor(self._in_flight, "adtr-infer") if self._in_flight > 1 else None
         self._inflight: deque[tuple[list, Future]] = deque()
         start_offset = results.tell()
         self._results, self._video, self._window = results, video, window_ui
@@ -270,8 +270,7 @@ class Pipeline:
     _last_infer_ms = 0.0
 
     def _infer(self, batch: Batch) -> tuple[dict[int, Prediction], float | None]:
-        """The decodable frames' predictions by id(frame), and inference ms per image (None: nothing to infer).
-        Touches no pipeline state, so it may run on a stream's thread."""
+        """Predictions by id(frame) and inference ms per image (None: nothing to infer); safe on a stream's thread."""
         good = [(f, item) for f, item in batch if not isinstance(item, str)]
         if not good:
             return {}, None
@@ -286,12 +285,12 @@ class Pipeline:
         self._write_batch(batch, *self._infer(batch))
 
     def _dispatch(self, batch: Batch) -> None:
-        """Infer and write a batch; with inference streams, start it and keep at most `concurrency` in flight."""
+        """Infer and write a batch; with inference streams, start it and keep at most `_in_flight` in flight."""
         if self._streams_pool is None:
             self._finish(batch)
             return
         self._inflight.append((batch, self._streams_pool.submit(self._infer, batch)))
-        self._drain(keep=self.backend.concurrency - 1)
+        self._drain(keep=self._in_flight - 1)
 
     def _drain(self, keep: int = 0) -> None:
         """Write finished batches in source order; block until at most `keep` remain in flight."""
