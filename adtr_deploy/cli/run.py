@@ -158,9 +158,9 @@ def _quiet_opencv() -> None:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="ONNX Runtime on the CPU: N sessions sharing --threads, N batches in flight (at batch 1: one frame per "
-    "stream, records still in source order). 1.53x the frames per second at batch 1 on 2 cores, each frame ~1.4x "
-    "later; memory: N copies of the model.",
+    help="ONNX Runtime on the CPU: N sessions sharing --threads; batches of N or more images are split over them, "
+    "smaller ones kept in flight (at batch 1: one frame per stream; records still in source order). 1.53x the frames "
+    "per second at batch 1 on 2 cores, each frame ~1.4x later; memory: N copies of the model.",
 )
 @click.option(
     "--max-pixels",
