@@ -163,7 +163,7 @@ class Pipeline:
         pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="adtr-decode")
         self._in_flight = max(1, getattr(self.backend, "concurrency", 1) // self.batch_size)  # streams: batches at once
         self._streams_pool = ThreadPoolExecutor(self._in_flight, "adtr-infer") if self._in_flight > 1 else None
-        self._inflight: deque[tuple[list, Future]] = deque()
+        self._running: deque[tuple[Batch, Future]] = deque()  # batches on the streams, oldest first
         start_offset = results.tell()
         self._results, self._video, self._window = results, video, window_ui
         restore = self._catch_signals()
@@ -188,7 +188,7 @@ class Pipeline:
                         break
                     taken += 1
                     pending.append((frame, pool.submit(self._load, frame)))
-                self._drain(keep=len(self._inflight))  # write what the streams have finished, without waiting
+                self._drain(keep=len(self._running))  # write what the streams have finished, without waiting
                 if not pending:
                     if batch:
                         self._dispatch(batch)
@@ -289,13 +289,13 @@ class Pipeline:
         if self._streams_pool is None:
             self._finish(batch)
             return
-        self._inflight.append((batch, self._streams_pool.submit(self._infer, batch)))
+        self._running.append((batch, self._streams_pool.submit(self._infer, batch)))
         self._drain(keep=self._in_flight - 1)
 
     def _drain(self, keep: int = 0) -> None:
         """Write finished batches in source order; block until at most `keep` remain in flight."""
-        while self._inflight and (len(self._inflight) > keep or self._inflight[0][1].done()):
-            batch, future = self._inflight.popleft()
+        while self._running and (len(self._running) > keep or self._running[0][1].done()):
+            batch, future = self._running.popleft()
             self._write_batch(batch, *future.result())
 
     def _write_batch(self, batch: Batch, predictions: dict[int, Prediction], infer_ms: float | None) -> None:
@@ -319,7 +319,7 @@ class Pipeline:
                     record["overlay"] = str(target.relative_to(self.out_dir))
                 if self._video is not None:
                     self._video.write(picture)
-                if self._window is not None and not self._window.show(picture):
+                if self._window is not None and not self._stop_requested and not self._window.show(picture):
                     self._stop_requested = True
             self._write(record, original, pred, picture)
 
