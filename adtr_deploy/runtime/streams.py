@@ -3,10 +3,11 @@
 One session with T intra-op threads splits every operator of a frame over T threads and joins them again (~300
 operators per frame for lite0): at batch 1 on 2 cores a quarter of the time goes to that hand-off. N sessions with T/N
 threads each, every one on its own part of the batch or its own batch (the pipeline keeps streams // batch batches
-in flight), hand nothing off: two frames in flight, one per stream, were 1.44x the throughput of batch 1 on one 2-thread
-session at 1.36x its latency (benchmarks/results/speed_levers_focus.md), 1.53x through adtr-run's whole pipeline
-(streams_pipeline.md); at batch 8, where one session already keeps both cores busy, 1.18x. The cost is memory: N copies of the model's
-weights. This is what other inference servers call throughput mode (OpenVINO's streams).
+in flight), hand nothing off: two frames in flight, one per stream, were 1.44x the throughput of batch 1 on one
+2-thread session at 1.36x its latency (benchmarks/results/speed_levers_focus.md), 1.53x through adtr-run's whole
+pipeline (streams_pipeline.md); at batch 8, where one session already keeps both cores busy, 1.18x. The cost is
+memory: N copies of the model's weights. This is what other inference servers call throughput mode (OpenVINO's
+streams).
 
 ONNX Runtime releases the GIL inside `InferenceSession.run`, so plain threads run the sessions in parallel.
 """
