@@ -54,9 +54,10 @@ class OnnxRuntimeBackend(Backend):
     between the graph's ~300 operators); when other processes want the cores it is 10-25% slower, and on a heavily
     loaded machine (load 11-14) 1.9x slower. The default is off (it never loses much); a dedicated box turns it on
     (`adtr-run --spin`) after `adtr-bench --spinning both` shows it wins there. `allow_fallback` (run on whatever ORT
-    picked, with a warning, instead of refusing), `io_binding` (default: on for GPU devices), `trt_cache_dir` (TensorRT engine cache, default
-    `trt_cache/` beside the model), `fp16` (TensorRT provider in fp16; default: the spec's precision), `streams` (CPU:
-    split each batch over this many concurrent sessions sharing `threads`, adtr_deploy/runtime/streams.py).
+    picked, with a warning, instead of refusing), `io_binding` (default: on for GPU devices), `trt_cache_dir`
+    (TensorRT engine cache, default `trt_cache/` beside the model), `fp16` (TensorRT provider in fp16; default: the
+    spec's precision), `streams` (CPU: this many concurrent sessions sharing `threads`; a batch is split over the free
+    ones, adtr_deploy/runtime/streams.py).
     """
 
     name = "onnxruntime"
