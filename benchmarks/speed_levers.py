@@ -141,9 +141,6 @@ def _build_variants(args, work: Path, model, spec) -> tuple[dict[str, Path], dic
     return files, notes
 
 
-IMAGES_PER_CALL: dict[str, int] = {}  # variants whose call takes more images than the batch (streams at batch 1)
-
-
 def make_calls(args, files: dict[str, Path], batch: np.ndarray) -> dict:
     """name -> zero-argument callable returning (map, score) for the batch."""
     import onnxruntime as ort
@@ -185,14 +182,12 @@ def make_calls(args, files: dict[str, Path], batch: np.ndarray) -> dict:
     frames = np.ascontiguousarray(np.resize(batch, (max(2, len(batch)), *batch.shape[1:])))
     label = "fused, 2 streams x 1 thread" + (" (2 frames in flight, 1 per stream)" if len(batch) == 1 else "")
     calls[label] = lambda: streamed.run(frames)
-    IMAGES_PER_CALL[label] = len(frames)
     for label, path in args.also:  # other exports (another preset, INT8): the same input, their own model
         calls[label] = plain(session(Path(path), args.threads))
         calls[label + ", spinning on"] = plain(session(Path(path), args.threads, spin=True))
         other = OnnxRuntimeBackend(path, threads=args.threads, streams=2)
         other_label = label + ", 2 streams x 1 thread" + (" (2 frames in flight)" if len(batch) == 1 else "")
         calls[other_label] = lambda other=other: other.run(frames)
-        IMAGES_PER_CALL[other_label] = len(frames)
     if args.pt2:
         import torch
 
@@ -208,14 +203,15 @@ def time_batch(args, files, batch, reference_out) -> list[dict]:
     from adtr_deploy.bench.timing import TimingPlan, measure_interleaved, summarize
 
     calls = make_calls(args, files, batch)
-    if args.variants:  # a focused run: the reference and the variants whose names contain one of the given strings
+    if args.variants:  # a focused run: the reference and the variants named
         calls = {k: v for k, v in calls.items() if k == "reference" or k in args.variants}
     ref_map, ref_score = reference_out
     span = float(ref_map.max() - ref_map.min())
-    parity = {}
+    parity, images = {}, {}  # images per call: the batch, or 2 frames for a streams call at batch 1
     others = {name for name in calls for label, _ in args.also if name.startswith(label)}
     for name, call in calls.items():
         amap, score = call()
+        images[name] = len(score)
         if name in others:  # another model: its parity is its own export's verification (notes)
             parity[name] = float("nan")
             continue
@@ -229,18 +225,17 @@ def time_batch(args, files, batch, reference_out) -> list[dict]:
     base = summarize(samples["reference"], len(batch))
     base_cpu = float(np.median(cpu["reference"]))
     for name in calls:
-        st = summarize(samples[name], IMAGES_PER_CALL.get(name, len(batch)))
+        st = summarize(samples[name], images[name])
         cpu_ms = float(np.median(cpu[name])) * 1e3
         rows.append({
             "variant": name,
             "batch": len(batch),
-            "images_per_call": IMAGES_PER_CALL.get(name, len(batch)),
+            "images_per_call": images[name],
             "p50_ms": st["p50_ms"],
             "ips": st["throughput_ips"],
             "speedup": st["throughput_ips"] / base["throughput_ips"],
             "cpu_ms_p50": cpu_ms,
-            # per image: a streams call at batch 1 takes 2 frames
-            "speedup_cpu_time": (base_cpu * 1e3 / len(batch)) / (cpu_ms / IMAGES_PER_CALL.get(name, len(batch))),
+            "speedup_cpu_time": (base_cpu * 1e3 / len(batch)) / (cpu_ms / images[name]),  # per image
             "n": st["count"],
             "parity_max_rel": parity[name],
             "load_1m_before": load_before,

@@ -215,11 +215,8 @@ def export_torchscript(checkpoint: Path, out_dir: Path) -> Path:
 # Exported-model backends through the runtime
 
 
-SPINNING = (
-    "off",
-    "on",
-    "both",
-)  # ONNX Runtime CPU rows: intra-op threads spin-wait off (the runtime's default), on, both
+# --spinning -> the onnxruntime-cpu sessions timed: intra-op threads spin-wait off (the runtime's default), on, or both
+SPINNING: dict[str, tuple[bool, ...]] = {"off": (False,), "on": (True,), "both": (False, True)}
 SPINNING_SUFFIX = " (spinning)"
 
 
@@ -270,7 +267,7 @@ def backend_runners(
         opts["threads"] = threads
     if name == "onnxruntime-cpu" and (spinning != "off" or streams > 1):
         runners = []
-        for spin in ([False] if spinning != "on" else []) + ([True] if spinning != "off" else []):
+        for spin in SPINNING[spinning]:
             backend = open_model(path, device, spinning=spin, **opts)
             label = name + (SPINNING_SUFFIX if spin else "")
             runners.append(Runner(label, name, "cpu", "n/a (cpu)", _bind_run(backend), dict(backend.describe())))

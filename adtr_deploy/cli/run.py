@@ -267,9 +267,9 @@ def command(
     cls = backend_class(model, backend)
     if device is None:
         device = "cuda" if cls is TensorRTBackend else "cpu"
-    options = {"allow_fallback": allow_fallback} if cls is OnnxRuntimeBackend else {}
+    options: dict = {}
     if cls is OnnxRuntimeBackend:
-        options.update(threads=threads, spinning=spin, streams=streams)
+        options = {"allow_fallback": allow_fallback, "threads": threads, "spinning": spin, "streams": streams}
     elif threads or spin or streams > 1:
         log(f"--threads, --spin and --streams set ONNX Runtime's sessions; {cls.__name__} ignores them")
     if cls is TritonBackend:

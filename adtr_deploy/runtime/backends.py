@@ -201,7 +201,7 @@ class OnnxRuntimeBackend(Backend):
             "providers": self.providers,
             "intra_op_threads": self.threads,  # None: ORT's default (the physical cores)
             "spinning": self.spinning,
-            "streams": len(self._streams.sessions) if self._streams else 1,
+            "streams": self.concurrency,
             "io_binding": self.io_binding,
             "fallback": self.fallback,
         }
