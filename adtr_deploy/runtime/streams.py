@@ -44,8 +44,8 @@ class Streams:
     calling thread, the others on a pool, outputs concatenated in batch order. Each session serves one part at a time
     (a queue of free sessions), so several callers may run batches at once: with batches smaller than the stream count
     the pipeline keeps streams // batch of them in flight (at batch 1, one frame per stream, live sources included).
-    Measured at batch 8: one batch split 4 + 4 was 1.18x one 2-thread session, two whole batches at once 0.98x (one
-    adtr-bench run), so larger batches are split instead."""
+    At batch 8 one batch split 4 + 4 was 1.18x one 2-thread session (speed_levers_focus.md); two whole batches at once
+    were 0.98x in one scratch adtr-bench run that is not kept, so larger batches are split instead."""
 
     def __init__(self, sessions: Sequence[Any]):
         self.sessions = list(sessions)
