@@ -36,7 +36,8 @@ SCENARIOS: dict[str, dict] = {
 
 def make_models(preset: str, work: Path) -> tuple[Path, Path, Path]:
     """checkpoint.pt of an untrained `preset` model, its ONNX export (dynamo exporter, the default) and its TorchScript
-    export, both through adtr-export's export_checkpoint (parity verified), in the `--format all` layout."""
+    export, both through adtr-export's export_checkpoint (parity verified on the demo data's brick train/good images:
+    an untrained checkpoint records none), in the `--format all` layout."""
     import torch
 
     from adtr_deploy.export import export_checkpoint
@@ -47,13 +48,14 @@ def make_models(preset: str, work: Path) -> tuple[Path, Path, Path]:
     ckpt = work / "checkpoint.pt"
     export = work / "export"
     onnx_path, ts_path = export / "onnx" / "model.onnx", export / "torchscript" / "model.torchscript"
+    good = images(work).parent / "train" / "good"
     if not ckpt.is_file():
         torch.manual_seed(0)
         save_checkpoint(ckpt, ADTR(get_preset(preset)).eval())
     if not onnx_path.is_file():
-        export_checkpoint(ckpt, "onnx", onnx_path.parent)
+        export_checkpoint(ckpt, "onnx", onnx_path.parent, verify_images=str(good))
     if not ts_path.is_file():
-        export_checkpoint(ckpt, "torchscript", ts_path.parent)
+        export_checkpoint(ckpt, "torchscript", ts_path.parent, verify_images=str(good))
     return ckpt, onnx_path, ts_path
 
 

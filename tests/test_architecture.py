@@ -1,17 +1,22 @@
-"""The package's shape, read statically from its source: dependency directions, module sizes.
+"""The package's shape, read statically from its source: dependency directions, module sizes, and the module map of
+docs/architecture.md kept in step with the tree.
 
-Intended directions (../DESIGN.md, "Where the code has grown"): the runtime imports only the core and inference
-engines, never model/, train/, data/ or export/; the core (the package's top-level modules: spec, preprocess, metrics,
-fileio, ...) imports nothing heavy and no sub-package; model/ knows nothing of training, export or the CLI. Every
-import counts, also one inside a function: a lazy import is still a dependency, it only moves the failure to run time.
+Intended directions (docs/architecture.md, "Packages and the one direction of imports"): the runtime imports only the
+core and inference engines, never model/, train/, data/ or export/; the core (the package's top-level modules: spec,
+preprocess, metrics, fileio, ...) imports nothing heavy and no sub-package; model/ knows nothing of training, export or
+the CLI; export never imports data/ (its images come from the user or the checkpoint). Every import counts, also one
+inside a function (a lazy import is still a dependency, it only moves the failure to run time), one through
+importlib.import_module("...") and one named by a string such as the formats table's "module:function".
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "adtr_deploy"
+ARCHITECTURE_PAGE = PACKAGE.parent / "docs" / "architecture.md"
 MAX_LINES = 400
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "tensorrt")
 SUB_PACKAGES = tuple(sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()))
@@ -21,6 +26,7 @@ FORBIDDEN_PARTS: dict[str, tuple[str, ...]] = {
     "runtime": ("model", "train", "data", "export", "cli", "bench"),
     "core": SUB_PACKAGES,
     "model": ("train", "export", "cli", "bench"),
+    "export": ("data", "train", "cli", "bench"),
 }
 # the importing part -> third-party packages it must not import
 FORBIDDEN_LIBS: dict[str, tuple[str, ...]] = {"core": HEAVY}
@@ -36,8 +42,15 @@ def _part(module: str) -> str:
     return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in SUB_PACKAGES) else "core"
 
 
+# "adtr_deploy.export.onnx" or "adtr_deploy.export.onnx:export_onnx": a string naming a module of the package
+MODULE_STRING = re.compile(r"adtr_deploy(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?")
+DYNAMIC_IMPORTS = ("import_module", "__import__")
+
+
 def _imports(module: str, path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in the file, at any depth; relative imports resolved."""
+    """(line, absolute module name) of every import in the file, at any depth; relative imports resolved; also
+    importlib.import_module("name") / __import__("name") with a constant name, and every string constant that names a
+    module of the package (a registry's "module:function", a lazy-import table)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -50,7 +63,13 @@ def _imports(module: str, path: Path) -> list[tuple[int, str]]:
                 base = ".".join(anchor + ([base] if base else []))
             # `from adtr_deploy import metrics` imports the module adtr_deploy.metrics
             found += [(node.lineno, f"{base}.{a.name}" if base == "adtr_deploy" else base) for a in node.names]
-    return found
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if func in DYNAMIC_IMPORTS and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_STRING.fullmatch(node.value):
+            found.append((node.lineno, node.value.partition(":")[0]))
+    return list(dict.fromkeys(found))  # import_module("adtr_deploy.x") is both a call and a module string
 
 
 def _violations(package: Path = PACKAGE) -> list[str]:
@@ -100,6 +119,39 @@ def test_the_direction_check_flags_lazy_relative_and_from_package_imports(tmp_pa
     assert any("model/__init__.py:1 imports adtr_deploy.train (model -> train)" in b for b in bad)
 
 
+def test_the_direction_check_sees_export_to_data_through_importlib_and_module_strings(tmp_path):
+    fake = tmp_path / "adtr_deploy"
+    files = {
+        "__init__.py": "",
+        "data/__init__.py": "",
+        "data/demo.py": "",
+        "export/__init__.py": "",
+        "export/images.py": "def f():\n    from adtr_deploy.data.demo import make_sample\n",
+        "export/lazy.py": "import importlib\nm = importlib.import_module('adtr_deploy.data.demo')\n",
+        "export/plain.py": "from importlib import import_module\nm = import_module(\"adtr_deploy.data\")\n",
+        "export/formats.py": "FORMATS = {'x': {'exporter': 'adtr_deploy.data.demo:write'}}\n",
+        "export/fine.py": "FORMATS = {'x': {'exporter': 'adtr_deploy.export.images:f'}}\nDOC = 'see adtr_deploy.data'\n",
+        "runtime/__init__.py": "",
+        "runtime/trt.py": "import importlib\ndef f():\n    return importlib.import_module('adtr_deploy.export.x')\n",
+    }
+    for name, text in files.items():
+        (fake / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake / name).write_text(text)
+    bad = sorted(_violations(fake))
+    assert bad == [
+        "adtr_deploy/export/formats.py:1 imports adtr_deploy.data.demo (export -> data)",
+        "adtr_deploy/export/images.py:2 imports adtr_deploy.data.demo (export -> data)",
+        "adtr_deploy/export/lazy.py:2 imports adtr_deploy.data.demo (export -> data)",
+        "adtr_deploy/export/plain.py:2 imports adtr_deploy.data (export -> data)",
+        "adtr_deploy/runtime/trt.py:3 imports adtr_deploy.export.x (runtime -> export)",
+    ], bad
+    real = _modules()
+    formats = _imports("adtr_deploy.export.formats", real["adtr_deploy.export.formats"])
+    assert any(name == "adtr_deploy.export.onnx" for _, name in formats)  # the table's "module:function" strings
+    engine = _imports("adtr_deploy.runtime.engine_check", real["adtr_deploy.runtime.engine_check"])
+    assert any(name == "tensorrt" for _, name in engine)  # importlib.import_module("tensorrt")
+
+
 def test_no_module_imports_against_the_intended_direction():
     bad = _violations()
     assert not bad, "imports against the intended direction:\n" + "\n".join(bad)
@@ -115,16 +167,24 @@ def test_no_module_is_longer_than_400_lines():
     assert not long, f"modules over {MAX_LINES} lines (split them where the steps are):\n" + "\n".join(long)
 
 
-def test_image_selection_leak_guard_and_engine_check_run_without_torch():
+def test_image_selection_leak_guard_and_engine_check_run_without_torch(tmp_path):
     import subprocess
     import sys
+
+    import cv2
+    import numpy as np
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        assert cv2.imwrite(str(folder / f"{i}.png"), np.random.default_rng(i).integers(0, 256, (40, 40, 3), np.uint8))
 
     code = (
         "import sys\n"
         "from adtr_deploy.export.images import verification_images\n"
         "import adtr_deploy.leak_guard, adtr_deploy.runtime.engine_check\n"
-        "batch, source = verification_images((32, 32), max_images=2)\n"
-        "assert batch.shape == (2, 32, 32, 3) and 'demo' in source, source\n"
+        f"batch, source = verification_images((32, 32), verify_images={str(folder)!r}, max_images=2)\n"
+        "assert batch.shape == (2, 32, 32, 3) and 'images from' in source, source\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'onnxruntime', 'tensorrt')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -85,7 +85,7 @@ def checkpoint(work, model, image_files) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_checkpoint(work, model) -> Path:
-    """The same weights without calibration or recorded images (verification falls back to the demo data)."""
+    """The same weights without calibration or recorded images (verification needs --verify-images)."""
     return save_checkpoint(work / "plain" / "checkpoint.pt", model)
 
 
@@ -258,15 +258,29 @@ def test_an_interrupted_export_leaves_no_half_written_artifact(work, plain_check
     assert good.path.read_bytes() == before  # the previous, complete export is untouched
 
 
-def test_cli_exports_torchscript_verified_on_the_demo_data_without_calibration_images(work, plain_checkpoint):
+def test_cli_export_without_verification_images_says_so_in_one_sentence_and_writes_nothing(work, plain_checkpoint):
+    """No --verify-images and no recorded images: one sentence naming what to pass (export never falls back to the demo
+    data or a test split)."""
     from adtr_deploy.cli.export import command
 
-    out = work / "cli-demo"
+    out = work / "cli-no-images"
     res = CliRunner().invoke(
         command, ["--model", str(plain_checkpoint.parent), "--format", "torchscript", "--out", str(out)]
     )
+    lines = res.output.strip().splitlines()
+    assert res.exit_code != 0 and len(lines) == 1 and lines[0].startswith("Error: "), res.output
+    assert "records none" in lines[0] and "--verify-images" in lines[0] and "--no-verify" in lines[0]
+    assert not out.exists()
+
+
+def test_cli_exports_torchscript_verified_on_given_images_without_calibration_images(work, plain_checkpoint, image_files):
+    from adtr_deploy.cli.export import command
+
+    out = work / "cli-given"
+    args = ["--model", str(plain_checkpoint.parent), "--format", "torchscript", "--out", str(out)]
+    res = CliRunner().invoke(command, [*args, "--verify-images", str(image_files[0].parent)])
     assert res.exit_code == 0, res.output
-    assert "demo data" in res.output and "PASS" in res.output
+    assert "12 images from" in res.output and "PASS" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.torchscript", "verification.json"]
 
 

@@ -181,7 +181,8 @@ def _describe(result) -> list[str]:
     "--verify-images",
     default=None,
     metavar="FOLDER|GLOB",
-    help="Images for verification. Default: the checkpoint's calibration images if present, else the built-in demo data.",
+    help="Images for verification. Default: the checkpoint's held-out calibration images (never a test split); "
+    "without them export stops and asks for this option.",
 )
 @click.option(
     "--workspace-gb",

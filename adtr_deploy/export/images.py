@@ -1,8 +1,8 @@
 """Which images verify or calibrate an export, in one place (torch-free: paths, OpenCV and numpy).
 
 - Verification (`verification_images`): the files given with --verify-images, else the checkpoint's calibration
-  hold-out images, else (when an INT8 export calibrated on those) its test split, else the built-in demo data's brick
-  test images, made in memory.
+  hold-out images, else (when an INT8 export calibrated on those) its other train/good images; with none of these it
+  refuses in one sentence. It never reads a test split nor the demo data set (export does not import data/).
 - INT8 calibration (`calibration_files`): --calib-images, else the checkpoint's hold-out images topped up with its
   train/good images; never an image of the evaluated test split (adtr_deploy/leak_guard.py).
 Both spread a long list evenly (`evenly`) and skip unreadable files: one broken file says nothing about parity and should
@@ -20,7 +20,7 @@ import numpy as np
 from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import DEFAULT_CALIB_COUNT
 from adtr_deploy.leak_guard import check_no_test_leak, mvtec_test_split
-from adtr_deploy.preprocess import ImageDecodeError, is_image_file, load_image, prepare, stack_batch
+from adtr_deploy.preprocess import ImageDecodeError, is_image_file, load_image, stack_batch
 
 MAX_VERIFY_IMAGES = 16
 
@@ -57,28 +57,6 @@ def load_files(paths: list[str | Path], size: tuple[int, int]) -> list[np.ndarra
 # --- verification ----------------------------------------------------------------------------------------------------
 
 
-def demo_images(size: tuple[int, int], n: int) -> tuple[list[np.ndarray], str]:
-    """n of the built-in demo data set's brick test images (good and defective), evenly spread, made in memory: the
-    same pixels `adtr data demo` writes to test/<split>/NNN.png, without writing the data set."""
-    from adtr_deploy.data.demo import DEFECTS, NUM_PER_DEFECT, NUM_TEST_GOOD, make_sample
-
-    # sorted like the files test/good/000.png ... test/stain/009.png
-    counts = {"good": NUM_TEST_GOOD, **{d: NUM_PER_DEFECT for d in DEFECTS}}
-    items = [(split, i) for split in sorted(counts) for i in range(counts[split])]
-    side = max(size)
-    images = [prepare(make_sample("brick", s, i, seed=0, image_size=side)[0], size) for s, i in evenly(items, n)]
-    return images, "built-in demo data (brick test images)"
-
-
-def test_split_files(checkpoint: dict | None) -> list[Path]:
-    """Images of the test split of the data the checkpoint was trained on (MVTec layout), where it exists here."""
-    data = ((checkpoint or {}).get("info") or {}).get("data") or {}
-    if not data.get("root") or not data.get("category"):
-        return []
-    folder = Path(data["root"]) / str(data["category"]) / "test"
-    return sorted(f for f in folder.rglob("*") if f.is_file() and is_image_file(f)) if folder.is_dir() else []
-
-
 def verification_images(
     size: tuple[int, int],
     *,
@@ -90,10 +68,10 @@ def verification_images(
     """Real images for verification, as a uint8 (N, H, W, 3) batch and a description of where they came from.
 
     Order: the files given with --verify-images (a folder or a glob), else the checkpoint's calibration images
-    (held-out good images recorded by training) when they exist on this machine, else the built-in demo data.
-    `avoid`: files an INT8 export calibrated on; verification does not reuse them (an in-sample check flatters the
-    quantization) and, when that leaves no calibration image, reads the checkpoint's test split (good and defective
-    images: a parity check fits nothing to them) before the demo data.
+    (held-out good images recorded by training) when they exist on this machine. `avoid`: files an INT8 export
+    calibrated on; verification does not reuse them (an in-sample check flatters the quantization) and, when that
+    leaves no calibration image, reads the checkpoint's other train/good images. Never a test split: the images that
+    check a deployment are not the ones that measure it. With none of these: a UserError saying what to pass.
     """
     if verify_images:
         images = load_files(evenly(files_from(verify_images), max_images), size)
@@ -109,12 +87,15 @@ def verification_images(
     if images:
         return stack_batch(images), f"{len(images)} of the checkpoint's calibration images"
     if seen:
-        tests = [p for p in test_split_files(checkpoint) if p.resolve() not in seen]
-        images = load_files(evenly(tests, max_images), size)
+        good = [p for p in _train_good((checkpoint or {}).get("info") or {}) if p.resolve() not in seen]
+        images = load_files(evenly(good, max_images), size)
         if images:
-            return stack_batch(images), f"{len(images)} test images of the checkpoint's data (none used to calibrate)"
-    images, source = demo_images(size, max_images)
-    return stack_batch(images), source
+            return stack_batch(images), f"{len(images)} train/good images of the checkpoint's data (none calibrated on)"
+    raise UserError(
+        "verification needs real images and the checkpoint records none that exist on this machine"
+        + (" besides the INT8 calibration images" if seen else "")
+        + "; pass --verify-images FOLDER|GLOB with images of the product (not the test split), or --no-verify"
+    )
 
 
 # --- INT8 calibration ------------------------------------------------------------------------------------------------
