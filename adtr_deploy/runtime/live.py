@@ -22,6 +22,7 @@ import numpy as np
 
 from adtr_deploy.errors import UserError
 from adtr_deploy.runtime.frames import Frame, Source
+from adtr_deploy.runtime.redaction import redact_url as redact  # the name sources.py and records use
 
 
 class _Connection:
@@ -157,15 +158,6 @@ def _open_url(url: str, timeout_s: float) -> _Connection:
         return _MjpegConnection(response, (boundary[2:] if boundary.startswith("--") else boundary).encode(), sock)
     conn.close()
     return _CaptureConnection(url, timeout_s)  # HTTP video (MP4, HLS, ...) for FFmpeg
-
-
-def redact(url: str) -> str:
-    """A URL without its password, for records and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 class LiveSource(Source):
