@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "bench": "bench",
     "data": "data",
     "demo": "demo",
+    "recalibrate": "recalibrate",
 }
 
 

@@ -1,0 +1,252 @@
+"""Recalibration from frames an operator confirms as good, recorded in model.json with the model it applies to.
+
+Torch-free (numpy + the runtime). The threshold never changes by itself (adtr_deploy.runtime.drift only reports); an
+operator recalibrates with `adtr recalibrate --model EXPORT --images GOOD_FRAMES` or `POST /api/recalibrate` on a
+served run. Both compute a new calibration with adtr_deploy.calibration.calibrate and write model.json atomically:
+the new `calibration`, the previous one appended to `extra.calibration_history`, and `extra.calibration_record`
+(version, when, by whom, how many frames, from what, the sha256 of the model file it applies to).
+
+Refused, with one sentence:
+- fewer than MIN_FRAMES frames;
+- frames that look like flagged parts: a frame scored above the current threshold AND more than FLAG_SIGMAS robust
+  sigmas above the median of the frames given (robust sigma: 1.4826 x the median absolute deviation, and never less
+  than the calibration's score_std). The median test is what lets a drifted line be recalibrated: after a lamp change
+  every good frame may sit above the old threshold, but a defective part still stands out from its neighbours.
+  `allow_flagged` (--allow-flagged) takes them anyway;
+- a model.json written for another model file (its sha256 differs from the file's), or, for a running service, a
+  model.json on disk that now describes another model than the one running;
+- a calibration that is not finite (a model producing NaN or inf scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from adtr_deploy.calibration import THRESHOLD_SIGMAS, calibrate
+from adtr_deploy.errors import UserError
+from adtr_deploy.fileio import atomic_write_text, sha256_file
+from adtr_deploy.spec import SPEC_FILENAME, Calibration, ModelSpec, spec_path_for
+
+MIN_FRAMES = 20
+FLAG_SIGMAS = 5.0
+HISTORY_KEY = "calibration_history"
+RECORD_KEY = "calibration_record"
+MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution times this is its standard deviation
+
+
+class RecalibrationError(UserError):
+    """A recalibration was refused: too few frames, flagged frames, another model."""
+
+
+def default_operator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def check_finite(cal: Calibration, where: str) -> None:
+    for name, value in dataclasses.asdict(cal).items():
+        if name != "method" and not math.isfinite(value):
+            raise RecalibrationError(
+                f"{where}: calibration.{name} is {value!r}, not a finite number; re-export the model or recalibrate it"
+            )
+
+
+def flagged(scores: np.ndarray, current: Calibration, threshold: float) -> np.ndarray:
+    """Indices of frames that look like flagged parts (see the module docstring)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    median = float(np.median(scores))
+    mad = float(np.median(np.abs(scores - median)))
+    floor = current.score_std if math.isfinite(current.score_std) and current.score_std > 0 else 0.0
+    sigma = max(MAD_TO_SIGMA * mad, floor, 1e-9 * max(abs(median), 1.0))
+    return np.flatnonzero((scores > threshold) & (scores > median + FLAG_SIGMAS * sigma))
+
+
+def check_frames(
+    scores: np.ndarray,
+    current: Calibration,
+    threshold: float,
+    *,
+    names: list[str] | None = None,
+    allow_flagged: bool = False,
+    what: str = "frames",
+) -> None:
+    """Refuse too few frames, non-finite scores and (unless allowed) flagged frames, with one sentence."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if scores.size < MIN_FRAMES:
+        raise RecalibrationError(
+            f"recalibration needs at least {MIN_FRAMES} frames confirmed as good, and {what} hold {scores.size}; "
+            "give more good frames"
+        )
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        name = names[bad[0]] if names else f"frame {bad[0]}"
+        raise RecalibrationError(
+            f"the model scored {bad.size} of the {what} as NaN or infinite (e.g. {name}); the model or the frames are "
+            "broken, so no calibration is computed"
+        )
+    hits = flagged(scores, current, threshold)
+    if hits.size and not allow_flagged:
+        i = int(hits[np.argmax(scores[hits])])
+        name = names[i] if names else f"frame {i}"
+        raise RecalibrationError(
+            f"{hits.size} of the {scores.size} {what} look like flagged parts (e.g. {name} scores {scores[i]:.6g}, above "
+            f"the threshold {threshold:.6g} and over {FLAG_SIGMAS:g} sigmas above the others' median "
+            f"{float(np.median(scores)):.6g}); remove them, or pass --allow-flagged if they really are good"
+        )
+
+
+def recalibrated(
+    spec: ModelSpec,
+    scores: np.ndarray,
+    maps: np.ndarray | None = None,
+    *,
+    by: str,
+    source: str,
+    model_sha256: str | None,
+    allow_flagged: bool = False,
+    sigmas: float = THRESHOLD_SIGMAS,
+) -> ModelSpec:
+    """The spec with a new calibration from these good scores (and maps; without maps the pixel statistics, which only
+    colour the heatmaps, are kept), the previous calibration in the history and the record of this recalibration."""
+    old = spec.calibration
+    new = calibrate(scores, maps, sigmas=sigmas)
+    if maps is None:
+        new = dataclasses.replace(new, map_mean=old.map_mean, map_std=old.map_std, map_threshold=old.map_threshold)
+    check_finite(new, "the new calibration")
+    extra = dict(spec.extra)
+    previous_record = extra.get(RECORD_KEY)
+    version = int(previous_record.get("version", 0)) + 1 if isinstance(previous_record, dict) else 1
+    history = list(extra.get(HISTORY_KEY) or [])
+    history.append({"calibration": dataclasses.asdict(old), "record": previous_record})
+    extra[HISTORY_KEY] = history
+    extra[RECORD_KEY] = {
+        "version": version,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "by": by,
+        "frames": int(np.asarray(scores).size),
+        "source": source,
+        "model_sha256": model_sha256,
+        "allow_flagged": bool(allow_flagged),
+        "previous_threshold": old.threshold,
+    }
+    return spec.replace(calibration=new, extra=extra)
+
+
+def write_spec(spec: ModelSpec, path: str | Path) -> Path:
+    """model.json as strict JSON (no NaN), written atomically."""
+    text = json.dumps(spec.to_dict(), indent=2, sort_keys=True, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def check_same_model(spec_path: Path, running_sha256: str | None) -> ModelSpec:
+    """The model.json on disk, refused when it now describes another model file than the one running."""
+    spec = ModelSpec.load(spec_path)
+    check_finite(spec.calibration, str(spec_path))
+    on_disk = spec.extra.get("sha256")
+    if running_sha256 and on_disk and on_disk != running_sha256:
+        raise RecalibrationError(
+            f"{spec_path} now describes another model (sha256 {on_disk[:12]}...) than the one running "
+            f"({running_sha256[:12]}...); restart adtr-run with that model, then recalibrate"
+        )
+    return spec
+
+
+# -- the CLI side: score a folder of good frames with the exported model ----------------------------------------------
+def resolve(model: str | Path) -> tuple[Path, Path]:
+    """EXPORT_DIR, model.json or the model file -> (model file, model.json beside it)."""
+    from adtr_deploy.runtime.backends import model_file
+
+    path = Path(model)
+    if path.name == SPEC_FILENAME or path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise RecalibrationError(f"{path} does not exist; give the export folder or its model.json")
+        artifact = model_file(path.parent)
+    else:
+        if not path.exists():
+            raise RecalibrationError(f"{path} does not exist; give the export folder, its model.json or model file")
+        artifact = model_file(path)
+    spec_path = spec_path_for(artifact)
+    if not spec_path.is_file():
+        raise RecalibrationError(
+            f"{artifact} has no {SPEC_FILENAME} beside it to record a calibration in; export it with adtr-export"
+        )
+    return artifact, spec_path
+
+
+def score_folder(engine, folder: Path, batch_size: int = 8) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image names, raw scores (N,), maps (N, 1, H, W)) of every image under `folder`, with the runtime's decoding."""
+    from adtr_deploy.preprocess import ImageDecodeError, is_image_file, read_image, resize, stack_batch
+    from adtr_deploy.runtime.sources import list_folder
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RecalibrationError(f"--images {folder} is not a folder; give a folder of frames confirmed as good")
+    paths = [p for p in list_folder(folder) if is_image_file(p)]
+    names, scores, maps = [], [], []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images = []
+        for p in chunk:
+            try:
+                images.append(resize(read_image(p), engine.spec.input_size))
+            except (ImageDecodeError, OSError, ValueError) as exc:
+                raise RecalibrationError(
+                    f"cannot read {p} ({exc}); remove it from the folder of good frames or replace it"
+                ) from None
+        m, s = engine.run(stack_batch(images))
+        names += [str(p.relative_to(folder)) for p in chunk]
+        scores.append(np.asarray(s, dtype=np.float64).reshape(-1))
+        maps.append(np.asarray(m, dtype=np.float32))
+    if not names:
+        return [], np.zeros(0), np.zeros((0, 1, *engine.spec.input_size), np.float32)
+    return names, np.concatenate(scores), np.concatenate(maps)
+
+
+def recalibrate_export(
+    model: str | Path,
+    images: str | Path,
+    *,
+    by: str | None = None,
+    allow_flagged: bool = False,
+    device: str = "cpu",
+    sigmas: float = THRESHOLD_SIGMAS,
+) -> tuple[ModelSpec, ModelSpec, Path]:
+    """Score the good frames in `images` with the exported model, check them, write the new model.json.
+    Returns (previous spec, new spec, model.json path)."""
+    from adtr_deploy.runtime.backends import open_model
+
+    artifact, spec_path = resolve(model)
+    old = ModelSpec.load(spec_path)
+    check_finite(old.calibration, str(spec_path))
+    engine = open_model(artifact, device)  # refuses a model.json written for another model file (sha256)
+    try:
+        names, scores, maps = score_folder(engine, Path(images))
+    finally:
+        engine.close()
+    check_frames(
+        scores, old.calibration, old.threshold, names=names, allow_flagged=allow_flagged, what=f"images in {images}"
+    )
+    sha = old.extra.get("sha256") or sha256_file(artifact)
+    new = recalibrated(
+        old,
+        scores,
+        maps,
+        by=by or default_operator(),
+        source=f"images:{Path(images).resolve()}",
+        model_sha256=sha,
+        allow_flagged=allow_flagged,
+        sigmas=sigmas,
+    )
+    write_spec(new, spec_path)
+    return old, new, spec_path
