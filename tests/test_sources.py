@@ -161,3 +161,93 @@ def test_unreachable_stream_fails_at_start_with_one_sentence():
         port = s.getsockname()[1]
     with pytest.raises(ValueError, match="cannot open stream"):
         LiveSource(f"http://127.0.0.1:{port}/video", timeout_s=1.0).start()
+
+
+class TrickleServer:
+    """A local HTTP server that answers one byte at a time, every `every_s` seconds: the status line and headers, or,
+    on the first connection when `frames_first` > 0, the next frame after that many whole ones. Bounded by stop()."""
+
+    def __init__(self, every_s: float, frames_first: int = 0):
+        import socket
+        import threading
+
+        self.every_s = every_s
+        self.frames_first = frames_first
+        self.connections = 0
+        self.stopped = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/stream.mjpg"
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        import threading
+
+        self.sock.settimeout(0.1)
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: multipart/x-mixed-replace; boundary=frame\r\n\r\n"
+        jpg = rf.jpeg_frames(1)[0]
+        part = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n"
+        first = self.connections == 1 and self.frames_first
+        whole, trickled = (head + part * self.frames_first, part) if first else (b"", head)
+        try:
+            conn.sendall(whole)
+            for i in range(len(trickled)):  # bounded: one part at most
+                if self.stopped.wait(self.every_s):
+                    break
+                conn.sendall(trickled[i : i + 1])
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def __enter__(self) -> TrickleServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_a_trickling_stream_fails_the_open_within_the_timeout_instead_of_taking_minutes():
+    with TrickleServer(every_s=0.3) as server:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=r"cannot open stream .*no complete answer within 1\.5 s"):
+            LiveSource(server.url, timeout_s=1.5).start()
+        took = time.monotonic() - t0
+    assert took < 1.5 + 2.0, f"the open took {took:.1f} s"  # headers alone are ~80 bytes: 24 s at this pace
+
+
+def test_a_stream_that_trickles_mid_run_is_a_counted_outage_and_close_does_not_wait_for_it():
+    """Whole frames first, then a frame one byte at a time: the source goes down within the timeout, every reopen
+    attempt is counted (each one trickles its headers, and each is cut at the deadline), and close() returns at once,
+    even in the middle of an attempt."""
+    with TrickleServer(every_s=0.2, frames_first=3) as server:
+        src = LiveSource(server.url, timeout_s=1.0, backoff_s=0.1, backoff_max_s=0.2)
+        src.start()
+        try:
+            t0 = time.monotonic()
+            while src.stats()["up"] and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+            down_after = time.monotonic() - t0
+            stats = src.stats()
+            assert not stats["up"] and stats["outage_start"] is not None and stats["received"] == 3
+            assert down_after < 1.0 + 2.0, f"the stall was noticed after {down_after:.1f} s"
+            while src.stats()["reconnects"] < 2 and time.monotonic() - t0 < 15:
+                time.sleep(0.05)
+            assert src.stats()["reconnects"] >= 2 and src.stats()["outages"] == 1  # one outage, several attempts
+        finally:
+            t1 = time.monotonic()
+            src.close()
+            closed_in = time.monotonic() - t1
+    assert closed_in < 1.0, f"close() took {closed_in:.1f} s"
+    assert server.connections >= 3
