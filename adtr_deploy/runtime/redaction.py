@@ -1,7 +1,8 @@
 """Secrets out of what is shown: one helper that masks the password and secret-looking query values of a URL.
 
 Used for every URL the runtime prints, records or serves (sources, sinks): `rtsp://user:pw@cam/s` is shown as
-`rtsp://user:***@cam/s`, `https://host/hook?token=abc` as `https://host/hook?token=***`. Plain file paths pass unchanged.
+`rtsp://user:***@cam/s`, `https://host/hook?token=abc` as `https://host/hook?token=***`. Anything without
+SCHEME://HOST (a file path, camera:0) passes unchanged.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import urllib.parse
 MASK = "***"
 # Query parameters whose values are credentials (compared lower-case).
 SECRET_PARAMS = frozenset(
-    {"token", "access_token", "auth", "key", "api_key", "apikey", "password", "passwd", "pass", "pw", "secret",
-     "sig", "signature"}
+    "token access_token auth key api_key apikey password passwd pass pw secret sig signature".split()
 )
-_URL_SCHEMES = frozenset({"http", "https", "rtsp", "rtsps", "rtmp", "mqtt", "mqtts", "ws", "wss", "tcp", "udp"})
 _USERINFO = re.compile(r"(//[^:/@?#]*):[^@/?#]*@")
 
 
@@ -23,7 +22,7 @@ def redact_url(url: str) -> str:
     """`url` without its password and without the values of secret-looking query parameters, for logs and pages."""
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() not in _URL_SCHEMES:
+        if not parts.scheme or not parts.netloc:  # a file path (or C:\\...): nothing to mask
             return url
         netloc = parts.netloc
         user, at, hostport = netloc.rpartition("@")
