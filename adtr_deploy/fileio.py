@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -62,9 +63,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def strict_json(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, infinity) replaced by None: what strict JSON readers (jq, a browser, an
+    MES) accept, where Python's default would write the non-standard `NaN` and `Infinity`."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any, **kwargs: Any) -> str:
+    """json.dumps that never writes NaN or Infinity (they become null), for every JSON file and message we produce."""
+    return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(obj: Any, path: str | Path, *, sort_keys: bool = False) -> Path:
-    """`obj` as indented JSON (values JSON cannot hold, such as paths, as their str) written atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
+    """`obj` as indented strict JSON (NaN and infinity as null; values JSON cannot hold, such as paths, as their str)
+    written atomically."""
+    return atomic_write_text(path, dumps_strict(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> Path:

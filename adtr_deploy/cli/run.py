@@ -71,7 +71,7 @@ def _quiet_opencv() -> None:
     "out_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="Output folder: results.jsonl, summary.json, overlays/.",
+    help="Output folder: results.jsonl, summary.json, runs.jsonl, overlays/ (one run writes here at a time).",
 )
 @click.option(
     "--device",
@@ -173,13 +173,22 @@ def _quiet_opencv() -> None:
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace the results of an earlier run in --out (otherwise such a folder is refused).",
+    help="Replace the results of an earlier run in --out, its overlays included (otherwise such a folder is refused).",
 )
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue an earlier run into the same --out (image folder, glob or list): inputs already in results.jsonl are "
-    "skipped, new records are appended.",
+    help="Continue an earlier run into the same --out (also fine when there is none yet): for image files the inputs "
+    "already recorded are skipped; for cameras and streams a new segment starts and every earlier one is kept. The same "
+    "model and source only. What a service's command line uses.",
+)
+@click.option(
+    "--keep",
+    "keep",
+    multiple=True,
+    metavar="AGE|SIZE",
+    help="Live sources: remove the oldest closed segments (results and their overlays) older than AGE (30d, 12h) or "
+    "beyond SIZE in all (5GB, 500MB); both may be given. Default: keep everything.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress line and no summary on the terminal.")
 @click.option(
@@ -206,7 +215,59 @@ def _quiet_opencv() -> None:
     "sinks",
     multiple=True,
     metavar="SINK",
-    help="Send each anomaly as JSON to webhook:URL or mqtt://HOST[:PORT]/TOPIC (repeatable); never blocks inference.",
+    help="Send each anomaly as JSON to http[s]://HOST/PATH (a webhook) or mqtt[s]://HOST[:PORT]/TOPIC (repeatable): "
+    "at least once, from a spool on disk that outlasts receiver outages and restarts; never blocks inference.",
+)
+@click.option(
+    "--sink-spool",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Where each sink keeps the messages its receiver has not acknowledged yet. Default: OUT/spool.",
+)
+@click.option(
+    "--sink-spool-max",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Messages each sink's spool holds (also at most 100 MB); when full, new anomalies are dropped, counted and "
+    "logged. Default: 20000.",
+)
+@click.option(
+    "--sink-token",
+    envvar="ADTR_SINK_TOKEN",
+    default=None,
+    help="Webhooks: send `Authorization: Bearer TOKEN`. Env: ADTR_SINK_TOKEN (better: not shown in ps).",
+)
+@click.option(
+    "--sink-secret",
+    envvar="ADTR_SINK_SECRET",
+    default=None,
+    help="Webhooks: sign each body with HMAC-SHA256 (headers X-ADTR-Signature, X-ADTR-Timestamp). "
+    "Env: ADTR_SINK_SECRET (better: not shown in ps).",
+)
+@click.option(
+    "--line",
+    "line_name",
+    default=None,
+    metavar="NAME",
+    help="The camera or line name each sink message carries (field `line`). Default: the source.",
+)
+@click.option(
+    "--drift-window",
+    type=click.IntRange(min=20),
+    default=100,
+    show_default=True,
+    help="Drift: the last N good scores whose median is compared with the calibration; DRIFT only when more than half "
+    "of them moved (one bad part never does). Shown in the live view, /api/status, /metrics and sent to the sinks.",
+)
+@click.option(
+    "--drift-sigmas",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    help="Drift: DRIFT when that median is this many calibration sigmas from the good mean; it clears below half of "
+    "it. The threshold never changes by itself: recalibrate with POST /api/recalibrate or adtr recalibrate.",
 )
 @user_errors
 def command(
@@ -234,11 +295,19 @@ def command(
     max_pixels: int,
     overwrite: bool,
     resume: bool,
+    keep: tuple[str, ...],
     quiet: bool,
     serve: str | None,
     serve_token: str | None,
     serve_linger: float | None,
     sinks: tuple[str, ...],
+    sink_spool: Path | None,
+    sink_spool_max: int | None,
+    sink_token: str | None,
+    sink_secret: str | None,
+    line_name: str | None,
+    drift_window: int,
+    drift_sigmas: float,
 ) -> None:
     """Run an exported ADTR model over images, a video, a camera or a stream; write OUT/results.jsonl (one record per
     image or frame) and OUT/summary.json.
@@ -249,11 +318,18 @@ def command(
       adtr-run --model export/model.onnx --source images/ --out runs/a --resume      # after a stop: the rest only
       adtr-run --model export/model.onnx --source line.mp4 --out runs/b --batch-size 8 --save-video runs/b/annotated.avi
       adtr-run --model export/model.onnx --source rtsp://cam.local/stream --out runs/c --device cuda
+      adtr-run --model export/model.onnx --source rtsp://cam.local/stream --out /var/lib/adtr/line3 --resume --keep 30d
       adtr-run --backend triton --url triton.local:8000 --model adtr --source images/ --out runs/d
     """
     _quiet_opencv()
     from adtr_deploy.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, backend_class, open_model
-    from adtr_deploy.runtime.outdir import check_out_dir
+    from adtr_deploy.runtime.outdir import (
+        check_out_dir,
+        check_out_outside_source,
+        lock_out_dir,
+        parse_keep,
+        unlock_out_dir,
+    )
     from adtr_deploy.runtime.pipeline import Pipeline, RunOptions
     from adtr_deploy.runtime.sources import open_source
     from adtr_deploy.runtime.triton import TritonBackend
@@ -263,7 +339,17 @@ def command(
     if serve is not None or sinks:  # checked and bound before the model loads; imported only when asked for
         from adtr_deploy.runtime.serve import Service
 
-        service = Service(serve, serve_token, sinks, log=lambda msg: click.echo(f"Note: {msg}", err=True))
+        sink_options = {
+            "spool_root": sink_spool or out_dir / "spool",
+            **({"max_messages": sink_spool_max} if sink_spool_max else {}),
+            "token": sink_token,
+            "secret": sink_secret,
+            "line": line_name,
+            "out_dir": out_dir,
+        }
+        service = Service(
+            serve, serve_token, sinks, log=lambda msg: click.echo(f"Note: {msg}", err=True), sink_options=sink_options
+        )
     cls = backend_class(model, backend)
     if device is None:
         device = "cuda" if cls is TensorRTBackend else "cpu"
@@ -274,48 +360,65 @@ def command(
         log(f"--threads, --spin and --streams set ONNX Runtime's sessions; {cls.__name__} ignores them")
     if cls is TritonBackend:
         options = {"protocol": protocol, "spec_path": spec_path, **({"url": url} if url else {})}
-    check_out_dir(out_dir, overwrite=overwrite, resume=resume)  # before the model loads: a wrong --out fails at once
-    src = open_source(source, timeout_s=timeout_s, queue_size=max(16, 2 * batch_size), max_pixels=max_pixels or None)
-    engine = open_model(model, device, backend=backend, **options)
-    run_options = RunOptions(
-        batch_size=batch_size,
-        workers=workers,
-        threshold=threshold,
-        save_overlays=save_overlays,
-        save_video=save_video,
-        show=show,
-        max_frames=max_frames,
-        duration=duration,
-        max_pixels=max_pixels or None,
-        overwrite=overwrite,
-        resume=resume,
-    )
-    fallback = getattr(engine, "fallback", None)
-    if fallback:
-        log(fallback + "; running anyway because of --allow-fallback")
-    if threshold is None and engine.spec.calibration.method == "uncalibrated":
-        log(
-            f"{model} carries no calibration, so its threshold ({engine.spec.threshold:g}) is a placeholder and "
-            "is_anomaly means little; train with calibration images or pass --threshold"
-        )
-    total = min(src.total, max_frames) if src.total and max_frames else src.total
-    progress = _Progress(total, enabled=not quiet)
-    hooks = service.pipeline_hooks() if service else {}
-    pipeline = Pipeline(engine, src, out_dir, run_options, on_record=progress, log=log, **hooks)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Before the model loads, so a wrong --out, or one another run is writing, fails at once.
+    check_out_dir(out_dir, overwrite=overwrite, resume=resume)
+    parse_keep(keep)
+    lock_out_dir(out_dir)
     try:
+        src = open_source(
+            source, timeout_s=timeout_s, queue_size=max(16, 2 * batch_size), max_pixels=max_pixels or None
+        )
+        check_out_outside_source(out_dir, getattr(src, "root", None))
+        engine = open_model(model, device, backend=backend, **options)
+        run_options = RunOptions(
+            batch_size=batch_size,
+            workers=workers,
+            threshold=threshold,
+            save_overlays=save_overlays,
+            save_video=save_video,
+            show=show,
+            max_frames=max_frames,
+            duration=duration,
+            max_pixels=max_pixels or None,
+            overwrite=overwrite,
+            resume=resume,
+            keep=keep,
+        )
+        fallback = getattr(engine, "fallback", None)
+        if fallback:
+            log(fallback + "; running anyway because of --allow-fallback")
+        if threshold is None and engine.spec.calibration.method == "uncalibrated":
+            log(
+                f"{model} carries no calibration, so its threshold ({engine.spec.threshold:g}) is a placeholder and "
+                "is_anomaly means little; train with calibration images or pass --threshold"
+            )
+        total = min(src.total, max_frames) if src.total and max_frames else src.total
+        progress = _Progress(total, enabled=not quiet)
+        hooks = service.pipeline_hooks() if service else {}
+        from adtr_deploy.runtime.drift import DriftMonitor, describe
+
+        drift = DriftMonitor(engine.spec.calibration, window=drift_window, sigmas=drift_sigmas, threshold=threshold)
+        drift.listeners.append(lambda event: log(describe(event)))
+        hooks["observers"] = [drift.observe, *hooks.get("observers", ())]  # first: the state sees drift at once
         if service:
-            service.start(pipeline, engine, model)
-        summary = pipeline.run()
-        if service:
+            service.attach_drift(drift)
+        pipeline = Pipeline(engine, src, out_dir, run_options, on_record=progress, log=log, **hooks)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            if service:
+                service.start(pipeline, engine, model)
+            summary = pipeline.run()
+            if service:
+                progress.end()
+                service.linger(serve_linger, summary)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
             progress.end()
-            service.linger(serve_linger, summary)
+            if service:
+                service.close()
+            engine.close()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        progress.end()
-        if service:
-            service.close()
-        engine.close()
+        unlock_out_dir(out_dir)
     if not quiet:
         _print_summary(summary, out_dir)
     if summary["stopped"] == "interrupted" and not summary["live"]:
@@ -333,12 +436,14 @@ def _print_summary(s: dict, out_dir: Path) -> None:
         click.echo(
             f"Live: {s['dropped_frames']} stale frames dropped, {len(gaps)} outages ({down:.1f} s), {s['reconnects']} reconnects."
         )
+    if s.get("gaps_total", 0) > len(s.get("gaps", [])):
+        click.echo(f"(summary.json lists the last {len(s['gaps'])} of the {s['gaps_total']} outages.)")
     if s.get("resumed_skipped"):
         click.echo(f"Resumed: {s['resumed_skipped']} inputs were already recorded and were skipped.")
     if s["stopped"] == "interrupted":
         by = "SIGTERM" if s.get("signal") == "SIGTERM" else "Ctrl-C"
         click.echo(
-            f"Stopped by {by}; every record processed so far is in results.jsonl, and counted"
+            f"Stopped by {by}; every record processed so far is in {out_dir / 'results.jsonl'}, and counted"
             + ("." if s["live"] else " (--resume continues the run).")
         )
     click.echo(f"Results: {out_dir / 'results.jsonl'}  Summary: {out_dir / 'summary.json'}")

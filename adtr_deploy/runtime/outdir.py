@@ -1,25 +1,170 @@
-"""The run's output folder: never destroy earlier results, resume a file run where it stopped, write files whole.
+"""The run's output folder: one writer at a time, never destroy earlier results, continue after any stop, stay bounded.
 
-A second run into a folder that holds results refuses unless told `--overwrite` (start over) or `--resume` (append,
-skipping the inputs already recorded). Overlays are written to a temporary file and renamed into place, so a run cut
-short never leaves half a JPEG.
+Layout of OUT:
+
+    results.jsonl                 the records being written now (file runs: the whole run, as always)
+    results-<run>-<part>.jsonl    closed segments of a live run, oldest first by name (run id = UTC start time)
+    summary.json                  the latest start's summary; `"running": true` while that start runs (a checkpoint)
+    runs.jsonl                    one summary per start, oldest first: the history of every start into this folder
+    overlays/                     file runs: overlays/<name>.jpg; live runs: overlays/<run>-<part>/frame_N.jpg
+    .adtr-run.lock                held (fcntl.flock) by the run writing here; the kernel releases it when that dies
+
+Every record carries `run` (the id of the start that wrote it) and `model_sha256`, so records of different starts
+never mix, even within one file. A second run into a folder that holds results refuses unless told `--overwrite`
+(start over: everything above is removed) or `--resume` (continue: a file run skips the inputs already recorded; a
+live run closes the earlier results.jsonl into a segment and starts a new one). A start that was killed (kill -9, a
+crash, power loss) left `"running": true` in summary.json: the next start recounts its records from the files and
+adds that recount to runs.jsonl, so every start has its summary. Records are written with one `write` call each, and
+a write that fails (disk full) is cut back to the last whole record; overlays and summaries are written to a
+temporary file and renamed into place, so a run cut short never leaves half a JPEG or half a summary.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from adtr_deploy.errors import UserError
-from adtr_deploy.fileio import atomic_write_bytes
+from adtr_deploy.fileio import atomic_write_bytes, write_json_atomic
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
+RUNS_FILE = "runs.jsonl"
 OVERLAY_DIR = "overlays"
-OUTPUTS = (RESULTS_FILE, SUMMARY_FILE, OVERLAY_DIR)
+LOCK_FILE = ".adtr-run.lock"
+SEGMENT_GLOB = "results-*.jsonl"
+OUTPUTS = (RESULTS_FILE, SUMMARY_FILE, RUNS_FILE, OVERLAY_DIR)
+KEEP_RUNS = 10_000  # runs.jsonl keeps the summaries of this many latest starts
+SEGMENT_BYTES = 64 << 20  # a live run closes its segment at this size (records and overlays) ...
+SEGMENT_SECONDS = 24 * 3600  # ... or at this age, whichever comes first
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(UserError):
+    """The disk (or a quota or file-size limit) refused a write; what was written before is whole and kept."""
+
+
+def disk_full(exc: OSError, path: Path) -> DiskFullError:
+    return DiskFullError(
+        f"the disk holding {path} is full ({exc.strerror or exc}); every record written before is complete and kept; "
+        "free some space, or pass --keep SIZE so old segments and overlays are removed, then start again"
+    )
+
+
+def new_run_id() -> str:
+    """The id of one start: its UTC time to the millisecond, e.g. 20261203T051500.123Z (sorts in time order)."""
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+# -- one writer per folder -----------------------------------------------------------------------------------------------
+
+_held: dict[str, list] = {}  # resolved OUT -> [fd, users in this process, created the folder]
+
+
+def lock_out_dir(out_dir: Path) -> None:
+    """Take OUT's lock (created with the folder if needed) or refuse with a sentence naming the process holding it.
+
+    fcntl.flock: the kernel releases it when the holder dies (crash, kill -9, power loss), so it is never stuck.
+    Taken again in the same process it is counted, not re-locked (the CLI takes it before the model loads, the
+    pipeline again for its run). Where fcntl does not exist (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    key = os.path.realpath(out_dir)
+    if key in _held:
+        _held[key][1] += 1
+        return
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder; give a folder for the results")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise UserError(
+                f"--out {out_dir} is in use by another adtr-run (pid {holder}); stop that run first or choose "
+                "another folder"
+            ) from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = [fd, 1, created]
+
+
+def unlock_out_dir(out_dir: Path) -> None:
+    """Release one use of the lock; the last one closes it. A folder this process created and left empty (the
+    source failed to open) is removed again, so a refused start leaves nothing behind."""
+    key = os.path.realpath(out_dir)
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] > 0:
+        return
+    del _held[key]
+    fd, _, created = entry
+    if created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
+        (out_dir / LOCK_FILE).unlink()
+        os.close(fd)
+        try:
+            out_dir.rmdir()
+        except OSError:
+            pass
+        return
+    os.close(fd)
+
+
+# -- what the folder holds ---------------------------------------------------------------------------------------------
+
+
+def segments(out_dir: Path) -> list[Path]:
+    """Closed segments, oldest first."""
+    return sorted(out_dir.glob(SEGMENT_GLOB))
+
+
+def result_files(out_dir: Path) -> list[Path]:
+    """Every file of records in OUT, oldest first: the closed segments, then results.jsonl. Readers use this."""
+    current = out_dir / RESULTS_FILE
+    return segments(out_dir) + ([current] if current.is_file() else [])
+
+
+def read_records(out_dir: Path) -> Iterator[dict]:
+    """Every whole record in OUT, oldest first (a torn last line left by kill -9 is skipped)."""
+    for path in result_files(out_dir):
+        with open(path, "rb") as fh:
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
+
+
+def earlier_outputs(out_dir: Path) -> list[str]:
+    if not out_dir.is_dir():
+        return []
+    found = [name for name in OUTPUTS if (out_dir / name).exists()]
+    return found + ([SEGMENT_GLOB] if segments(out_dir) else [])
 
 
 def check_out_dir(out_dir: Path, *, overwrite: bool = False, resume: bool = False) -> None:
@@ -29,7 +174,7 @@ def check_out_dir(out_dir: Path, *, overwrite: bool = False, resume: bool = Fals
         raise UserError("--overwrite and --resume contradict each other; choose one")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a folder; give a folder for the results")
-    earlier = [name for name in OUTPUTS if (out_dir / name).exists()]
+    earlier = earlier_outputs(out_dir)
     if earlier and not (overwrite or resume):
         raise UserError(
             f"--out {out_dir} already holds the results of an earlier run ({', '.join(earlier)}); "
@@ -37,52 +182,310 @@ def check_out_dir(out_dir: Path, *, overwrite: bool = False, resume: bool = Fals
         )
 
 
-def recorded_sources(results: Path) -> set[str]:
-    """The inputs an earlier run recorded (its records' "source"), for --resume. A torn last line (the run was killed
-    mid-write) is cut off first so appended records start on a line of their own; it is the only thing removed."""
+def check_out_outside_source(out_dir: Path, source_root: Path | None) -> None:
+    """A folder source must not contain --out: the run would score its own overlays on the next start."""
+    if source_root is None:
+        return
+    out, root = Path(os.path.realpath(out_dir)), Path(os.path.realpath(source_root))
+    if out == root or root in out.parents:
+        raise UserError(
+            f"--out {out_dir} is inside the source folder {source_root}: the next run would read its own results "
+            "and overlays as inputs; choose an --out outside the source folder"
+        )
+
+
+def clear_outputs(out_dir: Path) -> None:
+    """--overwrite: remove the replaced run's results, summaries, history and overlays (only our own names)."""
+    for path in result_files(out_dir) + [out_dir / SUMMARY_FILE, out_dir / RUNS_FILE]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out_dir / OVERLAY_DIR, ignore_errors=True)
+
+
+def repair_torn_line(results: Path) -> None:
+    """Cut off a torn last line (the run was killed mid-write) so appended records start on a line of their own; it is
+    the only thing removed."""
     if not results.is_file():
-        return set()
-    data = results.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(results, "r+b") as fh:
-            fh.truncate(keep)
-        data = data[:keep]
-    done = set()
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("source"), str):
-            done.add(record["source"])
-    return done
+        return
+    with open(results, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if not size:
+            return
+        back = min(size, 1 << 16)
+        while True:
+            fh.seek(size - back)
+            tail = fh.read(back)
+            if tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n")
+            if cut >= 0 or back == size:
+                fh.truncate(size - back + cut + 1)
+                return
+            back = min(size, back * 4)
 
 
-def count_records(results: Path, start: int) -> dict:
-    """Counts of the complete records written from byte offset `start` on: the summary's truth after an abrupt stop."""
+def recorded_sources(out_dir: Path) -> set[str]:
+    """The inputs earlier starts recorded (their records' "source"), for --resume of a file run."""
+    return {r["source"] for r in read_records(out_dir) if isinstance(r.get("source"), str)}
+
+
+def _first_run_id(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        line = fh.readline()
+    try:
+        run = json.loads(line).get("run")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return run if isinstance(run, str) and re.fullmatch(r"[0-9TZ.]+", run) else None
+
+
+def segment_name(out_dir: Path, run_id: str) -> tuple[Path, str]:
+    """The next free closed-segment name for a run, and its part (the overlays folder's name)."""
+    part = 1 + sum(1 for _ in out_dir.glob(f"results-{run_id}-*.jsonl"))
+    tag = f"{run_id}-{part:04d}"
+    return out_dir / f"results-{tag}.jsonl", tag
+
+
+def close_current(out_dir: Path) -> None:
+    """Close an earlier start's results.jsonl into a segment named after the run that wrote it (live --resume)."""
+    current = out_dir / RESULTS_FILE
+    if not current.is_file():
+        return
+    if current.stat().st_size == 0:
+        current.unlink()
+        return
+    run = _first_run_id(current) or datetime.fromtimestamp(current.stat().st_mtime, timezone.utc).strftime(
+        "%Y%m%dT%H%M%S.000Z"
+    )
+    target, _ = segment_name(out_dir, run)
+    os.replace(current, target)
+
+
+def recount(out_dir: Path, run_id: str) -> dict:
+    """Counts of the whole records a start wrote, read from the files: a killed start's summary. Reads bytes, not JSON
+    (a string value cannot hold an unescaped quote, so the markers below only match our own keys), so it is fast."""
     counts = {"images": 0, "ok": 0, "anomalies": 0, "errors": 0}
-    with open(results, "rb") as fh:
-        fh.seek(start)
-        for line in fh:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            counts["images"] += 1
-            if record.get("status") == "ok":
-                counts["ok"] += 1
-                counts["anomalies"] += int(bool(record.get("is_anomaly")))
-            else:
-                counts["errors"] += 1
+    mark = b'"run": "' + run_id.encode() + b'"'
+    files = [p for p in segments(out_dir) if run_id in p.name] + [out_dir / RESULTS_FILE]
+    for path in files:
+        if not path.is_file():
+            continue
+        with open(path, "rb") as fh:
+            for line in fh:
+                if not line.endswith(b"\n") or mark not in line:
+                    continue
+                counts["images"] += 1
+                if b'"status": "ok"' in line:
+                    counts["ok"] += 1
+                    counts["anomalies"] += b'"is_anomaly": true' in line
+                else:
+                    counts["errors"] += 1
     return counts
 
 
-def write_image_atomic(path: Path, image_bgr: np.ndarray) -> None:
-    """JPEG/PNG by suffix, encoded in memory and renamed into place: a reader never sees half a picture."""
+def read_summary(out_dir: Path) -> dict | None:
+    try:
+        data = json.loads((out_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _last_run_in_history(out_dir: Path) -> str | None:
+    path = out_dir / RUNS_FILE
+    if not path.is_file():
+        return None
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - (1 << 16)))
+        lines = fh.read().splitlines()
+    for line in reversed(lines):
+        try:
+            return json.loads(line).get("run")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    return None
+
+
+def append_history(out_dir: Path, summary: dict) -> None:
+    """Add one start's summary to runs.jsonl (one write; the newest KEEP_RUNS are kept)."""
+    path = out_dir / RUNS_FILE
+    line = (json.dumps(summary, allow_nan=False, separators=(",", ":")) + "\n").encode()
+    repair_torn_line(path)
+    with open(path, "ab") as fh:
+        fh.write(line)
+    if path.stat().st_size > KEEP_RUNS * 4096:  # cheap test first; trimming rewrites the file atomically
+        lines = path.read_bytes().splitlines(keepends=True)
+        if len(lines) > KEEP_RUNS:
+            atomic_write_bytes(path, b"".join(lines[-KEEP_RUNS:]))
+
+
+def finish_previous(out_dir: Path, log=None) -> dict | None:
+    """Before a new start: make sure the previous start's summary is in runs.jsonl. One that was killed (its summary.json
+    still says running) is recounted from its records. Returns the previous start's summary (None: there is none)."""
+    previous = read_summary(out_dir)
+    if previous is None:
+        return None
+    run = previous.get("run")
+    if previous.get("running") and isinstance(run, str):
+        counts = recount(out_dir, run)
+        previous = {**previous, **counts, "running": False, "recounted": True, "stopped": "killed"}
+        if log is not None:
+            log(
+                f"the start {run} in {out_dir} was killed before it could write its summary; recounted from its "
+                f"records: {counts['images']} images"
+            )
+        write_json_atomic(previous, out_dir / SUMMARY_FILE)
+    if run is None or _last_run_in_history(out_dir) != run:
+        append_history(out_dir, previous)
+    return previous
+
+
+# -- rotation and retention ----------------------------------------------------------------------------------------------
+
+_UNITS = {
+    "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400,
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+    "tib": 1 << 40,
+}  # fmt: skip
+
+
+def parse_keep(values) -> tuple[float | None, int | None]:
+    """`--keep 30d`, `--keep 5GB` (both may be given): (max age in seconds, max bytes). Units: s m h d w; B KB MB GB TB
+    (powers of 1000) and KiB MiB GiB TiB."""
+    age = size = None
+    for text in values or ():
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(text))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+            raise UserError(
+                f"--keep {text!r} is not an age or a size; write e.g. --keep 30d (s, m, h, d, w) or --keep 5GB "
+                "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            )
+        value = float(m.group(1)) * _UNITS[unit]
+        if unit in ("s", "m", "h", "d", "w"):
+            age = value
+        else:
+            size = int(value)
+    return age, size
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def apply_retention(out_dir: Path, max_age_s: float | None, max_bytes: int | None) -> list[str]:
+    """Remove the oldest closed segments, each with its overlays folder, while one is older than `max_age_s` (by its
+    last write) or the folder's results and overlays exceed `max_bytes`. The segment being written is never removed.
+    Returns the names removed."""
+    if max_age_s is None and max_bytes is None:
+        return []
+    closed = segments(out_dir)
+    sizes = {p: p.stat().st_size + _tree_bytes(out_dir / OVERLAY_DIR / p.stem[len("results-") :]) for p in closed}
+    total = sum(sizes.values())
+    if max_bytes is not None:
+        current = out_dir / RESULTS_FILE
+        total += current.stat().st_size if current.is_file() else 0
+        overlays = out_dir / OVERLAY_DIR
+        if overlays.is_dir():  # overlays of the segment being written, and a file run's
+            known = {p.stem[len("results-") :] for p in closed}
+            total += sum(_tree_bytes(q) for q in overlays.iterdir() if q.name not in known)
+    now, removed = time.time(), []
+    for path in closed:
+        too_old = max_age_s is not None and now - path.stat().st_mtime > max_age_s
+        too_big = max_bytes is not None and total > max_bytes
+        if not (too_old or too_big):
+            break
+        shutil.rmtree(out_dir / OVERLAY_DIR / path.stem[len("results-") :], ignore_errors=True)
+        path.unlink(missing_ok=True)
+        total -= sizes[path]
+        removed.append(path.name)
+    return removed
+
+
+# -- writing -------------------------------------------------------------------------------------------------------------
+
+
+class ResultsLog:
+    """OUT/results.jsonl, appended one whole record per `write` call (the same as a flush after each line).
+
+    A write the disk refuses (full, quota, file-size limit) is cut back to the last whole record and raises
+    DiskFullError. With `rotate`, the file is closed into `results-<run>-<part>.jsonl` once it and its overlays reach
+    SEGMENT_BYTES (or the --keep size / 8) or SEGMENT_SECONDS; `tag` names the current part (its overlays folder)."""
+
+    def __init__(self, out_dir: Path, run_id: str, *, append: bool, rotate: bool, max_bytes: int | None = None):
+        self.out_dir, self.run_id, self.rotate = out_dir, run_id, rotate
+        self.path = out_dir / RESULTS_FILE
+        self.limit = min(SEGMENT_BYTES, max_bytes // 8) if max_bytes else SEGMENT_BYTES
+        self._fd = -1
+        self._open(append)
+
+    def _open(self, append: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self._fd = os.open(self.path, flags, 0o644)
+        self.size = os.fstat(self._fd).st_size
+        self.segment_bytes = 0
+        self.opened = time.monotonic()
+        self.tag = segment_name(self.out_dir, self.run_id)[1]
+
+    def write(self, line: bytes) -> None:
+        start = self.size
+        try:
+            view = memoryview(line)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            if exc.errno in NO_SPACE:
+                raise disk_full(exc, self.path) from None
+            raise
+        self.size += len(line)
+        self.segment_bytes += len(line)
+
+    def add_overlay_bytes(self, n: int) -> None:
+        self.segment_bytes += n
+
+    def due(self) -> bool:
+        """Time to close the segment (checked between batches)."""
+        return self.rotate and (self.segment_bytes >= self.limit or time.monotonic() - self.opened >= SEGMENT_SECONDS)
+
+    def next_segment(self) -> str:
+        """Close results.jsonl into its segment and start a new one; returns the closed segment's name."""
+        os.close(self._fd)
+        self._fd = -1
+        target, _ = segment_name(self.out_dir, self.run_id)
+        os.replace(self.path, target)
+        self._open(append=False)
+        return target.name
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def write_image_atomic(path: Path, image_bgr: np.ndarray) -> int:
+    """JPEG/PNG by suffix, encoded in memory and renamed into place: a reader never sees half a picture. Returns the
+    bytes written."""
     ok, buf = cv2.imencode(path.suffix, image_bgr)
     if not ok:
         raise UserError(f"OpenCV cannot encode {path}; use a .jpg or .png name")
-    atomic_write_bytes(path, buf.tobytes())
+    try:
+        atomic_write_bytes(path, buf.tobytes())
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise disk_full(exc, path) from None
+        raise
+    return int(buf.size)

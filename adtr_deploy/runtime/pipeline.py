@@ -1,26 +1,29 @@
 """The run loop: source -> decode + preprocess in worker threads -> batches -> backend -> postprocess -> outputs.
 
-Decoding and resizing happen in a thread pool (OpenCV releases the GIL) with a bounded number of frames in flight, so
-memory stays flat however long the source is. Results come out in source order. Every frame taken from the source gets
-one line in results.jsonl, written and flushed as soon as its batch is done, so a crash or Ctrl-C loses nothing already
-processed; the summary is written at the end whatever the reason the run stopped.
+Decoding and resizing happen in a thread pool (OpenCV releases the GIL) with a bounded number of frames in flight, and
+everything a run keeps (adtr_deploy.runtime.runstate) is bounded, so memory stays flat however long the source is
+(benchmarks/soak.py measures it over a million frames). Results come out in source order. Every frame taken from the
+source gets one line in results.jsonl, written as soon as its batch is done, so a crash or Ctrl-C loses nothing
+already processed; the summary is written at the end whatever the reason the run stopped, and checkpointed while it
+runs (`"running": true`) so the next start can recount a start that was killed. The folder's layout, its lock and
+its retention: adtr_deploy.runtime.outdir.
 
 SIGINT (Ctrl-C) and SIGTERM (docker stop, systemd) do not raise in the middle of a batch: they ask the loop to stop at
-the next record boundary, so the summary counts exactly the records results.jsonl holds; frames taken but not yet
-recorded are neither written nor counted (a --resume run picks them up). A second signal stops at once; the summary
-then recounts what the file holds.
+the next record boundary, so the summary counts exactly the records written; frames taken but not yet recorded are
+neither written nor counted (a --resume run picks them up). A second signal stops at once; the summary then recounts
+what the files hold. Any further signal is ignored until the summary is written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,24 +32,26 @@ import cv2
 import numpy as np
 
 from adtr_deploy.errors import UserError
-from adtr_deploy.fileio import write_json_atomic
+from adtr_deploy.fileio import sha256_file, write_json_atomic
 from adtr_deploy.imageheader import DEFAULT_MAX_PIXELS
 from adtr_deploy.preprocess import ImageDecodeError, resize, stack_batch
+from adtr_deploy.runtime import outdir
 from adtr_deploy.runtime.base import Backend
 from adtr_deploy.runtime.display import DEFAULT_VIDEO_FPS, VideoOut, Window
 from adtr_deploy.runtime.frames import END, Frame, Source, decode_frame
 from adtr_deploy.runtime.outdir import (
+    NO_SPACE,
     OVERLAY_DIR,
     RESULTS_FILE,
     SUMMARY_FILE,
-    check_out_dir,
-    count_records,
-    recorded_sources,
+    ResultsLog,
+    disk_full,
     write_image_atomic,
 )
 from adtr_deploy.runtime.postprocess import Postprocessor, Prediction, overlay
+from adtr_deploy.runtime.runstate import Batch, RunState, bounded_gaps
 
-Batch = list[tuple[Frame, object]]  # frames in source order with (original, model input) or their error message
+CHECKPOINT_S = 30.0  # summary.json is rewritten (running: true) this often while a run lasts
 
 
 @dataclass(frozen=True)
@@ -62,18 +67,25 @@ class RunOptions:
     max_frames: int | None = None
     duration: float | None = None  # seconds of wall-clock time
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # images declaring more pixels are refused from their header
-    overwrite: bool = False  # replace the results of an earlier run in the same folder
-    resume: bool = False  # append to them, skipping the inputs already recorded (image files only)
+    overwrite: bool = False  # replace the results of an earlier run in the same folder (overlays included)
+    resume: bool = False  # continue them: files skip the inputs already recorded; live sources start a new segment
+    keep: tuple[str, ...] = ()  # live runs: retention of closed segments and their overlays, e.g. ("30d", "5GB")
 
 
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "p50": None, "p90": None, "p99": None}
-    a = np.asarray(values)
-    return {
-        "mean": round(float(a.mean()), 3),
-        **{f"p{q}": round(float(np.percentile(a, q)), 3) for q in (50, 90, 99)},
-    }
+def source_identity(source: Source) -> str:
+    """What --resume compares: a local path resolved (so `imgs` and `/abs/imgs` match), a URL or camera as named."""
+    name = str(source.name)
+    if "://" in name or name.startswith("camera:") or name.isdigit():
+        return name
+    return os.path.realpath(name)
+
+
+def model_sha256(backend: Backend) -> str | None:
+    """The sha256 model.json records, else the file's own (None for a served model)."""
+    sha = backend.spec.extra.get("sha256") if isinstance(backend.spec.extra, dict) else None
+    if not sha and backend.local and backend.path.is_file():
+        sha = sha256_file(backend.path)
+    return sha
 
 
 class Pipeline:
@@ -83,6 +95,7 @@ class Pipeline:
     `observers` (the live view and alert sinks, adtr_deploy.runtime.serve) are called as
     `observer(record, picture, infer_ms)` after every record: `picture()` renders the annotated frame on demand (None for
     an error record) so nobody pays for pictures they do not use. While `pause` is set, no new frames are taken.
+    Each `run()` makes its own RunState (`self.state`, None before the first run).
     """
 
     def __init__(
@@ -106,18 +119,32 @@ class Pipeline:
         self.source = source
         self.out_dir = Path(out_dir)
         self.options = options
+        self.keep_age_s, self.keep_bytes = outdir.parse_keep(options.keep)
         self.post = Postprocessor(backend.spec.calibration, options.threshold)
         self.batch_size = min(options.batch_size, backend.max_batch or options.batch_size)
         self.on_record = on_record
         self.observers = tuple(observers)
         self.pause = pause
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.counts = {"images": 0, "ok": 0, "anomalies": 0, "errors": 0}
-        self.skipped = 0  # inputs recorded by the earlier run that --resume continues
-        self._signal: int | None = None
-        self._latencies: list[float] = []
-        self._infer_ms: list[float] = []
+        self.state: RunState | None = None
+        self.model_sha256: str | None = None
         self._keep_original = bool(options.save_overlays or options.save_video is not None or options.show or observers)
+        self._draws = bool(options.save_overlays or options.save_video is not None or options.show)
+        self._results: ResultsLog | None = None
+        self._video: VideoOut | None = None
+        self._window: Window | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._streams_pool: ThreadPoolExecutor | None = None
+        self._in_flight = 1
+
+    @property
+    def counts(self) -> dict:
+        """The current (or last) start's counts."""
+        return self.state.counts if self.state else {"images": 0, "ok": 0, "anomalies": 0, "errors": 0}
+
+    @property
+    def skipped(self) -> int:
+        return self.state.skipped if self.state else 0
 
     # -- worker side -------------------------------------------------------------------------------------------------
     def _load(self, frame: Frame) -> tuple[np.ndarray | None, np.ndarray]:
@@ -125,135 +152,224 @@ class Pipeline:
         rgb = decode_frame(frame, self.options.max_pixels)
         return (rgb if self._keep_original else None), resize(rgb, self.backend.spec.input_size)
 
-    # -- main loop ---------------------------------------------------------------------------------------------------
+    # -- one run -----------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Process the source until it ends, a limit is reached or the user interrupts; returns the summary."""
-        opts = self.options
-        check_out_dir(self.out_dir, overwrite=opts.overwrite, resume=opts.resume)
-        done = recorded_sources(self.out_dir / RESULTS_FILE) if opts.resume else set()
+        outdir.lock_out_dir(self.out_dir)
+        try:
+            state = self.state = self._open()
+            restore = self._catch_signals(state)
+            abrupt = False
+            try:
+                self._loop(state)
+            except KeyboardInterrupt:
+                state.stopped, abrupt = "interrupted", True
+            except BaseException as exc:
+                state.stopped, abrupt = f"error: {exc}", True
+                raise
+            finally:
+                summary = self._close(state, abrupt)
+                restore()
+        finally:
+            outdir.unlock_out_dir(self.out_dir)
+        return summary
+
+    def _open(self) -> RunState:
+        """Check and prepare --out, open the source, then the outputs; returns the new start's state."""
+        opts, out = self.options, self.out_dir
+        outdir.check_out_dir(out, overwrite=opts.overwrite, resume=opts.resume)
+        outdir.check_out_outside_source(out, getattr(self.source, "root", None))
+        if opts.resume and not (self.source.live or hasattr(self.source, "skip")):
+            raise UserError(
+                "--resume works for image files (a folder, a glob or a list) and live sources (a camera or a "
+                "stream); run a video anew"
+            )
+        self.model_sha256 = model_sha256(self.backend)
+        state = RunState(outdir.new_run_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if opts.resume:
-            if not hasattr(self.source, "skip"):
-                raise UserError(
-                    "--resume works for image files (a folder, a glob or a list); run videos and streams anew"
-                )
-            self.skipped = self.source.skip(done)
+            previous = outdir.finish_previous(out, self.log)
+            self._check_same_run(previous)
+            if not self.source.live:
+                state.skipped = self.source.skip(outdir.recorded_sources(out))
         # The source opens before anything is written: a source that fails leaves the folder as it was.
         self.source.start()
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if opts.overwrite:
+                outdir.clear_outputs(out)
+            if opts.resume and self.source.live:
+                outdir.close_current(out)  # the earlier start's records become a closed segment
+            outdir.repair_torn_line(out / RESULTS_FILE)
+            rotate = self.source.live
+            self._results = ResultsLog(out, state.run_id, append=opts.resume, rotate=rotate, max_bytes=self.keep_bytes)
             if opts.save_overlays:
-                (self.out_dir / OVERLAY_DIR).mkdir(exist_ok=True)
-            results = open(self.out_dir / RESULTS_FILE, "a" if opts.resume else "w", encoding="utf-8")
+                (out / OVERLAY_DIR).mkdir(exist_ok=True)
+            if self.keep_age_s is not None or self.keep_bytes is not None:
+                if not self.source.live:
+                    self.log("--keep removes old segments of live runs; this run's source is finite, so nothing is")
+                self._retention()
+            self._checkpoint(state)
         except BaseException:
             self.source.close()
+            if self._results is not None:
+                self._results.close()
             raise
-        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        t_start = time.perf_counter()
-        deadline = t_start + opts.duration if opts.duration else None
+        if opts.save_video:
+            self._video = VideoOut(Path(opts.save_video), self.source.fps or DEFAULT_VIDEO_FPS)
+        self._window = Window(self.log) if opts.show else None
+        self._pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="adtr-decode")
+        self._in_flight = max(1, getattr(self.backend, "concurrency", 1) // self.batch_size)  # streams: batches at once
+        self._streams_pool = ThreadPoolExecutor(self._in_flight, "adtr-infer") if self._in_flight > 1 else None
+        return state
+
+    def _check_same_run(self, previous: dict | None) -> None:
+        """--resume continues the same model on the same source, or refuses: records of two models never mix."""
+        if not previous:
+            return
+        theirs = previous.get("model_sha256")
+        if theirs and self.model_sha256 and theirs != self.model_sha256:
+            raise UserError(
+                f"--resume: {self.out_dir} holds results of another model (sha256 {theirs[:16]}…, this one is "
+                f"{self.model_sha256[:16]}…); choose another --out for this model, or --overwrite to replace them"
+            )
+        source = previous.get("source_id")
+        if source and source != source_identity(self.source):
+            raise UserError(
+                f"--resume: {self.out_dir} holds results of another source ({previous.get('source')}); "
+                "choose another --out for this source, or --overwrite to replace them"
+            )
+
+    def _loop(self, state: RunState) -> None:
+        opts = self.options
+        deadline = state.t_start + opts.duration if opts.duration else None
         # Frames in flight: enough to keep every worker busy on files; one batch for live sources, so what is processed
         # is never older than one batch.
         window = self.batch_size if self.source.live else max(2 * self.batch_size, 2 * opts.workers)
-        pending: deque[tuple[Frame, Future]] = deque()
-        batch: Batch = []
-        taken, exhausted, stopped = 0, False, "end of source"
-        window_ui = Window(self.log) if opts.show else None
-        video = None
-        if opts.save_video:
-            video = VideoOut(Path(opts.save_video), DEFAULT_VIDEO_FPS)
-        pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="adtr-decode")
-        self._in_flight = max(1, getattr(self.backend, "concurrency", 1) // self.batch_size)  # streams: batches at once
-        self._streams_pool = ThreadPoolExecutor(self._in_flight, "adtr-infer") if self._in_flight > 1 else None
-        self._running: deque[tuple[Batch, Future]] = deque()  # batches on the streams, oldest first
-        start_offset = results.tell()
-        self._results, self._video, self._window = results, video, window_ui
-        restore = self._catch_signals()
-        abrupt = False
+        while True:
+            if deadline is not None and time.perf_counter() >= deadline and not state.exhausted:
+                state.exhausted, state.stopped = True, "duration"
+            paused = self.pause is not None and self.pause.is_set()
+            if not paused:
+                self._fill(state, window)
+            self._drain(state, keep=len(state.running))  # write what the streams have finished, without waiting
+            self._maintain(state)
+            if not state.pending:
+                if state.batch:
+                    self._dispatch(state, state.batch)
+                    state.batch = []
+                if state.exhausted or state.stop_requested or state.signal:
+                    break
+                if paused:
+                    time.sleep(0.05)
+                continue
+            if state.signal:
+                break
+            self._collect(state)
+            if state.stop_requested:
+                state.stopped = "window closed"
+                break
+        self._drain(state)  # the batches still on a stream: finished, so recorded (a graceful stop included)
+        if state.signal:
+            state.stopped = "interrupted"
+
+    def _fill(self, state: RunState, window: int) -> None:
+        """Keep `window` frames decoding; block briefly on the source only when there is nothing else to do."""
+        while not state.exhausted and len(state.pending) < window:
+            if self.options.max_frames is not None and state.taken >= self.options.max_frames:
+                state.exhausted, state.stopped = True, "max-frames"
+                return
+            frame = self.source.read(timeout=0.0 if state.pending or state.batch else 0.1)
+            if frame is END:
+                state.exhausted = True
+                return
+            if frame is None:
+                return
+            state.taken += 1
+            state.pending.append((frame, self._pool.submit(self._load, frame)))
+
+    def _collect(self, state: RunState) -> None:
+        """Move the oldest decoded frame into the batch; dispatch the batch once it is full (or nothing more comes)."""
+        frame, future = state.pending.popleft()
         try:
-            if video is not None and self.source.fps:
-                video.fps = self.source.fps
-            while True:
-                if deadline is not None and time.perf_counter() >= deadline and not exhausted:
-                    exhausted, stopped = True, "duration"
-                # Keep the window full; block briefly on the source only when there is nothing else to do.
-                paused = self.pause is not None and self.pause.is_set()
-                while not exhausted and not paused and len(pending) < window:
-                    if opts.max_frames is not None and taken >= opts.max_frames:
-                        exhausted, stopped = True, "max-frames"
-                        break
-                    frame = self.source.read(timeout=0.0 if pending or batch else 0.1)
-                    if frame is END:
-                        exhausted = True
-                        break
-                    if frame is None:
-                        break
-                    taken += 1
-                    pending.append((frame, pool.submit(self._load, frame)))
-                self._drain(keep=len(self._running))  # write what the streams have finished, without waiting
-                if not pending:
-                    if batch:
-                        self._dispatch(batch)
-                        batch = []
-                    if exhausted or self._stop_requested or self._signal:
-                        break
-                    if paused:
-                        time.sleep(0.05)
-                    continue
-                if self._signal:
-                    break
-                frame, future = pending.popleft()
-                try:
-                    batch.append((frame, future.result()))
-                except (ImageDecodeError, OSError, ValueError, cv2.error) as exc:
-                    batch.append((frame, str(exc) or type(exc).__name__))
-                n_ok = sum(not isinstance(item, str) for _, item in batch)
-                if (
-                    n_ok >= self.batch_size
-                    or len(batch) >= 4 * self.batch_size
-                    or (not pending and (exhausted or self.source.live))
-                ):
-                    self._dispatch(batch)
-                    batch = []
-                if self._stop_requested:
-                    stopped = "window closed"
-                    break
-            self._drain()  # the batches still on a stream: finished, so recorded (a graceful stop included)
-            if self._signal:
-                stopped = "interrupted"
-        except KeyboardInterrupt:
-            stopped, abrupt = "interrupted", True
-        except BaseException as exc:
-            stopped, abrupt = f"error: {exc}", True
-            raise
-        finally:
-            restore()
-            for _, future in pending:
-                future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
-            if self._streams_pool is not None:  # batches still running finish; unrecorded ones are not counted
-                self._streams_pool.shutdown(wait=True, cancel_futures=True)
-            self.source.close()
-            results.close()
-            if video is not None:
-                video.close()
-            if window_ui is not None:
-                window_ui.close()
-            if abrupt:  # stopped between a write and its count: the file is the truth
-                self.counts = count_records(self.out_dir / RESULTS_FILE, start_offset)
-            summary = self._summary(started_at, time.perf_counter() - t_start, stopped)
+            state.batch.append((frame, future.result()))
+        except (ImageDecodeError, OSError, ValueError, cv2.error) as exc:
+            state.batch.append((frame, str(exc) or type(exc).__name__))
+        n_ok = sum(not isinstance(item, str) for _, item in state.batch)
+        if (
+            n_ok >= self.batch_size
+            or len(state.batch) >= 4 * self.batch_size
+            or (not state.pending and (state.exhausted or self.source.live))
+        ):
+            self._dispatch(state, state.batch)
+            state.batch = []
+
+    def _maintain(self, state: RunState) -> None:
+        """Between batches: close a full segment (and apply --keep), checkpoint the summary now and then."""
+        if self._results.due():
+            closed = self._results.next_segment()
+            removed = self._retention()
+            self._checkpoint(state)
+            self.log(f"closed {closed}" + (f"; --keep removed {', '.join(removed)}" if removed else ""))
+        elif time.perf_counter() >= state.next_checkpoint:
+            self._checkpoint(state)
+
+    def _retention(self) -> list[str]:
+        return outdir.apply_retention(self.out_dir, self.keep_age_s, self.keep_bytes)
+
+    def _checkpoint(self, state: RunState) -> None:
+        """summary.json as it stands, marked running: what a killed start leaves for the next one to finish."""
+        state.next_checkpoint = time.perf_counter() + CHECKPOINT_S
+        self._write_summary(self._summary(state, running=True))
+
+    def _write_summary(self, summary: dict) -> None:
+        try:
             write_json_atomic(summary, self.out_dir / SUMMARY_FILE)
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise disk_full(exc, self.out_dir / SUMMARY_FILE) from None
+            raise
+
+    def _close(self, state: RunState, abrupt: bool) -> dict:
+        """Stop the threads, close the outputs, write the summary (and add it to runs.jsonl); returns it."""
+        state.closing = True  # from here on a signal no longer raises: the summary gets written
+        for _, future in state.pending:
+            future.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._streams_pool is not None:  # batches still running finish; unrecorded ones are not counted
+            self._streams_pool.shutdown(wait=True, cancel_futures=True)
+        self.source.close()
+        if self._results is not None:
+            self._results.close()
+        if self._video is not None:
+            self._video.close()
+        if self._window is not None:
+            self._window.close()
+        if abrupt:  # stopped between a write and its count: the files are the truth
+            state.counts = outdir.recount(self.out_dir, state.run_id)
+        summary = self._summary(state, running=False)
+        try:
+            outdir.append_history(self.out_dir, summary)
+            self._write_summary(summary)
+        except (OSError, UserError) as exc:  # the disk is full: the run's own error is the one to report
+            self.log(f"the summary could not be written ({exc}); the next start recounts this one from its records")
         return summary
 
-    def _catch_signals(self) -> Callable[[], None]:
-        """SIGINT/SIGTERM ask the loop to stop at the next record boundary; a second one raises KeyboardInterrupt.
-        Returns the function that restores the previous handlers. Only the main thread can set handlers; a SIGINT
-        the process was started ignoring (a backgrounded job) stays ignored."""
+    def _catch_signals(self, state: RunState) -> Callable[[], None]:
+        """SIGINT/SIGTERM ask the loop to stop at the next record boundary; a second one raises KeyboardInterrupt; any
+        later one, or one while the summary is written, is ignored. Returns the function that restores the previous
+        handlers. Only the main thread can set handlers; a SIGINT the process was started ignoring (a backgrounded
+        job) stays ignored."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
+        raised = False
 
         def handler(signum, frame):
-            if self._signal is not None:
+            nonlocal raised
+            if state.signal is None:
+                state.signal = signum
+            elif not raised and not state.closing:
+                raised = True
                 raise KeyboardInterrupt
-            self._signal = signum
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -266,9 +382,7 @@ class Pipeline:
 
         return restore
 
-    _stop_requested = False
-    _last_infer_ms = 0.0
-
+    # -- batches -----------------------------------------------------------------------------------------------------
     def _infer(self, batch: Batch) -> tuple[dict[int, Prediction], float | None]:
         """Predictions by id(frame) and inference ms per image (None: nothing to infer); safe on a stream's thread."""
         good = [(f, item) for f, item in batch if not isinstance(item, str)]
@@ -280,79 +394,86 @@ class Pipeline:
         infer_ms = (time.perf_counter() - t0) * 1000 / len(good)
         return {id(f): p for (f, _), p in zip(good, self.post(maps, scores), strict=True)}, infer_ms
 
-    def _finish(self, batch: Batch) -> None:
-        """Infer the decodable frames of a batch and write every frame's record, in order."""
-        self._write_batch(batch, *self._infer(batch))
-
-    def _dispatch(self, batch: Batch) -> None:
+    def _dispatch(self, state: RunState, batch: Batch) -> None:
         """Infer and write a batch; with inference streams, start it and keep at most `_in_flight` in flight."""
         if self._streams_pool is None:
-            self._finish(batch)
+            self._write_batch(state, batch, *self._infer(batch))
             return
-        self._running.append((batch, self._streams_pool.submit(self._infer, batch)))
-        self._drain(keep=self._in_flight - 1)
+        state.running.append((batch, self._streams_pool.submit(self._infer, batch)))
+        self._drain(state, keep=self._in_flight - 1)
 
-    def _drain(self, keep: int = 0) -> None:
+    def _drain(self, state: RunState, keep: int = 0) -> None:
         """Write finished batches in source order; block until at most `keep` remain in flight."""
-        while self._running and (len(self._running) > keep or self._running[0][1].done()):
-            batch, future = self._running.popleft()
-            self._write_batch(batch, *future.result())
+        while state.running and (len(state.running) > keep or state.running[0][1].done()):
+            batch, future = state.running.popleft()
+            self._write_batch(state, batch, *future.result())
 
-    def _write_batch(self, batch: Batch, predictions: dict[int, Prediction], infer_ms: float | None) -> None:
+    # -- records -----------------------------------------------------------------------------------------------------
+    def _write_batch(
+        self, state: RunState, batch: Batch, predictions: dict[int, Prediction], infer_ms: float | None
+    ) -> None:
         if infer_ms is not None:
-            self._infer_ms.append(infer_ms)
-            self._last_infer_ms = infer_ms
+            state.add_inference(infer_ms)
         for frame, item in batch:
             if isinstance(item, str):
-                self._write(self._record(frame, None, item))
+                self._write(state, self._record(state, frame, None, item))
                 continue
             pred = predictions[id(frame)]
-            record = self._record(frame, pred, None)
+            record = self._record(state, frame, pred, None)
             original, picture = item[0], None
-            drawn_here = self.options.save_overlays or self._video is not None or self._window is not None
-            if original is not None and drawn_here:
+            if original is not None and self._draws:
                 picture = overlay(original, pred, self.post.heat(pred.anomaly_map))
                 if self.options.save_overlays:
-                    target = self.out_dir / OVERLAY_DIR / f"{frame.key}.jpg"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    write_image_atomic(target, picture)
-                    record["overlay"] = str(target.relative_to(self.out_dir))
+                    self._save_overlay(record, frame, picture)
                 if self._video is not None:
                     self._video.write(picture)
-                if self._window is not None and not self._stop_requested and not self._window.show(picture):
-                    self._stop_requested = True
-            self._write(record, original, pred, picture)
+                if self._window is not None and not state.stop_requested and not self._window.show(picture):
+                    state.stop_requested = True
+            self._write(state, record, original, pred, picture)
 
-    def _record(self, frame: Frame, pred: Prediction | None, error: str | None) -> dict:
+    def _save_overlay(self, record: dict, frame: Frame, picture: np.ndarray) -> None:
+        """OUT/overlays/<key>.jpg for files (the names a full run gives); live runs group them by segment, so
+        retention removes a segment's overlays with it and a restart never overwrites an earlier start's."""
+        folder = self.out_dir / OVERLAY_DIR
+        if self.source.live:
+            folder = folder / self._results.tag
+        target = folder / f"{frame.key}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._results.add_overlay_bytes(write_image_atomic(target, picture))
+        record["overlay"] = target.relative_to(self.out_dir).as_posix()
+
+    def _record(self, state: RunState, frame: Frame, pred: Prediction | None, error: str | None) -> dict:
         latency = (time.perf_counter() - frame.acquired) * 1000
         record = {
             "source": frame.source,
             "frame": frame.frame,
             "timestamp": round(frame.timestamp, 6),
-            "score": None if pred is None else pred.score,
-            "normalized_score": None if pred is None else round(pred.normalized_score, 6),
+            "score": None if pred is None else _finite(pred.score),
+            "normalized_score": None if pred is None else _finite(round(pred.normalized_score, 6)),
             "is_anomaly": None if pred is None else pred.is_anomaly,
             "status": "ok" if pred is not None else "error",
             "error": error,
             "latency_ms": round(latency, 3),
+            "run": state.run_id,
+            "model_sha256": self.model_sha256[:16] if self.model_sha256 else None,
         }
         if frame.gap is not None:
             record["gap"] = frame.gap
         return record
 
-    def _write(self, record: dict, original=None, pred: Prediction | None = None, drawn=None) -> None:
-        # One write call per line, then flush; the record is counted only once it is in the file.
-        self._results.write(json.dumps(record) + "\n")
-        self._results.flush()
-        self.counts["images"] += 1
+    def _write(self, state: RunState, record: dict, original=None, pred: Prediction | None = None, drawn=None) -> None:
+        # One write call per line; the record is counted only once it is in the file.
+        self._results.write((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"))
+        counts = state.counts
+        counts["images"] += 1
         if record["status"] == "ok":
-            self.counts["ok"] += 1
-            self.counts["anomalies"] += int(record["is_anomaly"])
-            self._latencies.append(record["latency_ms"])
+            counts["ok"] += 1
+            counts["anomalies"] += int(record["is_anomaly"])
+            state.latency.add(record["latency_ms"])
         else:
-            self.counts["errors"] += 1
+            counts["errors"] += 1
         if self.on_record is not None:
-            self.on_record(record, self.counts)
+            self.on_record(record, counts)
         if self.observers:
             heat = self.post.heat
 
@@ -361,35 +482,47 @@ class Pipeline:
                     return drawn
                 return overlay(original, pred, heat(pred.anomaly_map))
 
-            infer_ms = self._last_infer_ms if pred is not None else None
+            infer_ms = state.last_infer_ms if pred is not None else None
             for observe in self.observers:
                 observe(record, picture, infer_ms)
 
-    def _summary(self, started_at: str, wall_s: float, stopped: str) -> dict:
+    def _summary(self, state: RunState, *, running: bool) -> dict:
         src = self.source.stats()
+        wall_s = time.perf_counter() - state.t_start
+        gaps, gaps_total = bounded_gaps(src.get("gaps", []))
         return {
-            **self.counts,
-            "throughput_fps": round(self.counts["ok"] / wall_s, 3) if wall_s > 0 else None,
+            **state.counts,
+            "throughput_fps": round(state.counts["ok"] / wall_s, 3) if wall_s > 0 else None,
             "wall_s": round(wall_s, 3),
-            "latency_ms": _percentiles(self._latencies),
-            "inference_ms_per_image": round(float(np.mean(self._infer_ms)), 3) if self._infer_ms else None,
+            "latency_ms": state.latency.summary(),
+            "inference_ms_per_image": state.infer_ms_mean,
             "dropped_frames": src.get("dropped", 0),
             "reconnects": src.get("reconnects", 0),
-            "gaps": src.get("gaps", []),
-            "stopped": stopped,
-            "signal": signal.Signals(self._signal).name if self._signal else None,
-            "resumed_skipped": self.skipped,
-            "threshold": self.post.threshold,
+            "gaps": gaps,
+            "gaps_total": gaps_total,
+            "running": running,
+            "stopped": None if running else state.stopped,
+            "signal": signal.Signals(state.signal).name if state.signal else None,
+            "resumed_skipped": state.skipped,
+            "threshold": _finite(self.post.threshold),
             "calibration": self.post.calibration.method,
             "source": self.source.name,
+            "source_id": source_identity(self.source),
             "live": self.source.live,
             "batch_size": self.batch_size,
             "workers": self.options.workers,
             "backend": self.backend.describe(),
-            "started_at": started_at,
+            "model_sha256": self.model_sha256,
+            "run": state.run_id,
+            "started_at": state.started_at,
             "results": RESULTS_FILE,
             "video": None if self._video is None or not self._video.frames else str(self._video.path),
         }
+
+
+def _finite(value: float) -> float | None:
+    """A number strict JSON can hold, else None (null): a model that outputs NaN must not make results unreadable."""
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
 
 
 def run_pipeline(
