@@ -154,6 +154,10 @@ class ReconstructionTransformer(nn.Module):
         return self.output_proj(self.decoder_norm(tgt)) * self.feature_std + self.feature_mean
 
 
+# cfg.input_norm "image": an image's channel std is floored at this fraction of the reference's.
+INPUT_STD_FLOOR = 0.1
+
+
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, int(round(4 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -219,6 +223,11 @@ class ADTR(nn.Module):
         std = torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("pixel_shift", -mean / std, persistent=False)
+        if cfg.input_norm == "image":  # reference statistics in pixel units; ImageNet's until fit_input_reference
+            self.register_buffer("input_ref_mean", mean.flatten() * 255.0)
+            self.register_buffer("input_ref_std", std.flatten() * 255.0)
+        else:
+            self.input_ref_mean = self.input_ref_std = None
         self.area_kernels = area_kernels(cfg)
         if cfg.error_metric == "mahalanobis":  # identity until fit_error_metric: the plain L2 error
             self.register_buffer("error_mean", torch.zeros(self.channels))
@@ -244,9 +253,31 @@ class ADTR(nn.Module):
         """uint8 (N, H, W, 3) RGB -> multi-scale backbone features on the stride-16 grid (N, C, h, w)."""
         # Cast first, then permute: exported graphs then read the uint8 input with one Cast and nothing else (TensorRT
         # takes uint8 only as a network input cast straight away).
-        x = images.to(torch.float32).permute(0, 3, 1, 2) * self.pixel_scale + self.pixel_shift  # (N, 3, H, W)
+        x = images.to(torch.float32).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        if self.input_ref_mean is not None:
+            x = self.standardize_input(x)
+        x = x * self.pixel_scale + self.pixel_shift
         feats = self.backbone.forward_stages(x, self.cfg.stages)
         return torch.cat([self._to_grid(self._aggregate(f), s) for f, s in zip(feats, self.cfg.stages)], dim=1)
+
+    def standardize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """cfg.input_norm "image": float (N, 3, H, W) pixels with each image's per-channel mean and std mapped onto the
+        reference's (input_ref_mean / input_ref_std): exact for any per-channel gain and offset (no clipping aside). The
+        std is floored at INPUT_STD_FLOOR of the reference's, so a nearly flat image is not amplified into noise."""
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        ref_mean = self.input_ref_mean.view(1, 3, 1, 1)
+        ref_std = self.input_ref_std.view(1, 3, 1, 1)
+        var = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True)
+        std = torch.maximum(torch.sqrt(var), INPUT_STD_FLOOR * ref_std)
+        return (x - mean) * (ref_std / std) + ref_mean
+
+    @torch.no_grad()
+    def set_input_reference(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """cfg.input_norm "image": the reference per-channel mean and std (3,) each, in pixel units (0..255)."""
+        if self.input_ref_mean is None:
+            raise ValueError(f"input_norm is {self.cfg.input_norm!r}; only 'image' has input reference statistics")
+        self.input_ref_mean.copy_(mean.to(self.input_ref_mean))
+        self.input_ref_std.copy_(std.to(self.input_ref_std))
 
     def _aggregate(self, f: torch.Tensor) -> torch.Tensor:
         """Each position sees its k x k neighbourhood at the stage's own resolution (PatchCore's local aggregation)."""

@@ -32,6 +32,12 @@ class ADTRConfig:
     aggregate_padding: str = "inside"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Per-image input standardization (issue 31): "image" maps each image's per-channel mean and std onto reference
+    # statistics of the training images (ADTR.input_ref_mean / input_ref_std, fitted before training by
+    # train/features.py fit_input_reference) before the ImageNet normalization, inside the graph. A global brightness,
+    # contrast, colour-cast or white-balance change of the whole image is then undone exactly (up to clipping), while a
+    # local stain barely moves the image's statistics and stays visible. "none": the pixels as they come (the paper's).
+    input_norm: str = "none"
     d_model: int = 256
     nhead: int = 8
     num_encoder_layers: int = 4
@@ -55,6 +61,8 @@ class ADTRConfig:
     def __post_init__(self) -> None:
         if self.resize not in ("bilinear", "area"):
             raise UserError(f"resize {self.resize!r} is not 'bilinear' or 'area'")
+        if self.input_norm not in ("none", "image"):
+            raise UserError(f"input_norm {self.input_norm!r} is not 'none' or 'image'")
         if self.error_metric not in ("l2", "mahalanobis"):
             raise UserError(f"error_metric {self.error_metric!r} is not 'l2' or 'mahalanobis'")
         if not self.error_shrink > 0:
@@ -120,6 +128,9 @@ PRESETS: dict[str, ADTRConfig] = {
     "accurate": ADTRConfig(**TOKENS, input_size=(320, 320)),
     "lite1": ADTRConfig(backbone="efficientnet-lite1", **TOKENS),
     "lite2": ADTRConfig(backbone="efficientnet-lite2", **TOKENS),
+    # The default with per-image input standardization (input_norm "image", issue 31): robust to global brightness,
+    # contrast and colour-cast drift of the line's light (docs/robustness.md).
+    "lite0-robust": ADTRConfig(**TOKENS, input_norm="image"),
     # The previous default, kept as the fixed reference: the paper's token layout (stages 1-5 sampled bilinearly onto
     # the stride-16 grid) on Lite0.
     "lite0-classic": ADTRConfig(),

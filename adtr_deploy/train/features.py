@@ -77,6 +77,22 @@ def init_feature_standardization(
     t.output_proj.bias.zero_()
 
 
+@torch.no_grad()
+def fit_input_reference(model: ADTR, samples, cfg: TrainConfig, device: torch.device) -> None:
+    """cfg.input_norm "image": the reference statistics every image is mapped onto, the mean over the training images
+    of each image's per-channel mean and std (pixel units), over all processes when distributed."""
+    sums = torch.zeros(7, dtype=torch.float64)  # sum of per-image means (3), of per-image stds (3), image count
+    loader = image_loader(samples, model.cfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
+    for batch in loader:
+        x = batch["image"].double().permute(0, 3, 1, 2)  # (B, 3, H, W), 0..255
+        sums[:3] += x.mean(dim=(2, 3)).sum(dim=0)
+        sums[3:6] += x.std(dim=(2, 3), unbiased=False).sum(dim=0)
+        sums[6] += x.shape[0]
+    total = distributed.all_reduce_sum(sums.tolist(), device)
+    n = max(total[6], 1.0)
+    model.set_input_reference(torch.tensor(total[:3]) / n, torch.tensor(total[3:6]) / n)
+
+
 @dataclass
 class TrainingSet:
     """Where an epoch's batches come from: the training samples, this process's shard of them (all of them on one
@@ -110,6 +126,8 @@ def training_set(
         raise UserError(f"only {len(samples)} training images for {w.size} processes; use fewer processes")
     shard = [samples[i] for i in shard_idx]
     use_cache = cfg.cache_features and dataset is None
+    if standardize and model.input_ref_mean is not None:  # before any feature is computed: they depend on it
+        fit_input_reference(model, shard, cfg, device)
     cache = cache_features(model, shard, cfg, device, progress=progress) if use_cache else None
     if standardize:
         init_feature_standardization(model, cache, shard, cfg, device)

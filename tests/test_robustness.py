@@ -1,0 +1,217 @@
+"""Robustness to illumination and colour drift (issue 31): per-image input standardization in the graph, the photometric
+shifts, the validation split carved from the training images, and the drift benchmark's scoring on real ONNX Runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adtr_deploy.data.datasets import open_dataset
+from adtr_deploy.data.mvtec import list_mvtec
+from adtr_deploy.data.shifts import GOAL_SHIFTS, SHIFTS, apply_shift, brightness, channel_gains, stain
+from adtr_deploy.data.validation import SOURCES, write_validation_split
+from adtr_deploy.errors import UserError
+from adtr_deploy.model.adtr import ADTR
+from adtr_deploy.model.checkpoint import load_checkpoint, model_from_checkpoint
+from adtr_deploy.model.config import ADTRConfig, get_preset
+from adtr_deploy.preprocess import load_image
+from adtr_deploy.train.config import TrainConfig
+from adtr_deploy.train.trainer import train
+from tests.conftest import texture_images
+from tests.train_data import make_mvtec
+
+TINY = get_preset("tiny")
+ROBUST = TINY.replace(input_norm="image")
+
+
+def fast(**kw) -> TrainConfig:
+    return TrainConfig(progress=False, batch_size=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory) -> Path:
+    return make_mvtec(tmp_path_factory.mktemp("mvtec"), "tex", n_train=20, n_good=4, n_masked=4, n_unmasked=3)
+
+
+@pytest.fixture(scope="module")
+def runs(mvtec_root, tmp_path_factory):
+    """The tiny preset trained on the same images with and without input standardization: {name: (model, ckpt path)}."""
+    data = open_dataset(mvtec_root, "tex")
+    out = {}
+    for name, cfg in (("plain", TINY), ("robust", ROBUST)):
+        torch.manual_seed(0)
+        path = train(cfg, fast(epochs=2), data, tmp_path_factory.mktemp(name) / "tex", evaluate=False)
+        out[name] = (load_checkpoint(path)[0], path)
+    return out
+
+
+def _good_images(root: Path) -> np.ndarray:
+    return np.stack([load_image(s.path, (64, 64)) for s in list_mvtec(root, "tex", "test") if s.label == 0])
+
+
+def _scores(model: ADTR, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        amap, score = model(torch.from_numpy(np.ascontiguousarray(images)))
+    return amap.numpy()[:, 0], score.numpy()
+
+
+def test_training_fits_the_input_reference_to_the_training_images(runs, mvtec_root):
+    model, _ = runs["robust"]
+    images = np.stack([load_image(s.path, (64, 64)) for s in list_mvtec(mvtec_root, "tex", "train")]).astype(float)
+    per_image_mean = images.mean(axis=(1, 2))  # (N, 3)
+    ref = model.input_ref_mean.numpy()
+    # fitted on the training part (the calibration hold-out aside): close to the mean over all training images, and
+    # not the ImageNet values the buffers start from
+    assert np.abs(ref - per_image_mean.mean(axis=0)).max() < 0.2 * per_image_mean.std(axis=0).max() + 2
+    assert np.abs(ref - np.array(model.cfg.mean) * 255).max() > 5
+    assert (model.input_ref_std.numpy() > 1).all()
+    assert runs["plain"][0].input_ref_mean is None
+
+
+@pytest.mark.parametrize("shift", ["bright+15", "bright-15", "cast-issue", "white-balance", "contrast-15"])
+def test_a_global_shift_leaves_scores_of_the_standardized_model_within_a_bound(runs, mvtec_root, shift):
+    """The bound: a tenth of the spread of good images' scores. The same shift moves the unstandardized model's scores
+    by more than that bound, so the bound separates the two."""
+    good = _good_images(mvtec_root)
+    moved = {}
+    for name, (model, _) in runs.items():
+        _, before = _scores(model, good)
+        _, after = _scores(model, apply_shift(shift, good))
+        spread = float(np.ptp(before)) + 1e-6
+        moved[name] = float(np.abs(after - before).max()) / spread
+    assert moved["robust"] < 0.1, moved
+    if shift.startswith("bright") or shift == "cast-issue":
+        assert moved["plain"] > 0.1, moved
+
+
+def test_a_local_stain_still_raises_its_part_of_the_map_and_the_score(runs, mvtec_root):
+    model, _ = runs["robust"]
+    good = _good_images(mvtec_root)
+    stained, masks = zip(*(stain(im, (40, 24), 7, (150, 90, 40), alpha=0.8) for im in good))
+    stained, mask = np.stack(stained), masks[0]
+    map0, s0 = _scores(model, good)
+    map1, s1 = _scores(model, stained)
+    rise_in = (map1 - map0)[:, mask].mean(axis=1)
+    rise_out = np.abs(map1 - map0)[:, ~mask].mean(axis=1)
+    assert (rise_in > 3 * rise_out).all(), (rise_in, rise_out)
+    assert (s1 > s0).all()
+    # and by more than a global brightness change of 15 % moves it
+    _, s_bright = _scores(model, brightness(good, 1.15))
+    assert (s1 - s0).min() > np.abs(s_bright - s0).max()
+
+
+def test_standardization_undoes_gains_and_offsets_exactly_before_clipping():
+    torch.manual_seed(0)
+    model = ADTR(ROBUST).eval()
+    x = torch.from_numpy(texture_images(2, 64, seed=3)).float().permute(0, 3, 1, 2) * 0.8 + 10  # no clipping here
+    shifted = x * torch.tensor([0.9, 1.0, 1.1]).view(1, 3, 1, 1) + torch.tensor([5.0, -3.0, 0.0]).view(1, 3, 1, 1)
+    assert torch.allclose(model.standardize_input(x), model.standardize_input(shifted), atol=1e-3)
+
+
+def test_the_input_standardization_round_trips_through_onnx(runs, tmp_path):
+    from adtr_deploy.export import export_checkpoint
+    from adtr_deploy.runtime.backends import open_model
+
+    model, ckpt = runs["robust"]
+    result = export_checkpoint(ckpt, "onnx", tmp_path / "onnx")
+    spec = json.loads(result.spec_path.read_text())
+    assert "input_norm" in json.dumps(spec) and '"image"' in json.dumps(spec)  # model.json records the setting
+    images = texture_images(4, 64, seed=7)
+    with open_model(result.path) as backend:
+        for shift in ("none", "bright+15", "bright-20", "cast-issue", "defocus-1.2"):
+            x = apply_shift(shift, images)
+            maps, scores = backend.run(x)
+            ref_maps, ref_scores = _scores(model, x)
+            np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(maps[:, 0], ref_maps, rtol=1e-3, atol=1e-3)
+
+
+def test_checkpoints_without_the_setting_load_unstandardized(runs):
+    _, ckpt = runs["plain"]
+    raw = torch.load(ckpt, weights_only=True)
+    raw["config"].pop("input_norm", None)  # written before the setting existed
+    model = model_from_checkpoint(raw)
+    assert model.cfg.input_norm == "none" and model.input_ref_mean is None
+
+
+def test_a_bad_input_norm_is_one_sentence():
+    with pytest.raises(UserError, match="input_norm 'global' is not 'none' or 'image'"):
+        ADTRConfig(input_norm="global")
+
+
+def test_the_default_and_robust_presets_standardize_their_input():
+    assert get_preset("lite0-robust").input_norm == "image"
+    assert get_preset("lite0-classic").input_norm == "none"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.png")}
+
+
+def test_the_validation_split_is_carved_from_training_images_and_never_touches_the_test_split(mvtec_root, tmp_path):
+    out = write_validation_split(mvtec_root, "tex", tmp_path / "val", hold_out=5, seed=1)
+    train_names = {p.name for p in (mvtec_root / "tex" / "train" / "good").iterdir()}
+    kept = {p.name for p in (out / "train" / "good").iterdir()}
+    held = {p.name for p in (out / "test" / "good").iterdir()}
+    assert len(held) == 5 and len(kept) == 15 and not kept & held and kept | held == train_names
+    for kind in SOURCES:  # one synthetic defect of each kind per held-out image, with a non-empty mask
+        assert {p.name for p in (out / "test" / kind).iterdir()} == held
+        assert len(list((out / "ground_truth" / kind).iterdir())) == 5
+    test_digests = set(_digests(mvtec_root / "tex" / "test").values())
+    assert not test_digests & set(_digests(out).values())
+    # The split does not depend on the test split at all: without it, the same files come out.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(mvtec_root / "tex" / "train", copy / "tex" / "train")
+    again = write_validation_split(copy, "tex", tmp_path / "val2", hold_out=5, seed=1)
+    assert _digests(again) == _digests(out)
+    # and a model trained there reads its held-out images as a test split with synthetic defects
+    data = open_dataset(tmp_path / "val", "tex")
+    assert {s.defect for s in data.test} == {"good", *SOURCES} and len(data.train) == 15
+
+
+def test_holding_out_too_many_images_is_one_sentence(mvtec_root, tmp_path):
+    with pytest.raises(UserError, match="cannot hold out 20 of 20 training images"):
+        write_validation_split(mvtec_root, "tex", tmp_path / "v", hold_out=20)
+
+
+def test_every_shift_keeps_uint8_shape_and_changes_the_image():
+    images = texture_images(3, 64, seed=2)
+    for name in SHIFTS:
+        out = apply_shift(name, images)
+        assert out.dtype == np.uint8 and out.shape == images.shape
+        assert (name == "none") == np.array_equal(out, images), name
+    assert set(GOAL_SHIFTS) <= set(SHIFTS)
+    np.testing.assert_array_equal(channel_gains(images, (1.0, 1.0, 1.0)), images)
+    with pytest.raises(ValueError, match="unknown shift"):
+        apply_shift("sepia", images)
+
+
+def test_the_drift_benchmark_scores_shifts_through_the_runtime(runs, mvtec_root, tmp_path):
+    """benchmarks/drift.py on a tiny run: every row is a real ONNX Runtime measurement at the calibrated threshold."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import drift
+
+    _, ckpt = runs["robust"]
+    run_root = ckpt.parent.parent
+    result = drift.main(
+        [
+            "--run", f"robust={run_root}", "--categories", "tex", "--data", str(mvtec_root),
+            "--splits", "test", "--shifts", "bright+15,cast-issue", "--scores", "raw,relative",
+            "--out", str(tmp_path / "drift.json"),
+        ]
+    )  # fmt: skip
+    rows = result["rows"]
+    assert [r["shift"] for r in rows if r["score"] == "raw"] == ["none", "bright+15", "cast-issue"]
+    for r in rows:
+        assert 0 <= r["false_alarms"] <= 1 and 0 <= r["recall"] <= 1 and 0 <= r["image_auroc"] <= 1
+    json.loads((tmp_path / "drift.json").read_text())
+    assert "bright" in (tmp_path / "drift.md").read_text()
