@@ -75,6 +75,7 @@ class Service:
         *,
         log: Callable[[str], None] = print,
         max_fps: float = 5.0,
+        sink_options: dict | None = None,
     ):
         self.log = log
         self.token = token or None
@@ -88,7 +89,10 @@ class Service:
         self.registry = None
         self._backend_loaded = False
         self._lock = threading.Lock()
-        self.sinks: list[Sink] = [parse_sink(s) for s in sinks]
+        # sink_options: spool_root, max_messages, token, secret (to each sink); line, out_dir (to the messages)
+        options = dict(sink_options or {})
+        self._sink_message = {"line": options.pop("line", None), "out_dir": options.pop("out_dir", None)}
+        self.sinks: list[Sink] = [parse_sink(s, log=log, **options) for s in sinks]
         self.model: dict = {}  # filled in by start(), once the model is loaded
         self._serving = False
         if serve is not None:
@@ -116,7 +120,7 @@ class Service:
         """Keyword arguments for Pipeline: the observers, and the pause event when serving."""
         observers: list[Callable] = []
         if self.sinks:
-            observers.append(sink_observer(self.sinks, self.model))
+            observers.append(sink_observer(self.sinks, self.model, **self._sink_message))
         if self.state is not None:
             observers.append(self.state.observe)
             return {"observers": observers, "pause": self.pause}
@@ -200,9 +204,7 @@ class Service:
         self._backend_loaded = False
         for sink in self.sinks:
             sink.close()
-            s = sink.stats()
-            error = f" (last error: {s['last_error']})" if s["failed"] and s["last_error"] else ""
-            self.log(f"{s['name']}: {s['sent']} sent, {s['dropped']} dropped, {s['failed']} failed{error}")
+            self.log(sink.summary())
         end = time.monotonic() + 2
         while self.streams and time.monotonic() < end:  # MJPEG streams notice `closing` within a second
             time.sleep(0.05)
