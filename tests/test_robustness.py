@@ -215,3 +215,21 @@ def test_the_drift_benchmark_scores_shifts_through_the_runtime(runs, mvtec_root,
         assert 0 <= r["false_alarms"] <= 1 and 0 <= r["recall"] <= 1 and 0 <= r["image_auroc"] <= 1
     json.loads((tmp_path / "drift.json").read_text())
     assert "bright" in (tmp_path / "drift.md").read_text()
+
+
+def test_photometric_augmentation_changes_each_image_per_epoch_reproducibly_and_trains(mvtec_root, tmp_path):
+    from adtr_deploy.train.augment import PhotometricImages
+
+    data = open_dataset(mvtec_root, "tex")
+    ds = PhotometricImages(list(data.train[:3]), (64, 64), 0.2, seed=0)
+    ds.set_epoch(0)
+    a = ds[0]["image"].numpy()
+    ds.set_epoch(1)
+    b = ds[0]["image"].numpy()
+    ds.set_epoch(0)
+    assert not np.array_equal(a, b) and np.array_equal(a, ds[0]["image"].numpy())
+    assert abs(float(a.mean()) - float(load_image(data.train[0].path, (64, 64)).mean())) < 0.35 * 255
+    path = train(TINY, fast(epochs=1, photometric=0.2), data, tmp_path / "aug", evaluate=False)
+    model, ckpt = load_checkpoint(path)
+    assert ckpt["info"]["train"]["photometric"] == 0.2
+    assert not torch.equal(model.error_whiten, torch.eye(model.channels))  # fitted (on shifted good images)

@@ -35,6 +35,10 @@ class TrainConfig:
     checkpoint_every: int = 1
     mode: str = "adtr"  # selects the loss (train/losses.py)
     standardize_features: bool = True  # standardize the transformer's tokens (see init_feature_standardization)
+    # Photometric augmentation of the good training images (train/augment.py): the strength s of a random global
+    # brightness (1 +- s), contrast and per-channel gain (1 +- s/2) change per image and epoch, also in the error
+    # statistics' fit; 0 = off. The features are then computed every batch instead of cached.
+    photometric: float = 0.0
     alpha: float = 0.003  # ADTR+ only: weight of the push terms (the paper's)
     topk: int = 20  # ADTR+ only: k of L_img's top-k mean (the paper's)
     progress: bool = True

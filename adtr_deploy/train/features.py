@@ -12,7 +12,12 @@ from adtr_deploy.data.mvtec import Sample
 from adtr_deploy.errors import UserError
 from adtr_deploy.model.adtr import ADTR, token_rings
 from adtr_deploy.train import distributed
+from adtr_deploy.train.augment import PhotometricImages
 from adtr_deploy.train.config import TrainConfig
+
+
+# With photometric augmentation, the error statistics are fitted on this many freshly shifted copies of each image.
+PHOTOMETRIC_FIT_PASSES = 3
 
 
 @torch.no_grad()
@@ -157,6 +162,14 @@ def fit_error_metric(model: ADTR, training: TrainingSet, cfg: TrainConfig, devic
     def feature_batches():
         if training.cache is not None:
             yield from (part.float() for part in training.cache.split(cfg.eval_batch_size))
+            return
+        if isinstance(training.dataset, PhotometricImages):  # good images only, under several fresh light changes
+            mine = torch.tensor(distributed.shard_indices(len(training.dataset), distributed.world()))
+            for p in range(PHOTOMETRIC_FIT_PASSES):
+                training.dataset.set_epoch(10**6 + p)  # epochs training never draws
+                for idx in mine.split(cfg.eval_batch_size):
+                    images = torch.stack([training.dataset[int(i)]["image"] for i in idx])
+                    yield model.forward_features(images.to(device))
             return
         loader = image_loader(training.shard, mcfg.input_size, batch_size=cfg.eval_batch_size, workers=cfg.workers)
         for batch in loader:
