@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from adtr_deploy.cli.run import command
-from adtr_deploy.runtime.serve.server import MAX_STREAMS
+from adtr_deploy.runtime.serve.server import MAX_STREAMS_PER_CLIENT
 from tests import runtime_fixtures as rf
 from tests.serve_helpers import ServedRun, WebhookReceiver, get, get_json
 from tests.test_runtime import poisoned_torch_env
@@ -59,9 +59,19 @@ def read_mjpeg_part(sock_file) -> bytes:
     return sock_file.read(length)
 
 
-def open_stream(url: str) -> tuple[socket.socket, object, bytes]:
+def address(url: str) -> tuple[str, int]:
     host, port = url.split("//")[1].rstrip("/").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=20)
+    return host, int(port)
+
+
+def connect(url: str, source: str = "127.0.0.1", timeout: float = 20) -> socket.socket:
+    """A TCP connection to the server from `source`: any 127.x.y.z is this machine, seen by the server as another
+    client address (per-client limits are per address)."""
+    return socket.create_connection(address(url), timeout=timeout, source_address=(source, 0))
+
+
+def open_stream(url: str, source: str = "127.0.0.1") -> tuple[socket.socket, object, bytes]:
+    sock = connect(url, source)
     sock.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n")
     f = sock.makefile("rb")
     status = f.readline()
@@ -99,10 +109,13 @@ def test_page_status_metrics_health_stream_and_pause_resume_during_a_video_run(m
         assert code == 200 and b"textContent" in js and b"innerHTML" not in js
         assert get(url + "no/such/page")[0] == 404
 
-        # Health while paused: alive, backend loaded.
+        # Health while paused: alive; not ready (nothing is inspected), and the reason says why; the line is PAUSED.
         code, health = get_json(url + "healthz")
-        assert code == 200 and health["ok"] and health["source_alive"] and health["backend_loaded"]
-        assert health["last_frame_age_s"] >= 1.0 and health["state"] == "paused"
+        assert code == 200 and health["ok"] and health["uptime_s"] > 0
+        code, ready = get_json(url + "readyz")
+        assert code == 503 and not ready["ready"] and ready["line"] == "PAUSED" and "paused" in ready["reason"]
+        assert ready["model_loaded"] and ready["source_up"] and ready["last_frame_age_s"] >= 1.0
+        assert run.status()["line"]["state"] == "PAUSED"
 
         # The JSON status: counters, model identity, timeline, latency, the last record.
         s = run.wait_for(lambda s: s["gallery"] or not s["counts"]["anomalies"], what="a gallery thumbnail")
@@ -132,15 +145,17 @@ def test_page_status_metrics_health_stream_and_pause_resume_during_a_video_run(m
             assert code == 200 and cv2.imdecode(np.frombuffer(thumb, np.uint8), cv2.IMREAD_COLOR) is not None
             assert g["normalized_score"] >= 0.5 and g["source"] == str(clip)
 
-        # MJPEG: the current frame comes at once; streams are capped (the next one gets 503 and the run goes on).
-        streams = [open_stream(url) for _ in range(MAX_STREAMS)]
+        # MJPEG: the current frame comes at once; streams are capped per client (the next one gets 503, the run goes on).
+        streams = [open_stream(url) for _ in range(MAX_STREAMS_PER_CLIENT)]
         try:
             assert all(b" 200 " in status for _, _, status in streams)
             part = read_mjpeg_part(streams[0][1])
             assert cv2.imdecode(np.frombuffer(part, np.uint8), cv2.IMREAD_COLOR).shape == (120, 160, 3)
             _, extra_f, extra_status = open_stream(url)
             assert b" 503 " in extra_status
-            assert sample(metrics(url), "adtr_mjpeg_streams") == MAX_STREAMS
+            _, _, other_client = open_stream(url, source="127.0.0.2")  # another client still gets its stream
+            assert b" 200 " in other_client
+            assert sample(metrics(url), "adtr_mjpeg_streams") == MAX_STREAMS_PER_CLIENT + 1
         finally:
             for sock, f, _ in streams:
                 f.close()
@@ -161,9 +176,10 @@ def test_page_status_metrics_health_stream_and_pause_resume_during_a_video_run(m
         code, body = get_json(url + "api/resume", method="POST", headers=ANY_TOKEN)
         assert code == 200 and body["state"] == "running"
         final = run.wait_for(lambda s: s["state"] == "finished", what="the end of the video")
-        assert final["counts"]["images"] == 400
-        code, health = get_json(url + "healthz")
-        assert code == 503 and not health["ok"] and not health["source_alive"]
+        assert final["counts"]["images"] == 400 and final["line"]["state"] == "FINISHED"
+        assert get_json(url + "healthz")[0] == 200  # the process still lives and serves the results
+        code, ready = get_json(url + "readyz")
+        assert code == 503 and not ready["ready"] and ready["line"] == "FINISHED"
         anomalies = final["counts"]["anomalies"]
         m = metrics(url)
         t0 = time.monotonic()

@@ -195,7 +195,8 @@ def _quiet_opencv() -> None:
     "--serve",
     default=None,
     metavar="HOST:PORT",
-    help="Serve a live view, /metrics, /healthz and /api/status on HOST:PORT (e.g. 127.0.0.1:8080). Needs the serve extra.",
+    help="Serve a live view, /metrics, /healthz, /readyz and /api/status on HOST:PORT (e.g. 127.0.0.1:8080). Needs the "
+    "serve extra.",
 )
 @click.option(
     "--serve-token",
@@ -209,6 +210,34 @@ def _quiet_opencv() -> None:
     type=click.FloatRange(min=0),
     default=None,
     help="With --serve: seconds to keep serving after a finite source ends. Default: until Ctrl-C.",
+)
+@click.option(
+    "--serve-auth",
+    type=click.Choice(["write", "all"]),
+    default="write",
+    show_default=True,
+    help="With --serve: who needs the token. write: pause/resume only; all: every page and endpoint too (the browser "
+    "asks for it; /healthz and /readyz stay open for probes).",
+)
+@click.option(
+    "--serve-host",
+    "serve_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="With --serve: a DNS name the server is reached by (repeatable). Control requests are refused when their "
+    "Host is a name not listed (DNS rebinding); IP addresses, localhost and this machine's names always pass.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="With --serve: serve HTTPS with this PEM certificate (chain); the key too unless --tls-key is given.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="With --tls-cert: the PEM private key.",
 )
 @click.option(
     "--sink",
@@ -300,6 +329,10 @@ def command(
     serve: str | None,
     serve_token: str | None,
     serve_linger: float | None,
+    serve_auth: str,
+    serve_hosts: tuple[str, ...],
+    tls_cert: Path | None,
+    tls_key: Path | None,
     sinks: tuple[str, ...],
     sink_spool: Path | None,
     sink_spool_max: int | None,
@@ -348,7 +381,15 @@ def command(
             "out_dir": out_dir,
         }
         service = Service(
-            serve, serve_token, sinks, log=lambda msg: click.echo(f"Note: {msg}", err=True), sink_options=sink_options
+            serve,
+            serve_token,
+            sinks,
+            log=lambda msg: click.echo(f"Note: {msg}", err=True),
+            auth=serve_auth,
+            hosts=serve_hosts,
+            tls_cert=tls_cert and str(tls_cert),
+            tls_key=tls_key and str(tls_key),
+            sink_options=sink_options,
         )
     cls = backend_class(model, backend)
     if device is None:

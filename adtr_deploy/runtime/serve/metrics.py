@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, GCCollector, Histogram, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from adtr_deploy.runtime.serve.state import LINE_STATES
 
 # Seconds: from sub-millisecond (tiny models on a GPU) to seconds (big models on a small CPU).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -29,15 +31,44 @@ class _StateCollector:
             ("anomalies", "Images judged anomalous."),
             ("errors", "Images that could not be read or decoded."),
             ("dropped_frames", "Live frames replaced by a newer one before inference (consumer slower than camera)."),
-            ("reconnects", "Times a live source was reopened after a drop."),
+            ("reconnects", "Attempts to reopen a live source after a drop, the failed ones included."),
         ):
             yield CounterMetricFamily(f"adtr_{key}", help_text, value=counts[key])
+        source, line = snap["source"], snap["line"]
+        yield GaugeMetricFamily(
+            "adtr_source_up", "1 while the source delivers (a live stream connected, a file being read).",
+            value=int(bool(source.get("up", True))),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "adtr_source_outages", "Times a live source dropped (each outage once, however many attempts).",
+            value=source.get("outages", 0),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "adtr_source_outage_seconds", "Seconds the current outage of the source has lasted (0 while it is up).",
+            value=source.get("outage_s") or 0.0,
+        )  # fmt: skip
+        states = GaugeMetricFamily(
+            "adtr_line_state", "1 for the line's state now (the page's banner), 0 for the others.", labels=["state"]
+        )
+        for name in LINE_STATES:
+            states.add_metric([name.lower().replace(" ", "_")], int(line["state"] == name))
+        yield states
+        yield GaugeMetricFamily(
+            "adtr_ready", "1 while /readyz answers 200: source up, frames within the stall timeout, model loaded.",
+            value=int(bool(snap["ready"])),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "adtr_stall_timeout_seconds", "No record for this long makes the line NO SIGNAL.",
+            value=line["stall_timeout_s"],
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "adtr_paused", "1 while inference is paused from the live view.", value=int(snap["state"] == "paused")
         )
         age = snap["last_frame_age_s"]
         yield GaugeMetricFamily(
-            "adtr_last_frame_age_seconds", "Seconds since the last record.", value=-1 if age is None else age
+            "adtr_last_frame_age_seconds",
+            "Seconds since the last record (since the start while there is none).",
+            value=snap["uptime_s"] if age is None else age,
         )
         yield GaugeMetricFamily(
             "adtr_images_per_second", "Images per second over the last 5 s.", value=snap["images_per_s"]
@@ -52,9 +83,23 @@ class _StateCollector:
         )
         for s in self.service.sink_stats():
             for outcome in ("sent", "dropped", "failed", "retries"):
-                sink.add_metric([s["name"], outcome], s[outcome])
+                sink.add_metric([s["name"], outcome], s.get(outcome, 0))
         yield sink
         yield GaugeMetricFamily("adtr_mjpeg_streams", "Open /stream.mjpg connections.", value=self.service.streams)
+        server = self.service.server.stats() if self.service.server is not None else {"connections": 0, "rejected": {}}
+        yield GaugeMetricFamily(
+            "adtr_http_connections", "Open HTTP connections (viewers, pollers, waiting clients).",
+            value=server["connections"],
+        )  # fmt: skip
+        rejected = CounterMetricFamily(
+            "adtr_http_rejected",
+            "Connections the server closed or refused to keep its budgets: refused, evicted (oldest waiting socket "
+            "closed to make room), request_timeout, write_timeout, busy (503), bad_request.",
+            labels=["reason"],
+        )
+        for reason in ("refused", "evicted", "request_timeout", "write_timeout", "busy", "bad_request"):
+            rejected.add_metric([reason], server["rejected"].get(reason, 0))
+        yield rejected
         cpu = CounterMetricFamily(
             "adtr_serve_cpu_seconds", "CPU the live view itself used: observe, draw, http.", labels=["part"]
         )
@@ -67,6 +112,11 @@ def build_registry(service) -> tuple[CollectorRegistry, Callable[[str, float], N
     """A registry of its own (so several services in one process never collide) and the timing hook for the state."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_StateCollector(service))
+    # The process's own figures: process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...,
+    # python_info and python_gc_*.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     hist = Histogram(
         "adtr_stage_latency_seconds",
         "Latency per stage: before_inference (queue, decode, resize, batching), inference, end_to_end.",

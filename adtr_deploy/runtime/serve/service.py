@@ -8,16 +8,27 @@ Used by the CLI in three steps: `Service(...)` checks the options and binds the 
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
 from adtr_deploy.errors import MissingExtraError, UserError
+from adtr_deploy.runtime.redaction import redact_url
 from adtr_deploy.runtime.serve.sinks import Sink, parse_sink, sink_observer
-from adtr_deploy.runtime.serve.state import LiveState
+from adtr_deploy.runtime.serve.state import STALL_S, LiveState
 
 TOKEN_ENV = "ADTR_SERVE_TOKEN"
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_text(text: str | None) -> str | None:
+    """Every URL inside a text (a sink's name, an error message) masked with redact_url."""
+    return None if text is None else _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -75,10 +86,16 @@ class Service:
         *,
         log: Callable[[str], None] = print,
         max_fps: float = 5.0,
+        auth: str = "write",
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        hosts: tuple[str, ...] | list[str] = (),
         sink_options: dict | None = None,
     ):
         self.log = log
         self.token = token or None
+        self.auth = auth  # "write": control needs the token; "all": reading too (health probes excepted)
+        self.hosts = {h.lower().strip("[]") for h in hosts}  # extra names the server is reached by (Host check)
         self.max_fps = max_fps
         self.pause = threading.Event()
         self.closing = False
@@ -102,17 +119,24 @@ class Service:
                     f"--serve {serve} is reachable from the network, so control needs a token: pass --serve-token "
                     f"SECRET or set {TOKEN_ENV} (or serve on 127.0.0.1)"
                 )
+            if auth not in ("write", "all"):
+                raise UserError(f"--serve-auth {auth} is not a mode; use write (control needs the token) or all")
+            if auth == "all" and self.token is None:
+                raise UserError(f"--serve-auth all needs a token: pass --serve-token SECRET or set {TOKEN_ENV}")
+            self.loopback = is_loopback(host)
+            if not self.loopback:  # what a browser on the network may call this box (checked on control requests)
+                self.hosts |= {host.lower(), socket.gethostname().lower(), socket.getfqdn().lower()}
             try:
                 import prometheus_client  # noqa: F401 -- the serve extra, checked before the model loads
             except ImportError:
                 raise MissingExtraError("--serve needs the serve extra: pip install 'adtr-deploy[serve]'") from None
-            from adtr_deploy.runtime.serve.server import MAX_STREAMS, make_server
+            from adtr_deploy.runtime.serve.server import make_server, tls_context
 
-            self.stream_slots = threading.BoundedSemaphore(MAX_STREAMS)
-            self.server = make_server(host, port, self)
+            context = tls_context(tls_cert, tls_key)
+            self.server = make_server(host, port, self, context)
             bound_host, bound_port = self.server.server_address[:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-            self.url = f"http://{shown}:{bound_port}/"
+            self.url = f"{'https' if context else 'http'}://{shown}:{bound_port}/"
             self.state = LiveState(self.model, {}, max_fps=max_fps)
 
     # -- pipeline side ---------------------------------------------------------------------------------------------
@@ -139,15 +163,22 @@ class Service:
         self.registry, self.state.timing = build_registry(self)
         self.state.source.update(name=src.name, live=src.live, total=src.total)
         self.state.source_stats = src.stats
-        self.state.stale_s = max(10.0, 2 * getattr(src, "timeout_s", 5.0))
+        # The stall timeout: a live source's own --timeout (it reconnects after that long without a frame).
+        self.state.stale_s = float(getattr(src, "timeout_s", STALL_S)) if src.live else STALL_S
+        self.state.frame_listeners.append(self.server.wake)  # MJPEG viewers get each new frame at once
+        self.state.drift = getattr(self, "drift", None)  # DRIFT is one of the line's states
         self.state.start()
         self._backend_loaded = True
+        self.state.model_loaded = True
         self._serving = True
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, name="adtr-serve-http", daemon=True
-        ).start()
-        note = "" if self.token is None else "; pause/resume need the token"
-        self.log(f"live view on {self.url} (metrics {self.url}metrics, health {self.url}healthz){note}")
+        threading.Thread(target=self.server.serve_forever, name="adtr-serve-http", daemon=True).start()
+        note = {"write": "", "all": "; reading and control need the token"}[self.auth]
+        if self.auth == "write" and self.token is not None:
+            note = "; pause/resume need the token"
+        self.log(
+            f"live view on {self.url} (metrics {self.url}metrics, health {self.url}healthz, readiness "
+            f"{self.url}readyz){note}"
+        )
 
     # -- HTTP side ---------------------------------------------------------------------------------------------------
     def status(self, since: int = 0) -> dict:
@@ -157,7 +188,29 @@ class Service:
         return snap
 
     def health(self) -> dict:
-        return self.state.health(self._backend_loaded)
+        """/healthz: the process lives and its server answers (this answer is the proof); nothing else is checked."""
+        return {"ok": True, "uptime_s": round(time.time() - self.state.started, 1), "pid": os.getpid()}
+
+    def ready(self) -> dict:
+        """/readyz: inspecting now (source up, frames within the stall timeout, model loaded), else the reason."""
+        return self.state.readiness()
+
+    def host_allowed(self, host_header: str) -> bool:
+        """A Host header this server may be called by: an IP address (no DNS name can be rebound to it), localhost,
+        or a name it is known by (its --serve host, this machine's names, --serve-host). Anything else is what a
+        DNS-rebinding page sends."""
+        try:
+            name = urllib.parse.urlsplit("//" + host_header).hostname or ""
+        except ValueError:
+            return False
+        if not name:
+            return False
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            pass
+        return name == "localhost" or name.endswith(".localhost") or name in self.hosts
 
     def metrics(self) -> tuple[bytes, str]:
         from adtr_deploy.runtime.serve.metrics import render
@@ -165,7 +218,11 @@ class Service:
         return render(self.registry)
 
     def sink_stats(self) -> list[dict]:
-        return [s.stats() for s in self.sinks]
+        """Each sink's counters; names and errors masked again here (whatever a sink reports, no secret is served)."""
+        return [
+            {**s, "name": redact_text(str(s["name"])), "last_error": redact_text(s.get("last_error"))}
+            for s in (sink.stats() for sink in self.sinks)
+        ]
 
     def set_paused(self, paused: bool) -> None:
         if self.state.state in ("finished",):
@@ -177,15 +234,12 @@ class Service:
         self.state.set_state("paused" if paused else "running")
         self.log("inference paused from the live view" if paused else "inference resumed from the live view")
 
-    def stream_opened(self, delta: int) -> None:
-        with self._lock:
-            self.streams += delta
-
     # -- end ---------------------------------------------------------------------------------------------------------
     def linger(self, seconds: float | None, summary: dict) -> None:
         """After the source ended: keep serving the final state for `seconds` (None: until Ctrl-C / SIGTERM)."""
         if self.state is not None:
             self.state.set_state("finished")
+            self.state.model_loaded = False
         self._backend_loaded = False
         if self.server is None or summary.get("stopped") == "interrupted" or seconds == 0:
             return
@@ -202,12 +256,11 @@ class Service:
         """Drain the sinks (a few seconds at most), stop the server and the render thread; log what the sinks did."""
         self.closing = True
         self._backend_loaded = False
+        if self.state is not None:
+            self.state.model_loaded = False
         for sink in self.sinks:
             sink.close()
             self.log(sink.summary())
-        end = time.monotonic() + 2
-        while self.streams and time.monotonic() < end:  # MJPEG streams notice `closing` within a second
-            time.sleep(0.05)
         if self.server is not None:
             if self._serving:  # shutdown() waits for serve_forever, which never ran if the model failed to load
                 self.server.shutdown()

@@ -5,11 +5,15 @@ counters and bounded rings (timeline, latencies) and, when wanted, hands the fra
 thread: the latest frame at most `max_fps` times a second and only while somebody watches, and a gallery thumbnail for at
 most GALLERY_PER_S anomalies a second. Drawing the overlay and encoding JPEGs happen on that thread, never on the
 inference thread, and every viewer is served the same shared JPEG bytes.
+
+`line_state()` is the one place that decides what the line is doing now (OK, ALARM, NO SIGNAL, PAUSED, ...): the page's
+large banner, /readyz and the adtr_line_state metric all come from it.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 import time
 from collections import deque
@@ -28,6 +32,34 @@ FRAME_MAX_WIDTH = 960  # the live frame is downscaled to this width: viewers nee
 THUMB_WIDTH = 240
 WATCH_TIMEOUT_S = 5.0  # no frame is drawn when nobody asked for one this long
 JPEG_QUALITY = 80
+ALARM_HOLD_S = 3.0  # the line shows ALARM this long after its last anomalous frame, so a single one is seen
+STALL_S = 10.0  # no record for this long means NO SIGNAL (live sources: their --timeout instead)
+LINE_STATES = ("STARTING", "OK", "ALARM", "DRIFT", "NO SIGNAL", "PAUSED", "FINISHED")
+READY_STATES = ("OK", "ALARM", "DRIFT")  # inspecting now: /readyz answers 200
+_USERINFO = re.compile(r"(//[^:/@\s]*):[^@/\s]*@")  # user:password@ inside free text (an error message)
+
+
+def line_state(f: dict) -> tuple[str, str]:
+    """What the line is doing now, and why, from the facts gathered by LiveState.line_facts(); the first rule that
+    holds wins. A new state (a drift monitor's, say) is one more rule here, in its place, and one more fact."""
+    if f["run"] == "finished":
+        return "FINISHED", "the source has ended; the run is over"
+    if f["run"] == "paused":
+        return "PAUSED", "inspection is paused from the live view (resume it there or POST /api/resume)"
+    if not f["source_up"]:
+        why = f"; {f['source_error']}" if f["source_error"] else ""
+        return "NO SIGNAL", f"the source is down (reconnecting){why}"
+    if f["frame_age_s"] is None:
+        if f["since_start_s"] > f["stall_s"]:
+            return "NO SIGNAL", f"no frame since the start {f['since_start_s']:.0f} s ago"
+        return "STARTING", "waiting for the first frame"
+    if f["frame_age_s"] > f["stall_s"]:
+        return "NO SIGNAL", f"no frame for {f['frame_age_s']:.0f} s (stall timeout {f['stall_s']:g} s)"
+    if f["anomaly_age_s"] is not None and f["anomaly_age_s"] <= ALARM_HOLD_S:
+        return "ALARM", f"an anomaly {f['anomaly_age_s']:.1f} s ago"
+    if f["drift"]:
+        return "DRIFT", "the scores of good parts have moved away from the calibration (see the drift notice)"
+    return "OK", "inspecting: frames flow and none is anomalous"
 
 
 def encode_jpeg(image_bgr: np.ndarray, max_width: int) -> bytes:
@@ -51,14 +83,20 @@ class LiveState:
         *,
         source_stats: Callable[[], dict] = dict,
         max_fps: float = 5.0,
-        stale_s: float = 10.0,
+        stale_s: float = STALL_S,
         timing: Callable[[str, float], None] | None = None,
     ):
         self.model = model  # identity shown on the page: name, sha256, threshold, input size, backend, device
         self.source = source  # {"name", "live"}
         self.source_stats = source_stats
         self.min_frame_gap = 1.0 / max_fps
-        self.stale_s = stale_s
+        self.stale_s = stale_s  # the stall timeout: no record for this long is NO SIGNAL
+        self.model_loaded = False
+        self.frame_listeners: list[Callable[[], None]] = []  # called (render thread) after each new frame
+        self.drift = None  # the run's drift monitor (adtr_deploy.runtime.drift), when there is one
+        self.last_anomaly_time: float | None = None  # time.monotonic() of the last anomalous record
+        self.latency_ema_s = 0.0
+        self._line: tuple[str, float] = ("STARTING", time.time())  # current line state and since when
         self.timing = timing  # prometheus histogram hook: timing(stage, seconds)
         self.cond = threading.Condition()  # guards everything below; MJPEG streams wait on it for new frames
         self.state = "starting"
@@ -107,7 +145,10 @@ class LiveState:
                 self.state = "running"
             if ok:
                 self.latencies.append(record["latency_ms"])
+                self.latency_ema_s += 0.05 * (record["latency_ms"] / 1000 - self.latency_ema_s)
                 anomalous = bool(record["is_anomaly"])
+                if anomalous:
+                    self.last_anomaly_time = mono
                 self.counts["anomalies"] += anomalous
                 self.timeline.append([self.seq, round(now, 3), round(record["normalized_score"], 6), int(anomalous)])
                 info = {k: record[k] for k in ("source", "frame", "score", "normalized_score", "is_anomaly", "status")}
@@ -164,6 +205,8 @@ class LiveState:
                         self.frame_jpeg, self.frame_info = jpeg, info
                         self.frame_seq += 1
                         self.cond.notify_all()
+                    for listener in self.frame_listeners:
+                        listener()
             self.cpu_s["draw"] += time.thread_time() - cpu0
 
     @staticmethod
@@ -210,19 +253,71 @@ class LiveState:
     def frame_age(self) -> float | None:
         return None if self.last_time is None else round(time.monotonic() - self.last_time, 3)
 
-    def health(self, backend_loaded: bool) -> dict:
-        """Source alive (frames arrive, or paused), age of the last frame, backend loaded."""
-        with self.cond:
-            state, age = self.state, self.frame_age()
-        since_start = time.time() - self.started
-        fresh = (age if age is not None else since_start) < self.stale_s
-        alive = state == "paused" or (state in ("starting", "running") and fresh)
+    def source_state(self) -> dict:
+        """The source now: up or down, age of its last frame, reconnect attempts, outages, current outage start."""
+        stats = self.stats()
+        live = bool(self.source.get("live"))
+        if not live:  # files and videos: up while they are being read
+            with self.cond:
+                age = self.frame_age()
+            return {"live": False, "up": True, "last_frame_age_s": age, "reconnects": 0, "outages": 0,
+                    "outage_start": None, "outage_s": None, "last_error": None}  # fmt: skip
+        start = stats.get("outage_start")
+        error = stats.get("last_error")
         return {
-            "ok": bool(alive and backend_loaded),
-            "state": state,
-            "source_alive": alive,
+            "live": True,
+            "up": bool(stats.get("up", True)),
+            "last_frame_age_s": stats.get("last_frame_age_s"),
+            "reconnects": int(stats.get("reconnects", 0)),
+            "outages": int(stats.get("outages", 0)),
+            "outage_start": start,
+            "outage_s": None if start is None else round(max(time.time() - start, 0.0), 1),
+            "last_error": None if error is None else _USERINFO.sub(r"\1:***@", str(error)),
+        }
+
+    def line_facts(self, source: dict | None = None) -> dict:
+        """Everything line_state() decides from, gathered at one moment."""
+        source = source or self.source_state()
+        mono = time.monotonic()
+        with self.cond:
+            run, age, anomaly = self.state, self.frame_age(), self.last_anomaly_time
+            stall = max(self.stale_s, 3 * self.latency_ema_s)  # a slow model is not a stalled source
+        return {
+            "run": run,
+            "model_loaded": self.model_loaded,
+            "source_up": source["up"],
+            "source_error": source["last_error"],
+            "frame_age_s": age,
+            "since_start_s": time.time() - self.started,
+            "stall_s": round(stall, 3),
+            "anomaly_age_s": None if anomaly is None else mono - anomaly,
+            "drift": bool(self.drift is not None and self.drift.status().get("active")),
+        }
+
+    def line(self, source: dict | None = None) -> dict:
+        """{"state", "reason", "since"}: the line's state now, and the unix time it entered it."""
+        facts = self.line_facts(source)
+        state, reason = line_state(facts)
+        with self.cond:
+            if state != self._line[0]:
+                self._line = (state, time.time())
+            since = self._line[1]
+        return {"state": state, "reason": reason, "since": round(since, 3), "stall_timeout_s": facts["stall_s"]}
+
+    def readiness(self) -> dict:
+        """For /readyz: ready while inspecting (source up, frames within the stall timeout, model loaded)."""
+        source = self.source_state()
+        line = self.line(source)
+        with self.cond:
+            age = self.frame_age()
+        return {
+            "ready": line["state"] in READY_STATES and self.model_loaded,
+            "line": line["state"],
+            "reason": line["reason"],
+            "source_up": source["up"],
             "last_frame_age_s": age,
-            "backend_loaded": backend_loaded,
+            "stall_timeout_s": line["stall_timeout_s"],
+            "model_loaded": self.model_loaded,
             "backend": self.model.get("backend"),
         }
 
@@ -250,12 +345,16 @@ class LiveState:
             last, state, frame_seq, frame_info = self.last, self.state, self.frame_seq, self.frame_info
             age = self.frame_age()
         stats = self.stats()
+        source = self.source_state()
+        line = self.line(source)
         rate = (counts["images"] - marks[0][1]) / max(mono - marks[0][0], 1e-3) if marks else 0.0
         return {
             "state": state,
             "uptime_s": round(time.time() - self.started, 1),
+            "line": line,
+            "ready": line["state"] in READY_STATES and self.model_loaded,
             "model": self.model,
-            "source": self.source,
+            "source": {**self.source, **source},
             "counts": {
                 **counts,
                 "dropped_frames": int(stats.get("dropped", 0)),
