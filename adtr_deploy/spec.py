@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,22 +77,24 @@ class ModelSpec:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)  # the checks keep it finite
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+    def from_dict(cls, data: dict[str, Any], origin: str = "The model spec") -> ModelSpec:
+        """`origin` names where the spec came from in every refusal (the model.json path when loaded from a file)."""
         if not isinstance(data, dict):
-            raise SpecError("The model spec is not a JSON object; re-export the model with adtr-export.")
+            raise SpecError(f"{origin} is not a JSON object; re-export the model with adtr-export.")
         version = data.get("spec_version", 0)
         if not isinstance(version, int):
             raise SpecError(
-                f"The model spec's spec_version {version!r} is not a number; re-export the model with adtr-export."
+                f"{origin}: spec_version {version!r} is not a number; re-export the model with adtr-export."
             )
         if version > SPEC_VERSION:
             raise SpecError(
-                f"The model spec has version {version}, newer than this adtr-deploy supports ({SPEC_VERSION}); "
+                f"{origin} has version {version}, newer than this adtr-deploy supports ({SPEC_VERSION}); "
                 "upgrade adtr-deploy."
             )
+        _check_calibration(data.get("calibration"), origin)
         try:
             known = {f.name for f in dataclasses.fields(cls)}
             kwargs = {k: v for k, v in data.items() if k in known}
@@ -105,20 +108,16 @@ class ModelSpec:
             spec = cls(**kwargs)
             _check_types(spec)
         except (TypeError, ValueError) as exc:
-            raise SpecError(
-                f"The model spec has a malformed field ({exc}); re-export the model with adtr-export."
-            ) from None
+            raise SpecError(f"{origin} has a malformed field ({exc}); re-export the model with adtr-export.") from None
         return spec
 
     @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
+    def from_json(cls, text: str, origin: str = "The model spec") -> ModelSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SpecError(
-                f"The model spec is not valid JSON ({exc}); re-export the model with adtr-export."
-            ) from None
-        return cls.from_dict(data)
+            raise SpecError(f"{origin} is not valid JSON ({exc}); re-export the model with adtr-export.") from None
+        return cls.from_dict(data, origin)
 
     def save(self, path: str | Path) -> Path:
         """Write the spec as JSON atomically (temporary file, then rename)."""
@@ -131,7 +130,41 @@ class ModelSpec:
             raise SpecError(
                 f"No model spec at {path}; export the model with adtr-export, which writes it beside the model."
             )
-        return cls.from_json(path.read_text())
+        return cls.from_json(path.read_text(), origin=str(path))
+
+
+_CALIBRATION_NUMBERS = tuple(f.name for f in dataclasses.fields(Calibration) if f.name != "method")
+
+
+def _check_calibration(cal: Any, origin: str) -> None:
+    """Every calibration value present, a finite number, not negative: a NaN threshold would pass every part and make
+    results.jsonl and summary.json unreadable for strict JSON readers; a negative deviation or count is no statistic.
+    (Scores are reconstruction errors, so their means and thresholds are not negative either.)"""
+    if not isinstance(cal, dict):
+        raise SpecError(
+            f"{origin} has no calibration object; re-export the model with adtr-export, which writes one (its "
+            '"method" says "uncalibrated" when there were no calibration images).'
+        )
+    missing = [name for name in _CALIBRATION_NUMBERS if name not in cal]
+    if missing:
+        raise SpecError(
+            f"{origin} lacks calibration.{', calibration.'.join(missing)}; re-export the model with adtr-export or "
+            "put the value back."
+        )
+    for name in _CALIBRATION_NUMBERS:
+        value = cal[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # a wrong type is refused with the other malformed fields
+        if not math.isfinite(value):
+            raise SpecError(
+                f"{origin}: calibration.{name} is {value}, not a finite number; put a number there (a threshold is a "
+                "raw score, e.g. from adtr-eval) or re-export the model with adtr-export."
+            )
+        if value < 0:
+            raise SpecError(
+                f"{origin}: calibration.{name} is {value:g}, but it cannot be negative (scores are reconstruction "
+                "errors); put a value of 0 or more there, or re-export the model with adtr-export."
+            )
 
 
 def _check_types(spec: ModelSpec) -> None:

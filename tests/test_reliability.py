@@ -351,11 +351,11 @@ def test_an_edited_threshold_is_still_honoured(model, env, images, tmp_path):
     """Binding model.json to its artifact must not stop a user tuning the threshold in it (documented)."""
     path = rf.copy_model(tmp_path / "m")
     spec = json.loads((tmp_path / "m" / "model.json").read_text())
-    spec["calibration"]["threshold"] = -1.0
+    spec["calibration"]["threshold"] = 1e-9  # below every score
     (tmp_path / "m" / "model.json").write_text(json.dumps(spec))
     res = cli(env, "run", "--model", path, "--source", images, "--out", tmp_path / "out", "-q")
     assert res.returncode == 0, res.stderr
-    assert summary(tmp_path / "out")["threshold"] == -1.0 and all(r["is_anomaly"] for r in records(tmp_path / "out"))
+    assert summary(tmp_path / "out")["threshold"] == 1e-9 and all(r["is_anomaly"] for r in records(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("where", ["file", "run folder"])

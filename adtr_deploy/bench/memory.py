@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+from adtr_deploy.fileio import dumps_strict
+
 CHILD_TIMEOUT_S = 900
 
 
@@ -105,7 +107,7 @@ def measure_memory(
 def main() -> None:
     args = json.loads(sys.stdin.read())
     result = probe(args["desc"], args["batch_sizes"], args["images"], tuple(args["input_size"]))
-    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.write(dumps_strict(result) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from adtr_deploy.fileio import atomic_write_text
+from adtr_deploy.fileio import atomic_write_text, dumps_strict
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -212,6 +211,6 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
     plots = write_plots(report, out_dir)
     report["plots"] = dict(plots)
     paths = {"json": out_dir / REPORT_JSON, "md": out_dir / REPORT_MD}
-    atomic_write_text(paths["json"], json.dumps(report, indent=1, default=_jsonable) + "\n")
+    atomic_write_text(paths["json"], dumps_strict(report, indent=1, default=_jsonable) + "\n")
     atomic_write_text(paths["md"], markdown(report, plots))
     return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from adtr_deploy.cli.common import user_errors
+from adtr_deploy.fileio import dumps_strict
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -55,7 +56,6 @@ def command(
       adtr-eval --model runs/brick/checkpoint.pt --data demo_data --category brick --out runs/brick/metrics.json
       adtr-eval --model export/model.onnx --data demo_data --category brick --out export/metrics.json
     """
-    import json
 
     from adtr_deploy.cli.common import require_torch
     from adtr_deploy.train.evaluate import evaluate_model, is_checkpoint
@@ -74,7 +74,7 @@ def command(
         progress=not quiet,
     )
     if out is None:
-        click.echo(json.dumps(metrics, indent=2))
+        click.echo(dumps_strict(metrics, indent=2))
         return
     parts = [
         f"{k} {metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pro", "f1_max") if metrics.get(k) is not None

@@ -142,7 +142,9 @@ def write_demo_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             _write_category(tmp, category, seed, image_size, counts)
-            (tmp / MARKER_NAME).write_text(json.dumps(expected, indent=1) + "\n")  # last: marks the folder complete
+            (tmp / MARKER_NAME).write_text(
+                json.dumps(expected, indent=1, allow_nan=False) + "\n"
+            )  # last: marks the folder complete
             if _is_complete(final, expected):  # another process finished the same category meanwhile
                 continue
             if final.exists():  # an older demo category (other parameters) or an empty folder: replace it

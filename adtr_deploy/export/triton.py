@@ -217,7 +217,7 @@ def triton_config(
         lines.append('        name: "tensorrt"')
         lines += [f"        parameters {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in trt.items()]
         lines += ["      }", "    ]", "  }", "}"]
-    spec_json = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+    spec_json = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
     lines += [
         "parameters {",
         f"  key: {_quote(METADATA_KEY)}",

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adtr_deploy.fileio import atomic_write_text
+from adtr_deploy.fileio import atomic_write_text, dumps_strict
 
 
 def apply_schedule(opt: Any, sched: Any, cfg: Any, epoch: int) -> None:
@@ -83,4 +83,4 @@ class TrainLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(dumps_strict(record) + "\n")  # a NaN loss is null
