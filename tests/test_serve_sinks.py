@@ -59,11 +59,19 @@ class Receiver:
     every request (headers, body), deduplicates by event_id, answers `refuse` event ids with 400 and checks the HMAC
     signature when it knows the secret."""
 
-    def __init__(self, port: int | None = None, *, secret: str | None = None, refuse: set[str] = frozenset()):
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        secret: str | None = None,
+        refuse: set[str] = frozenset(),
+        moved: set[str] = frozenset(),
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.secret = secret
-        self.refuse = set(refuse)
+        self.refuse = set(refuse)  # event ids answered 400
+        self.moved = set(moved)  # event ids answered 302 (a redirect urllib would follow by a GET without the body)
         self.requests: list[tuple[object, bytes]] = []  # (headers, body)
         self.events: dict[str, dict] = {}  # event_id -> message (deduplicated)
         self.bad_signatures = 0
@@ -88,10 +96,18 @@ class Receiver:
                         good = hmac.new(owner.secret.encode(), signed, hashlib.sha256).hexdigest()
                         if not hmac.compare_digest(headers.get("X-ADTR-Signature", ""), f"sha256={good}"):
                             owner.bad_signatures += 1
-                    refused = message["event_id"] in owner.refuse
-                    if not refused:
+                    status = (
+                        400
+                        if message["event_id"] in owner.refuse
+                        else 302
+                        if message["event_id"] in owner.moved
+                        else 204
+                    )
+                    if status == 204:
                         owner.events.setdefault(message["event_id"], message)
-                self.send_response(400 if refused else 204)
+                self.send_response(status)
+                if status == 302:
+                    self.send_header("Location", "/elsewhere")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -257,17 +273,18 @@ def test_offer_never_waits_for_the_disk_or_the_receiver(tmp_path):
 
 def test_an_answer_that_retrying_cannot_fix_is_counted_failed_removed_and_logged(tmp_path):
     log: list[str] = []
-    with Receiver(refuse={"ev-0001"}) as hook:
+    with Receiver(refuse={"ev-0001"}, moved={"ev-0003"}) as hook:
         hook.up()
         sink = WebhookSink(hook.url, spool_root=tmp_path, log=log.append, **FAST)
         sink.start()
-        for m in messages(3):
+        for m in messages(4):
             sink.offer(m)
-        wait_until(lambda: sink.sent + sink.failed == 3, what="three answers")
+        wait_until(lambda: sink.sent + sink.failed == 4, what="four answers")
         sink.close()
-    assert sink.sent == 2 and sink.failed == 1 and sink.retries == 0
-    assert sorted(hook.events) == ["ev-0000", "ev-0002"]
+    assert sink.sent == 2 and sink.failed == 2 and sink.retries == 0
+    assert sorted(hook.events) == ["ev-0000", "ev-0002"] and len(hook.requests) == 4  # the redirect was not followed
     assert lines(log, "event ev-0001 refused (HTTP 400")
+    assert lines(log, "event ev-0003 refused (HTTP 302 Found") and lines(log, "to /elsewhere; give that URL")
     assert not any(sink.spool.folder.glob("*.json"))
 
 

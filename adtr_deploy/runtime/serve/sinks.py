@@ -189,9 +189,10 @@ class Sink:
             limit = f"{self.spool.max_messages} messages or {self.spool.max_bytes / 2**20:g} MB"
             self._drop(f"the spool is full ({limit})")
             return
-        if self._burst:
-            self.log(f"{self.name}: the spool takes messages again; {self._burst} were dropped meanwhile")
-            self._burst = 0
+        with self._counts:
+            burst, self._burst = self._burst, 0
+        if burst:
+            self.log(f"{self.name}: the spool takes messages again; {burst} were dropped meanwhile")
         self._new.set()
 
     def _drop(self, why: str) -> None:
@@ -274,6 +275,16 @@ class Sink:
         return line
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a 301/302 by a GET without the body, and its 2xx would look like a delivery."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None  # the 3xx is raised as an HTTPError: not delivered, not retried, logged with where it points
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class WebhookSink(Sink):
     """POST each message as JSON to a URL; any 2xx acknowledges it, 5xx / 408 / 429 / network errors are retried.
 
@@ -313,11 +324,14 @@ class WebhookSink(Sink):
     def send(self, body: bytes, event_id: str) -> None:
         request = urllib.request.Request(self.url, data=body, method="POST", headers=self.headers(body, event_id))
         try:
-            with urllib.request.urlopen(request, timeout=SEND_TIMEOUT_S) as response:
+            with _OPENER.open(request, timeout=SEND_TIMEOUT_S) as response:
                 response.read()
         except urllib.error.HTTPError as exc:
             retry = exc.code >= 500 or exc.code in (408, 429)
-            raise SinkError(f"HTTP {exc.code} {exc.reason} from {self._shown}", retry=retry) from None
+            moved = (
+                f" to {redact_url(exc.headers.get('Location', '?'))}; give that URL" if 300 <= exc.code < 400 else ""
+            )
+            raise SinkError(f"HTTP {exc.code} {exc.reason} from {self._shown}{moved}", retry=retry) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise SinkError(f"{self._shown}: {getattr(exc, 'reason', None) or exc}") from None
 

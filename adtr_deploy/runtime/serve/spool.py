@@ -95,8 +95,8 @@ class Spool:
         except OSError:
             os.close(fd)
             raise UserError(
-                f"the sink spool {self.folder} is in use by another adtr-run; give each run its own --out or "
-                "--sink-spool"
+                f"the sink spool {self.folder} is in use by another adtr-run (or the same --sink is given twice); "
+                "give each run its own --out or --sink-spool"
             ) from None
         self._lock_fd = fd
 
