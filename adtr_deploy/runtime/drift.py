@@ -209,3 +209,15 @@ class DriftMonitor:
                 "recalibrations": self.version,
                 "off_reason": self.off_reason,
             }
+
+
+def describe(event: dict) -> str:
+    """One sentence for the terminal about a drift event."""
+    if event["state"] == "started":
+        return (
+            f"DRIFT: the median of the last {event['window']} good scores ({event['rolling_median']:.6g}) is "
+            f"{event['shift_sigmas']:+.2f} calibration sigmas from the good mean; the threshold is unchanged; if the "
+            "parts are good, recalibrate (POST /api/recalibrate or adtr recalibrate)"
+        )
+    lasted = f" after {event['lasted_s']:.0f} s" if event.get("lasted_s") is not None else ""
+    return f"drift cleared{lasted}: the scores are back within the calibration"

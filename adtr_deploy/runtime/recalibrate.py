@@ -24,6 +24,7 @@ import dataclasses
 import getpass
 import json
 import math
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -250,3 +251,69 @@ def recalibrate_export(
     )
     write_spec(new, spec_path)
     return old, new, spec_path
+
+
+# -- the run side: recalibrate a running pipeline from the scores its drift monitor kept --------------------------------
+class RunRecalibrator:
+    """`POST /api/recalibrate` for one run: the operator confirms that the last `frames` good records (default: the
+    drift window) were good parts; their raw scores, kept by the drift monitor, give the new calibration. It is written
+    to the model.json beside the model (when there is one: not for Triton), used at once by the pipeline (a new
+    Postprocessor; a --threshold given on the command line is replaced by the new calibrated one) and by the monitor,
+    which judges the same scores again: DRIFT clears."""
+
+    def __init__(self, pipeline, engine, model_path: str | Path, monitor, identity: dict | None = None):
+        from adtr_deploy.runtime.backends import model_file
+
+        self.pipeline = pipeline
+        self.monitor = monitor
+        self.identity = identity if identity is not None else {}
+        self.spec: ModelSpec = engine.spec
+        self.sha256 = self.identity.get("sha256") or self.spec.extra.get("sha256")
+        self.spec_path: Path | None = None
+        if getattr(engine, "local", True):
+            try:
+                candidate = spec_path_for(model_file(model_path))
+                self.spec_path = candidate if candidate.is_file() else None
+            except UserError:
+                self.spec_path = None
+        self._lock = threading.Lock()
+
+    def recalibrate(self, frames: int | None = None, by: str | None = None, allow_flagged: bool = False) -> dict:
+        from adtr_deploy.runtime.postprocess import Postprocessor
+
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+            raise RecalibrationError(f'frames {frames!r} is not a positive whole number; give e.g. {{"frames": 100}}')
+        if by is not None and (not isinstance(by, str) or len(by) > 200):
+            raise RecalibrationError("by must be a name of at most 200 characters")
+        if not isinstance(allow_flagged, bool):
+            raise RecalibrationError("allow_flagged must be true or false")
+        with self._lock:
+            scores = self.monitor.recent_scores(frames or self.monitor.window)
+            post = self.pipeline.post
+            check_frames(
+                scores, post.calibration, post.threshold, allow_flagged=allow_flagged, what="frames this run kept"
+            )
+            base = check_same_model(self.spec_path, self.sha256) if self.spec_path else self.spec
+            new = recalibrated(
+                base,
+                scores,
+                None,
+                by=by or "api",
+                source=f"run:last {scores.size} good frames",
+                model_sha256=self.sha256,
+                allow_flagged=allow_flagged,
+            )
+            if self.spec_path is not None:
+                write_spec(new, self.spec_path)
+            override = post.threshold != self.spec.threshold  # --threshold replaced the calibrated one
+            self.spec = new
+            self.pipeline.post = Postprocessor(new.calibration)
+            self.monitor.set_calibration(new.calibration)
+            self.identity.update(threshold=new.threshold, calibration=new.calibration.method)
+            return {
+                "record": new.extra[RECORD_KEY],
+                "calibration": dataclasses.asdict(new.calibration),
+                "previous_threshold": post.threshold,
+                "written": None if self.spec_path is None else str(self.spec_path),
+                "replaced_threshold_override": bool(override),
+            }

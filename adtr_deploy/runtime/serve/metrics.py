@@ -75,6 +75,19 @@ class _StateCollector:
         )
         model = snap["model"]
         yield GaugeMetricFamily("adtr_threshold", "Raw score threshold in use.", value=model["threshold"])
+        monitor = getattr(self.service, "drift", None)  # adtr_deploy.runtime.drift: rolling median of good scores
+        drift = monitor.status() if monitor is not None else {}
+        yield GaugeMetricFamily(
+            "adtr_score_drift",
+            "Rolling median of recent good scores minus the calibration mean, in calibration sigmas (0 until the window "
+            "is full).",
+            value=drift.get("shift_sigmas") or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "adtr_drift_active",
+            "1 while the line is in DRIFT (the whole score population moved).",
+            value=int(bool(drift.get("active"))),
+        )
         info = InfoMetricFamily("adtr_model", "The model being run.")
         info.add_metric([], {k: str(model.get(k, "")) for k in ("name", "sha256", "backend", "device", "input_size")})
         yield info

@@ -112,6 +112,8 @@ class Service:
         self.sinks: list[Sink] = [parse_sink(s, log=log, **options) for s in sinks]
         self.model: dict = {}  # filled in by start(), once the model is loaded
         self._serving = False
+        self.drift = None  # the run's DriftMonitor (attach_drift), shown in status and metrics
+        self.recalibrator = None  # POST /api/recalibrate (adtr_deploy.runtime.recalibrate.RunRecalibrator)
         if serve is not None:
             host, port = parse_address(serve)
             if not is_loopback(host) and self.token is None:
@@ -150,9 +152,51 @@ class Service:
             return {"observers": observers, "pause": self.pause}
         return {"observers": observers}
 
+    def attach_drift(self, monitor) -> None:
+        """Show the drift monitor (status, metrics, the DRIFT line state) and send its start/clear events to the sinks."""
+        self.drift = monitor
+        monitor.listeners.append(self._drift_event)
+
+    def _drift_event(self, event: dict) -> None:
+        """One sink message when drift starts and one when it clears (adtr_deploy.runtime.drift)."""
+        import uuid
+        from datetime import datetime, timezone
+
+        line = getattr(self, "_sink_message", {}).get("line")
+        message = {
+            **event,
+            "event_id": str(uuid.uuid4()),
+            "line": line,
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "model": {k: self.model.get(k) for k in ("name", "sha256")},
+        }
+        for sink in self.sinks:
+            sink.offer(message)
+
+    def recalibrate(self, request: dict) -> dict:
+        """POST /api/recalibrate: {"frames": N, "by": NAME, "allow_flagged": false}, all optional."""
+        if self.recalibrator is None:
+            raise UserError("this run keeps no scores to recalibrate from (drift monitoring is off)")
+        unknown = sorted(set(request) - {"frames", "by", "allow_flagged"})
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}; send frames, by and allow_flagged only")
+        result = self.recalibrator.recalibrate(
+            request.get("frames"), request.get("by"), request.get("allow_flagged", False)
+        )
+        rec = result["record"]
+        self.log(
+            f"recalibrated from the live view by {rec['by']} on {rec['frames']} frames: threshold "
+            f"{result['previous_threshold']:.6g} -> {result['calibration']['threshold']:.6g} (version {rec['version']})"
+        )
+        return result
+
     def start(self, pipeline, engine, model_path: Path | str) -> None:
         """Fill in the model's identity and start the threads (render, HTTP, sinks)."""
         self.model.update(model_identity(engine, pipeline, model_path))
+        if self.drift is not None:
+            from adtr_deploy.runtime.recalibrate import RunRecalibrator
+
+            self.recalibrator = RunRecalibrator(pipeline, engine, model_path, self.drift, self.model)
         for sink in self.sinks:
             sink.start()
         if self.server is None:
@@ -185,6 +229,8 @@ class Service:
         snap = self.state.snapshot(since)
         snap["sinks"] = self.sink_stats()
         snap["control"] = {"needs_token": self.token is not None, "header": "X-ADTR-Token"}
+        if self.drift is not None:  # the line state (state.line_state) says DRIFT; here: by how much, since when
+            snap["drift"] = self.drift.status()
         return snap
 
     def health(self) -> dict:

@@ -55,10 +55,10 @@ def line_state(f: dict) -> tuple[str, str]:
         return "STARTING", "waiting for the first frame"
     if f["frame_age_s"] > f["stall_s"]:
         return "NO SIGNAL", f"no frame for {f['frame_age_s']:.0f} s (stall timeout {f['stall_s']:g} s)"
+    if f["drift"]:  # before ALARM: when the whole population moved, every part is an "anomaly"; this says why
+        return "DRIFT", "the scores of good parts have moved away from the calibration (see the drift notice)"
     if f["anomaly_age_s"] is not None and f["anomaly_age_s"] <= ALARM_HOLD_S:
         return "ALARM", f"an anomaly {f['anomaly_age_s']:.1f} s ago"
-    if f["drift"]:
-        return "DRIFT", "the scores of good parts have moved away from the calibration (see the drift notice)"
     return "OK", "inspecting: frames flow and none is anomalous"
 
 

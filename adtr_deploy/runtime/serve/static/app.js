@@ -11,6 +11,7 @@ let frameSeq = -1;
 let frameBusy = false;
 let galleryKey = "";
 let modelShown = false;
+let modelThreshold = null;
 let lastIsError = false;
 
 function text(id, value) {
@@ -150,11 +151,27 @@ function drawTimeline() {
   }
 }
 
+// The whole population of scores moved (lamp, camera, dust): say so, with what to do; the threshold stays as it is.
+function showDrift(d) {
+  const el = $("drift");
+  el.hidden = !(d && d.active);
+  if (el.hidden) return;
+  const since = d.since ? new Date(d.since * 1000).toLocaleTimeString() : "?";
+  el.textContent = "DRIFT since " + since + ": the median of the last " + d.window + " scores is " +
+    fmt(d.shift_sigmas, 1) + " calibration sigmas from the good mean (" + fmt(100 * d.over_threshold_fraction, 0) +
+    " % above the threshold). If the parts are good, recalibrate: POST /api/recalibrate or adtr recalibrate.";
+}
+
 function show(s) {
   const st = $("state");
   st.textContent = s.state;
   st.className = "state " + s.state;
-  if (!modelShown && s.model && s.model.name) showModel(s.model);
+  showDrift(s.drift);
+  // shown again when a recalibration changed the threshold
+  if (s.model && s.model.name && (!modelShown || s.model.threshold !== modelThreshold)) {
+    showModel(s.model);
+    modelThreshold = s.model.threshold;
+  }
   const c = s.counts;
   text("c-images", c.images);
   text("c-anomalies", c.anomalies);
