@@ -98,6 +98,12 @@ class _StateCollector:
             for outcome in ("sent", "dropped", "failed", "retries"):
                 sink.add_metric([s["name"], outcome], s.get(outcome, 0))
         yield sink
+        spooled = GaugeMetricFamily(
+            "adtr_sink_spooled", "Messages in each sink's spool, not yet acknowledged.", labels=["sink"]
+        )
+        for s in self.service.sink_stats():
+            spooled.add_metric([s["name"]], s.get("spooled", 0))
+        yield spooled
         yield GaugeMetricFamily("adtr_mjpeg_streams", "Open /stream.mjpg connections.", value=self.service.streams)
         server = self.service.server.stats() if self.service.server is not None else {"connections": 0, "rejected": {}}
         yield GaugeMetricFamily(
