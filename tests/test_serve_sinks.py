@@ -503,6 +503,7 @@ def test_served_run_never_shows_sink_secrets_in_metrics_status_or_log(model_path
     finally:
         hook.down()
     assert "alice:***@" in shown[1]  # the sink is listed, masked
+    assert 'adtr_sink_spooled{sink="webhook:http://alice:***@127.0.0.1:' in shown[0]  # the spool's depth, a gauge
     assert not any("S3CRET" in text for text in shown)
 
 
