@@ -15,14 +15,14 @@ Refused, with one sentence:
   `allow_flagged` (--allow-flagged) takes them anyway;
 - a model.json written for another model file (its sha256 differs from the file's), or, for a running service, a
   model.json on disk that now describes another model than the one running;
-- a calibration that is not finite (a model producing NaN or inf scores).
+- scores that are not finite (a broken model); a model.json whose calibration is not finite is refused when it is
+  loaded (adtr_deploy.spec).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import getpass
-import json
 import math
 import threading
 from datetime import datetime, timezone
@@ -32,7 +32,7 @@ import numpy as np
 
 from adtr_deploy.calibration import THRESHOLD_SIGMAS, calibrate
 from adtr_deploy.errors import UserError
-from adtr_deploy.fileio import atomic_write_text, sha256_file
+from adtr_deploy.fileio import sha256_file
 from adtr_deploy.spec import SPEC_FILENAME, Calibration, ModelSpec, spec_path_for
 
 MIN_FRAMES = 20
@@ -145,15 +145,13 @@ def recalibrated(
 
 
 def write_spec(spec: ModelSpec, path: str | Path) -> Path:
-    """model.json as strict JSON (no NaN), written atomically."""
-    text = json.dumps(spec.to_dict(), indent=2, sort_keys=True, allow_nan=False)
-    return atomic_write_text(path, text + "\n")
+    """model.json as strict JSON (no NaN), written atomically (ModelSpec.save)."""
+    return spec.save(path)
 
 
 def check_same_model(spec_path: Path, running_sha256: str | None) -> ModelSpec:
     """The model.json on disk, refused when it now describes another model file than the one running."""
-    spec = ModelSpec.load(spec_path)
-    check_finite(spec.calibration, str(spec_path))
+    spec = ModelSpec.load(spec_path)  # refuses missing or non-finite calibration values (adtr_deploy.spec)
     on_disk = spec.extra.get("sha256")
     if running_sha256 and on_disk and on_disk != running_sha256:
         raise RecalibrationError(
@@ -228,8 +226,7 @@ def recalibrate_export(
     from adtr_deploy.runtime.backends import open_model
 
     artifact, spec_path = resolve(model)
-    old = ModelSpec.load(spec_path)
-    check_finite(old.calibration, str(spec_path))
+    old = ModelSpec.load(spec_path)  # refuses missing or non-finite calibration values (adtr_deploy.spec)
     engine = open_model(artifact, device)  # refuses a model.json written for another model file (sha256)
     try:
         names, scores, maps = score_folder(engine, Path(images))
