@@ -406,3 +406,61 @@ def test_drift_shows_on_a_live_source_whose_light_changes_and_clears_after_recal
             after = [p for p in s["timeline"] if p[0] > seq]
             assert len(after) >= 30 and not any(p[3] for p in after)
             wait_until(lambda: drift_events(hook) == ["started", "cleared"], 30, "the drift-cleared event")
+
+
+def test_run_recalibrator_uses_the_new_calibration_at_once_and_refuses_another_model(tmp_path):
+    """What POST /api/recalibrate does, on a real pipeline object and a real ONNX Runtime session (no HTTP)."""
+    from adtr_deploy.runtime.backends import open_model
+    from adtr_deploy.runtime.pipeline import Pipeline, RunOptions
+    from adtr_deploy.runtime.recalibrate import RunRecalibrator, score_folder
+    from adtr_deploy.runtime.sources import open_source
+
+    model = line_model(tmp_path / "export")
+    spec_path = model.with_name("model.json")
+    cal = line_calibration()
+    folder = write_frames(tmp_path / "bright", brighter(gravel(40, seed=9), 1.3))
+    engine = open_model(model, "cpu")
+    try:
+        _, scores, _ = score_folder(engine, folder)
+        override = cal.threshold * 1.001  # an adtr-run --threshold, replaced by the recalibration
+        pipeline = Pipeline(engine, open_source(str(folder)), tmp_path / "out", RunOptions(threshold=override))
+        monitor = DriftMonitor(cal, window=30, threshold=override)
+        for s in scores:
+            monitor.add(float(s))
+        assert monitor.status()["active"] and (scores > override).all()
+        identity = {"sha256": engine.spec.extra["sha256"], "threshold": override}
+        recal = RunRecalibrator(pipeline, engine, model, monitor, identity)
+        with pytest.raises(RecalibrationError, match="at least 20"):
+            recal.recalibrate(frames=10)
+        with pytest.raises(RecalibrationError, match="positive whole number"):
+            recal.recalibrate(frames="all")
+        monitor.add(float(scores.max()) + 1.0)  # a broken part among the last frames: flagged
+        with pytest.raises(RecalibrationError, match="1 of the 30 frames this run kept look like flagged parts"):
+            recal.recalibrate()
+        for s in scores[:30]:  # it leaves the window
+            monitor.add(float(s))
+
+        other = json.loads(spec_path.read_text())
+        other["extra"]["sha256"] = "f" * 64  # the file on disk was replaced by another model's model.json
+        spec_path.write_text(json.dumps(other))
+        with pytest.raises(RecalibrationError, match="describes another model"):
+            recal.recalibrate(by="ann")
+        assert json.loads(spec_path.read_text()) == other and pipeline.post.threshold == override
+        rf.spec().replace(calibration=cal).save(spec_path)
+
+        result = recal.recalibrate(by="ann")
+        assert result["written"] == str(spec_path) and result["replaced_threshold_override"] is True
+        assert result["record"]["frames"] == 30 and result["record"]["source"] == "run:last 30 good frames"
+        new = ModelSpec.load(spec_path)
+        assert new.threshold == pytest.approx(result["calibration"]["threshold"]) and new.threshold > override
+        assert pipeline.post.threshold == new.threshold and identity["threshold"] == new.threshold
+        assert not monitor.status()["active"] and monitor.status()["recalibrations"] == 1
+        # the pipeline's Postprocessor decides with it: the bright good frames are good parts now
+        maps, s2 = engine.run(np.stack([cv2.resize(b, (64, 64)) for b in brighter(gravel(6, seed=9), 1.3)]))
+        assert not any(p.is_anomaly for p in pipeline.post(maps, s2))
+        # no model.json beside the model (a served model): applied in memory, said so
+        spec_path.unlink()
+        result = RunRecalibrator(pipeline, engine, model, monitor, identity).recalibrate(by="bob")
+        assert result["written"] is None and not spec_path.exists() and result["record"]["version"] == 1
+    finally:
+        engine.close()
