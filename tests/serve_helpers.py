@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-URL_LINE = re.compile(r"live view on (http://\S+/) ")
+URL_LINE = re.compile(r"live view on (https?://\S+/) ")
 
 
 def free_port() -> int:
@@ -27,11 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get(url: str, *, headers: dict | None = None, method: str = "GET", timeout: float = 10) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of one request; HTTP errors are answers too, not exceptions."""
+def get(
+    url: str, *, headers: dict | None = None, method: str = "GET", timeout: float = 10, context=None
+) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one request; HTTP errors are answers too, not exceptions. `context`: an
+    ssl.SSLContext for https:// URLs (e.g. one that trusts a test's self-signed certificate)."""
     req = urllib.request.Request(url, method=method, headers=headers or {}, data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -206,3 +209,70 @@ class Mosquitto:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class Camera:
+    """A local MJPEG camera on a fixed 127.0.0.1 port that can be killed (server gone, open streams cut) and brought
+    back on the same port, as a camera that loses power and reboots. Frames every `interval_s`, until stopped."""
+
+    def __init__(self, interval_s: float = 0.04, size: tuple[int, int] = (96, 128)):
+        from tests.runtime_fixtures import jpeg_frames
+
+        self.port = free_port()
+        self.interval_s = interval_s
+        self.frames = jpeg_frames(8, size=size)
+        self.url = f"http://127.0.0.1:{self.port}/stream.mjpg"
+        self.httpd = None
+        self.stopped = threading.Event()
+        self.sockets: list = []
+
+    def start(self) -> Camera:
+        owner, stopped = self, threading.Event()
+        self.stopped = stopped
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                owner.sockets.append(self.connection)
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                try:
+                    while not stopped.wait(owner.interval_s):  # ends with kill(): bounded
+                        jpg = owner.frames[i % len(owner.frames)]
+                        head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+                        self.wfile.write(head + jpg + b"\r\n")
+                        self.wfile.flush()
+                        i += 1
+                except OSError:
+                    pass
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def kill(self) -> None:
+        """The camera dies: nothing listens any more and every open stream is cut."""
+        if self.httpd is None:
+            return
+        self.stopped.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.sockets.clear()
+        self.httpd = None
+
+    def __enter__(self) -> Camera:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()

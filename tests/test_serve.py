@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
+import os
+import re
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 from pathlib import Path
 
@@ -16,9 +23,9 @@ import pytest
 from click.testing import CliRunner
 
 from adtr_deploy.cli.run import command
-from adtr_deploy.runtime.serve.server import MAX_STREAMS_PER_CLIENT
+from adtr_deploy.runtime.serve.server import HEADER_DEADLINE_S, MAX_PER_CLIENT, MAX_STREAMS_PER_CLIENT
 from tests import runtime_fixtures as rf
-from tests.serve_helpers import ServedRun, WebhookReceiver, get, get_json
+from tests.serve_helpers import Camera, ServedRun, WebhookReceiver, get, get_json
 from tests.test_runtime import poisoned_torch_env
 from tests.test_sources import write_video
 
@@ -282,3 +289,278 @@ def test_the_plain_runtime_never_imports_the_serve_code_and_a_missing_extra_is_o
     done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "--serve needs the serve extra: pip install 'adtr-deploy[serve]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- health under load, source state, Host/Origin, TLS, read auth, deploy files (issue 23) ------------------------------
+
+
+def timed(fn, *args, **kw):
+    t0 = time.monotonic()
+    result = fn(*args, **kw)
+    return result, time.monotonic() - t0
+
+
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no thread count in /proc")
+
+
+def cpu_seconds_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def live_run(camera_url: str, tmp_path: Path, *extra, env: dict | None = None) -> ServedRun:
+    return ServedRun(
+        "--model", rf.onnx_model(), "--source", camera_url, "--out", tmp_path / "out", "--serve", "127.0.0.1:0",
+        "--timeout", "2", *extra, env=env or poisoned_torch_env(tmp_path),
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts the server's threads in /proc (Linux)")
+def test_health_answers_within_a_second_under_200_viewers_and_100_slow_header_sockets(tmp_path):
+    viewers, slow = [], []
+    with Camera() as camera, live_run(camera.url, tmp_path) as run:
+        url, pid = run.url, run.proc.pid
+        run.wait_for(lambda s: s["line"]["state"] in ("OK", "ALARM"), what="frames from the camera")
+        threads_before = threads_of(pid)
+        try:
+            # 200 viewers from four client addresses (the per-client cap is MAX_STREAMS_PER_CLIENT): all served.
+            for i in range(200):
+                viewers.append(open_stream(url, source=f"127.0.0.{2 + i // 50}"))
+            assert all(b" 200 " in status for _, _, status in viewers)
+            for _, f, _ in viewers:  # every viewer gets a real frame
+                part = read_mjpeg_part(f)
+                assert cv2.imdecode(np.frombuffer(part, np.uint8), cv2.IMREAD_COLOR) is not None
+            # 100 clients that send half a request line and then nothing (slowloris).
+            for i in range(100):
+                sock = connect(url, source=f"127.0.0.{6 + i // 50}")
+                sock.sendall(b"GET /api/status HTTP/1.1\r\nHo")
+                slow.append(sock)
+            time.sleep(0.5)
+            threads_held = threads_of(pid)
+            cpu0 = cpu_seconds_of(pid)
+            for source in ("127.0.0.1", "127.0.0.2", "127.0.0.6"):  # a watchdog's address, a viewer's, a slow one's
+                for path, ok in (("healthz", (200,)), ("readyz", (200,)), ("metrics", (200,))):
+                    host, port = address(url)
+                    with connect(url, source) as s:
+                        s.settimeout(5)
+                        t0 = time.monotonic()
+                        s.sendall(f"GET /{path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+                        first = s.makefile("rb").readline()
+                        took = time.monotonic() - t0
+                    assert int(first.split()[1]) in ok and took < 1.0, (source, path, first, took)
+            m = metrics(url)
+            assert sample(m, "adtr_mjpeg_streams") == 200 and sample(m, "adtr_http_connections") >= 300
+            time.sleep(2.0)
+            cpu = cpu_seconds_of(pid) - cpu0
+            print(f"\nserver threads: {threads_before} before, {threads_held} with 200 viewers + 100 slow sockets; "
+                  f"process CPU {cpu:.2f} s over ~2.5 s while serving them")  # fmt: skip
+            assert threads_held - threads_before < 10  # a socket each, not a thread each
+
+            # The whole-request deadline: the slow sockets are closed by the server, each within 5 s (+ margin).
+            deadline = time.monotonic() + HEADER_DEADLINE_S + 5
+            for sock in slow:
+                sock.settimeout(max(deadline - time.monotonic(), 0.1))
+                assert sock.recv(100) == b"", "a slow-header socket was still open after the deadline"
+            assert sample(metrics(url), "adtr_http_rejected_total", reason="request_timeout") >= 100
+
+            # One client floods sockets past its cap: its oldest waiting sockets make room; health still answers.
+            flood = [connect(url, source="127.0.0.9") for _ in range(MAX_PER_CLIENT + 20)]
+            slow.extend(flood)
+            (code, _), took = timed(get_json, url + "healthz")
+            assert code == 200 and took < 1.0
+            with connect(url, source="127.0.0.9") as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert b" 200 " in s.makefile("rb").readline()
+            assert sample(metrics(url), "adtr_http_rejected_total", reason="evicted") >= 20
+            _, f, _ = viewers[-1]
+            assert read_mjpeg_part(f)  # the viewers were never touched
+        finally:
+            for sock, f, _ in viewers:
+                f.close()
+                sock.close()
+            for sock in slow:
+                sock.close()
+        assert run.stop() == 0
+
+
+def test_a_dead_camera_is_no_signal_in_status_metrics_and_readyz_within_the_stall_timeout_then_recovers(tmp_path):
+    """The camera's URL and the webhook's carry credentials: they are masked everywhere they are shown."""
+    with Camera() as camera, WebhookReceiver() as hook:
+        secret_cam = camera.url.replace("http://", "http://operator:cam-s3cret@")
+        secret_hook = hook.url.replace("http://", "http://alerts:hook-s3cret@") + "?token=tok-s3cret"
+        with live_run(secret_cam, tmp_path, "--sink", secret_hook) as run:
+            url = run.url
+            s = run.wait_for(lambda s: s["line"]["state"] in ("OK", "ALARM"), what="frames from the camera")
+            assert s["source"]["up"] and s["source"]["live"] and s["ready"] and s["source"]["outage_start"] is None
+            assert get_json(url + "readyz")[0] == 200
+            assert sample(metrics(url), "adtr_source_up") == 1
+
+            camera.kill()
+            t0 = time.monotonic()
+            s = run.wait_for(lambda s: s["line"]["state"] == "NO SIGNAL", timeout=30, what="NO SIGNAL")
+            noticed = time.monotonic() - t0
+            assert noticed < 2 + 2.0, f"NO SIGNAL after {noticed:.1f} s (stall timeout 2 s)"
+            assert not s["source"]["up"] and s["source"]["outage_start"] is not None and not s["ready"]
+            code, ready = get_json(url + "readyz")
+            assert code == 503 and ready["line"] == "NO SIGNAL" and not ready["source_up"] and ready["reason"]
+            m = metrics(url)
+            assert sample(m, "adtr_source_up") == 0 and sample(m, "adtr_line_state", state="no_signal") == 1
+            assert sample(m, "adtr_ready") == 0 and sample(m, "adtr_line_state", state="ok") == 0
+            # Every reconnect attempt counts, while the camera is still down.
+            first = sample(m, "adtr_reconnects_total")
+            s = run.wait_for(
+                lambda s: s["counts"]["reconnects"] >= first + 2, timeout=30, what="more reconnect attempts"
+            )
+            assert s["line"]["state"] == "NO SIGNAL" and s["source"]["outages"] == 1
+            assert sample(metrics(url), "adtr_reconnects_total") >= first + 2
+
+            camera.start()  # the camera comes back on the same address
+            s = run.wait_for(lambda s: s["line"]["state"] in ("OK", "ALARM"), timeout=60, what="recovery")
+            assert s["source"]["up"] and s["source"]["outage_start"] is None and s["source"]["outages"] == 1
+            assert get_json(url + "readyz")[0] == 200 and sample(metrics(url), "adtr_source_up") == 1
+
+            shown = [get(url + p)[2] for p in ("api/status", "metrics", "", "static/app.js")]
+            assert all(b"s3cret" not in body for body in shown)
+            assert b"operator:***@" in shown[0] and b"token=***" in shown[1]
+            assert run.stop() == 0
+        assert "s3cret" not in run.log
+
+
+def test_control_with_a_foreign_host_or_origin_is_refused_even_on_loopback_without_a_token(model_path, tmp_path):
+    clip = tmp_path / "line.avi"
+    write_video(clip, 20)
+    with ServedRun(
+        "--model", model_path, "--source", clip, "--out", tmp_path / "out", "--serve", "127.0.0.1:0",
+        "--serve-linger", "120", env=poisoned_torch_env(tmp_path),
+    ) as run:  # fmt: skip
+        url = run.url
+        host, port = address(url)
+        run.wait_for(lambda s: s["state"] == "finished", what="the end of the video")
+        refused = [
+            {"Host": f"evil.example:{port}"},  # DNS rebinding: the attacker's name, resolved to 127.0.0.1
+            {"Host": f"attacker.test:{port}", "Origin": f"http://attacker.test:{port}"},
+            {"Origin": "http://evil.example"},  # another site's page posting here
+            {"Origin": f"http://{host}:{port + 1}"},  # another port is another origin
+            {"Origin": "null"},
+            {"Sec-Fetch-Site": "cross-site"},
+        ]
+        for headers in refused:
+            code, body = get_json(url + "api/pause", method="POST", headers={**ANY_TOKEN, **headers})
+            assert code == 403 and "refused" in body["error"], headers
+        assert run.status()["state"] == "finished"
+        for headers in ({}, {"Origin": f"http://{host}:{port}"}, {"Host": f"localhost:{port}"}):
+            code, _ = get_json(url + "api/resume", method="POST", headers={**ANY_TOKEN, **headers})
+            assert code == 200, headers
+
+
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, made with the openssl command."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to make a test certificate (Debian package openssl)")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days",
+         "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_serves_https_with_a_certificate_and_health_holds_with_slow_handshakes(model_path, tmp_path):
+    cert, key = make_certificate(tmp_path)
+    clip = tmp_path / "line.avi"
+    write_video(clip, 20)
+    with ServedRun(
+        "--model", model_path, "--source", clip, "--out", tmp_path / "out", "--serve", "127.0.0.1:0",
+        "--serve-linger", "120", "--tls-cert", cert, "--tls-key", key, env=poisoned_torch_env(tmp_path),
+    ) as run:  # fmt: skip
+        url = run.url
+        assert url.startswith("https://127.0.0.1:")
+        trust = ssl.create_default_context(cafile=str(cert))
+        code, status = get_json(url + "api/status", context=trust)
+        assert code == 200 and status["model"]["sha256"]
+        # Sockets that connect and never start the handshake do not hold up a client that does.
+        idle = [connect(url) for _ in range(20)]
+        try:
+            (code, _), took = timed(get_json, url + "healthz", context=trust)
+            assert code == 200 and took < 1.0
+        finally:
+            for sock in idle:
+                sock.close()
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):  # verified: this one, not any
+            get(url + "healthz", context=ssl.create_default_context())
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP on the TLS port gets no answer
+            get(url.replace("https://", "http://") + "healthz", timeout=10)
+
+
+def test_read_endpoints_need_the_token_with_serve_auth_all(model_path, tmp_path, monkeypatch):
+    monkeypatch.delenv("ADTR_SERVE_TOKEN", raising=False)
+    clip = tmp_path / "line.avi"
+    write_video(clip, 20)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(command, ["--model", model_path, "--source", clip, "--out", out, "--serve",
+                                          "127.0.0.1:0", "--serve-auth", "all"])  # fmt: skip
+    assert result.exit_code == 1 and "--serve-auth all needs a token" in result.output, result.output
+    env = {**poisoned_torch_env(tmp_path), "ADTR_SERVE_TOKEN": "read-s3cret"}
+    with ServedRun(
+        "--model", model_path, "--source", clip, "--out", out, "--serve", "127.0.0.1:0", "--serve-linger", "120",
+        "--serve-auth", "all", env=env,
+    ) as run:  # fmt: skip
+        url = run.url
+        for path in ("", "static/app.js", "api/status", "metrics", "frame.jpg", "stream.mjpg", "gallery/1.jpg"):
+            code, headers, body = get(url + path)
+            assert code == 401 and headers["WWW-Authenticate"].startswith("Basic"), path
+            assert b"read-s3cret" not in body
+        assert get(url + "healthz")[0] == 200 and get(url + "readyz")[0] in (200, 503)  # probes stay open
+        basic = "Basic " + base64.b64encode(b"anyone:read-s3cret").decode()
+        for headers in (
+            {"X-ADTR-Token": "read-s3cret"},
+            {"Authorization": "Bearer read-s3cret"},
+            {"Authorization": basic},
+        ):
+            assert get(url + "api/status", headers=headers)[0] == 200, headers
+            assert get(url + "metrics", headers=headers)[0] == 200, headers
+        assert get(url + "api/status", headers={"Authorization": "Bearer wrong"})[0] == 401
+
+
+def metric_names_used(expr: str) -> set[str]:
+    """The metric names in a PromQL expression: identifiers not followed by '(' that are not keywords or labels."""
+    names = set()
+    for m in re.finditer(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", re.sub(r"\{[^}]*\}", "", expr)):
+        word = m.group(1)
+        if word.startswith(("adtr_", "process_", "python_")):
+            names.add(word)
+    return names
+
+
+def test_alert_rules_and_dashboard_use_only_metrics_the_service_exports(model_path, tmp_path):
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the Prometheus rules (the dev extra)")
+    deploy = Path(__file__).parents[1] / "deploy"
+    rules = yaml.safe_load((deploy / "prometheus" / "adtr-rules.yml").read_text())
+    exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    assert {"AdtrLineNoSignal", "AdtrNotReady", "AdtrDown"} <= set(exprs)
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            assert r["labels"]["severity"] and r["annotations"]["summary"], r["alert"]
+    dashboard = json.loads((deploy / "grafana" / "adtr-line.json").read_text())
+    panel_exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    panel_exprs += [v["definition"] for v in dashboard["templating"]["list"]]
+    assert len(panel_exprs) >= 6
+    used = set().union(*(metric_names_used(e) for e in [*exprs.values(), *panel_exprs]))
+    assert used, "no metric names found"
+
+    clip = tmp_path / "line.avi"
+    write_video(clip, 30)
+    with WebhookReceiver() as hook, ServedRun(
+        "--model", model_path, "--source", clip, "--out", tmp_path / "out", "--serve", "127.0.0.1:0",
+        "--serve-linger", "120", "--sink", hook.url, env=poisoned_torch_env(tmp_path),
+    ) as run:  # fmt: skip
+        run.wait_for(lambda s: s["state"] == "finished", what="the end of the video")
+        exported = {s.name for family in metrics(run.url).values() for s in family}
+    missing = sorted(n for n in used if n not in exported)
+    assert not missing, f"deploy/ uses metrics /metrics does not export: {missing}"
