@@ -154,6 +154,7 @@ function drawTimeline() {
 // The whole population of scores moved (lamp, camera, dust): say so, with what to do; the threshold stays as it is.
 function showDrift(d) {
   const el = $("drift");
+  if (!el) return;
   el.hidden = !(d && d.active);
   if (el.hidden) return;
   const since = d.since ? new Date(d.since * 1000).toLocaleTimeString() : "?";
