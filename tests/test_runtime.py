@@ -154,6 +154,60 @@ def test_a_model_file_that_is_not_a_model_is_a_clear_error(tmp_path):
         open_model(tmp_path / "weights.bin")
 
 
+def test_every_kind_of_broken_onnx_file_is_not_a_loadable_model_and_other_failures_speak(model_path, tmp_path):
+    """Real broken files, each a different ONNX Runtime exception (InvalidProtobuf, InvalidArgument, InvalidGraph,
+    Fail), become one BackendError; failures that are not the file's (a session setting, a thread option) are not
+    turned into "not a loadable ONNX model"."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from adtr_deploy.runtime.backends import is_bad_onnx_file, onnx_file_errors
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("score", TensorProto.FLOAT, [1, 4])
+
+    def graph(op: str, inputs: list[str], opset: int = 17) -> onnx.ModelProto:
+        g = helper.make_graph([helper.make_node(op, inputs, ["score"])], "g", [x], [y])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+    whole = model_path.read_bytes()
+    broken = {
+        "text": b"not an onnx file\n",
+        "empty": b"",
+        "truncated": whole[: len(whole) // 2],
+        "dangling": graph("Relu", ["nowhere"]).SerializeToString(),
+        "unknown-op": graph("NoSuchOp", ["image"]).SerializeToString(),
+        "future-opset": graph("Relu", ["image"], opset=999).SerializeToString(),
+    }
+    kinds = set()
+    for name, data in broken.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(data)
+        rf.spec().save(folder / "model.json")
+        with pytest.raises(BackendError, match="is not a loadable ONNX model") as caught:
+            open_model(folder / "model.onnx")
+        assert str(folder / "model.onnx") in str(caught.value)
+        with pytest.raises(onnx_file_errors(ort)) as raw:
+            ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        kinds.add(type(raw.value).__name__)
+    assert len(kinds) >= 3, kinds  # the catch is not one class under many names
+
+    # a setting the file is innocent of: same exception classes, but not a load error of the file
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.load_model_format", "ORT")  # an .onnx file read as the ORT format
+    with pytest.raises(onnx_file_errors(ort)) as setting:
+        ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    assert not is_bad_onnx_file(setting.value)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.add_session_config_entry("session.intra_op_thread_affinities", "not-a-cpu")
+    with pytest.raises(Exception) as threads:
+        ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    assert not isinstance(threads.value, onnx_file_errors(ort))
+
+
 def test_gpu_request_on_a_machine_without_it_is_refused_or_reported(model_path):
     import onnxruntime as ort
 

@@ -111,10 +111,10 @@ class OnnxRuntimeBackend(Backend):
         # ourselves and say why below.
         providers = [p for p in providers if (p[0] if isinstance(p, tuple) else p) in available]
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # ORT warns about unavailable providers; we say it better below
-                self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as exc:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except onnx_file_errors(ort) as exc:
+            if not is_bad_onnx_file(exc):
+                raise
             raise BackendError(f"{path} is not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         super().__init__(path, read_spec(path, meta.get(METADATA_KEY)), device)
@@ -209,6 +209,23 @@ class OnnxRuntimeBackend(Backend):
     def close(self) -> None:
         if self._streams is not None:
             self._streams.close()
+
+
+def onnx_file_errors(ort) -> tuple[type[BaseException], ...]:
+    """What ONNX Runtime raises when the file itself is not a model it can load (onnxruntime 1.32, tried with a text
+    file, an empty file, a truncated model, a dangling node input, an unknown op, a type clash, an unknown opset and a
+    missing file: tests/test_runtime.py): InvalidProtobuf, InvalidArgument, InvalidGraph, NoSuchFile, and Fail for type
+    and opset errors; NotImplemented for an op no kernel implements. Out of memory (RuntimeException, MemoryError) and
+    provider failures (EPFail, RuntimeException) are not among them: they reach the user as they are."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("InvalidProtobuf", "InvalidArgument", "InvalidGraph", "NoSuchFile", "NotImplemented", "Fail")
+    return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
+
+
+def is_bad_onnx_file(exc: BaseException) -> bool:
+    """A load error of the file (not, say, a bad session option): ONNX Runtime says "Load model from PATH failed"."""
+    return "Load model" in str(exc) or type(exc).__name__ in ("InvalidProtobuf", "InvalidGraph", "NoSuchFile")
 
 
 def _writable_cache(wanted: Path, model: Path) -> Path:
