@@ -19,7 +19,12 @@ import numpy as np
 
 from adtr_deploy.errors import UserError
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "f1_max", "threshold", "num_images")
+# f1_max_threshold_on_test: the score threshold at which F1 peaks, picked on the evaluated (test) labels. It measures
+# the map, it is not a setting: deployment uses the spec's threshold, calibrated on held-out good training images.
+TEST_THRESHOLD = "f1_max_threshold_on_test"
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro", "f1_max", TEST_THRESHOLD, "num_images")
+# new key -> the key metrics.json files written before 2026-12-03 used for it
+OLD_KEYS = {TEST_THRESHOLD: "threshold"}
 MAX_FPR = 0.3
 
 
@@ -198,7 +203,7 @@ def evaluate(scores, labels, maps=None, masks=None, *, max_fpr: float = MAX_FPR)
         "pixel_auroc": None,
         "pro": None,
         "f1_max": f1,
-        "threshold": threshold,
+        TEST_THRESHOLD: threshold,
         "num_images": int(s.size),
     }
     if masks is None:
@@ -219,13 +224,18 @@ def evaluate(scores, labels, maps=None, masks=None, *, max_fpr: float = MAX_FPR)
 # ----------------------------------------------------------------------------------------------------------------- tables
 
 
+def metric(metrics: dict, key: str):
+    """metrics[key], also from a metrics.json written before a key was renamed (OLD_KEYS); None when absent."""
+    return metrics.get(key, metrics.get(OLD_KEYS.get(key, key)))
+
+
 def per_category_table(results: dict[str, dict]) -> tuple[list[dict], dict]:
     """Per-category metric dicts -> (rows, mean row).
 
     Each row is {"category": name, **metrics}. The mean row averages each metric over the categories where it is not None
     (None if none has it) and sums num_images.
     """
-    rows = [{"category": name, **{k: metrics.get(k) for k in METRIC_KEYS}} for name, metrics in results.items()]
+    rows = [{"category": name, **{k: metric(metrics, k) for k in METRIC_KEYS}} for name, metrics in results.items()]
     mean: dict = {"category": "mean"}
     for key in METRIC_KEYS:
         values = [r[key] for r in rows if r[key] is not None]
@@ -247,11 +257,11 @@ def format_table(rows: list[dict], mean: dict | None = None, *, extra: tuple[str
             return str(value)
         if key == "num_images":
             return str(int(value))
-        if key == "threshold":
+        if key == TEST_THRESHOLD:
             return f"{value:.4g}"
         return f"{100.0 * value:.1f}"
 
-    names = ["category", "image AUROC", "pixel AUROC", "PRO", "F1-max", "threshold", "images", *extra]
+    names = ["category", "image AUROC", "pixel AUROC", "PRO", "F1-max", "F1-max threshold (test)", "images", *extra]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for row in rows + ([mean] if mean else []):
         cells = [str(row["category"])] + [cell(k, row.get(k)) for k in (*METRIC_KEYS, *extra)]

@@ -21,7 +21,7 @@ from adtr_deploy.train.evaluate import evaluate_model, is_checkpoint
 from adtr_deploy.train.trainer import train
 from tests.train_data import make_folder, make_mvtec
 
-KEYS = ("image_auroc", "pixel_auroc", "pro", "f1_max", "threshold", "num_images")
+KEYS = ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_max_threshold_on_test", "num_images")
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,7 @@ def test_per_category_table_means_and_markdown():
             "pixel_auroc": 0.8,
             "pro": 0.7,
             "f1_max": 0.6,
-            "threshold": 1.5,
+            "f1_max_threshold_on_test": 1.5,
             "num_images": 60,
         },
         "grass": {
@@ -211,7 +211,7 @@ def test_per_category_table_means_and_markdown():
             "pixel_auroc": None,
             "pro": None,
             "f1_max": 0.4,
-            "threshold": 2.5,
+            "threshold": 2.5,  # the key of metrics.json files written before the rename: still read
             "num_images": 40,
         },
     }
@@ -219,6 +219,7 @@ def test_per_category_table_means_and_markdown():
     assert [r["category"] for r in rows] == ["brick", "grass"]
     assert mean["image_auroc"] == pytest.approx(0.8) and mean["pixel_auroc"] == pytest.approx(0.8)
     assert mean["num_images"] == 100
+    assert [r["f1_max_threshold_on_test"] for r in rows] == [1.5, 2.5] and mean["f1_max_threshold_on_test"] == 2.0
     table = metrics.format_table(rows, mean)
     assert "| brick | 90.0 | 80.0 | 70.0 | 60.0 | 1.5 | 60 |" in table
     assert "| grass | 70.0 | - | - |" in table and "| mean | 80.0 |" in table

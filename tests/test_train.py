@@ -106,7 +106,7 @@ def test_train_log_has_one_line_per_epoch_and_the_lr_drops_late(run):
 def test_training_writes_metrics_when_there_is_a_test_split(run):
     path, out = run
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "threshold", "num_images"):
+    for key in ("image_auroc", "pixel_auroc", "pro", "f1_max", "f1_max_threshold_on_test", "num_images"):
         assert key in metrics
     assert metrics["num_images"] == 11 and 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1
     assert torch.load(path, weights_only=True)["metrics"] == metrics

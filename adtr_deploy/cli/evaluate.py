@@ -48,8 +48,9 @@ def command(
 ) -> None:
     """Evaluate a model on the test split: image AUROC, pixel AUROC and PRO (where masks exist), F1-max.
 
-    metrics.json keys: image_auroc, pixel_auroc (null without masks), pro, f1_max, threshold (the F1-max threshold on
-    raw scores), num_images, plus per-defect image AUROC and the backend used.
+    metrics.json keys: image_auroc, pixel_auroc (null without masks), pro, f1_max, f1_max_threshold_on_test (where F1
+    peaks on these test labels, in raw score units: a measurement, not the deployment threshold, which the spec holds),
+    num_images, plus per-defect image AUROC and the backend used.
 
     \b
     Examples:

@@ -265,7 +265,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint or an exported model on the test split of `data_root`/`category`.
 
-    Returns the metrics dict (image_auroc, pixel_auroc, pro, f1_max, threshold, num_images, ...). With `out`, writes it
+    Returns the metrics dict (image_auroc, pixel_auroc, pro, f1_max, f1_max_threshold_on_test, num_images, ...). With `out`, writes it
     there as JSON and the per-image scores as `<stem>_scores.csv` beside it.
     """
     data = open_dataset(data_root, category)
