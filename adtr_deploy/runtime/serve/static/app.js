@@ -13,6 +13,14 @@ let galleryKey = "";
 let modelShown = false;
 let modelThreshold = null;
 let lastIsError = false;
+let inspecting = false; // the line is OK, ALARM or DRIFT: the last decision is current, not a leftover
+let lastContact = 0; // Date.now() of the last answer from the server
+let lastFrameAge = null; // the last record's age (s) at that answer
+// The line's states (state.py line_state) and their banner class; SERVER LOST is the page's own.
+const LINE_CLASS = {
+  "OK": "ok", "ALARM": "alarm", "DRIFT": "drift", "NO SIGNAL": "nosignal", "PAUSED": "paused",
+  "STARTING": "starting", "FINISHED": "finished", "SERVER LOST": "lost",
+};
 
 function text(id, value) {
   $(id).textContent = value === null || value === undefined ? "–" : String(value);
@@ -44,10 +52,67 @@ function showModel(model) {
   modelShown = true;
 }
 
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  if (seconds < 10) return seconds.toFixed(1) + " s";
+  if (seconds < 120) return Math.round(seconds) + " s";
+  if (seconds < 7200) return Math.round(seconds / 60) + " min";
+  return (seconds / 3600).toFixed(1) + " h";
+}
+
+function clock(unix) {
+  return new Date(unix * 1000).toLocaleTimeString(undefined, { hour12: false });
+}
+
+function showLine(state, detail) {
+  const line = $("line");
+  line.className = "line " + (LINE_CLASS[state] || "starting");
+  $("line-state").textContent = state;
+  $("line-detail").textContent = detail;
+  const pill = $("state");
+  pill.textContent = state.toLowerCase();
+  pill.className = "state " + (LINE_CLASS[state] || "");
+  inspecting = state === "OK" || state === "ALARM" || state === "DRIFT";
+  // Not inspecting: no leftover OK/ANOMALY, and the picture is shown as old.
+  $("frame").classList.toggle("stale", !inspecting);
+  if (!inspecting) {
+    const badge = $("decision");
+    badge.textContent = "–";
+    badge.className = "badge stale";
+    badge.title = "no current decision: " + state;
+  }
+}
+
+function lineDetail(s) {
+  const line = s.line || { state: String(s.state).toUpperCase(), reason: "" };
+  const src = s.source || {};
+  const age = "last frame " + ago(s.last_frame_age_s) + " ago";
+  if (line.state === "NO SIGNAL") {
+    const down = src.outage_start ? "source down since " + clock(src.outage_start) + " (" + ago(src.outage_s) + ")" : line.reason;
+    return down + " · " + age + " · " + (src.reconnects || 0) + " reconnect attempts";
+  }
+  if (line.state === "PAUSED") return "paused since " + clock(line.since) + " · " + age;
+  if (line.state === "FINISHED") return line.reason + " · " + age;
+  if (line.state === "STARTING") return line.reason;
+  return age + (line.state === "ALARM" ? " · " + line.reason : "");
+}
+
+function showLost() {
+  // fetch failed: the server (the whole adtr-run) is gone, or the network to it.
+  const since = lastContact ? new Date(lastContact).toLocaleTimeString(undefined, { hour12: false }) : "the start";
+  const silent = lastContact ? (Date.now() - lastContact) / 1000 : null;
+  const frame = lastFrameAge === null ? "" : " · last frame seen " + ago(lastFrameAge + (silent || 0)) + " ago";
+  showLine("SERVER LOST", "no answer from adtr-run since " + since + (silent === null ? "" : " (" + ago(silent) + ")") + frame);
+}
+
 function showLast(last) {
   if (!last) return;
   const badge = $("decision");
-  if (last.status !== "ok") {
+  badge.title = "";
+  if (!inspecting) {
+    badge.textContent = "–";
+    badge.className = "badge stale";
+  } else if (last.status !== "ok") {
     badge.textContent = "ERROR";
     badge.className = "badge bad";
   } else {
@@ -164,9 +229,9 @@ function showDrift(d) {
 }
 
 function show(s) {
-  const st = $("state");
-  st.textContent = s.state;
-  st.className = "state " + s.state;
+  lastContact = Date.now();
+  lastFrameAge = s.last_frame_age_s;
+  showLine(s.line ? s.line.state : String(s.state).toUpperCase(), lineDetail(s));
   showDrift(s.drift);
   // shown again when a recalibration changed the threshold
   if (s.model && s.model.name && (!modelShown || s.model.threshold !== modelThreshold)) {
@@ -202,13 +267,17 @@ function show(s) {
 }
 
 async function poll() {
+  // An answer that does not come within 3 s counts as none: a hung server is as lost as a dead one.
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), 3000);
   try {
-    const r = await fetch("/api/status?view=1&since=" + since, { cache: "no-store" });
+    const r = await fetch("/api/status?view=1&since=" + since, { cache: "no-store", signal: abort.signal });
     if (r.ok) show(await r.json());
+    else if (r.status === 401) showLine("STARTING", "this server needs its token: reload the page and give it");
   } catch (e) {
-    const st = $("state");
-    st.textContent = "disconnected";
-    st.className = "state";
+    showLost();
+  } finally {
+    clearTimeout(timer);
   }
   setTimeout(poll, POLL_MS);
 }
