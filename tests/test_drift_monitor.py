@@ -376,6 +376,12 @@ def test_drift_shows_on_a_live_source_whose_light_changes_and_clears_after_recal
             assert sample(m, "adtr_line_state", state="drift") == 1
             code, _, page = get(url)
             assert code == 200 and b'id="drift"' in page and b"DRIFT" in get(url + "static/app.js")[2]
+            from tests.test_serve_browser import CHROMIUM, _Dom, chromium
+
+            if CHROMIUM is not None:  # the page itself, rendered by a real browser, says DRIFT
+                dom = _Dom()
+                dom.feed(chromium(url, tmp_path / "profile", "--dump-dom"))
+                assert dom.text["line-state"] == "DRIFT" and dom.text["drift"].startswith("DRIFT since")
             wait_until(lambda: drift_events(hook) == ["started"], 30, "the drift event at the webhook")
             started = next(m for m in hook.messages if m.get("event") == "drift")
             assert started["model"]["sha256"] == rf.spec().extra["sha256"] and started["shift_sigmas"] >= 2
