@@ -5,6 +5,7 @@ Every loop here is bounded in count and in time, so a broken source fails the te
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -251,3 +252,31 @@ def test_a_stream_that_trickles_mid_run_is_a_counted_outage_and_close_does_not_w
             closed_in = time.monotonic() - t1
     assert closed_in < 1.0, f"close() took {closed_in:.1f} s"
     assert server.connections >= 3
+
+
+def test_adtr_run_on_a_trickling_stream_fails_in_timeout_and_a_stream_going_bad_mid_run_keeps_duration(tmp_path):
+    """Through the CLI: a trickle from the start is one sentence within --timeout; a stream that turns into a trickle
+    mid-run (every reconnect attempt trickling too) still ends at --duration, not minutes later."""
+    from click.testing import CliRunner
+
+    from adtr_deploy.cli.run import command
+
+    model = rf.onnx_model()
+    with TrickleServer(every_s=0.3) as server:
+        t0 = time.monotonic()
+        args = ["--model", model, "--source", server.url, "--out", tmp_path / "a", "--timeout", "1", "--quiet"]
+        result = CliRunner().invoke(command, [str(a) for a in args])
+        took = time.monotonic() - t0
+    assert result.exit_code == 1 and "no complete answer within 1 s" in result.output, result.output
+    assert took < 1 + 15, f"{took:.1f} s"  # the model loads after the source opened: this bounds the open itself
+    assert not (tmp_path / "a" / "results.jsonl").exists()
+
+    with TrickleServer(every_s=0.3, frames_first=3) as server:
+        args = ["--model", model, "--source", server.url, "--out", tmp_path / "b", "--timeout", "1", "--duration", "3"]
+        t0 = time.monotonic()
+        result = CliRunner().invoke(command, [str(a) for a in [*args, "--quiet"]])
+        took = time.monotonic() - t0
+    assert result.exit_code == 0, result.output
+    assert took < 3 + 1 + 5, f"--duration 3 took {took:.1f} s"
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["stopped"] == "duration" and summary["reconnects"] >= 1
