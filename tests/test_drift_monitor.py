@@ -301,6 +301,17 @@ def test_cli_refuses_too_few_frames_flagged_frames_and_another_model(tmp_path):
     assert code == 1 and "look like flagged parts" in out and "frame_011.jpg" in out and "--allow-flagged" in out
     assert spec_path.read_bytes() == original  # nothing written
 
+    recorded = write_frames(tmp_path / "recorded", gravel(25, seed=4))  # frames an adtr-run of another model kept
+    (recorded / "results.jsonl").write_text(json.dumps({"source": "cam", "model_sha256": "0123456789abcdef"}) + "\n")
+    code, out = run_cli("--model", model.parent, "--images", recorded)
+    assert code == 1 and "recorded with another model (sha256 0123456789ab" in out
+    write_frames(recorded / "overlays", gravel(2, seed=6))  # an adtr-run output folder: overlays are not frames
+    same = json.loads(original)["extra"]["sha256"][:16]
+    (recorded / "results.jsonl").write_text(json.dumps({"source": "cam", "model_sha256": same}) + "\n")
+    code, out = run_cli("--model", model.parent, "--images", recorded)
+    assert code == 1 and "overlays/ are annotated pictures" in out
+    assert spec_path.read_bytes() == original
+
     other = json.loads(original)
     other["extra"]["sha256"] = "0" * 64  # a model.json written for another model file
     spec_path.write_text(json.dumps(other))

@@ -13,8 +13,9 @@ Refused, with one sentence:
   than the calibration's score_std). The median test is what lets a drifted line be recalibrated: after a lamp change
   every good frame may sit above the old threshold, but a defective part still stands out from its neighbours.
   `allow_flagged` (--allow-flagged) takes them anyway;
-- a model.json written for another model file (its sha256 differs from the file's), or, for a running service, a
-  model.json on disk that now describes another model than the one running;
+- another model: a model.json written for another model file (its sha256 differs from the file's); a folder of
+  frames whose adtr-run records (results.jsonl) name another model's sha256; for a running service, a model.json on
+  disk that now describes another model than the one running;
 - scores that are not finite (a broken model); a model.json whose calibration is not finite is refused when it is
   loaded (adtr_deploy.spec).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import json
 import math
 import threading
 from datetime import datetime, timezone
@@ -212,6 +214,39 @@ def score_folder(engine, folder: Path, batch_size: int = 8) -> tuple[list[str], 
     return names, np.concatenate(scores), np.concatenate(maps)
 
 
+RESULTS_FILE = "results.jsonl"  # adtr-run's records (adtr_deploy.runtime.outdir); each names its model's sha256
+MAX_RECORDS_READ = 100_000
+
+
+def check_recorded_model(folder: Path, sha256: str | None, names: list[str]) -> None:
+    """A folder that holds adtr-run records (results.jsonl) says which model scored its frames: refuse another model's,
+    and refuse its overlays/ (heatmaps drawn over the frames, not frames)."""
+    results = folder / RESULTS_FILE
+    if not results.is_file():
+        return
+    if any(Path(n).parts[:1] == ("overlays",) for n in names):
+        raise RecalibrationError(
+            f"{folder} is an adtr-run output folder and its overlays/ are annotated pictures (heatmaps over the frames), "
+            "not camera frames; give a folder of the frames themselves"
+        )
+    if not sha256:
+        return
+    with open(results, encoding="utf-8", errors="replace") as fh:
+        for i, line in enumerate(fh):
+            if i >= MAX_RECORDS_READ:
+                break
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            theirs = record.get("model_sha256") if isinstance(record, dict) else None
+            if isinstance(theirs, str) and theirs and not sha256.startswith(theirs):
+                raise RecalibrationError(
+                    f"{results} says these frames were recorded with another model (sha256 {theirs[:12]}...) than this "
+                    f"one ({sha256[:12]}...); recalibrate that model, or collect frames with this one"
+                )
+
+
 def recalibrate_export(
     model: str | Path,
     images: str | Path,
@@ -227,15 +262,16 @@ def recalibrate_export(
 
     artifact, spec_path = resolve(model)
     old = ModelSpec.load(spec_path)  # refuses missing or non-finite calibration values (adtr_deploy.spec)
+    sha = old.extra.get("sha256") or sha256_file(artifact)
     engine = open_model(artifact, device)  # refuses a model.json written for another model file (sha256)
     try:
         names, scores, maps = score_folder(engine, Path(images))
     finally:
         engine.close()
+    check_recorded_model(Path(images), sha, names)
     check_frames(
         scores, old.calibration, old.threshold, names=names, allow_flagged=allow_flagged, what=f"images in {images}"
     )
-    sha = old.extra.get("sha256") or sha256_file(artifact)
     new = recalibrated(
         old,
         scores,
