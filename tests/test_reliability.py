@@ -575,3 +575,263 @@ def test_resume_applies_new_lr_and_epochs_and_survives_a_torn_log_line(tmp_path)
     assert [r["lr"] for r in log] == pytest.approx([1e-4, 5e-4, 5e-5])
     state = torch.load(out / "checkpoint.pt", weights_only=True)["train_state"]
     assert state["epoch"] == 3 and state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-5)
+
+
+# --- unattended on the line: restarts, one writer, retention, strict metadata, edges -------------------------------------
+
+
+def service_args(model: Path, url: str, out: Path, *extra) -> list:
+    """The command line of the systemd unit in docs/runtime.md ("As a service"), with a local camera and --out."""
+    return [
+        "--model",
+        model,
+        "--source",
+        url,
+        "--out",
+        out,
+        "--resume",
+        "--keep",
+        "30d",
+        "--save-overlays",
+        "-q",
+        *extra,
+    ]
+
+
+def start_run(env: dict, args: list) -> subprocess.Popen:
+    return rf.start_interruptible([PYTHON, "-c", ENTRY.format("run"), *map(str, args)], env)
+
+
+def all_lines(out: Path) -> list[bytes]:
+    from adtr_deploy.runtime.outdir import result_files
+
+    return [line for path in result_files(out) for line in path.read_bytes().splitlines(keepends=True)]
+
+
+def wait_for_records(proc: subprocess.Popen, out: Path, seen_runs: set, n: int = 5, timeout: float = 60) -> str:
+    """Wait until this start (a run id not in `seen_runs`) has written `n` records to results.jsonl; its run id."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        assert proc.poll() is None, "the run ended by itself: " + proc.communicate()[1]
+        path = out / "results.jsonl"
+        lines = path.read_bytes().splitlines() if path.is_file() else []
+        if len(lines) >= n:
+            run = json.loads(lines[0])["run"]
+            if run not in seen_runs:
+                return run
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} records from a new start within {timeout} s")
+
+
+def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
+def test_service_command_restarted_five_times_keeps_every_record_once(model, env, tmp_path):
+    """The issue's case: the documented unit's command, stopped (SIGTERM, SIGKILL, mixed) and started again into the
+    same --out, as Restart=always does. Nothing lost, nothing duplicated, every start's history kept and summarized."""
+    out = tmp_path / "line3"
+    stops = [signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM]
+    runs: list[str] = []
+    with rf.MjpegServer([("stream", 100_000, "close")], interval_s=0.02) as cam:
+        for sig in stops:  # five restarts after the first start
+            proc = start_run(env, service_args(model, cam.url, out))
+            runs.append(wait_for_records(proc, out, set(runs)))
+            code, err = stop(proc, sig)
+            assert "Traceback" not in err and "Error" not in err, err
+            assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 0), err
+    lines = all_lines(out)
+    assert lines and all(line.endswith(b"\n") for line in lines)  # whole lines only, kill -9 or not
+    recs = [json.loads(line) for line in lines]  # every line parses
+    assert len({(r["run"], r["frame"]) for r in recs}) == len(recs)  # nothing duplicated
+    assert [r for r in dict.fromkeys(r["run"] for r in recs)] == runs  # every start's records kept, in order
+    sha = json.loads((model.parent / "model.json").read_text())["extra"]["sha256"]
+    assert {r["model_sha256"] for r in recs} == {sha[:16]}
+    for rec in recs:  # each record's overlay is there (a restart never overwrote an earlier start's)
+        assert (out / rec["overlay"]).is_file(), rec
+    # Every start has its summary in runs.jsonl, the killed ones recounted at the next start: counts == records.
+    history = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [h["run"] for h in history] == runs
+    for h, sig in zip(history, stops, strict=True):
+        mine = [r for r in recs if r["run"] == h["run"]]
+        assert h["images"] == len(mine) and h["ok"] + h["errors"] == len(mine)
+        assert h["anomalies"] == sum(bool(r["is_anomaly"]) for r in mine)
+        assert h.get("recounted", False) == (sig == signal.SIGKILL) and h["running"] is False
+    assert summary(out)["run"] == runs[-1] and summary(out)["stopped"] == "interrupted"
+    assert len(list(out.glob("results-*.jsonl"))) == len(runs) - 1  # one closed segment per earlier start
+
+
+def test_one_writer_per_out_and_the_lock_is_not_stuck_after_kill_9(model, env, tmp_path):
+    out = tmp_path / "out"
+    with rf.MjpegServer([("stream", 100_000, "close")], interval_s=0.02) as cam:
+        first = start_run(env, service_args(model, cam.url, out))
+        try:
+            wait_for_records(first, out, set())
+            second = cli(env, "run", *service_args(model, cam.url, out))
+            one_sentence(second, f"is in use by another adtr-run (pid {first.pid})")
+            before = (out / "results.jsonl").read_bytes()
+        finally:
+            first.kill()
+            first.communicate()
+        assert before and len(all_lines(out)) >= len(before.splitlines())  # the refused run wrote nothing
+        res = cli(env, "run", *service_args(model, cam.url, out, "--max-frames", "3"))
+    assert res.returncode == 0, res.stderr  # the kernel released the dead run's lock
+    assert summary(out)["images"] == 3
+
+
+def test_resume_refuses_another_model_or_another_source(model, other_export, env, images, tmp_path):
+    out = tmp_path / "out"
+    assert cli(env, "run", "--model", model, "--source", images, "--out", out, "--max-frames", "2").returncode == 0
+    before = (out / "results.jsonl").read_bytes()
+    res = cli(env, "run", "--model", other_export, "--source", images, "--out", out, "--resume")
+    one_sentence(res, "holds results of another model", "--overwrite")
+    other = tmp_path / "other_images"
+    shutil.copytree(images, other)
+    res = cli(env, "run", "--model", model, "--source", other, "--out", out, "--resume")
+    one_sentence(res, "holds results of another source", str(images))
+    assert (out / "results.jsonl").read_bytes() == before
+
+
+BAD_CALIBRATION = {
+    "NaN threshold": ("threshold", float("nan"), "calibration.threshold is nan, not a finite number"),
+    "infinite mean": ("score_mean", float("inf"), "calibration.score_mean is inf, not a finite number"),
+    "negative std": ("score_std", -0.5, "calibration.score_std is -0.5, but it cannot be negative"),
+    "missing map threshold": ("map_threshold", None, "lacks calibration.map_threshold"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALIBRATION))
+def test_bad_calibration_in_model_json_is_refused_naming_the_file(case, env, images, tmp_path):
+    from adtr_deploy.runtime import open_model
+    from adtr_deploy.spec import SpecError
+
+    key, value, fragment = BAD_CALIBRATION[case]
+    path = rf.copy_model(tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    if value is None:
+        del spec["calibration"][key]
+    else:
+        spec["calibration"][key] = value
+    (tmp_path / "m" / "model.json").write_text(json.dumps(spec))  # Python writes NaN and Infinity, as a careless edit
+    with pytest.raises(SpecError) as caught:  # the runtime's own loading
+        open_model(path, "cpu")
+    assert str(tmp_path / "m" / "model.json") in str(caught.value) and fragment in str(caught.value)
+    res = cli(env, "run", "--model", path, "--source", images, "--out", tmp_path / "out")
+    one_sentence(res, str(tmp_path / "m" / "model.json"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["live", "files"])
+def test_three_quick_sigints_still_leave_a_summary(kind, model, env, slow_folder, tmp_path):
+    out = tmp_path / "out"
+    with rf.MjpegServer([("stream", 100_000, "close")], interval_s=0.02) as cam:
+        source = cam.url if kind == "live" else slow_folder
+        proc = start_run(env, ["--model", model, "--source", source, "--out", out, "--save-overlays", "-q"])
+        try:
+            wait_for_records(proc, out, set(), n=3)
+            # 10 ms apart, all within the stop the first one asks for: a live run at batch 1 stops within a few ms, so
+            # its three come back to back (a Ctrl-C after the process has finished ends it like any other program).
+            for _ in range(3):
+                proc.send_signal(signal.SIGINT)
+                time.sleep(0.01 if kind == "files" else 0)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    # 0 or 130 when the three land during the stop; a stop that finished within 20 ms leaves the last one to end the
+    # exiting process as it ends any program (-SIGINT). Whichever: the summary is whole and counts every record.
+    assert proc.returncode in (0, 130, -signal.SIGINT) and "Traceback" not in err, err
+    s = summary(out)
+    assert s["stopped"] == "interrupted" and s["running"] is False and s["signal"] == "SIGINT"
+    assert s["images"] == len(records(out))  # the summary counts exactly what the file holds
+
+
+def test_out_inside_the_source_folder_is_refused(model, env, images, tmp_path):
+    folder = tmp_path / "inspection"
+    shutil.copytree(images, folder)
+    one_sentence(
+        cli(env, "run", "--model", model, "--source", folder, "--out", folder / "results"), "inside the source folder"
+    )
+    assert not (folder / "results").exists()
+
+
+def test_overwrite_removes_the_replaced_runs_overlays(model, env, images, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", model, "--source", images, "--out", out, "--save-overlays", "-q"]
+    assert cli(env, "run", *args).returncode == 0 and len(list((out / "overlays").iterdir())) == 6
+    res = cli(env, "run", *args, "--overwrite", "--max-frames", "2")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(Path(r["overlay"]).name for r in records(out))
+    assert len(records(out)) == 2 and not (out / "runs.jsonl").read_text().count("\n") > 1
+
+
+def test_keep_removes_old_segments_with_their_overlays(model, env, tmp_path):
+    """--keep SIZE: segments close as they fill and the oldest go, overlays with them; --keep AGE at the next start."""
+    out = tmp_path / "out"
+    keep = 60_000  # bytes: segments of about 7 KB (records and overlays), so a few seconds give many
+    with rf.MjpegServer([("stream", 100_000, "close")], interval_s=0.02) as cam:
+        args = ["--model", model, "--source", cam.url, "--out", out, "--resume", "--save-overlays", "-q"]
+        proc = start_run(env, [*args, "--keep", f"{keep}B"])
+        try:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 90 and len(list(out.glob("results-*.jsonl"))) < 3:
+                time.sleep(0.1)
+            time.sleep(3)
+        finally:
+            code, err = stop(proc, signal.SIGTERM)
+        assert code == 0, err
+        s = summary(out)
+        kept = [json.loads(line) for line in all_lines(out)]
+        assert len(kept) < s["images"]  # old segments were removed ...
+        used = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != ".adtr-run.lock")
+        assert used <= keep + 8 * 7_500, used  # ... down to the limit (plus the open segment)
+        tags = {p.stem[len("results-") :] for p in out.glob("results-*.jsonl")} | {
+            Path(r["overlay"]).parent.name for r in kept
+        }
+        assert {p.name for p in (out / "overlays").iterdir()} <= tags  # ... with their overlays
+        assert all((out / r["overlay"]).is_file() for r in kept)
+        # By age: every closed segment is older than 1 s at the next start, so that start removes them all.
+        old = time.time() - 10
+        for p in out.glob("results-*.jsonl"):
+            os.utime(p, (old, old))
+        res = cli(env, "run", *args, "--keep", "1s", "--max-frames", "2")
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in out.glob("results-*.jsonl")] == [] or all(
+        p.stat().st_mtime > old + 5 for p in out.glob("results-*.jsonl")
+    )
+    assert {p.name for p in (out / "overlays").iterdir()} == {Path(r["overlay"]).parent.name for r in records(out)} | {
+        p.stem[len("results-") :] for p in out.glob("results-*.jsonl")
+    }
+
+
+def test_a_full_disk_gives_one_sentence_and_keeps_what_is_there(model, env, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE: the kernel refuses writes beyond it, as a full disk does) on a live run: one
+    sentence, every record line whole, the summary readable; the next start continues."""
+    import resource
+
+    out = tmp_path / "out"
+    limit = 20_000
+
+    def limited():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    with rf.MjpegServer([("stream", 100_000, "close")], interval_s=0.01) as cam:
+        args = ["--model", model, "--source", cam.url, "--out", out, "--resume"]
+        cmd = [PYTHON, "-c", ENTRY.format("run"), *map(str, args)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, preexec_fn=limited)
+        one_sentence(res, "is full", "--keep")
+        lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
+        assert lines and all(line.endswith(b"\n") for line in lines) and sum(map(len, lines)) <= limit
+        recs = [json.loads(line) for line in lines]
+        s = summary(out)
+        assert s["images"] == len(recs) and s["stopped"].startswith("error: the disk holding")
+        res = cli(env, "run", *args, "--max-frames", "3", "-q")
+    assert res.returncode == 0, res.stderr
+    assert len(all_lines(out)) == len(recs) + 3

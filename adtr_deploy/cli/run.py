@@ -405,6 +405,7 @@ def command(
     check_out_dir(out_dir, overwrite=overwrite, resume=resume)
     parse_keep(keep)
     lock_out_dir(out_dir)
+    previous_term, previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         src = open_source(
             source, timeout_s=timeout_s, queue_size=max(16, 2 * batch_size), max_pixels=max_pixels or None
@@ -444,7 +445,7 @@ def command(
         if service:
             service.attach_drift(drift)
         pipeline = Pipeline(engine, src, out_dir, run_options, on_record=progress, log=log, **hooks)
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             if service:
                 service.start(pipeline, engine, model)
@@ -453,15 +454,21 @@ def command(
                 progress.end()
                 service.linger(serve_linger, summary)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            # The run is over and its summary written: a late Ctrl-C or SIGTERM (the third of three quick ones) must
+            # not cut the closing short; the handlers come back when the command returns.
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
+            signal.signal(signal.SIGINT, lambda signum, frame: None)
             progress.end()
             if service:
                 service.close()
             engine.close()
+        if not quiet:
+            _print_summary(summary, out_dir)
     finally:
         unlock_out_dir(out_dir)
-    if not quiet:
-        _print_summary(summary, out_dir)
+        for sig, handler in ((signal.SIGTERM, previous_term), (signal.SIGINT, previous_int)):
+            if handler is not None:
+                signal.signal(sig, handler)
     if summary["stopped"] == "interrupted" and not summary["live"]:
         raise SystemExit(130)  # a batch job cut short is not a success; for a live source Ctrl-C is the normal end
 

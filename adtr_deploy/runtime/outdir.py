@@ -238,11 +238,28 @@ def _first_run_id(path: Path) -> str | None:
     return run if isinstance(run, str) and re.fullmatch(r"[0-9TZ.]+", run) else None
 
 
-def segment_name(out_dir: Path, run_id: str) -> tuple[Path, str]:
-    """The next free closed-segment name for a run, and its part (the overlays folder's name)."""
-    part = 1 + sum(1 for _ in out_dir.glob(f"results-{run_id}-*.jsonl"))
-    tag = f"{run_id}-{part:04d}"
-    return out_dir / f"results-{tag}.jsonl", tag
+def next_part(out_dir: Path, run_id: str) -> int:
+    """1 + the highest part of a run's closed segments (retention may have removed the lower ones)."""
+    parts = [p.stem.rsplit("-", 1)[-1] for p in out_dir.glob(f"results-{run_id}-*.jsonl")]
+    return 1 + max((int(x) for x in parts if x.isdigit()), default=0)
+
+
+def segment_path(out_dir: Path, tag: str) -> Path:
+    """The closed segment of part `tag` (`<run>-<part>`, also the name of its overlays folder)."""
+    return out_dir / f"results-{tag}.jsonl"
+
+
+def _overlay_tag(path: Path) -> str | None:
+    """The overlays folder a live results.jsonl's records use (its part), from the first records that have one."""
+    with open(path, "rb") as fh:
+        for _, line in zip(range(1000), fh):
+            try:
+                overlay = json.loads(line).get("overlay")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(overlay, str) and overlay.count("/") == 2:
+                return overlay.split("/")[1]
+    return None
 
 
 def close_current(out_dir: Path) -> None:
@@ -256,8 +273,10 @@ def close_current(out_dir: Path) -> None:
     run = _first_run_id(current) or datetime.fromtimestamp(current.stat().st_mtime, timezone.utc).strftime(
         "%Y%m%dT%H%M%S.000Z"
     )
-    target, _ = segment_name(out_dir, run)
-    os.replace(current, target)
+    tag = _overlay_tag(current)
+    if tag is None or not tag.startswith(run) or segment_path(out_dir, tag).exists():
+        tag = f"{run}-{next_part(out_dir, run):04d}"
+    os.replace(current, segment_path(out_dir, tag))
 
 
 def recount(out_dir: Path, run_id: str) -> dict:
@@ -434,7 +453,7 @@ class ResultsLog:
         self.size = os.fstat(self._fd).st_size
         self.segment_bytes = 0
         self.opened = time.monotonic()
-        self.tag = segment_name(self.out_dir, self.run_id)[1]
+        self.tag = f"{self.run_id}-{next_part(self.out_dir, self.run_id):04d}"
 
     def write(self, line: bytes) -> None:
         start = self.size
@@ -465,7 +484,7 @@ class ResultsLog:
         """Close results.jsonl into its segment and start a new one; returns the closed segment's name."""
         os.close(self._fd)
         self._fd = -1
-        target, _ = segment_name(self.out_dir, self.run_id)
+        target = segment_path(self.out_dir, self.tag)
         os.replace(self.path, target)
         self._open(append=False)
         return target.name
