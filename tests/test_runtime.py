@@ -103,9 +103,14 @@ def test_inference_streams_split_a_batch_over_concurrent_sessions_with_the_same_
     batch = stack_batch(texture_images(5, rf.INPUT_SIZE, seed=4))
     ref_map, ref_score = rf.reference_outputs(batch)
     span = float(ref_map.max() - ref_map.min())
+    with OnnxRuntimeBackend(model_path, threads=4, streams=2) as two_threads_each:
+        assert len({id(s) for s in two_threads_each._streams.sessions}) == 2  # a thread pool (and weights) apiece
+        np.testing.assert_allclose(two_threads_each.run(batch)[1], ref_score, atol=TOL * float(np.ptp(ref_map)))
     with OnnxRuntimeBackend(model_path, threads=2, streams=2) as streamed:
         info = streamed.describe()
-        assert info["streams"] == 2 and info["intra_op_threads"] == 1  # the 2 threads shared by the 2 sessions
+        assert info["streams"] == 2 and info["intra_op_threads"] == 1  # the 2 threads shared by the 2 streams
+        # one thread per stream: both streams run the one session (one copy of the weights), concurrently below
+        assert [s is streamed.session for s in streamed._streams.sessions] == [True, True]
         for n in (1, 2, 5):  # 1: the first session alone; 5: parts of 3 and 2, outputs back in batch order
             amap, score = streamed.run(batch[:n])
             assert amap.shape == (n, 1, *SIZE) and score.shape == (n,)

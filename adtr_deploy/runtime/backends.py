@@ -56,8 +56,8 @@ class OnnxRuntimeBackend(Backend):
     (`adtr-run --spin`) after `adtr-bench --spinning both` shows it wins there. `allow_fallback` (run on whatever ORT
     picked, with a warning, instead of refusing), `io_binding` (default: on for GPU devices), `trt_cache_dir`
     (TensorRT engine cache, default `trt_cache/` beside the model), `fp16` (TensorRT provider in fp16; default: the
-    spec's precision), `streams` (CPU: this many concurrent sessions sharing `threads`; a batch is split over the free
-    ones, adtr_deploy/runtime/streams.py).
+    spec's precision), `streams` (CPU: this many concurrent runs sharing `threads`, on one session when each gets one
+    thread, else one session each; a batch is split over the free ones, adtr_deploy/runtime/streams.py).
     """
 
     name = "onnxruntime"
@@ -148,8 +148,12 @@ class OnnxRuntimeBackend(Backend):
         self.io_binding = on_gpu if io_binding is None else io_binding
         self._ort_device = ("cuda", index) if on_gpu else ("cpu", 0)
         self._ort = ort
+        # streams of one thread each run the one session concurrently (one copy of the weights; runtime/streams.py)
         self._streams = open_streams(
-            lambda: ort.InferenceSession(str(path), sess_options=opts, providers=providers), self.session, streams
+            lambda: ort.InferenceSession(str(path), sess_options=opts, providers=providers),
+            self.session,
+            streams,
+            share=threads == 1,
         )
         self.concurrency = streams  # sessions that can run at once (the pipeline keeps streams // batch in flight)
 

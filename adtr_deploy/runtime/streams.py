@@ -5,11 +5,15 @@ operators per frame for lite0): at batch 1 on 2 cores a quarter of the time goes
 threads each, every one on its own part of the batch or its own batch (the pipeline keeps streams // batch batches
 in flight), hand nothing off: two frames in flight, one per stream, were 1.44x the throughput of batch 1 on one
 2-thread session at 1.36x its latency (benchmarks/results/speed_levers_focus.md), 1.53x through adtr-run's whole
-pipeline (streams_pipeline.md); at batch 8, where one session already keeps both cores busy, 1.18x. The cost is
-memory: N copies of the model's weights. This is what other inference servers call throughput mode (OpenVINO's
-streams).
+pipeline (streams_pipeline.md); at batch 8, where one session already keeps both cores busy, 1.18x. This is what
+other inference servers call throughput mode (OpenVINO's streams).
 
-ONNX Runtime releases the GIL inside `InferenceSession.run`, so plain threads run the sessions in parallel.
+ONNX Runtime releases the GIL inside `InferenceSession.run`, and `run` may be called from several threads at once, so
+plain threads run the streams in parallel. With one intra-op thread per stream (the case measured above: as many
+streams as cores) each run executes on its calling thread, so the streams share ONE session and one copy of the
+weights: the lite0 export's resident memory with 4 streams went from 262 to 116 MB
+(benchmarks/results/streams_memory.md). Streams of several threads each keep a session (and a copy of the weights)
+apiece: a session's intra-op thread pool is shared by all its concurrent runs, which would take those threads away.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def threads_per_stream(threads: int | None, streams: int) -> int:
 
 
 class Streams:
-    """`sessions` (ONNX Runtime InferenceSessions of one model) run the parts of a batch concurrently: part 0 on the
+    """`sessions` (ONNX Runtime InferenceSessions of one model, or one session listed once per stream) run the parts of
+    a batch concurrently: part 0 on the
     calling thread, the others on a pool, outputs concatenated in batch order. Each session serves one part at a time
     (a queue of free sessions), so several callers may run batches at once: with batches smaller than the stream count
     the pipeline keeps streams // batch of them in flight (at batch 1, one frame per stream, live sources included).
@@ -71,8 +76,9 @@ class Streams:
         self._pool.shutdown(wait=True)
 
 
-def open_streams(make_session: Callable[[], Any], first: Any, count: int) -> Streams | None:
-    """`count` sessions (the already open `first` plus count - 1 new ones), or None for a single stream."""
+def open_streams(make_session: Callable[[], Any], first: Any, count: int, *, share: bool = False) -> Streams | None:
+    """`count` streams, or None for a single one. `share`: all of them run the already open session `first` (for
+    sessions of one intra-op thread: one copy of the weights); else `first` plus count - 1 new sessions."""
     if count <= 1:
         return None
-    return Streams([first] + [make_session() for _ in range(count - 1)])
+    return Streams([first] * count if share else [first] + [make_session() for _ in range(count - 1)])
