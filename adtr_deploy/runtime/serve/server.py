@@ -293,6 +293,7 @@ class HttpServer:
         self._stopped = threading.Event()
         self._frame_seq_fed = 0
         self._watched_at = 0.0
+        self._logged_at = -math.inf
         self._raise_fd_limit()
 
     @staticmethod
@@ -333,23 +334,37 @@ class HttpServer:
                             pass
                     else:
                         conn = key.data
-                        if mask & selectors.EVENT_READ and not conn.closed:
-                            self._on_read(conn)
-                        if mask & selectors.EVENT_WRITE and not conn.closed:
-                            self._flush(conn)
-                self._take_answers()
-                self._feed_streams()
-                now = time.monotonic()
-                if now >= next_expiry:
-                    next_expiry = now + 0.1
-                    self._expire(now)
-                    state = self.service.state
-                    if state is not None:
-                        cpu = time.thread_time()
-                        state.add_http_cpu(cpu - cpu_mark)
-                        cpu_mark = cpu
+                        try:
+                            if mask & selectors.EVENT_READ and not conn.closed:
+                                self._on_read(conn)
+                            if mask & selectors.EVENT_WRITE and not conn.closed:
+                                self._flush(conn)
+                        except Exception as exc:  # noqa: BLE001 -- one connection's bug must not stop health
+                            self._bug(exc)
+                            self._close(conn)
+                try:
+                    self._take_answers()
+                    self._feed_streams()
+                    now = time.monotonic()
+                    if now >= next_expiry:
+                        next_expiry = now + 0.1
+                        self._expire(now)
+                        state = self.service.state
+                        if state is not None:
+                            cpu = time.thread_time()
+                            state.add_http_cpu(cpu - cpu_mark)
+                            cpu_mark = cpu
+                except Exception as exc:  # noqa: BLE001 -- the loop is what answers /healthz: it keeps going
+                    self._bug(exc)
         finally:
             self._stopped.set()
+
+    def _bug(self, exc: Exception) -> None:
+        """A bug in the loop: one line in the log a minute at most, and the loop goes on."""
+        now = time.monotonic()
+        if now - self._logged_at >= 60:
+            self._logged_at = now
+            self.service.log(f"the live view hit an error and goes on: {type(exc).__name__}: {exc}")
 
     def shutdown(self) -> None:
         """Stop the loop (from another thread) and wait for it."""
@@ -379,7 +394,7 @@ class HttpServer:
                 return
             except OSError as exc:  # out of file descriptors: make room and try again on the next round
                 self._evict(lambda c: True)
-                self.service.log(f"the live view could not accept a connection: {exc}")
+                self._bug(exc)
                 return
             ip = address[0]
             if not self._admit(ip):
