@@ -189,3 +189,46 @@ def test_image_selection_leak_guard_and_engine_check_run_without_torch(tmp_path)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _page_modules(page: Path = ARCHITECTURE_PAGE) -> set[str]:
+    """The modules the page's module map names: `x.py` / `sub/x.py` (a module) and `sub/` (a package), relative to
+    adtr_deploy/, in backticks at the start of a list item."""
+    text = page.read_text()
+    section = text[text.index("## Module map") :]
+    section = section[: section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]
+    return set(re.findall(r"^- `([\w/]+(?:\.py|/))`", section, flags=re.M))
+
+
+def _tree_modules(package: Path = PACKAGE) -> set[str]:
+    """adtr_deploy's modules as the page names them: a package by its folder (sub/), any other file by its path."""
+    names = set()
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package).as_posix()
+        names.add(rel[: -len("__init__.py")] if path.name == "__init__.py" and path.parent != package else rel)
+    return names
+
+
+def test_the_architecture_page_names_every_module_and_only_modules_that_exist():
+    named, present = _page_modules(), _tree_modules()
+    assert len(named) > 50 and "runtime/serve/" in named and "spec.py" in named  # the map was found and parsed
+    missing = sorted(present - named)
+    stale = sorted(named - present)
+    assert not missing and not stale, (
+        f"docs/architecture.md's module map is out of step with adtr_deploy/: "
+        + (f"add a line for {', '.join(missing)}" if missing else "")
+        + ("; " if missing and stale else "")
+        + (f"remove or fix {', '.join(stale)} (no such module)" if stale else "")
+    )
+
+
+def test_the_module_map_check_names_what_is_missing_and_what_is_stale(tmp_path):
+    fake = tmp_path / "adtr_deploy"
+    for name in ("__init__.py", "spec.py", "runtime/__init__.py", "runtime/new.py"):
+        (fake / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake / name).write_text("")
+    page = tmp_path / "architecture.md"
+    page.write_text("# x\n\n## Module map\n\n- `__init__.py`: v\n- `spec.py`: s\n- `runtime/`: r\n- `gone.py`: g\n\n## After\n- `after.py`: not in the map\n")
+    assert _page_modules(page) == {"__init__.py", "spec.py", "runtime/", "gone.py"}
+    assert _tree_modules(fake) - _page_modules(page) == {"runtime/new.py"}
+    assert _page_modules(page) - _tree_modules(fake) == {"gone.py"}
