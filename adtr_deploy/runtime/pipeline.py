@@ -184,6 +184,8 @@ class Pipeline:
                 "--resume works for image files (a folder, a glob or a list) and live sources (a camera or a "
                 "stream); run a video anew"
             )
+        if self.keep_age_s is not None or self.keep_bytes is not None:
+            self._retention()  # first: on a full disk, the folder's own old segments make room for what follows
         self.model_sha256 = model_sha256(self.backend)
         state = RunState(outdir.new_run_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if opts.resume:
