@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from adtr_deploy.errors import UserError
-from adtr_deploy.fileio import sha256_file, write_json_atomic
+from adtr_deploy.fileio import dumps_strict, sha256_file, write_json_atomic
 from adtr_deploy.imageheader import DEFAULT_MAX_PIXELS
 from adtr_deploy.preprocess import ImageDecodeError, resize, stack_batch
 from adtr_deploy.runtime import outdir
@@ -207,7 +207,9 @@ class Pipeline:
                 (out / OVERLAY_DIR).mkdir(exist_ok=True)
             if self.keep_age_s is not None or self.keep_bytes is not None:
                 if not self.source.live:
-                    self.log("--keep removes old segments of live runs; this run's source is finite, so nothing is")
+                    self.log(
+                        "--keep applies to the segments of live runs; this source is finite, so it removes nothing"
+                    )
                 self._retention()
             self._checkpoint(state)
         except BaseException:
@@ -465,7 +467,11 @@ class Pipeline:
 
     def _write(self, state: RunState, record: dict, original=None, pred: Prediction | None = None, drawn=None) -> None:
         # One write call per line; the record is counted only once it is in the file.
-        self._results.write((json.dumps(record, allow_nan=False) + "\n").encode("utf-8"))
+        try:
+            line = json.dumps(record, allow_nan=False)
+        except ValueError:  # a NaN from somewhere (a video's timestamp): null, strict JSON still
+            line = dumps_strict(record)
+        self._results.write((line + "\n").encode("utf-8"))
         counts = state.counts
         counts["images"] += 1
         if record["status"] == "ok":
