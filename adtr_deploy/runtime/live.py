@@ -1,4 +1,4 @@
-"""Live sources: a camera or a network stream (RTSP through OpenCV/FFmpeg, HTTP MJPEG parsed here).
+"""Live sources: a camera or a network stream (RTSP through OpenCV/FFmpeg, HTTP MJPEG parsed in connections.py).
 
 A live source is read in its own thread that keeps only the NEWEST frame: when the consumer is slower than the camera,
 older frames are replaced (dropped, and counted), so results stay current instead of lagging further and further
@@ -10,244 +10,18 @@ server that trickles bytes fails the open or counts as a stall in time, and clos
 
 from __future__ import annotations
 
-import base64
-import http.client
-import io
-import re
-import socket
-import ssl
 import threading
 import time
-import urllib.parse
 from collections import deque
-from collections.abc import Iterator
 
-import cv2
 import numpy as np
 
 from adtr_deploy.errors import UserError
+from adtr_deploy.runtime.connections import CaptureConnection, Connection, Opening, open_url
 from adtr_deploy.runtime.frames import Frame, Source
 from adtr_deploy.runtime.redaction import redact_url as redact  # the name sources.py and records use
 
 MAX_GAPS = 1000  # outages kept with their details (a months-long run keeps the latest; `outages` counts every one)
-
-
-class _Connection:
-    """One open live stream: `frames()` yields encoded bytes or decoded BGR arrays until the stream ends or fails."""
-
-    def frames(self) -> Iterator[bytes | np.ndarray]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def interrupt(self) -> None:
-        """Called from another thread to stop a blocked read soon; the reader thread still calls close()."""
-
-
-class _CaptureConnection(_Connection):
-    """A camera or FFmpeg-readable stream (RTSP, HTTP video) through cv2.VideoCapture."""
-
-    def __init__(self, target: int | str, timeout_s: float):
-        ms = int(timeout_s * 1000)
-        if isinstance(target, int):
-            self.cap = cv2.VideoCapture(target)
-        else:
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
-            self.cap = cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
-        if not self.cap.isOpened():
-            self.cap.release()
-            raise OSError("OpenCV could not open it")
-        fps = self.cap.get(cv2.CAP_PROP_FPS)
-        self.fps = float(fps) if fps and 0 < fps < 1000 else None
-
-    def frames(self) -> Iterator[np.ndarray]:
-        while True:
-            ok, img = self.cap.read()
-            if not ok:
-                return
-            yield img
-
-    def close(self) -> None:
-        self.cap.release()
-
-
-class _MjpegConnection(_Connection):
-    """An HTTP multipart/x-mixed-replace stream of JPEGs (IP cameras, MJPEG servers), parsed with the stdlib.
-
-    Packets are handed out still encoded, so frames that are dropped as stale are never decoded. Without a
-    Content-Length header a part ends at the next boundary, so each frame waits for the next one to begin. Each frame
-    must arrive whole within timeout_s, however slowly its bytes trickle in: otherwise the stream counts as dropped."""
-
-    def __init__(self, response, boundary: bytes, sock, reader, timeout_s: float):
-        self.response = response
-        self.boundary = b"--" + boundary
-        self.sock = sock
-        self.reader = reader  # a _DeadlineReader: each frame must arrive whole within timeout_s (a trickle is a stall)
-        self.timeout_s = timeout_s
-        self.fps = None
-
-    def frames(self) -> Iterator[bytes]:
-        fp = self.response
-        pending: bytes | None = None
-        while True:
-            self.reader.deadline = time.monotonic() + self.timeout_s
-            line = pending if pending is not None else fp.readline()
-            pending = None
-            if not line:
-                return
-            if not line.strip().startswith(self.boundary):
-                continue
-            if line.strip() == self.boundary + b"--":
-                return  # the closing boundary: the server ended the stream
-            headers = {}
-            while True:
-                h = fp.readline()
-                if not h:
-                    return
-                h = h.strip()
-                if not h:
-                    break
-                k, _, v = h.partition(b":")
-                headers[k.strip().lower()] = v.strip()
-            length = headers.get(b"content-length")
-            if length and length.isdigit():
-                body = fp.read(int(length))
-                if len(body) < int(length):
-                    return  # cut off mid-frame
-            else:  # no length: the body runs until the next boundary line
-                chunks = []
-                while True:
-                    part = fp.readline()
-                    if not part:
-                        return
-                    if part.strip().startswith(self.boundary):
-                        pending = part
-                        break
-                    chunks.append(part)
-                body = b"".join(chunks).rstrip(b"\r\n")
-            if body:
-                yield body
-
-    def interrupt(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader blocked in recv(); close() alone does not
-        except (OSError, AttributeError):
-            pass
-
-    def close(self) -> None:
-        self.interrupt()
-        self.response.close()
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's bytes with a deadline on a whole read, not on each recv: a server that trickles one byte at a time
-    cannot keep a read (the status line and headers, one frame) going past `deadline` (time.monotonic())."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.deadline: float | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("nothing complete arrived within the deadline")
-            self.sock.settimeout(left)
-        return self.sock.recv_into(buffer)
-
-
-class _SocketShim:
-    """What http.client.HTTPResponse needs from a socket: makefile() handing out our deadline-bound reader."""
-
-    def __init__(self, fp):
-        self.fp = fp
-
-    def makefile(self, mode: str):
-        return self.fp
-
-
-class _Opening:
-    """The connection being opened, so that close() on another thread can cut a slow open short."""
-
-    def __init__(self):
-        self.sock: socket.socket | None = None
-        self.cancelled = False
-
-    def interrupt(self) -> None:
-        self.cancelled = True
-        sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-def _open_url(url: str, timeout_s: float, opening: _Opening | None = None) -> _Connection:
-    """HTTP(S): parse MJPEG ourselves (a total deadline on the open and on every frame, prompt shutdown); anything else
-    goes to OpenCV/FFmpeg. Connecting, sending the request and receiving the answer's headers share one deadline of
-    timeout_s, so a server that trickles its answer fails the open in time instead of holding it for minutes."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https"):
-        return _CaptureConnection(url, timeout_s)
-    opening = opening or _Opening()
-    deadline = time.monotonic() + timeout_s
-    host, tls = parts.hostname or "", parts.scheme.lower() == "https"
-    port = parts.port or (443 if tls else 80)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    head = [f"GET {path} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}", "User-Agent: adtr-run", "Accept: */*"]
-    if parts.username is not None:  # IP cameras often take user:password@host
-        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        head.append("Authorization: Basic " + base64.b64encode(token.encode()).decode())
-    request = ("\r\n".join([*head, "Connection: close"]) + "\r\n\r\n").encode()
-
-    def left() -> float:
-        remaining = deadline - time.monotonic()
-        if opening.cancelled:
-            raise OSError("the run is ending")
-        if remaining <= 0:
-            raise TimeoutError(f"no complete answer within {timeout_s:g} s")
-        return remaining
-
-    sock = None
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = opening.sock = socket.socket(family, kind, proto)
-        sock.settimeout(left())
-        sock.connect(address)
-        if tls:
-            sock.settimeout(left())
-            sock = opening.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        sock.settimeout(left())
-        sock.sendall(request)
-        reader = _DeadlineReader(sock)
-        reader.deadline = deadline
-        response = http.client.HTTPResponse(_SocketShim(io.BufferedReader(reader)), method="GET")
-        response.begin()
-        left()  # close() may have cut the answer short
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        if sock is not None:
-            sock.close()
-        if opening.cancelled:
-            raise OSError("the run is ending") from None
-        if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
-            raise OSError(f"no complete answer within {timeout_s:g} s (--timeout)") from None
-        raise OSError(str(exc) or type(exc).__name__) from None
-    if response.status != 200:
-        sock.close()
-        raise OSError(f"HTTP {response.status} {response.reason}")
-    ctype = response.getheader("Content-Type", "")
-    m = re.search(r"multipart/x-mixed-replace.*boundary=\"?([^\";]+)\"?", ctype, re.IGNORECASE)
-    if m:
-        boundary = m.group(1).strip()
-        boundary = boundary[2:] if boundary.startswith("--") else boundary
-        return _MjpegConnection(response, boundary.encode(), sock, reader, timeout_s)
-    sock.close()
-    return _CaptureConnection(url, max(deadline - time.monotonic(), 0.5))  # HTTP video (MP4, HLS, ...) for FFmpeg
 
 
 class LiveSource(Source):
@@ -277,21 +51,21 @@ class LiveSource(Source):
         self._open_gap: dict | None = None
         self._down_since: float | None = None  # time.monotonic() when the current outage began
         self._last_error: str | None = None
-        self._conn: _Connection | None = None
-        self._opening: _Opening | None = None
+        self._conn: Connection | None = None
+        self._opening: Opening | None = None
         self._thread: threading.Thread | None = None
         self.dropped = 0
         self.reconnects = 0  # attempts to reopen after a drop, the failed ones included
         self.outages = 0
         self.gaps: deque[dict] = deque(maxlen=MAX_GAPS)  # the latest outages; `outages` counts them all
 
-    def _connect(self) -> _Connection:
+    def _connect(self) -> Connection:
         if isinstance(self.target, int):
-            return _CaptureConnection(self.target, self.timeout_s)
-        self._opening = _Opening()
+            return CaptureConnection(self.target, self.timeout_s)
+        self._opening = Opening()
         if self._stop.is_set():
             self._opening.cancelled = True
-        return _open_url(self.target, self.timeout_s, self._opening)
+        return open_url(self.target, self.timeout_s, self._opening)
 
     def start(self) -> None:
         try:
