@@ -166,6 +166,8 @@ def test_stream_that_drops_is_reconnected_and_the_gap_is_in_the_results(model_pa
         (["--model", "{tmp}/missing.onnx"], "does not exist"),
         (["--device", "cuda"], "CUDAExecutionProvider"),
         (["--threshold", "nan"], "not a finite number"),
+        (["--keep", "5XB"], "--keep '5XB' is not an age or a size"),
+        (["--keep", "-3d"], "--keep '-3d' is not an age or a size"),
     ],
 )
 def test_user_errors_are_one_sentence_without_a_traceback(model_path, tmp_path, args, message):
@@ -255,3 +257,41 @@ def test_streams_on_a_live_stream_keep_frames_in_flight_and_record_them_in_order
     frames = [r["frame"] for r in records]
     assert frames == sorted(frames) and len(set(frames)) == 10  # written in source order, none twice
     assert summary["backend"]["streams"] == 2 and summary["images"] == 10 and summary["stopped"] == "max-frames"
+
+
+def test_latency_histogram_is_bounded_and_its_percentiles_are_within_4_percent():
+    """The summary's percentiles come from fixed log buckets (memory does not grow with the run), not from a list."""
+    from adtr_deploy.runtime.runstate import LatencyHistogram
+
+    values = np.random.default_rng(0).lognormal(mean=3.0, sigma=1.0, size=200_000)  # ms: 1 to 1000s, a long tail
+    hist = LatencyHistogram()
+    size = hist.counts.nbytes
+    for v in values:
+        hist.add(float(v))
+    assert hist.counts.nbytes == size and hist.n == len(values)
+    got = hist.summary()
+    assert got["mean"] == pytest.approx(values.mean(), abs=1e-3)
+    for q in (50, 90, 99):
+        assert got[f"p{q}"] == pytest.approx(np.percentile(values, q), rel=0.04)
+    assert LatencyHistogram().summary() == {"mean": None, "p50": None, "p90": None, "p99": None}
+
+
+def test_records_of_a_folder_are_read_across_segments_in_order(model_path, tmp_path):
+    """A live run's closed segments and results.jsonl read as one history (outdir.read_records), a torn line skipped."""
+    from adtr_deploy.runtime.outdir import read_records, result_files
+
+    out = tmp_path / "out"
+    with rf.MjpegServer([("stream", 100_000, "close")], interval_s=0.01) as cam:
+        for _ in range(3):
+            result = CliRunner().invoke(command, ["--model", str(model_path), "--source", cam.url, "--out", str(out),
+                                                  "--resume", "--max-frames", "4", "-q"])  # fmt: skip
+            assert result.exit_code == 0, result.output
+    with open(out / "results.jsonl", "a") as fh:
+        fh.write('{"run": "half a rec')  # kill -9 mid-write
+    assert [p.name.startswith("results-") for p in result_files(out)] == [True, True, False]
+    recs = list(read_records(out))
+    runs = list(dict.fromkeys(r["run"] for r in recs))
+    assert len(recs) == 12 and len(runs) == 3 and runs == sorted(runs)
+    assert [r["frame"] for r in recs if r["run"] == runs[1]] == sorted(r["frame"] for r in recs if r["run"] == runs[1])
+    history = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [h["run"] for h in history] == runs and all(h["images"] == 4 for h in history)
