@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import command_line, machine, write_result
+from adtr_deploy.bench.studies import command_line, machine, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS, D_MODEL, HEADS, FFN, BLOCKS = 196, 256, 8, 1024, 12

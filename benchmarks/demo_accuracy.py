@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, machine, nearest_training_distance, write_result
+from adtr_deploy.bench.studies import command_line, machine, nearest_training_distance, score_tokens, write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,7 +102,6 @@ def diagnose(run: Path, data_root: Path, category: str) -> dict:
     """Reference detectors on the run's own backbone features, and how well its transformer reconstructs them."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from adtr_deploy.data.datasets import open_dataset
     from adtr_deploy.metrics import image_auroc, pixel_auroc
@@ -123,10 +122,9 @@ def diagnose(run: Path, data_root: Path, category: str) -> dict:
     labels = np.array([s.label for s in data.test])
     masks = np.stack([load_mask(s.mask, size) for s in data.test])
 
-    def scores_of(err: torch.Tensor) -> dict:  # err (N, 1, h, w) -> the model's own map upsampling and score pooling
-        amap = F.interpolate(err, size=size, mode="bilinear", align_corners=True)
-        score = F.avg_pool2d(amap, model.cfg.score_pool, stride=1).amax(dim=(1, 2, 3)).numpy()
-        return {"image_auroc": image_auroc(score, labels), "pixel_auroc": pixel_auroc(amap.numpy()[:, 0], masks)}
+    def scores_of(err: torch.Tensor) -> dict:  # err (N, 1, h, w) -> scored by the model's own ADTR.map_and_score
+        amap, score = score_tokens(model, err)
+        return {"image_auroc": image_auroc(score, labels), "pixel_auroc": pixel_auroc(amap, masks)}
 
     knn = nearest_training_distance(f_train, f_test)
     pos_mean = f_train.mean(0, keepdim=True)  # (1, C, h, w)
@@ -140,7 +138,7 @@ def diagnose(run: Path, data_root: Path, category: str) -> dict:
             "nearest_training_feature": scores_of(knn),
             "per_position_mean_feature": scores_of(l2(f_test, pos_mean)),
             "global_mean_feature": scores_of(l2(f_test, glob_mean)),
-            "trained_transformer": scores_of(l2(f_test, rec_test)),
+            "trained_transformer": scores_of(model.token_errors(f_test, rec_test)),  # the model's own error
         },
         "train_mse": {
             "transformer_reconstruction": float(((f_train - rec_train) ** 2).mean()),

@@ -18,7 +18,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import command_line, machine, write_result
+from adtr_deploy.bench.studies import command_line, machine, write_result
 
 HERE = Path(__file__).resolve().parent
 

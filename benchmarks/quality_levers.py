@@ -6,15 +6,20 @@ features; the reconstruction error is the map) that differs from today's default
 neighbourhood aggregation of the features, map smoothing, the backbone, the transformer's size, optimizer steps. For every
 variant and category the script reports image / pixel AUROC, PRO and per-defect image AUROC of
 
-- the trained transformer (trained here exactly as adtr-train does: cached features, per-channel standardization,
-  AdamW, batch 4, grad clip 0.1, lr x0.1 after 80% of the epochs, the training split without adtr-train's held-out
-  calibration images), and
+- the trained transformer, trained by adtr-train's own epoch (adtr_deploy/train/loop.py `run_epoch` with the
+  trainer's optimizer: AdamW, the lr-drop scheduler, grad clipping, AMP on CUDA; cached features and per-channel
+  standardization; the training split without adtr-train's held-out calibration images), and
 - the training-free nearest-neighbour detector on the very same features (each test token's distance to the nearest
   training token, the PatchCore/SPADE idea), scored with the same upsampling, smoothing and image score: the reference
   column the transformer should reach.
 
-    python benchmarks/quality_levers.py --data /tmp/demo --categories grass --variants default,area,s8
-    python benchmarks/quality_levers.py --data /tmp/evalset --set eval --variants default,new
+    python benchmarks/quality_levers.py --data /tmp/demo --validation --categories grass --variants default,area,s8
+    python benchmarks/quality_levers.py --data /tmp/demo --categories grass --variants area   # the chosen one, on test
+
+--validation scores on the validation split of adtr_deploy/data/validation.py (held-out TRAINING good images with
+synthetic defects; the models train on the rest), where levers are chosen (docs/train.md, "Protocol"); without it the
+real test split is scored: report that only for the chosen setting. Result tables recorded before 2026-12-03 were
+made on the test split, with an in-script epoch loop (no scheduler object, no AMP).
 
 Writes benchmarks/results/quality_levers.json and .md (or --out); with --append, rows are added to an existing result.
 """
@@ -27,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import command_line, machine, nearest_training_distance, write_result
+from adtr_deploy.bench.studies import command_line, machine, nearest_training_distance, score_tokens, write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +47,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "area-agg3-blur4": ({"resize": "area", "aggregate": 3, "blur_sigma": 4.0}, {}),
     "area-123": ({"resize": "area", "stages": (1, 2, 3)}, {}),
     "area-1234": ({"resize": "area", "stages": (1, 2, 3, 4)}, {}),
-    # today's default lite0: area-1234 with the Mahalanobis reconstruction error (benchmarks/scoring_levers.py)
+    # today's default lite0: area-1234 with the Mahalanobis reconstruction error (results/scoring_levers.md)
     "lite0": ({"resize": "area", "stages": (1, 2, 3, 4), "error_metric": "mahalanobis"}, {}),
     # lite0 with 3x3 zero-padded local averaging and border standardization of the error (the default since then)
     "lite0-agg3z-ring3": (
@@ -106,12 +111,6 @@ def _features(model, samples):
         )
 
 
-def _scores(model, err):
-    """(N, 1, h, w) token errors -> numpy map (N, H, W) and image scores, exactly as the model scores its own error."""
-    amap, score = model.map_and_score(err)
-    return amap[:, 0].numpy(), score.numpy()
-
-
 def _metrics(samples, amap, score, masks) -> dict:
     import numpy as np
 
@@ -136,43 +135,35 @@ def _metrics(samples, amap, score, masks) -> dict:
 
 
 def train_transformer(model, f_train, train_over: dict, seed: int = 0) -> dict:
-    """Train the transformer on cached features as adtr-train does; returns timing and the final loss."""
+    """Train the transformer on cached features with adtr-train's own code (feature standardization, the trainer's
+    optimizer, train/loop.py's epoch); returns timing and the final loss."""
     import torch
 
+    from adtr_deploy.train import distributed
     from adtr_deploy.train.config import TrainConfig
-    from adtr_deploy.train.features import init_feature_standardization
-    from adtr_deploy.train.loop import epoch_order
-    from adtr_deploy.train.losses import adtr_loss
+    from adtr_deploy.train.features import TrainingSet, init_feature_standardization
+    from adtr_deploy.train.loop import run_epoch
+    from adtr_deploy.train.losses import loss_for
+    from adtr_deploy.train.trainer import _optimizer
 
     cfg = TrainConfig(progress=False, **train_over)
+    cpu = torch.device("cpu")
     torch.manual_seed(seed)
-    init_feature_standardization(model, f_train, None, cfg, torch.device("cpu"))
-    params = [p for p in model.transformer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    drop = cfg.drop_epoch
-    model.train()
+    init_feature_standardization(model, f_train, None, cfg, cpu)
+    optim, _ = _optimizer(model, cfg, cpu, None, Path("."))
+    # the cache supplies every batch; the sample list only gives the epoch its length
+    data = TrainingSet([None] * len(f_train), [], f_train)
     t0 = time.perf_counter()
-    losses = []
-    for epoch in range(cfg.epochs):
-        if epoch == drop:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * cfg.lr_drop
-        order = epoch_order(len(f_train), cfg.seed, epoch)
-        for i in range(0, len(order), cfg.batch_size):
-            feats = f_train[order[i : i + cfg.batch_size]]
-            loss = adtr_loss(feats, model.reconstruct(feats), {})
-            losses.append(float(loss.detach()))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+    records = [
+        run_epoch(epoch, model, data, optim, loss_for(cfg), None, cfg, cpu, distributed.world())
+        for epoch in range(1, cfg.epochs + 1)
+    ]
     model.eval()
-    steps = len(losses)
     return {
         "epochs": cfg.epochs,
-        "steps": steps,
+        "steps": cfg.epochs * -(-len(f_train) // cfg.batch_size),
         "train_minutes": round((time.perf_counter() - t0) / 60, 2),
-        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+        "final_loss": round(records[-1]["loss"], 4),
     }
 
 
@@ -206,7 +197,7 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False, 
         feature_cache[key] = (_features(model, [data.train[i] for i in train_idx]), _features(model, data.test))
     f_train, f_test = feature_cache[key]
     masks = np.stack([load_mask(s.mask, cfg.input_size) for s in data.test]).astype(bool)
-    knn_map, knn_score = _scores(model, nearest_training_distance(f_train, f_test))
+    knn_map, knn_score = score_tokens(model, nearest_training_distance(f_train, f_test))
     row = {
         "variant": name,
         "grid": list(cfg.grid),
@@ -218,13 +209,13 @@ def run_variant(data, text: str, feature_cache: dict, skip_train: bool = False, 
         return row
     row["train"] = train_transformer(model, f_train, train_over)
     fit_error_metric(model, TrainingSet([], [], f_train), TrainConfig(progress=False), torch.device("cpu"))
-    if save is not None:  # the trained transformer, for post-hoc scoring studies (benchmarks/scoring_levers.py)
+    if save is not None:  # the trained transformer, for post-hoc scoring studies
         save.mkdir(parents=True, exist_ok=True)
         state = {"config": cfg.to_dict(), "train": train_over, "transformer": model.transformer.state_dict()}
         torch.save(state, save / f"{data.category}__{name}.pt")
     with torch.no_grad():
         err = torch.cat([model.token_errors(f, model.reconstruct(f)) for f in f_test.split(8)])
-    amap, score = _scores(model, err)
+    amap, score = score_tokens(model, err)
     row["adtr"] = _metrics(data.test, amap, score, masks)
     try:
         row["gflop_per_image"] = round(_gflops(model), 2)
@@ -297,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--categories", default="")
     ap.add_argument("--variants", default="default")
     ap.add_argument("--knn-only", action="store_true", help="only the nearest-neighbour reference (no training)")
+    ap.add_argument(
+        "--validation", action="store_true", help="score the validation split (choose levers here), not the test split"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "quality_levers.json"))
     ap.add_argument("--append", action="store_true", help="add rows to an existing --out")
     ap.add_argument("--save", default="", help="folder to keep each trained transformer in (for scoring studies)")
@@ -313,6 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
     default_cats = DEMO_CATEGORIES if args.set == "demo" else EVAL_CATEGORIES
     categories = [c for c in args.categories.split(",") if c] or list(default_cats)
     root = demo.write_demo_dataset(args.data, tuple(categories))
+    if args.validation:  # held-out training images with synthetic defects; the test split is never read
+        from adtr_deploy.data.validation import write_validation_root
+
+        root = write_validation_root(root, categories, Path(args.data).with_name(Path(args.data).name + "-validation"))
     out = Path(args.out)
     result = {"command": command_line("quality_levers.py", argv), "categories": {}}
     if args.append and out.exists():

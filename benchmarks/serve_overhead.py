@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import command_line, machine, write_result  # noqa: E402
+from adtr_deploy.bench.studies import command_line, machine, write_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("none", "page", "mjpeg")
