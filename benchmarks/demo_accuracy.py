@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adtr_deploy.bench.studies import command_line, machine, nearest_training_distance, score_tokens, write_result
+from adtr_deploy.bench.studies import command_line, machine, nearest_training_distance, pct, score_tokens, write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -146,10 +146,6 @@ def diagnose(run: Path, data_root: Path, category: str) -> dict:
             "global_mean": float(((f_train - glob_mean) ** 2).mean()),
         },
     }
-
-
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def markdown(r: dict) -> str:

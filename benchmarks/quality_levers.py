@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adtr_deploy.bench.studies import command_line, machine, nearest_training_distance, score_tokens, write_result
+from adtr_deploy.bench.studies import command_line, machine, nearest_training_distance, pct, score_tokens, write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -235,10 +235,6 @@ def _gflops(model) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def markdown(r: dict) -> str:
     lines = [
         "# Detection-quality levers: the trained transformer beside the nearest-neighbour detector on the same features",
@@ -265,14 +261,14 @@ def markdown(r: dict) -> str:
             t = row.get("train", {})
 
             def cell(key: str, a=a, k=k) -> str:
-                return f"{_pct(a[key]) if a else '-'} / {_pct(k[key])}"
+                return f"{pct(a[key]) if a else '-'} / {pct(k[key])}"
 
             lines.append(
                 f"| {row['variant']} | {row['grid'][0]}x{row['grid'][1]} | {row.get('gflop_per_image', '-')} "
                 f"| {t.get('steps', '-')} | {t.get('train_minutes', '-')} "
                 f"| {cell('image_auroc')} | {cell('pixel_auroc')} | {cell('pro')} | "
                 + " | ".join(
-                    f"{_pct(a['per_defect'][d]['image_auroc']) if a else '-'} / {_pct(k['per_defect'][d]['image_auroc'])}"
+                    f"{pct(a['per_defect'][d]['image_auroc']) if a else '-'} / {pct(k['per_defect'][d]['image_auroc'])}"
                     for d in defects
                 )
                 + " |"

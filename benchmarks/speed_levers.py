@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
 from adtr_deploy.bench.studies import command_line, machine, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"

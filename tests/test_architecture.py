@@ -128,7 +128,7 @@ def test_the_direction_check_sees_export_to_data_through_importlib_and_module_st
         "export/__init__.py": "",
         "export/images.py": "def f():\n    from adtr_deploy.data.demo import make_sample\n",
         "export/lazy.py": "import importlib\nm = importlib.import_module('adtr_deploy.data.demo')\n",
-        "export/plain.py": "from importlib import import_module\nm = import_module(\"adtr_deploy.data\")\n",
+        "export/plain.py": 'from importlib import import_module\nm = import_module("adtr_deploy.data")\n',
         "export/formats.py": "FORMATS = {'x': {'exporter': 'adtr_deploy.data.demo:write'}}\n",
         "export/fine.py": "FORMATS = {'x': {'exporter': 'adtr_deploy.export.images:f'}}\nDOC = 'see adtr_deploy.data'\n",
         "runtime/__init__.py": "",
@@ -215,7 +215,7 @@ def test_the_architecture_page_names_every_module_and_only_modules_that_exist():
     missing = sorted(present - named)
     stale = sorted(named - present)
     assert not missing and not stale, (
-        f"docs/architecture.md's module map is out of step with adtr_deploy/: "
+        "docs/architecture.md's module map is out of step with adtr_deploy/: "
         + (f"add a line for {', '.join(missing)}" if missing else "")
         + ("; " if missing and stale else "")
         + (f"remove or fix {', '.join(stale)} (no such module)" if stale else "")
@@ -228,7 +228,9 @@ def test_the_module_map_check_names_what_is_missing_and_what_is_stale(tmp_path):
         (fake / name).parent.mkdir(parents=True, exist_ok=True)
         (fake / name).write_text("")
     page = tmp_path / "architecture.md"
-    page.write_text("# x\n\n## Module map\n\n- `__init__.py`: v\n- `spec.py`: s\n- `runtime/`: r\n- `gone.py`: g\n\n## After\n- `after.py`: not in the map\n")
+    page.write_text(
+        "# x\n\n## Module map\n\n- `__init__.py`: v\n- `spec.py`: s\n- `runtime/`: r\n- `gone.py`: g\n\n## After\n- `after.py`: not in the map\n"
+    )
     assert _page_modules(page) == {"__init__.py", "spec.py", "runtime/", "gone.py"}
     assert _tree_modules(fake) - _page_modules(page) == {"runtime/new.py"}
     assert _page_modules(page) - _tree_modules(fake) == {"gone.py"}

@@ -74,6 +74,7 @@ def test_write_result_writes_strict_json_and_the_table(tmp_path):
     studies.write_result({"a": float("nan")}, tmp_path / "nan.json", str)  # strict JSON: NaN is written as null
     assert json.loads((tmp_path / "nan.json").read_text(), parse_constant=lambda c: 1 / 0) == {"a": None}
     assert studies.command_line("x.py", ["--data", "a b"]) == "python benchmarks/x.py --data 'a b'"
+    assert (studies.pct(0.9234), studies.pct(None)) == ("92.3", "-")
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py"))

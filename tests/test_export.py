@@ -273,7 +273,9 @@ def test_cli_export_without_verification_images_says_so_in_one_sentence_and_writ
     assert not out.exists()
 
 
-def test_cli_exports_torchscript_verified_on_given_images_without_calibration_images(work, plain_checkpoint, image_files):
+def test_cli_exports_torchscript_verified_on_given_images_without_calibration_images(
+    work, plain_checkpoint, image_files
+):
     from adtr_deploy.cli.export import command
 
     out = work / "cli-given"

@@ -39,6 +39,11 @@ def write_result(result: dict, out: str | Path, markdown: Callable[[dict], str])
     return result
 
 
+def pct(fraction: float | None) -> str:
+    """A fraction as a table cell in percent with one decimal; "-" when there is none."""
+    return "-" if fraction is None else f"{100 * fraction:.1f}"
+
+
 def score_tokens(model, err) -> tuple[Any, Any]:
     """(N, 1, h, w) per-token scores -> numpy map (N, H, W) and image scores (N,), exactly as the model scores its own
     error (`ADTR.map_and_score`: upsampling, optional blur, the pooled maximum)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from adtr_deploy.cli.common import user_errors
+from adtr_deploy.cli.common import CONTEXT, streams_option, user_errors
 from adtr_deploy.errors import UserError
 
 BACKEND_NAMES = (
@@ -20,7 +20,7 @@ BACKEND_NAMES = (
 )
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Exported model file or export folder.")
 @click.option(
     "--reference",
@@ -62,12 +62,8 @@ BACKEND_NAMES = (
     "onnxruntime-cpu (spinning), beside the default one: on idle cores spinning is faster at batch 1, on a loaded "
     "machine slower, so measure it on the target box.",
 )
-@click.option(
-    "--streams",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="onnxruntime-cpu: N > 1 adds a row, onnxruntime-cpu (N streams), with N concurrent sessions sharing the "
+@streams_option(
+    "onnxruntime-cpu: N > 1 adds a row, onnxruntime-cpu (N streams), with N concurrent streams sharing the "
     "threads, timed as adtr-run --streams runs: below N images per batch, N // batch batches at once (images/s counts "
     "them all; p50 is per batch), larger batches split over the streams.",
 )

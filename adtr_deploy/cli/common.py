@@ -1,4 +1,5 @@
-"""Shared CLI helpers: turning the errors users can cause into one clear sentence instead of a traceback.
+"""Shared CLI helpers: turning the errors users can cause into one clear sentence instead of a traceback, and the
+click settings and options several commands declare alike (declared once here, applied as decorators).
 
 Only mistakes a user can make become a sentence: adtr_deploy.errors.UserError (and its subclasses: SpecError,
 BackendError, ImageDecodeError, CheckpointError, ...) and operating-system errors about files (missing, no permission,
@@ -13,6 +14,20 @@ import functools
 import click
 
 from adtr_deploy.errors import MissingExtraError, UserError
+
+# every command: -h as well as --help, and help text wrapped at 110 columns
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+# options that mean the same in every command that has them
+workers_option = click.option(
+    "--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image decoding processes."
+)
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def streams_option(help: str):
+    """--streams N (ONNX Runtime CPU inference streams, runtime/streams.py); `help` says what it does in this command."""
+    return click.option("--streams", type=click.IntRange(min=1), default=1, show_default=True, help=help)
 
 
 def error_sentence(exc: BaseException) -> str:

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import click
 
-from adtr_deploy.cli.common import user_errors
+from adtr_deploy.cli.common import CONTEXT, user_errors
 from adtr_deploy.errors import UserError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
 def _category_dirs(root: Path) -> list[Path]:

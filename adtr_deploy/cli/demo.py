@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from adtr_deploy.cli.common import user_errors
+from adtr_deploy.cli.common import CONTEXT, user_errors
 from adtr_deploy.fileio import atomic_write_text
 
 DEMO_PRESETS = ("lite0", "lite0-small", "accurate", "lite1", "lite2", "lite0-classic", "tiny-lite0", "tiny")
@@ -123,7 +123,7 @@ def write_report(out: Path, category: str, seconds: dict[str, float], argv: dict
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(context_settings=CONTEXT)
 @click.option("--out", "out_dir", default="adtr_demo", show_default=True, type=click.Path(file_okay=False))
 @click.option(
     "--category",

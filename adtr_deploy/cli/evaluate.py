@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from adtr_deploy.cli.common import user_errors
+from adtr_deploy.cli.common import CONTEXT, quiet_option, user_errors, workers_option
 from adtr_deploy.fileio import dumps_strict
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(context_settings=CONTEXT)
 @click.option(
     "--model",
     "model_path",
@@ -33,8 +33,8 @@ from adtr_deploy.fileio import dumps_strict
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image decoding processes.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@workers_option
+@quiet_option
 @user_errors
 def command(
     model_path: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adtr_deploy.cli.common import user_errors
+from adtr_deploy.cli.common import CONTEXT, user_errors
 from adtr_deploy.export.formats import (
     ALL,
     CALIBRATION_METHODS,
@@ -62,7 +62,7 @@ def _describe(result) -> list[str]:
     return lines
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(context_settings=CONTEXT)
 @click.option(
     "--model",
     "model_path",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from adtr_deploy.cli.common import user_errors
+from adtr_deploy.cli.common import CONTEXT, quiet_option, user_errors, workers_option
 from adtr_deploy.model.config import PRESETS
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.command(context_settings=CONTEXT)
 @click.option(
     "--data",
     "data_root",
@@ -91,7 +91,7 @@ from adtr_deploy.model.config import PRESETS
     show_default=True,
     help="Storage type of the feature cache (float16 halves its memory).",
 )
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Image decoding processes.")
+@workers_option
 @click.option(
     "--checkpoint-every",
     type=click.IntRange(min=1),
@@ -156,7 +156,7 @@ from adtr_deploy.model.config import PRESETS
     default=None,
     help="Spread several categories over GPUs, e.g. cuda:0,cuda:1: one worker per GPU, categories round-robin.",
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option
 @click.pass_context
 @user_errors
 def command(ctx: click.Context, data_root: str, category: str | None, out_dir: str, **opts) -> None:
