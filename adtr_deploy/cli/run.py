@@ -160,7 +160,7 @@ def _quiet_opencv() -> None:
     show_default=True,
     help="ONNX Runtime on the CPU: N sessions sharing --threads; batches of N or more images are split over them, "
     "smaller ones kept in flight (at batch 1: one frame per stream; records still in source order). 1.53x the frames "
-    "per second at batch 1 on 2 cores, each frame ~1.4x later; memory: N copies of the model.",
+    "per second at batch 1 on 2 cores, each frame ~1.4x later; streams of one thread share one copy of the weights.",
 )
 @click.option(
     "--max-pixels",
