@@ -296,6 +296,29 @@ def test_verify_images_takes_a_folder_or_a_glob_of_real_files(image_files):
         verification_images((64, 64), verify_images=str(folder / "*.jpg"))
 
 
+def test_int8_verification_uses_other_train_good_images_never_the_test_split(tmp_path):
+    """With every held-out image used to calibrate INT8, verification reads the checkpoint's other train/good images;
+    with none left it refuses in one sentence. The test split beside them is never read."""
+    root = tmp_path / "data" / "cat"
+    images = texture_images(7, 48, seed=3)
+    paths = {}
+    for i, (split, img) in enumerate(zip(["train/good"] * 4 + ["test/good", "test/hole", "held"], images)):
+        paths[i] = root / split / f"{i}.png"
+        paths[i].parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(paths[i]), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    info = {
+        "calibration_images": [str(paths[6])],
+        "data": {"kind": "mvtec", "root": str(root.parent), "category": "cat"},
+    }
+    ckpt = {"info": info}
+    batch, source = verification_images((48, 48), checkpoint=ckpt, avoid=(str(paths[6]), str(paths[0])))
+    assert "3 train/good images" in source and batch.shape == (3, 48, 48, 3)
+    expected = np.stack([load_image(paths[i], (48, 48)) for i in (1, 2, 3)])
+    np.testing.assert_array_equal(batch, expected)  # train/good 1-3 in order: no test image, no calibrated one
+    with pytest.raises(ValueError, match="besides the INT8 calibration images.*--verify-images"):
+        verification_images((48, 48), checkpoint=ckpt, avoid=tuple(str(paths[i]) for i in (0, 1, 2, 3, 6)))
+
+
 def test_cli_rejects_foreign_newer_and_corrupt_checkpoints_in_one_sentence(work, checkpoint):
     from adtr_deploy.cli.export import command
 
