@@ -213,9 +213,8 @@ class Sink:
                 self._new.clear()
                 continue
             seq, body, event_id = entry
-            try:
-                self.send(body, event_id)
-            except SinkError as exc:
+            exc = self._attempt(body, event_id)
+            if exc is not None:
                 self.last_error = str(exc)
                 if not exc.retry:
                     self.spool.remove(seq)
@@ -239,6 +238,15 @@ class Sink:
                 down = time.monotonic() - self._failing_since
                 self._failing_since = None
                 self.log(f"{self.name}: delivering again after {down:.0f} s; {len(self.spool)} messages still spooled")
+
+    def _attempt(self, body: bytes, event_id: str) -> SinkError | None:
+        try:
+            self.send(body, event_id)
+        except SinkError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 -- a surprise from a client library must not end the sender thread
+            return SinkError(f"{type(exc).__name__}: {exc}")
+        return None
 
     def _sleep(self, seconds: float) -> None:
         if self._draining:
