@@ -1,7 +1,11 @@
 """Resident memory of `adtr-run --streams N`: N ONNX Runtime sessions (one copy of the weights each, as before
 2026-12-03) against the runtime's streams now (one session run concurrently when each stream has one thread).
 
-    python benchmarks/streams_memory.py --model EXPORT/model.onnx [--streams 1,2,4] [--out benchmarks/results/streams_memory.md]
+    python benchmarks/streams_memory.py --model EXPORT/model.onnx [--streams 1,2,4] [--out TABLE.md]
+    python benchmarks/streams_memory.py --model EXPORT/model.onnx --streams 2 --seconds 20 --rounds 3
+
+`--seconds S` also times S seconds of batch-1 frames on every stream at once in each process (frames per second over
+all streams), the two kinds alternating over `--rounds`: the shared session must not cost throughput.
 
 Each row is a fresh Python process that opens the model, runs 3 batches of 1 on each stream concurrently, and reports
 its resident memory (VmRSS) and peak (VmHWM) above what it held before opening the model. Memory does not depend on the
@@ -26,7 +30,7 @@ def status(key):
 import onnxruntime as ort
 from adtr_deploy.runtime.backends import OnnxRuntimeBackend
 
-path, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, mode, n, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 base = status("VmRSS:")
 if mode == "sessions":  # what --streams N opened before: N sessions of 1 thread
     opts = ort.SessionOptions()
@@ -45,12 +49,26 @@ x = np.zeros((1, *size, 3), np.uint8)
 threads = [threading.Thread(target=lambda i=i: [run(i, x) for _ in range(3)]) for i in range(n)]
 [t.start() for t in threads]
 [t.join() for t in threads]
-print(f"{loaded - base:.0f} {status('VmRSS:') - base:.0f} {status('VmHWM:') - base:.0f}")
+import time
+frames = [0] * n
+def loop(i):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        run(i, x)
+        frames[i] += 1
+t0 = time.perf_counter()
+threads = [threading.Thread(target=loop, args=(i,)) for i in range(n)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+fps = sum(frames) / (time.perf_counter() - t0) if seconds > 0 else 0.0
+print(f"{loaded - base:.0f} {status('VmRSS:') - base:.0f} {status('VmHWM:') - base:.0f} {fps:.3f}")
 """
 
 
-def measure(model: Path, mode: str, n: int) -> tuple[float, ...]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model), mode, str(n)], capture_output=True, text=True)
+def measure(model: Path, mode: str, n: int, seconds: float = 0.0) -> tuple[float, ...]:
+    """(MB after loading, MB after running, peak MB, frames/s or 0) of one fresh process."""
+    cmd = [sys.executable, "-c", CHILD, str(model), mode, str(n), str(seconds)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(out.stderr)
     return tuple(float(v) for v in out.stdout.split())
@@ -61,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="an exported model.onnx (model.json beside it)")
     parser.add_argument("--streams", default="1,2,4")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--seconds", type=float, default=0.0, help="also time this long per process (0: memory only)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --seconds: alternate the two kinds this often")
     args = parser.parse_args(argv)
+    if args.seconds > 0:
+        return _timing(args)
     lines = [
         "| streams | before: N sessions, MB after loading / after running / peak | now, MB after loading / after running / peak |",
         "|---:|---|---|",
@@ -70,6 +92,29 @@ def main(argv: list[str] | None = None) -> int:
         before, now = measure(args.model, "sessions", n), measure(args.model, "runtime", n)
         lines.append(f"| {n} | {' / '.join(f'{v:.0f}' for v in before)} | {' / '.join(f'{v:.0f}' for v in now)} |")
         print(lines[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+def _timing(args) -> int:
+    """Frames per second of N streams as N sessions and as the runtime opens them, alternating per round."""
+    import statistics
+
+    lines = [
+        "| streams | round | before: N sessions, frames/s | now, frames/s | now / before |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for n in (int(v) for v in args.streams.split(",")):
+        ratios = []
+        for r in range(args.rounds):
+            order = ("sessions", "runtime") if r % 2 == 0 else ("runtime", "sessions")
+            fps = {mode: measure(args.model, mode, n, args.seconds)[3] for mode in order}
+            ratios.append(fps["runtime"] / fps["sessions"])
+            lines.append(f"| {n} | {r + 1} | {fps['sessions']:.2f} | {fps['runtime']:.2f} | {ratios[-1]:.3f} |")
+            print(lines[-1], flush=True)
+        lines.append(f"| {n} | median | | | **{statistics.median(ratios):.3f}** |")
+    print(lines[-1])
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
     return 0
