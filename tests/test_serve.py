@@ -367,7 +367,10 @@ def test_health_answers_within_a_second_under_200_viewers_and_100_slow_header_so
             deadline = time.monotonic() + HEADER_DEADLINE_S + 5
             for sock in slow:
                 sock.settimeout(max(deadline - time.monotonic(), 0.1))
-                assert sock.recv(100) == b"", "a slow-header socket was still open after the deadline"
+                try:
+                    assert sock.recv(100) == b"", "a slow-header socket got an answer instead of being closed"
+                except ConnectionResetError:
+                    pass  # closed too (a reset instead of a FIN)
             assert sample(metrics(url), "adtr_http_rejected_total", reason="request_timeout") >= 100
 
             # One client floods sockets past its cap: its oldest waiting sockets make room; health still answers.

@@ -20,7 +20,7 @@ import cv2
 import pytest
 
 from tests import runtime_fixtures as rf
-from tests.serve_helpers import Camera, ServedRun
+from tests.serve_helpers import Camera, ServedRun, get_json
 from tests.test_runtime import poisoned_torch_env
 from tests.test_sources import write_video
 
@@ -93,6 +93,9 @@ def test_a_browser_shows_frames_scores_and_anomalies_and_never_runs_a_hostile_na
         "--serve-linger", "120", env=poisoned_torch_env(tmp_path),
     ) as run:  # fmt: skip
         status = run.wait_for(lambda s: s["state"] == "finished", what="the end of the video")
+        # A viewer makes the last frame be drawn; wait for it here, since Chromium's virtual time may run out before
+        # a loaded machine has drawn it.
+        run.wait_for(lambda s: get_json(run.url + "api/status?view=1")[1]["frame"]["seq"] >= 1, what="a drawn frame")
         dom_text = chromium(run.url, tmp_path / "profile", "--dump-dom")
         screenshot(run.url, tmp_path / "shot.png", tmp_path / "profile")
     dom = _Dom()
