@@ -736,18 +736,16 @@ def test_three_quick_sigints_still_leave_a_summary(kind, model, env, slow_folder
         proc = start_run(env, ["--model", model, "--source", source, "--out", out, "--save-overlays", "-q"])
         try:
             wait_for_records(proc, out, set(), n=3)
-            # 10 ms apart, all within the stop the first one asks for: a live run at batch 1 stops within a few ms, so
-            # its three come back to back (a Ctrl-C after the process has finished ends it like any other program).
             for _ in range(3):
                 proc.send_signal(signal.SIGINT)
-                time.sleep(0.01 if kind == "files" else 0)
+                time.sleep(0.01)
             _, err = proc.communicate(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    # 0 or 130 when the three land during the stop; a stop that finished within 20 ms leaves the last one to end the
-    # exiting process as it ends any program (-SIGINT). Whichever: the summary is whole and counts every record.
-    assert proc.returncode in (0, 130, -signal.SIGINT) and "Traceback" not in err, err
+    # 0 or 130 (a signal after the summary, while the command closes, ends it as Ctrl-C does); never killed by the
+    # signal mid-shutdown with a traceback, even when the stop finished before the last one arrived.
+    assert proc.returncode in (0, 130) and "Traceback" not in err, err
     s = summary(out)
     assert s["stopped"] == "interrupted" and s["running"] is False and s["signal"] == "SIGINT"
     assert s["images"] == len(records(out))  # the summary counts exactly what the file holds

@@ -47,7 +47,8 @@ def cli() -> None:
 def _entry(name: str):
     def main() -> None:
         cmd = load_command(name)
-        cmd.main(prog_name=f"adtr-{name}")
+        # obj tells a command it owns the process (adtr-run then leaves late signals ignored until the process exits)
+        cmd.main(prog_name=f"adtr-{name}", obj={"process_entry": True})
 
     return main
 

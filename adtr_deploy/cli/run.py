@@ -47,6 +47,13 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _owns_process() -> bool:
+    """Started as the adtr-run program (adtr_deploy.cli.main): after the run, a late Ctrl-C or SIGTERM must not
+    interrupt the interpreter's shutdown with a traceback, so the ignoring handlers stay until the process exits."""
+    obj = click.get_current_context().find_root().obj
+    return isinstance(obj, dict) and bool(obj.get("process_entry"))
+
+
 def _quiet_opencv() -> None:
     """OpenCV's and FFmpeg's own warnings ("[ WARN:0@...] global cap_ffmpeg...") would reach the terminal beside our
     sentences; every problem they warn about is reported in results.jsonl instead. Set before cv2 is imported."""
@@ -455,9 +462,9 @@ def command(
                 service.linger(serve_linger, summary)
         finally:
             # The run is over and its summary written: a late Ctrl-C or SIGTERM (the third of three quick ones) must
-            # not cut the closing short; the handlers come back when the command returns.
-            signal.signal(signal.SIGTERM, lambda signum, frame: None)
-            signal.signal(signal.SIGINT, lambda signum, frame: None)
+            # not cut the closing short (see _owns_process for after the command).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # SIG_IGN, not a Python handler: the interpreter resets
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # its own handlers to the default during its shutdown
             progress.end()
             if service:
                 service.close()
@@ -466,9 +473,10 @@ def command(
             _print_summary(summary, out_dir)
     finally:
         unlock_out_dir(out_dir)
-        for sig, handler in ((signal.SIGTERM, previous_term), (signal.SIGINT, previous_int)):
-            if handler is not None:
-                signal.signal(sig, handler)
+        if not _owns_process():  # called from Python (tests, a script): give the caller its handlers back
+            for sig, handler in ((signal.SIGTERM, previous_term), (signal.SIGINT, previous_int)):
+                if handler is not None:
+                    signal.signal(sig, handler)
     if summary["stopped"] == "interrupted" and not summary["live"]:
         raise SystemExit(130)  # a batch job cut short is not a success; for a live source Ctrl-C is the normal end
 
