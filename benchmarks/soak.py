@@ -207,9 +207,11 @@ def markdown(r: dict) -> str:
         [
             "# Soak: a million live frames through the real Pipeline",
             "",
-            f"Reproduce: `flock /tmp/adtr-cpu.lock {r['command']}`",
+            f"Reproduce: `flock /tmp/adtr-cpu.lock {r['command'].strip()}`",
             "",
-            f"Source: {r['source']}. Model: {r['model']}. Batch {r['batch_size']}, --keep {r['keep']}.",
+            f"Source: {r['source']}. Model: {r['model']}. Batch {r['batch_size']}, --keep {r['keep']}. What is soaked: "
+            "the Pipeline, its decode workers, the backend, results rotation and retention; not --serve, --sink or the "
+            "drift monitor (no observers attached).",
             "",
             "| figure | value |",
             "|---|---|",
