@@ -401,14 +401,24 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def apply_retention(out_dir: Path, max_age_s: float | None, max_bytes: int | None) -> list[str]:
+def apply_retention(
+    out_dir: Path, max_age_s: float | None, max_bytes: int | None, known_sizes: dict[str, int] | None = None
+) -> list[str]:
     """Remove the oldest closed segments, each with its overlays folder, while one is older than `max_age_s` (by its
     last write) or the folder's results and overlays exceed `max_bytes`. The segment being written is never removed.
-    Returns the names removed."""
+    `known_sizes` (segment name -> bytes with its overlays) saves walking a closed segment's overlays again: they no
+    longer change, and a run keeps this dict between calls. Returns the names removed."""
     if max_age_s is None and max_bytes is None:
         return []
     closed = segments(out_dir)
-    sizes = {p: p.stat().st_size + _tree_bytes(out_dir / OVERLAY_DIR / p.stem[len("results-") :]) for p in closed}
+    known_sizes = {} if known_sizes is None else known_sizes
+    for gone in set(known_sizes) - {p.name for p in closed}:
+        del known_sizes[gone]
+    sizes = {}
+    for p in closed:
+        if p.name not in known_sizes:
+            known_sizes[p.name] = p.stat().st_size + _tree_bytes(out_dir / OVERLAY_DIR / p.stem[len("results-") :])
+        sizes[p] = known_sizes[p.name]
     total = sum(sizes.values())
     if max_bytes is not None:
         current = out_dir / RESULTS_FILE
@@ -426,6 +436,7 @@ def apply_retention(out_dir: Path, max_age_s: float | None, max_bytes: int | Non
         shutil.rmtree(out_dir / OVERLAY_DIR / path.stem[len("results-") :], ignore_errors=True)
         path.unlink(missing_ok=True)
         total -= sizes[path]
+        known_sizes.pop(path.name, None)
         removed.append(path.name)
     return removed
 

@@ -136,6 +136,7 @@ class Pipeline:
         self._pool: ThreadPoolExecutor | None = None
         self._streams_pool: ThreadPoolExecutor | None = None
         self._in_flight = 1
+        self._segment_sizes: dict[str, int] = {}  # closed segments' bytes (with overlays), for --keep SIZE
 
     @property
     def counts(self) -> dict:
@@ -184,13 +185,13 @@ class Pipeline:
                 "--resume works for image files (a folder, a glob or a list) and live sources (a camera or a "
                 "stream); run a video anew"
             )
-        if self.keep_age_s is not None or self.keep_bytes is not None:
-            self._retention()  # first: on a full disk, the folder's own old segments make room for what follows
         self.model_sha256 = model_sha256(self.backend)
         state = RunState(outdir.new_run_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if opts.resume:
-            previous = outdir.finish_previous(out, self.log)
-            self._check_same_run(previous)
+            self._check_same_run(outdir.read_summary(out))
+        self._retention()  # before anything is written: on a full disk, the folder's own old segments make room
+        if opts.resume:
+            outdir.finish_previous(out, self.log)
             if not self.source.live:
                 state.skipped = self.source.skip(outdir.recorded_sources(out))
         # The source opens before anything is written: a source that fails leaves the folder as it was.
@@ -205,12 +206,9 @@ class Pipeline:
             self._results = ResultsLog(out, state.run_id, append=opts.resume, rotate=rotate, max_bytes=self.keep_bytes)
             if opts.save_overlays:
                 (out / OVERLAY_DIR).mkdir(exist_ok=True)
-            if self.keep_age_s is not None or self.keep_bytes is not None:
-                if not self.source.live:
-                    self.log(
-                        "--keep applies to the segments of live runs; this source is finite, so it removes nothing"
-                    )
-                self._retention()
+            if opts.keep and not self.source.live:
+                self.log("--keep applies to the segments of live runs; this source is finite, so it removes nothing")
+            self._retention()
             self._checkpoint(state)
         except BaseException:
             self.source.close()
@@ -317,7 +315,10 @@ class Pipeline:
             self._checkpoint(state)
 
     def _retention(self) -> list[str]:
-        return outdir.apply_retention(self.out_dir, self.keep_age_s, self.keep_bytes)
+        """--keep, for live runs (a file run's results.jsonl is the run itself)."""
+        if not self.source.live:
+            return []
+        return outdir.apply_retention(self.out_dir, self.keep_age_s, self.keep_bytes, self._segment_sizes)
 
     def _checkpoint(self, state: RunState) -> None:
         """summary.json as it stands, marked running: what a killed start leaves for the next one to finish."""
