@@ -186,7 +186,7 @@ def _quiet_opencv() -> None:
     "--resume",
     is_flag=True,
     help="Continue an earlier run into the same --out (also fine when there is none yet): for image files the inputs "
-    "already recorded are skipped; for cameras and streams a new segment starts and every earlier one is kept. The same "
+    "already recorded are skipped; for cameras and streams a new segment starts and the earlier ones are kept (see --keep). The same "
     "model and source only. What a service's command line uses.",
 )
 @click.option(
