@@ -186,8 +186,8 @@ def _quiet_opencv() -> None:
     "--resume",
     is_flag=True,
     help="Continue an earlier run into the same --out (also fine when there is none yet): for image files the inputs "
-    "already recorded are skipped; for cameras and streams a new segment starts and the earlier ones are kept (see --keep). The same "
-    "model and source only. What a service's command line uses.",
+    "already recorded are skipped; for cameras and streams a new segment starts and the earlier ones are kept (see "
+    "--keep). The same model and source only. What a service's command line uses.",
 )
 @click.option(
     "--keep",
