@@ -169,8 +169,10 @@ class Pipeline:
                 state.stopped, abrupt = f"error: {exc}", True
                 raise
             finally:
-                summary = self._close(state, abrupt)
-                restore()
+                try:
+                    summary = self._close(state, abrupt)
+                finally:
+                    restore()
         finally:
             outdir.unlock_out_dir(self.out_dir)
         return summary
@@ -194,7 +196,8 @@ class Pipeline:
             outdir.finish_previous(out, self.log)
             if not self.source.live:
                 state.skipped = self.source.skip(outdir.recorded_sources(out))
-        # The source opens before anything is written: a source that fails leaves the folder as it was.
+        # The source opens before anything is replaced or started: a source that fails leaves the earlier results
+        # as they were (a --resume has only added the previous start's summary to runs.jsonl).
         self.source.start()
         try:
             if opts.overwrite:
