@@ -1,6 +1,6 @@
 """Soak: a live source through the real Pipeline and ONNX Runtime backend for a million frames; memory must stay flat.
 
-    flock /tmp/adtr-cpu.lock python benchmarks/soak.py                    # 1,000,000 frames (about 15-20 min, 2 cores)
+    flock /tmp/adtr-cpu.lock python benchmarks/soak.py                    # 1,000,000 frames (about 10 min on 2 cores)
     python benchmarks/soak.py --frames 50000 --out /tmp/soak_quick        # a quick look
 
 The model is the tests' tiny ADTR (64x64 input, calibrated; tests.runtime_fixtures), opened with the package's own
