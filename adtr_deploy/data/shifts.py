@@ -93,7 +93,9 @@ def apply_shift(name: str, images: np.ndarray) -> np.ndarray:
     return SHIFTS[name][1](images)
 
 
-def stain(image: np.ndarray, centre: tuple[int, int], radius: int, colour: tuple[float, float, float], alpha: float = 0.6):
+def stain(
+    image: np.ndarray, centre: tuple[int, int], radius: int, colour: tuple[float, float, float], alpha: float = 0.6
+):
     """A local stain: a soft-edged disc of `colour` blended into `image` (H, W, 3) with opacity `alpha` -> (stained image,
     bool mask of the disc). For tests: a local colour change that must stay detectable under global normalization."""
     h, w = image.shape[:2]

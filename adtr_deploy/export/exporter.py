@@ -75,7 +75,7 @@ def preset_of(config: dict[str, Any], info: dict[str, Any]) -> str:
 
 
 def base_spec(ckpt: dict[str, Any], fmt: str, options: ExportOptions, checkpoint_path: Path) -> ModelSpec:
-    from adtr_deploy.model.checkpoint import calibration_of
+    from adtr_deploy.model.checkpoint import calibration_of, input_norm_record
     from adtr_deploy.model.config import ADTRConfig
 
     cfg = ADTRConfig.from_dict(ckpt["config"])
@@ -102,19 +102,9 @@ def base_spec(ckpt: dict[str, Any], fmt: str, options: ExportOptions, checkpoint
             },
             "metrics": ckpt.get("metrics"),
             "data": info.get("data"),
-            **_input_norm(cfg, ckpt),
+            **input_norm_record(cfg, ckpt),
         },
     )
-
-
-def _input_norm(cfg, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """For model.json: the per-image input standardization the graph applies (cfg.input_norm "image", issue 31) and
-    its reference statistics in pixel units; nothing for graphs without it. Informational: the graph does the work."""
-    if cfg.input_norm == "none":
-        return {}
-    state = ckpt.get("state_dict") or {}
-    ref = {k: [round(float(v), 4) for v in state[f"input_ref_{k}"]] for k in ("mean", "std") if f"input_ref_{k}" in state}
-    return {"input_norm": {"mode": cfg.input_norm, **{f"reference_{k}": v for k, v in ref.items()}}}
 
 
 def _resolve(target: str):

@@ -105,3 +105,15 @@ def load_checkpoint(path: str | Path) -> tuple[ADTR, dict[str, Any]]:
 
 def calibration_of(ckpt: dict[str, Any]) -> Calibration:
     return Calibration(**(ckpt.get("calibration") or {}))
+
+
+def input_norm_record(cfg: ADTRConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """For model.json: the per-image input standardization the graph applies (cfg.input_norm "image", issue 31) and
+    its reference statistics in pixel units; nothing for graphs without it. Informational: the graph does the work."""
+    if cfg.input_norm == "none":
+        return {}
+    state = ckpt.get("state_dict") or {}
+    ref = {
+        k: [round(float(v), 4) for v in state[f"input_ref_{k}"]] for k in ("mean", "std") if f"input_ref_{k}" in state
+    }
+    return {"input_norm": {"mode": cfg.input_norm, **{f"reference_{k}": v for k, v in ref.items()}}}

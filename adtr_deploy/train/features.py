@@ -15,7 +15,6 @@ from adtr_deploy.train import distributed
 from adtr_deploy.train.augment import PhotometricImages
 from adtr_deploy.train.config import TrainConfig
 
-
 # With photometric augmentation, the error statistics are fitted on this many freshly shifted copies of each image.
 PHOTOMETRIC_FIT_PASSES = 3
 
