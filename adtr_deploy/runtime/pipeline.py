@@ -6,19 +6,17 @@ everything a run keeps (adtr_deploy.runtime.runstate) is bounded, so memory stay
 source gets one line in results.jsonl, written as soon as its batch is done, so a crash or Ctrl-C loses nothing
 already processed; the summary is written at the end whatever the reason the run stopped, and checkpointed while it
 runs (`"running": true`) so the next start can recount a start that was killed. The folder's layout, its lock and
-its retention: adtr_deploy.runtime.outdir.
+its retention: adtr_deploy.runtime.outdir and adtr_deploy.runtime.segments; the record and the summary:
+adtr_deploy.runtime.records.
 
 SIGINT (Ctrl-C) and SIGTERM (docker stop, systemd) do not raise in the middle of a batch: they ask the loop to stop at
 the next record boundary, so the summary counts exactly the records written; frames taken but not yet recorded are
 neither written nor counted (a --resume run picks them up). A second signal stops at once; the summary then recounts
-what the files hold. Any further signal is ignored until the summary is written.
+what the files hold. Any further signal is ignored until the summary is written (adtr_deploy.runtime.interrupts).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sys
 import threading
 import time
@@ -32,26 +30,26 @@ import cv2
 import numpy as np
 
 from adtr_deploy.errors import UserError
-from adtr_deploy.fileio import dumps_strict, sha256_file, write_json_atomic
 from adtr_deploy.imageheader import DEFAULT_MAX_PIXELS
 from adtr_deploy.preprocess import ImageDecodeError, resize, stack_batch
 from adtr_deploy.runtime import outdir
 from adtr_deploy.runtime.base import Backend
 from adtr_deploy.runtime.display import DEFAULT_VIDEO_FPS, VideoOut, Window
 from adtr_deploy.runtime.frames import END, Frame, Source, decode_frame
-from adtr_deploy.runtime.outdir import (
-    NO_SPACE,
-    OVERLAY_DIR,
-    RESULTS_FILE,
-    SUMMARY_FILE,
-    ResultsLog,
-    disk_full,
-    write_image_atomic,
-)
+from adtr_deploy.runtime.interrupts import catch_signals
+from adtr_deploy.runtime.outdir import OVERLAY_DIR
 from adtr_deploy.runtime.postprocess import Postprocessor, Prediction, overlay
-from adtr_deploy.runtime.runstate import Batch, RunState, bounded_gaps
-
-CHECKPOINT_S = 30.0  # summary.json is rewritten (running: true) this often while a run lasts
+from adtr_deploy.runtime.records import (
+    CHECKPOINT_S,
+    build_record,
+    build_summary,
+    check_same_run,
+    encode_record,
+    model_sha256,
+    write_summary,
+)
+from adtr_deploy.runtime.runstate import Batch, RunState
+from adtr_deploy.runtime.segments import ResultsLog, apply_retention, open_results
 
 
 @dataclass(frozen=True)
@@ -70,22 +68,6 @@ class RunOptions:
     overwrite: bool = False  # replace the results of an earlier run in the same folder (overlays included)
     resume: bool = False  # continue them: files skip the inputs already recorded; live sources start a new segment
     keep: tuple[str, ...] = ()  # live runs: retention of closed segments and their overlays, e.g. ("30d", "5GB")
-
-
-def source_identity(source: Source) -> str:
-    """What --resume compares: a local path resolved (so `imgs` and `/abs/imgs` match), a URL or camera as named."""
-    name = str(source.name)
-    if "://" in name or name.startswith("camera:") or name.isdigit():
-        return name
-    return os.path.realpath(name)
-
-
-def model_sha256(backend: Backend) -> str | None:
-    """The sha256 model.json records, else the file's own (None for a served model)."""
-    sha = backend.spec.extra.get("sha256") if isinstance(backend.spec.extra, dict) else None
-    if not sha and backend.local and backend.path.is_file():
-        sha = sha256_file(backend.path)
-    return sha
 
 
 class Pipeline:
@@ -131,7 +113,7 @@ class Pipeline:
         self._keep_original = bool(options.save_overlays or options.save_video is not None or options.show or observers)
         self._draws = bool(options.save_overlays or options.save_video is not None or options.show)
         self._results: ResultsLog | None = None
-        self._video: VideoOut | None = None
+        self.video: VideoOut | None = None
         self._window: Window | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._streams_pool: ThreadPoolExecutor | None = None
@@ -159,7 +141,7 @@ class Pipeline:
         outdir.lock_out_dir(self.out_dir)
         try:
             state = self.state = self._open()
-            restore = self._catch_signals(state)
+            restore = catch_signals(state)
             abrupt = False
             try:
                 self._loop(state)
@@ -190,7 +172,7 @@ class Pipeline:
         self.model_sha256 = model_sha256(self.backend)
         state = RunState(outdir.new_run_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if opts.resume:
-            self._check_same_run(outdir.read_summary(out))
+            check_same_run(outdir.read_summary(out), out, self.model_sha256, self.source)
         self._retention()  # before anything is written: on a full disk, the folder's own old segments make room
         if opts.resume:
             outdir.finish_previous(out, self.log)
@@ -200,13 +182,7 @@ class Pipeline:
         # as they were (a --resume has only added the previous start's summary to runs.jsonl).
         self.source.start()
         try:
-            if opts.overwrite:
-                outdir.clear_outputs(out)
-            if opts.resume and self.source.live:
-                outdir.close_current(out)  # the earlier start's records become a closed segment
-            outdir.repair_torn_line(out / RESULTS_FILE)
-            rotate = self.source.live
-            self._results = ResultsLog(out, state.run_id, append=opts.resume, rotate=rotate, max_bytes=self.keep_bytes)
+            self._results = open_results(out, state.run_id, opts, live=self.source.live, max_bytes=self.keep_bytes)
             if opts.save_overlays:
                 (out / OVERLAY_DIR).mkdir(exist_ok=True)
             if opts.keep and not self.source.live:
@@ -219,29 +195,12 @@ class Pipeline:
                 self._results.close()
             raise
         if opts.save_video:
-            self._video = VideoOut(Path(opts.save_video), self.source.fps or DEFAULT_VIDEO_FPS)
+            self.video = VideoOut(Path(opts.save_video), self.source.fps or DEFAULT_VIDEO_FPS)
         self._window = Window(self.log) if opts.show else None
         self._pool = ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="adtr-decode")
         self._in_flight = max(1, getattr(self.backend, "concurrency", 1) // self.batch_size)  # streams: batches at once
         self._streams_pool = ThreadPoolExecutor(self._in_flight, "adtr-infer") if self._in_flight > 1 else None
         return state
-
-    def _check_same_run(self, previous: dict | None) -> None:
-        """--resume continues the same model on the same source, or refuses: records of two models never mix."""
-        if not previous:
-            return
-        theirs = previous.get("model_sha256")
-        if theirs and self.model_sha256 and theirs != self.model_sha256:
-            raise UserError(
-                f"--resume: {self.out_dir} holds results of another model (sha256 {theirs[:16]}…, this one is "
-                f"{self.model_sha256[:16]}…); choose another --out for this model, or --overwrite to replace them"
-            )
-        source = previous.get("source_id")
-        if source and source != source_identity(self.source):
-            raise UserError(
-                f"--resume: {self.out_dir} holds results of another source ({previous.get('source')}); "
-                "choose another --out for this source, or --overwrite to replace them"
-            )
 
     def _loop(self, state: RunState) -> None:
         opts = self.options
@@ -321,20 +280,12 @@ class Pipeline:
         """--keep, for live runs (a file run's results.jsonl is the run itself)."""
         if not self.source.live:
             return []
-        return outdir.apply_retention(self.out_dir, self.keep_age_s, self.keep_bytes, self._segment_sizes)
+        return apply_retention(self.out_dir, self.keep_age_s, self.keep_bytes, self._segment_sizes)
 
     def _checkpoint(self, state: RunState) -> None:
         """summary.json as it stands, marked running: what a killed start leaves for the next one to finish."""
         state.next_checkpoint = time.perf_counter() + CHECKPOINT_S
-        self._write_summary(self._summary(state, running=True))
-
-    def _write_summary(self, summary: dict) -> None:
-        try:
-            write_json_atomic(summary, self.out_dir / SUMMARY_FILE)
-        except OSError as exc:
-            if exc.errno in NO_SPACE:
-                raise disk_full(exc, self.out_dir / SUMMARY_FILE) from None
-            raise
+        write_summary(build_summary(state, self, running=True), self.out_dir)
 
     def _close(self, state: RunState, abrupt: bool) -> dict:
         """Stop the threads, close the outputs, write the summary (and add it to runs.jsonl); returns it."""
@@ -348,47 +299,19 @@ class Pipeline:
         self.source.close()
         if self._results is not None:
             self._results.close()
-        if self._video is not None:
-            self._video.close()
+        if self.video is not None:
+            self.video.close()
         if self._window is not None:
             self._window.close()
         if abrupt:  # stopped between a write and its count: the files are the truth
             state.counts = outdir.recount(self.out_dir, state.run_id)
-        summary = self._summary(state, running=False)
+        summary = build_summary(state, self, running=False)
         try:
             outdir.append_history(self.out_dir, summary)
-            self._write_summary(summary)
+            write_summary(summary, self.out_dir)
         except (OSError, UserError) as exc:  # the disk is full: the run's own error is the one to report
             self.log(f"the summary could not be written ({exc}); the next start recounts this one from its records")
         return summary
-
-    def _catch_signals(self, state: RunState) -> Callable[[], None]:
-        """SIGINT/SIGTERM ask the loop to stop at the next record boundary; a second one raises KeyboardInterrupt; any
-        later one, or one while the summary is written, is ignored. Returns the function that restores the previous
-        handlers. Only the main thread can set handlers; a SIGINT the process was started ignoring (a backgrounded
-        job) stays ignored."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        raised = False
-
-        def handler(signum, frame):
-            nonlocal raised
-            if state.signal is None:
-                state.signal = signum
-            elif not raised and not state.closing:
-                raised = True
-                raise KeyboardInterrupt
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, handler)
-
-        def restore() -> None:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-        return restore
 
     # -- batches -----------------------------------------------------------------------------------------------------
     def _infer(self, batch: Batch) -> tuple[dict[int, Prediction], float | None]:
@@ -424,58 +347,24 @@ class Pipeline:
             state.add_inference(infer_ms)
         for frame, item in batch:
             if isinstance(item, str):
-                self._write(state, self._record(state, frame, None, item))
+                self._write(state, build_record(frame, None, item, state.run_id, self.model_sha256))
                 continue
             pred = predictions[id(frame)]
-            record = self._record(state, frame, pred, None)
+            record = build_record(frame, pred, None, state.run_id, self.model_sha256)
             original, picture = item[0], None
             if original is not None and self._draws:
                 picture = overlay(original, pred, self.post.heat(pred.anomaly_map))
                 if self.options.save_overlays:
-                    self._save_overlay(record, frame, picture)
-                if self._video is not None:
-                    self._video.write(picture)
+                    record["overlay"] = self._results.save_overlay(frame.key, picture)
+                if self.video is not None:
+                    self.video.write(picture)
                 if self._window is not None and not state.stop_requested and not self._window.show(picture):
                     state.stop_requested = True
             self._write(state, record, original, pred, picture)
 
-    def _save_overlay(self, record: dict, frame: Frame, picture: np.ndarray) -> None:
-        """OUT/overlays/<key>.jpg for files (the names a full run gives); live runs group them by segment, so
-        retention removes a segment's overlays with it and a restart never overwrites an earlier start's."""
-        folder = self.out_dir / OVERLAY_DIR
-        if self.source.live:
-            folder = folder / self._results.tag
-        target = folder / f"{frame.key}.jpg"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._results.add_overlay_bytes(write_image_atomic(target, picture))
-        record["overlay"] = target.relative_to(self.out_dir).as_posix()
-
-    def _record(self, state: RunState, frame: Frame, pred: Prediction | None, error: str | None) -> dict:
-        latency = (time.perf_counter() - frame.acquired) * 1000
-        record = {
-            "source": frame.source,
-            "frame": frame.frame,
-            "timestamp": round(frame.timestamp, 6),
-            "score": None if pred is None else _finite(pred.score),
-            "normalized_score": None if pred is None else _finite(round(pred.normalized_score, 6)),
-            "is_anomaly": None if pred is None else pred.is_anomaly,
-            "status": "ok" if pred is not None else "error",
-            "error": error,
-            "latency_ms": round(latency, 3),
-            "run": state.run_id,
-            "model_sha256": self.model_sha256[:16] if self.model_sha256 else None,
-        }
-        if frame.gap is not None:
-            record["gap"] = frame.gap
-        return record
-
     def _write(self, state: RunState, record: dict, original=None, pred: Prediction | None = None, drawn=None) -> None:
         # One write call per line; the record is counted only once it is in the file.
-        try:
-            line = json.dumps(record, allow_nan=False)
-        except ValueError:  # a NaN from somewhere (a video's timestamp): null, strict JSON still
-            line = dumps_strict(record)
-        self._results.write((line + "\n").encode("utf-8"))
+        self._results.write(encode_record(record))
         counts = state.counts
         counts["images"] += 1
         if record["status"] == "ok":
@@ -497,44 +386,6 @@ class Pipeline:
             infer_ms = state.last_infer_ms if pred is not None else None
             for observe in self.observers:
                 observe(record, picture, infer_ms)
-
-    def _summary(self, state: RunState, *, running: bool) -> dict:
-        src = self.source.stats()
-        wall_s = time.perf_counter() - state.t_start
-        gaps, gaps_total = bounded_gaps(src.get("gaps", []))
-        return {
-            **state.counts,
-            "throughput_fps": round(state.counts["ok"] / wall_s, 3) if wall_s > 0 else None,
-            "wall_s": round(wall_s, 3),
-            "latency_ms": state.latency.summary(),
-            "inference_ms_per_image": state.infer_ms_mean,
-            "dropped_frames": src.get("dropped", 0),
-            "reconnects": src.get("reconnects", 0),
-            "gaps": gaps,
-            "gaps_total": gaps_total,
-            "running": running,
-            "stopped": None if running else state.stopped,
-            "signal": signal.Signals(state.signal).name if state.signal else None,
-            "resumed_skipped": state.skipped,
-            "threshold": _finite(self.post.threshold),
-            "calibration": self.post.calibration.method,
-            "source": self.source.name,
-            "source_id": source_identity(self.source),
-            "live": self.source.live,
-            "batch_size": self.batch_size,
-            "workers": self.options.workers,
-            "backend": self.backend.describe(),
-            "model_sha256": self.model_sha256,
-            "run": state.run_id,
-            "started_at": state.started_at,
-            "results": RESULTS_FILE,
-            "video": None if self._video is None or not self._video.frames else str(self._video.path),
-        }
-
-
-def _finite(value: float) -> float | None:
-    """A number strict JSON can hold, else None (null): a model that outputs NaN must not make results unreadable."""
-    return value if value == value and value not in (float("inf"), float("-inf")) else None
 
 
 def run_pipeline(
