@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from adtr_deploy.runtime.serve.sinks import WebhookSink
+from adtr_deploy.runtime.serve.webhook import WebhookSink
 
 MESSAGE = {
     "event": "anomaly",

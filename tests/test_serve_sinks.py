@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from adtr_deploy.cli.run import command
 from adtr_deploy.runtime.live import redact
 from adtr_deploy.runtime.redaction import redact_url
-from adtr_deploy.runtime.serve.sinks import WebhookSink, parse_sink, sink_observer
+from adtr_deploy.runtime.serve.sinks import parse_sink, sink_observer
+from adtr_deploy.runtime.serve.webhook import WebhookSink
 from tests import runtime_fixtures as rf
 from tests.serve_helpers import ServedRun, free_port, get, mosquitto_path
 from tests.test_sources import write_video
@@ -215,7 +216,7 @@ def test_a_killed_process_leaves_its_spool_and_the_next_start_sends_it(tmp_path)
     hook = Receiver()
     code = (
         "import sys, time\n"
-        "from adtr_deploy.runtime.serve.sinks import WebhookSink\n"
+        "from adtr_deploy.runtime.serve.webhook import WebhookSink\n"
         f"sink = WebhookSink({hook.url!r}, spool_root={str(tmp_path)!r}, backoff_s=0.05, backoff_max_s=0.2, log=lambda m: None)\n"
         "sink.start()\n"
         "for i in range(15): sink.offer({'event_id': f'k{i}', 'frame': i})\n"

@@ -12,29 +12,27 @@ counts as failed and the message is removed, with a log line naming the reason.
 Every message carries an `event_id` (a UUID fixed when the record is offered, stored in the spool, sent again
 unchanged on every retry and after a restart), so a receiver deduplicates by it; webhooks also get it as the headers
 `Idempotency-Key` and `X-Event-Id`. Names shown anywhere (stats, /metrics, logs) go through `redact_url`.
+
+This module holds what every sink shares (the base `Sink` with its spool and sender threads, `parse_sink`, and the
+pipeline observer that turns anomalous records into messages); each transport is a module of its own that implements
+`send`: webhook.py (HTTP POST) and mqtt.py (MQTT publish).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import hmac
-import http.client
 import json
 import math
-import os
 import queue
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adtr_deploy.errors import MissingExtraError, UserError
+from adtr_deploy.errors import UserError
 from adtr_deploy.runtime.redaction import redact_url
 from adtr_deploy.runtime.serve.spool import MAX_BYTES, MAX_MESSAGES, Spool
 
@@ -44,7 +42,6 @@ BACKOFF_MAX_S = 30.0
 SEND_TIMEOUT_S = 5.0
 DRAIN_S = 5.0
 DRAIN_RETRY_S = 0.5  # while close() drains, retries come at least this often
-MQTT_USER_ENV, MQTT_PASSWORD_ENV = "ADTR_MQTT_USERNAME", "ADTR_MQTT_PASSWORD"
 EVENT_NAMESPACE = uuid.UUID("5d1f6a1e-7c1b-4d0e-9a4f-adb2e1a7f001")  # for event ids derived from a record
 
 
@@ -283,160 +280,6 @@ class Sink:
         return line
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """urllib would follow a 301/302 by a GET without the body, and its 2xx would look like a delivery."""
-
-    def redirect_request(self, *args, **kwargs):
-        return None  # the 3xx is raised as an HTTPError: not delivered, not retried, logged with where it points
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
-class WebhookSink(Sink):
-    """POST each message as JSON to a URL; any 2xx acknowledges it, 5xx / 408 / 429 / network errors are retried.
-
-    `token`: header `Authorization: Bearer TOKEN`. `secret`: headers `X-ADTR-Timestamp: UNIX_SECONDS` and
-    `X-ADTR-Signature: sha256=HEX`, HEX = HMAC-SHA256(secret, TIMESTAMP + "." + body). `user:password@` in the URL is
-    sent as HTTP Basic auth instead (and never shown)."""
-
-    kind = "webhook"
-
-    def __init__(self, target: str, *, token: str | None = None, secret: str | None = None, **kw):
-        super().__init__(target, **kw)
-        parts = urllib.parse.urlsplit(target)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserError(f"--sink {self.name}: the webhook needs an http:// or https:// URL, e.g. http://host/hook")
-        self._auth = f"Bearer {token}" if token else None
-        self.url = target
-        if parts.username is not None:
-            if token:
-                raise UserError(f"--sink {self.name}: give either user:password@ in the URL or --sink-token, not both")
-            user = urllib.parse.unquote(parts.username)
-            password = urllib.parse.unquote(parts.password or "")
-            self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-            self.url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        self._secret = secret.encode() if secret else None
-        self._shown = redact_url(self.url)
-
-    def headers(self, body: bytes, event_id: str) -> dict:
-        headers = {"Content-Type": "application/json", "Idempotency-Key": event_id, "X-Event-Id": event_id}
-        if self._auth:
-            headers["Authorization"] = self._auth
-        if self._secret:
-            stamp = str(int(time.time()))
-            digest = hmac.new(self._secret, stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-            headers.update({"X-ADTR-Timestamp": stamp, "X-ADTR-Signature": f"sha256={digest}"})
-        return headers
-
-    def send(self, body: bytes, event_id: str) -> None:
-        request = urllib.request.Request(self.url, data=body, method="POST", headers=self.headers(body, event_id))
-        try:
-            with _OPENER.open(request, timeout=SEND_TIMEOUT_S) as response:
-                response.read()
-        except urllib.error.HTTPError as exc:
-            retry = exc.code >= 500 or exc.code in (408, 429)
-            moved = (
-                f" to {redact_url(exc.headers.get('Location', '?'))}; give that URL" if 300 <= exc.code < 400 else ""
-            )
-            raise SinkError(f"HTTP {exc.code} {exc.reason} from {self._shown}{moved}", retry=retry) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            raise SinkError(f"{self._shown}: {getattr(exc, 'reason', None) or exc}") from None
-
-
-class MqttSink(Sink):
-    """Publish each message as JSON with QoS 1 to mqtt[s]://[USER:PASSWORD@]HOST[:PORT]/TOPIC[?ca=FILE&status=TOPIC].
-
-    mqtts:// (or `ca=`) switches TLS on (the system's CAs, or FILE); credentials come from the URL or the environment
-    (ADTR_MQTT_USERNAME, ADTR_MQTT_PASSWORD). The status topic (default TOPIC/status) holds a retained "online" while
-    connected and "offline" after (the broker publishes the retained last will when the process dies). paho-mqtt
-    reconnects by itself; a message counts as sent when the broker acknowledged it (PUBACK)."""
-
-    kind = "mqtt"
-
-    def __init__(self, target: str, **kw):
-        super().__init__(target, **kw)
-        parts = urllib.parse.urlsplit(target)
-        options = dict(urllib.parse.parse_qsl(parts.query))
-        unknown = sorted(set(options) - {"ca", "status"})
-        if unknown:
-            raise UserError(
-                f"--sink {self.name}: unknown option {unknown[0]!r}; the URL takes ?ca=FILE and ?status=TOPIC"
-            )
-        ca = options.get("ca")
-        self.tls = parts.scheme == "mqtts" or ca is not None
-        self.host = parts.hostname or "localhost"
-        try:
-            self.port = parts.port or (8883 if self.tls else 1883)
-        except ValueError:
-            raise UserError(f"--sink {self.name}: the port is not a number") from None
-        self.topic = parts.path.lstrip("/")
-        self.status_topic = options.get("status") or f"{self.topic}/status"
-        if not self.topic:
-            raise UserError(f"--sink {self.name} has no topic; write mqtt://HOST[:PORT]/TOPIC")
-        if any(c in self.topic + self.status_topic for c in "+#") or parts.fragment or target.endswith("#"):
-            raise UserError(f"--sink {self.name}: MQTT wildcards (+, #) cannot be published to; name one topic")
-        if ca is not None and not Path(ca).is_file():
-            raise UserError(f"--sink {self.name}: the CA file {ca} does not exist; give the broker's CA certificate")
-        try:
-            import paho.mqtt.client as mqtt
-        except ImportError:
-            raise MissingExtraError("--sink mqtt:// needs paho-mqtt: pip install 'adtr-deploy[serve]'") from None
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"adtr-run-{uuid.uuid4().hex[:12]}")
-        user = urllib.parse.unquote(parts.username) if parts.username else os.environ.get(MQTT_USER_ENV)
-        password = urllib.parse.unquote(parts.password) if parts.password else os.environ.get(MQTT_PASSWORD_ENV)
-        if user:
-            self.client.username_pw_set(user, password)
-        if self.tls:
-            try:
-                self.client.tls_set(ca_certs=ca)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"--sink {self.name}: cannot use the CA file {ca} ({exc})") from None
-        self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *args: self._connected.clear()
-        self._connected = threading.Event()
-        self.client.reconnect_delay_set(min_delay=1, max_delay=max(1, int(self.backoff_max_s)))
-        self._where = f"{self.host}:{self.port}"
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
-        if reason_code.is_failure:
-            self.last_error = f"the MQTT broker {self._where} refused the connection: {reason_code}"
-        else:
-            client.publish(self.status_topic, "online", qos=1, retain=True)
-            self._connected.set()
-
-    def start(self) -> None:
-        super().start()
-        self.client.connect_async(self.host, self.port, keepalive=30)
-        self.client.loop_start()
-
-    def send(self, body: bytes, event_id: str) -> None:
-        if not self._connected.wait(SEND_TIMEOUT_S):  # paho reconnects in its own thread meanwhile
-            raise SinkError(self.last_error or f"not connected to the MQTT broker {self._where}")
-        info = self.client.publish(self.topic, body, qos=1)
-        try:
-            info.wait_for_publish(timeout=SEND_TIMEOUT_S)
-        except (RuntimeError, ValueError) as exc:
-            raise SinkError(f"MQTT publish to {self._where} failed: {exc}") from None
-        if not info.is_published():
-            raise SinkError(f"MQTT publish to {self._where}/{self.topic} was not acknowledged")
-
-    def close(self, drain_s: float = DRAIN_S) -> None:
-        started = self._started and not self._closed
-        super().close(drain_s)
-        if not started:
-            return
-        if self.client.is_connected():  # a clean stop says so itself; the will covers the other ways to die
-            info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
-            try:
-                info.wait_for_publish(timeout=2)
-            except (RuntimeError, ValueError):
-                pass
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def parse_sink(text: str, *, token: str | None = None, secret: str | None = None, **options) -> Sink:
     """`http[s]://URL` (or `webhook:URL`) or `mqtt[s]://HOST[:PORT]/TOPIC` -> a Sink (not started). `options` go to
     the Sink (spool_root, max_messages, log, ...); `token` and `secret` are for webhooks."""
@@ -449,8 +292,12 @@ def parse_sink(text: str, *, token: str | None = None, secret: str | None = None
             )
     scheme = urllib.parse.urlsplit(text).scheme
     if scheme in ("http", "https"):
+        from adtr_deploy.runtime.serve.webhook import WebhookSink  # the transports import this module's Sink
+
         return WebhookSink(text, token=token, secret=secret, **options)
     if scheme in ("mqtt", "mqtts"):
+        from adtr_deploy.runtime.serve.mqtt import MqttSink
+
         return MqttSink(text, **options)
     raise UserError(
         f"--sink {redact_url(text)} is not understood; use webhook:http://HOST/PATH or mqtt://HOST[:PORT]/TOPIC"
