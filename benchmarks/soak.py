@@ -16,17 +16,30 @@ stream outage, so the gap bookkeeping is soaked as well. It stands in for a came
 Resident memory (RSS, from /proc/self/statm) is sampled every 5,000 frames; after a warm-up (the first 10% of the
 frames: ONNX Runtime's arenas, thread pools, allocator caches), the growth must stay within 10 MB. Writes
 benchmarks/results/soak.json, soak.md and soak.png (RSS over frames).
+
+--serve attaches what `adtr-run --serve 127.0.0.1:0 --sink http://127.0.0.1:PORT/hook` attaches, built the same way
+(cli.run_options.make_service, Service.pipeline_hooks, runtime.drift.DriftMonitor, Service.attach_drift/start/close):
+the live state, /metrics, a webhook sink (with its spool) to a local receiver in a thread that answers 200 and counts
+messages, and the drift monitor; a thread polls /api/status, /metrics and /healthz once a second during the run. The
+threshold is set between the six frames' scores (from a 6-frame run first) so one frame in six is an anomaly and the
+sink and spool carry traffic.
+
+    flock /tmp/adtr-cpu.lock python benchmarks/soak.py --serve --frames 200000 --out benchmarks/results/soak_serve.json
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,6 +109,88 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+class Receiver:
+    """A webhook receiver on 127.0.0.1 in a thread: answers 200 to every POST and counts the messages."""
+
+    def __init__(self):
+        self.messages = 0
+        self.events: dict[str, int] = {}
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    event = str(json.loads(body).get("event"))
+                except (ValueError, AttributeError):
+                    event = "unreadable"
+                receiver.messages += 1
+                receiver.events[event] = receiver.events.get(event, 0) + 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, name="soak-receiver", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Poller:
+    """Polls the live view's /api/status, /metrics and /healthz once a second, as a dashboard and a probe would."""
+
+    PATHS = ("api/status", "metrics", "healthz")
+
+    def __init__(self, base_url: str):
+        self.base = base_url
+        self.ok = {p: 0 for p in self.PATHS}
+        self.failed = {p: 0 for p in self.PATHS}
+        self.last_error: str | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="soak-poller", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            for path in self.PATHS:
+                try:
+                    with urllib.request.urlopen(self.base + path, timeout=5) as resp:
+                        resp.read()
+                        self.ok[path] += resp.status == 200
+                except OSError as exc:
+                    self.failed[path] += 1
+                    self.last_error = f"{path}: {exc}"
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def anomaly_threshold(backend, frames: list[bytes], Pipeline, RunOptions) -> float:
+    """A threshold between the two highest of the frames' scores (one 6-frame run of the same Pipeline), so that one
+    frame in len(frames) is an anomaly."""
+    scores: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="adtr-soak-scores-") as tmp:
+        options = RunOptions(batch_size=len(frames), max_frames=len(frames))
+        src = FastLiveSource(frames, len(frames))
+        Pipeline(
+            backend,
+            src,
+            Path(tmp) / "out",
+            options,
+            on_record=lambda r, c: scores.append(r["score"]),
+            log=lambda m: None,
+        ).run()
+    top = sorted(scores)[-2:]
+    return (top[0] + top[1]) / 2
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=1_000_000)
@@ -103,6 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--every", type=int, default=5_000, help="sample RSS every N frames")
     parser.add_argument("--keep", default="200MB", help="retention of the run's closed segments (as adtr-run --keep)")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="attach what adtr-run --serve 127.0.0.1:0 --sink http://127.0.0.1:PORT/hook attaches, and poll the server",
+    )
     args = parser.parse_args(argv)
 
     from adtr_deploy.runtime.backends import open_model
@@ -113,7 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="adtr-soak-model-"))
     model = export_tiny(work)  # in a child process: this one never imports torch, as on a camera box
     backend = open_model(model, "cpu")
-    source = FastLiveSource(rf.jpeg_frames(6), args.frames)
+    frames = rf.jpeg_frames(6)
+    source = FastLiveSource(frames, args.frames)
+    threshold = anomaly_threshold(backend, frames, Pipeline, RunOptions) if args.serve else None
     samples: list[tuple[int, float, float]] = []
     t0 = time.perf_counter()
     disk_max = [0]
@@ -130,8 +232,17 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="adtr-soak-") as tmp:
         out = Path(tmp) / "out"
         start_rss = rss_mb()
-        options = RunOptions(batch_size=args.batch_size, max_frames=args.frames, keep=(args.keep,))
-        summary = Pipeline(backend, source, out, options, on_record=on_record, log=lambda m: None).run()
+        options = RunOptions(batch_size=args.batch_size, max_frames=args.frames, keep=(args.keep,), threshold=threshold)
+        attached = attach(args, backend, out, threshold) if args.serve else None
+        hooks = attached["hooks"] if attached else {}
+        pipeline = Pipeline(backend, source, out, options, on_record=on_record, log=lambda m: None, **hooks)
+        if attached:
+            attached["service"].start(pipeline, backend, model)
+            attached["poller"] = Poller(attached["service"].url)
+        try:
+            summary = pipeline.run()
+        finally:
+            serve_result = detach(attached) if attached else None
         segments = len(result_files(out))
         disk_end = sum(p.stat().st_size for p in result_files(out))
     backend.close()
@@ -168,13 +279,79 @@ def main(argv: list[str] | None = None) -> dict:
         "source": "FastLiveSource (in-process live source serving 6 pre-encoded 72x96 JPEG frames; see soak.py)",
         "model": "tests' tiny ADTR, 64x64 input, ONNX Runtime CPU (adtr_deploy.runtime.open_model)",
         "torch_imported": torch_loaded,
+        "attached": (
+            "Service (live state, /metrics, HTTP server on 127.0.0.1:0), a webhook sink with its spool to a local "
+            "receiver, the drift monitor; /api/status, /metrics and /healthz polled once a second"
+            if args.serve
+            else None
+        ),
+        "serve": serve_result,
         "samples": samples,
         "command": command_line("soak.py", argv),
         "machine": machine(),
     }
+    result["png"] = args.out.with_suffix(".png").name
     write_result(result, args.out, markdown)
     plot(result, args.out.with_suffix(".png"))
     return result
+
+
+def attach(args, backend, out: Path, threshold: float) -> dict:
+    """The observers adtr-run --serve 127.0.0.1:0 --sink URL attaches, built as cli/run.py builds them."""
+    from adtr_deploy.cli.run_options import make_service
+    from adtr_deploy.runtime.drift import DriftMonitor
+
+    receiver = Receiver()
+    service = make_service(
+        out,
+        serve="127.0.0.1:0",
+        serve_token=None,
+        serve_auth="write",
+        serve_hosts=(),
+        tls_cert=None,
+        tls_key=None,
+        sinks=(receiver.url,),
+        sink_spool=None,
+        sink_spool_max=None,
+        sink_token=None,
+        sink_secret=None,
+        line_name=None,
+    )
+    hooks = service.pipeline_hooks()
+    drift = DriftMonitor(backend.spec.calibration, threshold=threshold)  # adtr-run's defaults (--drift-window/-sigmas)
+    drift_events: list[str] = []
+    drift.listeners.append(lambda event: drift_events.append(str(event.get("event"))))
+    hooks["observers"] = [drift.observe, *hooks.get("observers", ())]
+    service.attach_drift(drift)
+    return {
+        "service": service,
+        "receiver": receiver,
+        "hooks": hooks,
+        "drift_events": drift_events,
+        "threshold": threshold,
+    }
+
+
+def detach(attached: dict) -> dict:
+    """Stop polling, close the service (drains the sinks) and the receiver; what each of them did."""
+    service, receiver = attached["service"], attached["receiver"]
+    poller = attached.get("poller")
+    if poller:
+        poller.close()
+    service.linger(0, {})
+    service.close()
+    sink = service.sink_stats()[0]
+    receiver.close()
+    return {
+        "threshold": round(attached["threshold"], 6),
+        "sink_at_end": {k: sink[k] for k in ("sent", "dropped", "failed", "retries", "queued", "last_error")},
+        "received_messages": receiver.messages,
+        "received_by_event": receiver.events,
+        "drift_events": len(attached["drift_events"]),
+        "polls_ok": poller.ok if poller else {},
+        "polls_failed": poller.failed if poller else {},
+        "poll_last_error": poller.last_error if poller else None,
+    }
 
 
 def plot(r: dict, path: Path) -> None:
@@ -192,7 +369,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_xlabel("frames")
     ax.set_ylabel("resident memory (MB)")
     ax.set_title(
-        f"adtr Pipeline soak: {r['frames']:,} live frames, growth after warm-up {r['growth_after_warmup_mb']} MB"
+        f"adtr Pipeline soak{' (--serve, --sink, drift)' if r.get('attached') else ''}: {r['frames']:,} live frames, growth after warm-up {r['growth_after_warmup_mb']} MB"
     )
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
@@ -201,17 +378,45 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def serve_lines(r: dict) -> list[str]:
+    """The --serve figures: what the sink delivered, what the poller got."""
+    s = r.get("serve")
+    if not s:
+        return []
+    sink = s["sink_at_end"]
+    polls = ", ".join(f"/{p} {s['polls_ok'][p]} ok / {s['polls_failed'][p]} failed" for p in s["polls_ok"])
+    return [
+        f"| threshold (between the frames' top two scores: 1 frame in 6 flagged) | {s['threshold']} |",
+        f"| webhook: received by the local receiver ({s['received_by_event']}) | {s['received_messages']:,} |",
+        f"| webhook sink: sent / dropped (spool full) / failed / retries / left queued | {sink['sent']:,} / "
+        f"{sink['dropped']:,} / {sink['failed']:,} / {sink['retries']:,} / {sink['queued']:,} |",
+        f"| drift events (start/clear) | {s['drift_events']} |",
+        f"| polls during the run | {polls} |",
+    ]
+
+
 def markdown(r: dict) -> str:
     verdict = "within" if r["within_goal"] else "**over**"
+    if r.get("attached"):
+        title = f"# Soak with --serve and --sink: {r['frames']:,} live frames through the real Pipeline"
+        what = (
+            "the Pipeline, its decode workers, the backend, results rotation and retention, and attached as "
+            f"`adtr-run --serve 127.0.0.1:0 --sink http://127.0.0.1:PORT/hook` attaches them: {r['attached']}."
+        )
+    else:
+        title = "# Soak: a million live frames through the real Pipeline"
+        what = (
+            "the Pipeline, its decode workers, the backend, results rotation and retention; not --serve, --sink or "
+            "the drift monitor (no observers attached; see soak_serve.md for those)."
+        )
     return "\n".join(
         [
-            "# Soak: a million live frames through the real Pipeline",
+            title,
             "",
             f"Reproduce: `flock /tmp/adtr-cpu.lock {r['command'].strip()}`",
             "",
             f"Source: {r['source']}. Model: {r['model']}. Batch {r['batch_size']}, --keep {r['keep']}. What is soaked: "
-            "the Pipeline, its decode workers, the backend, results rotation and retention; not --serve, --sink or the "
-            "drift monitor (no observers attached).",
+            + what,
             "",
             "| figure | value |",
             "|---|---|",
@@ -225,8 +430,9 @@ def markdown(r: dict) -> str:
             f"{r['results_on_disk_max_mb']} / {r['results_on_disk_end_mb']} MB (--keep {r['keep']}) |",
             f"| outages reported / listed in the summary | {r['gaps_total']} / {r['gaps_listed']} |",
             f"| latency p50 / p99 | {r['latency_ms']['p50']} / {r['latency_ms']['p99']} ms |",
+            *serve_lines(r),
             "",
-            "![RSS over frames](soak.png)",
+            f"![RSS over frames]({r['png']})",
             "",
             f"Machine: {r['machine']['cpus']} CPUs, load {r['machine']['loadavg_1m_at_end']:.1f} at the end.",
             "",
