@@ -76,8 +76,13 @@ def strict_json(obj: Any) -> Any:
 
 
 def dumps_strict(obj: Any, **kwargs: Any) -> str:
-    """json.dumps that never writes NaN or Infinity (they become null), for every JSON file and message we produce."""
-    return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+    """json.dumps that never writes NaN or Infinity (they become null), for every JSON file and message we produce.
+    The common case (nothing non-finite) encodes directly; only a value JSON refuses costs the walk that nulls it, so
+    per-frame callers (results records, sink messages, the live page's JSON) pay nothing for the guarantee."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:  # NaN or infinity somewhere (a model's output, a video's timestamp): null, strict JSON still
+        return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
 
 
 def write_json_atomic(obj: Any, path: str | Path, *, sort_keys: bool = False) -> Path:

@@ -10,7 +10,6 @@ next start can finish one that was killed (adtr_deploy.runtime.outdir.finish_pre
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adtr_deploy.errors import UserError
-from adtr_deploy.fileio import dumps_strict, sha256_file, write_json_atomic
+from adtr_deploy.fileio import dumps_strict, sha256_file, strict_json, write_json_atomic
 from adtr_deploy.runtime.base import Backend
 from adtr_deploy.runtime.frames import Frame, Source
 from adtr_deploy.runtime.outdir import NO_SPACE, RESULTS_FILE, SUMMARY_FILE, disk_full
@@ -72,8 +71,8 @@ def build_record(frame: Frame, pred: Prediction | None, error: str | None, run_i
         "source": frame.source,
         "frame": frame.frame,
         "timestamp": round(frame.timestamp, 6),
-        "score": None if pred is None else finite(pred.score),
-        "normalized_score": None if pred is None else finite(round(pred.normalized_score, 6)),
+        "score": None if pred is None else strict_json(pred.score),
+        "normalized_score": None if pred is None else strict_json(round(pred.normalized_score, 6)),
         "is_anomaly": None if pred is None else pred.is_anomaly,
         "status": "ok" if pred is not None else "error",
         "error": error,
@@ -88,11 +87,7 @@ def build_record(frame: Frame, pred: Prediction | None, error: str | None, run_i
 
 def encode_record(record: dict) -> bytes:
     """The record's line in results.jsonl, newline included."""
-    try:
-        line = json.dumps(record, allow_nan=False)
-    except ValueError:  # a NaN from somewhere (a video's timestamp): null, strict JSON still
-        line = dumps_strict(record)
-    return (line + "\n").encode("utf-8")
+    return (dumps_strict(record) + "\n").encode("utf-8")
 
 
 def build_summary(state: RunState, pipeline: Pipeline, *, running: bool) -> dict:
@@ -117,7 +112,7 @@ def build_summary(state: RunState, pipeline: Pipeline, *, running: bool) -> dict
         "stopped": None if running else state.stopped,
         "signal": signal.Signals(state.signal).name if state.signal else None,
         "resumed_skipped": state.skipped,
-        "threshold": finite(post.threshold),
+        "threshold": strict_json(post.threshold),
         "calibration": post.calibration.method,
         "source": source.name,
         "source_id": source_identity(source),
@@ -141,8 +136,3 @@ def write_summary(summary: dict, out_dir: Path) -> None:
         if exc.errno in NO_SPACE:
             raise disk_full(exc, out_dir / SUMMARY_FILE) from None
         raise
-
-
-def finite(value: float) -> float | None:
-    """A number strict JSON can hold, else None (null): a model that outputs NaN must not make results unreadable."""
-    return value if value == value and value not in (float("inf"), float("-inf")) else None

@@ -6,11 +6,11 @@ from __future__ import annotations
 import email.message
 import http.client
 import io
-import json
-import math
 import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
+
+from adtr_deploy.fileio import dumps_strict
 
 MAX_HEADER_BYTES = 16384
 MAX_BODY_BYTES = 65536
@@ -41,10 +41,7 @@ class Response:
 
 
 def json_response(code: int, data: dict, **kw) -> Response:
-    try:
-        body = json.dumps(data, allow_nan=False, default=str)
-    except ValueError:  # a model that produced NaN: JSON has no NaN, the page gets null
-        body = json.dumps(finite(data), allow_nan=False, default=str)
+    body = dumps_strict(data, default=str)  # a model that produced NaN: JSON has no NaN, the page gets null
     return Response(code, body.encode(), "application/json", **kw)
 
 
@@ -98,16 +95,6 @@ def response_head(resp: Response, keep: bool) -> bytes:
         *(f"{k}: {v}" for k, v in resp.headers.items()),
     ]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-
-
-def finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 def int_param(values: list[str] | None, default: int) -> int:

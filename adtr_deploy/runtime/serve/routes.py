@@ -17,6 +17,7 @@ import urllib.parse
 from importlib import resources
 
 from adtr_deploy.errors import UserError
+from adtr_deploy.fileio import dumps_strict
 from adtr_deploy.runtime.serve.protocol import Request, Response, error, int_param, json_response
 
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css"}
@@ -114,7 +115,7 @@ class Routes:
             if jpeg is None:
                 return Response(204, b"", "image/jpeg")
             # the record this very picture belongs to, so the page's caption always matches it
-            about = urllib.parse.quote(json.dumps(info, default=str))
+            about = urllib.parse.quote(dumps_strict(info, default=str))
             return Response(200, jpeg, "image/jpeg", headers={"X-Frame-Seq": str(seq), "X-Frame-Info": about})
         if path.startswith("/gallery/") and path.endswith(".jpg"):
             jpeg = state.thumbnail(int_param([path[len("/gallery/") : -4]], -1))

@@ -21,8 +21,6 @@ pipeline observer that turns anomalous records into messages); each transport is
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import queue
 import threading
 import time
@@ -33,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from adtr_deploy.errors import UserError
+from adtr_deploy.fileio import dumps_strict
 from adtr_deploy.runtime.redaction import redact_url
 from adtr_deploy.runtime.serve.spool import MAX_BYTES, MAX_MESSAGES, Spool
 
@@ -53,19 +52,9 @@ class SinkError(Exception):
         self.retry = retry
 
 
-def strict(value):
-    """`value` with every non-finite float (NaN, inf) replaced by None, so it encodes as strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict(v) for v in value]
-    return value
-
-
 def encode(message: dict) -> bytes:
-    return json.dumps(strict(message), allow_nan=False, default=str, separators=(",", ":")).encode()
+    """A message's body: compact strict JSON (NaN and infinity as null)."""
+    return dumps_strict(message, default=str, separators=(",", ":")).encode()
 
 
 class Sink:
