@@ -16,7 +16,8 @@ from typing import Any
 from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import atomic_write_text
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # the newest this package reads; 2 = a spec that carries tiling (older runtimes must refuse it)
+UNTILED_SPEC_VERSION = 1  # untiled specs are still written as version 1, so older runtimes keep reading them
 SPEC_FILENAME = "model.json"
 METADATA_KEY = "adtr_spec"  # key in ONNX metadata_props and the TorchScript _extra_files name prefix
 
@@ -41,6 +42,7 @@ class Calibration:
     map_threshold: float = 1.0  # pixel threshold for masks and overlays
     num_images: int = 0
     method: str = "uncalibrated"
+    margin: float = 0.0  # how far `threshold` was lifted above the good-image rule (calibration.DEFECT_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,11 @@ class ModelSpec:
     backbone: str = "efficientnet-lite0"
     format: str = "pytorch"  # pytorch | torchscript | onnx | tensorrt
     precision: str = "fp32"
-    spec_version: int = SPEC_VERSION
+    spec_version: int = UNTILED_SPEC_VERSION
     package_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # versions, sha256, engine details, training info
+    # Tiling at native resolution (adtr_deploy/tiling.py `Tiling.to_dict`): None = whole images resized to input_size.
+    tiling: dict[str, Any] | None = None
 
     @property
     def threshold(self) -> float:
@@ -74,7 +78,10 @@ class ModelSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.tiling is not None:  # an older runtime would ignore the field and run the model untiled
+            data["spec_version"] = max(SPEC_VERSION, self.spec_version)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)  # the checks keep it finite
@@ -177,6 +184,8 @@ def _check_types(spec: ModelSpec) -> None:
             raise ValueError(f"calibration.{name} is {value!r}, not a number")
     if not isinstance(spec.extra, dict):
         raise ValueError("extra is not an object")
+    if spec.tiling is not None and not isinstance(spec.tiling, dict):
+        raise ValueError("tiling is not an object or null")
 
 
 def spec_path_for(model_path: str | Path) -> Path:
