@@ -19,7 +19,7 @@ from adtr_deploy.errors import UserError
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import load_checkpoint, model_from_checkpoint
 from adtr_deploy.model.config import ADTRConfig, get_preset
-from adtr_deploy.preprocess import load_image
+from adtr_deploy.preprocess import load_image, read_image
 from adtr_deploy.train.config import TrainConfig
 from adtr_deploy.train.trainer import train
 from tests.conftest import texture_images
@@ -233,3 +233,40 @@ def test_photometric_augmentation_changes_each_image_per_epoch_reproducibly_and_
     model, ckpt = load_checkpoint(path)
     assert ckpt["info"]["train"]["photometric"] == 0.2
     assert not torch.equal(model.error_whiten, torch.eye(model.channels))  # fitted (on shifted good images)
+
+
+# -- the calibrated threshold's margin toward synthetic defects (calibration.DEFECT_MARGIN) -----------------------------
+def test_the_threshold_is_lifted_a_share_of_the_way_to_the_synthetic_defects_and_never_lowered():
+    from adtr_deploy.calibration import DEFECT_QUANTILE, calibrate
+
+    good = np.array([10.0, 11.0, 12.0, 11.5, 10.5, 11.2])
+    plain = calibrate(good, margin=0.0)
+    assert plain.margin == 0.0 and plain.threshold == pytest.approx(
+        max(good.mean() + 3 * good.std(), good.max() * 1.0001)
+    )
+    defects = np.linspace(20.0, 40.0, 30)
+    lifted = calibrate(good, defect_scores=defects, margin=0.25)
+    gap = np.quantile(defects, DEFECT_QUANTILE) - plain.threshold
+    assert lifted.margin == pytest.approx(0.25 * gap) and lifted.threshold == pytest.approx(
+        plain.threshold + 0.25 * gap
+    )
+    assert "synthetic defects" in lifted.method
+    # defects that score like the good images (a texture where the synthesizer's defects are faint): no lift, never lower
+    faint = calibrate(good, defect_scores=good - 1.0, margin=0.25)
+    assert faint.threshold == pytest.approx(plain.threshold) and faint.margin == 0.0
+    # a recalibration from good frames alone keeps the previous absolute margin above its new good rule
+    again = calibrate(good + 5.0, keep_margin=lifted.margin)
+    assert again.threshold == pytest.approx(plain.threshold + 5.0 + lifted.margin)
+    with pytest.raises(UserError, match="margin"):
+        calibrate(good, defect_scores=defects, margin=1.5)
+
+
+def test_synthetic_defects_are_seeded_one_per_kind_and_change_the_image(mvtec_root):
+    from adtr_deploy.data.validation import SOURCES, synthetic_defects
+
+    images = [read_image(p) for p in sorted((Path(mvtec_root) / "tex" / "train" / "good").glob("*.png"))[:2]]
+    one, two = synthetic_defects(images, seed=3), synthetic_defects(images, seed=3)
+    assert len(one) == len(images) * len(SOURCES)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    assert all(d.shape == images[i // len(SOURCES)].shape for i, d in enumerate(one))
+    assert all(not np.array_equal(d, images[i // len(SOURCES)]) for i, d in enumerate(one))

@@ -55,6 +55,10 @@ def test_checkpoint_is_plain_data_with_calibration_and_run_info(run, mvtec):
     trained = ckpt["train_state"]["data_order"]["train"]
     assert len(trained) == 16 and not set(val) & set(trained)
     assert cal["threshold"] > cal["score_mean"] > 0 and cal["map_threshold"] > cal["map_mean"] > 0
+    # The threshold sits at the good rule plus the margin toward synthetic defects drawn on those images (never below).
+    good_rule = max(cal["score_mean"] + 3 * cal["score_std"], cal["score_max"] * 1.0001)
+    assert cal["margin"] >= 0 and cal["threshold"] == pytest.approx(good_rule + cal["margin"])
+    assert "synthetic defects" in cal["method"]
     model, _ = load_checkpoint(path)
     assert torch.equal(
         model.state_dict()["transformer.query_embed.weight"], ckpt["state_dict"]["transformer.query_embed.weight"]

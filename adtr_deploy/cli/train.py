@@ -81,6 +81,14 @@ from adtr_deploy.model.config import PRESETS
     show_default=True,
     help="Share of the good training images held out (never trained on) to calibrate scores; at least 4 images.",
 )
+@click.option(
+    "--threshold-margin",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.25,
+    show_default=True,
+    help="Lift the calibrated threshold this share of the way from the good images' rule toward synthetic defects drawn "
+    "on the calibration images (never lowered; 0 = the good images alone). See docs/robustness.md.",
+)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its saved options and state.")
 @click.option("--overwrite", is_flag=True, help="Start a new run even if --out already holds one.")
 @click.option("--no-cache", is_flag=True, help="Recompute backbone features every step instead of caching them once.")
@@ -240,6 +248,7 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
         "lr": opts["lr"],
         "seed": opts["seed"],
         "val_fraction": opts["val_fraction"],
+        "threshold_margin": opts["threshold_margin"],
         "cache_features": not opts["no_cache"],
         "cache_dtype": opts["cache_dtype"],
         "checkpoint_every": opts["checkpoint_every"],

@@ -39,6 +39,13 @@ SOURCES = {
 }
 
 
+def synthetic_defects(images: list[np.ndarray], seed: int = 0) -> list[np.ndarray]:
+    """One defect of each SOURCES kind drawn on every (uint8 RGB) good image, from its own seeded random stream: what
+    calibration.calibrate's margin toward the defects is measured on (adtr-train, on its calibration images)."""
+    rng = np.random.default_rng(seed + 7919)
+    return [source.draw(rng, img.shape[:2], img)[0] for img in images for source in SOURCES.values()]
+
+
 def split_indices(n: int, hold_out: int, seed: int) -> tuple[list[int], list[int]]:
     """(kept, held out) indices of n training images: `hold_out` of them drawn with `seed`, each list sorted."""
     if not 0 < hold_out < n:

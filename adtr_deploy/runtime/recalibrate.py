@@ -123,7 +123,7 @@ def recalibrated(
     """The spec with a new calibration from these good scores (and maps; without maps the pixel statistics, which only
     colour the heatmaps, are kept), the previous calibration in the history and the record of this recalibration."""
     old = spec.calibration
-    new = calibrate(scores, maps, sigmas=sigmas)
+    new = calibrate(scores, maps, sigmas=sigmas, keep_margin=old.margin)  # the margin toward defects stays
     if maps is None:
         new = dataclasses.replace(new, map_mean=old.map_mean, map_std=old.map_std, map_threshold=old.map_threshold)
     check_finite(new, "the new calibration")

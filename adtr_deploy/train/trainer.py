@@ -24,6 +24,7 @@ import torch
 from adtr_deploy.calibration import calibrate
 from adtr_deploy.data.datasets import AnomalyData, load_sample
 from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.data.validation import synthetic_defects
 from adtr_deploy.errors import UserError
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
@@ -270,6 +271,15 @@ def _train_epochs(
     bar.close()
 
 
+def _defect_scores(runner: TorchRunner, samples: list[Sample], cfg: TrainConfig) -> np.ndarray | None:
+    """Scores of synthetic defects drawn on the calibration images (for calibrate's margin), or None when it is off."""
+    if cfg.threshold_margin <= 0:
+        return None
+    images = synthetic_defects([load_sample(s, runner.input_size) for s in samples], seed=cfg.seed)
+    step = max(1, cfg.eval_batch_size)
+    return np.concatenate([runner.run(np.stack(images[i : i + step]))[1] for i in range(0, len(images), step)])
+
+
 def _calibrate_and_evaluate(
     run: _Run, data: AnomalyData, val_samples: list[Sample], *, evaluate: bool, extra_info: dict[str, Any] | None
 ) -> None:
@@ -279,7 +289,9 @@ def _calibrate_and_evaluate(
     # Calibration: raw scores and maps of held-out good images -> normalization statistics and a default threshold.
     runner = TorchRunner(run.model, run.device)
     val = predict(runner, val_samples, batch_size=cfg.eval_batch_size, workers=cfg.workers, keep_maps=True)
-    calibration = calibrate(val.scores, val.maps)
+    calibration = calibrate(
+        val.scores, val.maps, defect_scores=_defect_scores(runner, val_samples, cfg), margin=cfg.threshold_margin
+    )
     run.info["calibration_images"] = _write_calibration_images(val_samples, out_dir / "calibration_images")
     run.checkpoint(cfg.epochs, calibration=calibration)
 
