@@ -5,6 +5,8 @@ Layout written (Triton's documented repository layout; one model, version 1):
     REPO/MODEL/config.pbtxt      ModelConfig in protobuf text format; the ModelSpec rides in `parameters`
     REPO/MODEL/model.json        the ModelSpec, so the folder is self-describing (Triton ignores non-numeric entries)
     REPO/MODEL/1/model.onnx      platform onnxruntime_onnx   (or 1/model.plan, platform tensorrt_plan)
+    REPO/MODEL/1/model.py        with backend="python" instead: backend python, running adtr-deploy's runtime on the
+                                 ONNX model inside the server (export/triton_python.py; requirements.txt beside it)
 
 The graph takes a uint8 RGB batch (N, H, W, 3) and returns anomaly_map (N, 1, H, W) float32 and score (N,) float32.
 With max_batch_size > 0 Triton adds the batch axis itself, so dims leave it out. Triton forbids empty dims, so the
@@ -69,6 +71,9 @@ def write_triton_repository(
     ort_tensorrt: str | None = None,
     trt_workspace_bytes: int = 1 << 30,
     validate: bool | None = None,
+    backend: str = "platform",
+    python_env: str | Path | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Write a Triton model repository for an exported model and return the model folder `repo_dir/model_name`.
 
@@ -79,9 +84,19 @@ def write_triton_repository(
         execution provider on GPU instances (an optimization profile for batch 1..max_batch_size is declared).
     validate: parse the written config into Triton's ModelConfig (tritonclient.grpc.model_config_pb2). None: when
         tritonclient[grpc] is installed; True: required; False: skip.
+    backend: "platform" (Triton's own backend for the artifact) or "python" (a Python-backend model.py running the
+        ONNX model with adtr-deploy's runtime; export/triton_python.py). python_env: with "python", the stub's
+        environment as the config's EXECUTION_ENV_PATH (default: the python3 on the server's PATH). threads: with
+        "python", ONNX Runtime's intra-op threads per instance (default ORT's).
     """
     model_path = _find_model(Path(model_path))
     platform, filename = PLATFORMS[model_path.suffix]
+    extra_params: dict[str, str] = {}
+    if backend != "platform":
+        from adtr_deploy.export.triton_python import python_backend_params
+
+        extra_params = python_backend_params(backend, model_path, kind, ort_tensorrt, python_env, threads)
+        platform = "python"
     proto = _onnx_proto(model_path) if platform == "onnxruntime_onnx" else None  # None: a plan, or onnx not installed
     spec = _read_spec(model_path, proto)
     _check_name(model_name)
@@ -126,6 +141,7 @@ def write_triton_repository(
         ort_tensorrt=ort_tensorrt,
         trt_workspace_bytes=trt_workspace_bytes,
         output_types=out_types,
+        extra_parameters=extra_params,
     )
     if validate or validate is None:
         pb2 = _model_config_pb2(required=bool(validate))
@@ -141,6 +157,12 @@ def write_triton_repository(
     for data in _external_data(model_path, proto):
         atomic_copy(model_path.parent / data, version_dir / data)
     spec.save(model_dir / SPEC_FILENAME)
+    if platform == "python":
+        from adtr_deploy.export.triton_python import write_python_model
+
+        write_python_model(version_dir, spec)
+    else:
+        (version_dir / "model.py").unlink(missing_ok=True)  # back to a platform: Triton must not see a Python model
     atomic_write_text(model_dir / CONFIG_FILENAME, text)
     return model_dir
 
@@ -159,6 +181,7 @@ def triton_config(
     ort_tensorrt: str | None = None,
     trt_workspace_bytes: int = 1 << 30,
     output_types: tuple[str, str] = ("TYPE_FP32", "TYPE_FP32"),
+    extra_parameters: dict[str, str] | None = None,
 ) -> str:
     """The config.pbtxt text (protobuf text format of Triton's ModelConfig) for a model with this spec."""
     h, w = spec.input_size
@@ -168,7 +191,7 @@ def triton_config(
         raise TritonConfigError(f"input dtype {spec.input_dtype!r} has no Triton type; the spec must say uint8")
     lines = [
         f"name: {_quote(model_name)}",
-        f"platform: {_quote(platform)}",
+        f"backend: {_quote(platform)}" if platform == "python" else f"platform: {_quote(platform)}",
         f"max_batch_size: {max_batch_size}",
         "input [",
         "  {",
@@ -187,7 +210,7 @@ def triton_config(
         f"    name: {_quote(score_name)}",
         f"    data_type: {output_types[1]}",
         "    dims: [ 1 ]",  # the model gives (N,); Triton needs non-empty dims and reshapes to (N, 1)
-        "    reshape: { shape: [ ] }",
+        *(["    reshape: { shape: [ ] }"] if platform != "python" else []),  # model.py hands out (N, 1) itself
         "  }",
         "]",
         "dynamic_batching {",
@@ -218,12 +241,8 @@ def triton_config(
         lines += [f"        parameters {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in trt.items()]
         lines += ["      }", "    ]", "  }", "}"]
     spec_json = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    lines += [
-        "parameters {",
-        f"  key: {_quote(METADATA_KEY)}",
-        f"  value: {{ string_value: {_quote(spec_json)} }}",
-        "}",
-    ]
+    for key, value in {METADATA_KEY: spec_json, **(extra_parameters or {})}.items():
+        lines += ["parameters {", f"  key: {_quote(key)}", f"  value: {{ string_value: {_quote(value)} }}", "}"]
     return "\n".join(lines) + "\n"
 
 
