@@ -26,10 +26,11 @@ import cv2
 import numpy as np
 
 from adtr_deploy.errors import UserError
-from adtr_deploy.preprocess import resize
+from adtr_deploy.preprocess import resize, stack_batch
 
 DEFAULT_OVERLAP = 0.25
 MAX_OVERLAP = 0.75
+TILE_BATCH = 16  # tiles per model call at inference (fewer when the model's batch is smaller)
 AUTO_MAX_TILES = 64  # --tile auto: native resolution unless a training image would need more tiles than this
 CROPS = ("grid", "random")
 OFF = ("off", "none", "no")
@@ -311,3 +312,18 @@ def check_requested(model: Tiling | None, requested: str | None, where: str = "t
             "trained, or train a model with these settings"
         )
     return model
+
+
+def run_frames(backend: Any, images: Sequence[np.ndarray], tiling: Tiling | None) -> tuple[Any, np.ndarray]:
+    """The runtime's model call for a batch of frames -> (maps, scores (N,)). Untiled: `images` are at the input size
+    and run as one batch, maps (N, 1, H, W). Tiled: `images` are at their source size and each frame's tiles run on
+    their own (frames never share a model call), maps a list of (1, h, w) at each frame's resized size."""
+    if tiling is None:
+        return backend.run(stack_batch(images))
+    batch = min(TILE_BATCH, backend.max_batch or TILE_BATCH)
+    maps, scores = [], []
+    for image in images:
+        amap, score = run_tiled(backend.run, image, tiling, batch)
+        maps.append(amap[None])
+        scores.append(score)
+    return maps, np.asarray(scores, dtype=np.float32)

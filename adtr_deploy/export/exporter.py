@@ -90,6 +90,7 @@ def base_spec(ckpt: dict[str, Any], fmt: str, options: ExportOptions, checkpoint
         format=fmt,
         precision=options.precision,
         package_version=__version__,
+        tiling=info.get("tiling"),  # trained on tiles (adtr_deploy/tiling.py): the runtime tiles the same way
         extra={
             "versions": versions(),
             "batch": {"min": 1, "max": options.batch_max, "dynamic": FORMATS[fmt]["dynamic_batch"]},

@@ -58,6 +58,15 @@ def check_identity(spec: ModelSpec, model_path: Path, spec_path: Path, embedded:
             f"{spec_path} describes a model trained as another checkpoint than the one inside {model_path}: it "
             "belongs to another model; put the model.json that adtr-export wrote with this model beside it"
         )
+    if embedded is not None and spec.tiling != embedded.tiling:
+
+        def says(s: ModelSpec) -> str:
+            return "whole images resized to its input" if s.tiling is None else f"tiles {s.tiling}"
+
+        raise BackendError(
+            f"{spec_path} says the model takes {says(spec)}, but {model_path} was exported for {says(embedded)}: a "
+            "model scores only the way it was trained; put back the tiling that adtr-export wrote into model.json"
+        )
 
 
 def parse_device(device: str) -> tuple[str, int]:

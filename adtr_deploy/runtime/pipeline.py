@@ -31,7 +31,7 @@ import numpy as np
 
 from adtr_deploy.errors import UserError
 from adtr_deploy.imageheader import DEFAULT_MAX_PIXELS
-from adtr_deploy.preprocess import ImageDecodeError, resize, stack_batch
+from adtr_deploy.preprocess import ImageDecodeError, resize
 from adtr_deploy.runtime import outdir
 from adtr_deploy.runtime.base import Backend
 from adtr_deploy.runtime.display import DEFAULT_VIDEO_FPS, VideoOut, Window
@@ -50,6 +50,7 @@ from adtr_deploy.runtime.records import (
 )
 from adtr_deploy.runtime.runstate import Batch, RunState
 from adtr_deploy.runtime.segments import ResultsLog, apply_retention, open_results
+from adtr_deploy.tiling import from_spec, run_frames
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Pipeline:
         self.options = options
         self.keep_age_s, self.keep_bytes = outdir.parse_keep(options.keep)
         self.post = Postprocessor(backend.spec.calibration, options.threshold)
+        self.tiling = from_spec(backend.spec)  # a tiled model gets frames at their own size (adtr_deploy/tiling.py)
         self.batch_size = min(options.batch_size, backend.max_batch or options.batch_size)
         self.on_record = on_record
         self.observers = tuple(observers)
@@ -133,7 +135,7 @@ class Pipeline:
     def _load(self, frame: Frame) -> tuple[np.ndarray | None, np.ndarray]:
         """Decode and preprocess one frame (in a worker thread): (original RGB if needed for pictures, model input)."""
         rgb = decode_frame(frame, self.options.max_pixels)
-        return (rgb if self._keep_original else None), resize(rgb, self.backend.spec.input_size)
+        return (rgb if self._keep_original else None), rgb if self.tiling else resize(rgb, self.backend.spec.input_size)
 
     # -- one run -----------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -319,9 +321,8 @@ class Pipeline:
         good = [(f, item) for f, item in batch if not isinstance(item, str)]
         if not good:
             return {}, None
-        x = stack_batch([item[1] for _, item in good])  # (B, H, W, 3) uint8
         t0 = time.perf_counter()
-        maps, scores = self.backend.run(x)
+        maps, scores = run_frames(self.backend, [item[1] for _, item in good], self.tiling)  # frames never mix
         infer_ms = (time.perf_counter() - t0) * 1000 / len(good)
         return {id(f): p for (f, _), p in zip(good, self.post(maps, scores), strict=True)}, infer_ms
 

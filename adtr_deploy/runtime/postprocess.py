@@ -20,7 +20,8 @@ from adtr_deploy.spec import Calibration
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result. `anomaly_map` is the raw (H, W) float32 map at the model's input size."""
+    """One image's result. `anomaly_map` is the raw (H, W) float32 map at the model's input size (a tiled model's: at
+    the image's size times the tiling scale)."""
 
     anomaly_map: np.ndarray
     score: float
@@ -29,7 +30,8 @@ class Prediction:
 
 
 class Postprocessor:
-    """Turns (maps (N, 1, H, W), scores (N,)) into Predictions with the calibration's (or the given) threshold."""
+    """Turns (maps (N, 1, H, W) or N maps (1, h, w), scores (N,)) into Predictions with the calibration's (or the
+    given) threshold."""
 
     def __init__(self, calibration: Calibration, threshold: float | None = None):
         if threshold is not None:
@@ -54,7 +56,7 @@ class Postprocessor:
         )
         return [
             Prediction(
-                anomaly_map=np.asarray(maps[i, 0], dtype=np.float32),
+                anomaly_map=np.asarray(maps[i][0], dtype=np.float32),  # maps: (N, 1, H, W), or a list (tiled)
                 score=float(scores[i]),
                 normalized_score=float(normalized[i]),
                 is_anomaly=bool(anomalous[i]),
