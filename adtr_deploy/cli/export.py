@@ -227,6 +227,15 @@ def _describe(result) -> list[str]:
     show_default=True,
     help="With --format triton: instance group kind.",
 )
+@click.option(
+    "--triton-backend",
+    type=click.Choice(["platform", "python"]),
+    default="platform",
+    show_default=True,
+    help="With --format triton: platform serves the artifact with Triton's own backend (ONNX Runtime, TensorRT; "
+    "stock containers); python writes a Python-backend model.py that runs adtr-deploy's runtime (ONNX Runtime, CPU) "
+    "inside the server, what the nvidia-pytriton wheel's server (adtr triton serve) can run.",
+)
 @user_errors
 def command(
     model_path,
@@ -257,6 +266,7 @@ def command(
     triton_max_batch,
     triton_instances,
     triton_kind,
+    triton_backend,
 ) -> None:
     """Export a trained ADTR checkpoint and verify it against the PyTorch reference.
 
@@ -273,6 +283,7 @@ def command(
       adtr-export --model runs/brick --format tensorrt --precision fp16 --batch-max 16 --out export-trt/
       adtr-export --model runs/brick --format all --out export-all/
       adtr-export --model runs/brick --format triton --triton-max-batch 16 --out export-triton/
+      adtr-export --model runs/brick --format triton --triton-backend python --out export-triton-py/
     """
     from adtr_deploy.cli.common import require_torch
 
@@ -321,6 +332,12 @@ def command(
             max_batch_size=triton_max_batch,
             instance_count=triton_instances,
             kind=triton_kind,
+            backend=triton_backend,
         )
         click.echo(f"Triton model repository: {folder.parent} (model {triton_name!r}: {folder / 'config.pbtxt'})")
-        click.echo(f"  serve it: tritonserver --model-repository {folder.parent.resolve()}")
+        if triton_backend == "python":
+            click.echo(
+                f"  serve it: adtr triton serve {folder.parent.resolve()} --python-env ENV (see adtr triton env)"
+            )
+        else:
+            click.echo(f"  serve it: tritonserver --model-repository {folder.parent.resolve()}")

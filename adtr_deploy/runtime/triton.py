@@ -190,16 +190,32 @@ class TritonBackend(Backend):
             ) from None
         n = len(chunk)
         h, w = self.spec.input_size
-        amap, score = result.as_numpy(map_name), result.as_numpy(score_name)
-        if amap is None or score is None:
-            raise BackendError(f"the Triton response from {self.url} lacks {map_name!r} or {score_name!r}")
-        # The score is declared dims [1] with reshape [] in the config: the server returns (N, 1) for the model's (N,).
-        if amap.shape != (n, 1, h, w) or score.size != n:
-            raise BackendError(
-                f"the Triton response from {self.url} has shapes {amap.shape} and {score.shape}; "
-                f"expected ({n}, 1, {h}, {w}) and ({n}, 1)"
-            )
+        # The score is declared dims [1] (with reshape [] for the ONNX platform): the server returns (N, 1).
+        amap = self._output(result, map_name, (n, 1, h, w))
+        score = self._output(result, score_name, (n, 1))
         return self.as_outputs(amap, score)
+
+    def _output(self, result, name: str, expected: tuple[int, ...]) -> np.ndarray:
+        """One output tensor of an answer, or one sentence naming the server, the model and what is wrong with it."""
+        where = f"the Triton server at {self.url} answered model {self.model_name!r}"
+        try:
+            out = result.as_numpy(name)
+        except Exception as exc:  # tritonclient reshapes the raw bytes: an empty or short tensor fails right here
+            raise BackendError(
+                f"{where} with an unreadable {name!r} tensor ({_first_line(exc)}; expected shape {list(expected)}); "
+                "an empty tensor from a Python-backend model usually means numpy>=2 in its environment (see the "
+                "server log and docs/triton.md)"
+            ) from None
+        if out is None:
+            raise BackendError(f"{where} without the {name!r} tensor it asked for (expected shape {list(expected)})")
+        if out.size == 0 or tuple(out.shape) != expected:
+            raise BackendError(
+                f"{where} with {name!r} of shape {list(out.shape)} where {list(expected)} was expected"
+                + (" (an empty tensor: see the server log)" if out.size == 0 else "")
+            )
+        if out.dtype not in (np.float32, np.float16):
+            raise BackendError(f"{where} with {name!r} of type {out.dtype} where float32 was expected")
+        return out
 
     def describe(self) -> dict:
         groups = [(g.get("kind", "?"), int(g.get("count", 1))) for g in self.config.get("instance_group", [])]

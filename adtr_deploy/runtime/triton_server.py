@@ -66,6 +66,7 @@ def has_python_models(repo: Path) -> bool:
 
 def port_free(address: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is not "in use"
         try:
             sock.bind((address, port))
         except OSError:
