@@ -2,8 +2,10 @@
 Triton client backend, tested on the wire against small KServe-v2 servers (HTTP/REST with the binary tensor extension,
 and gRPC with tritonclient's own service definition) that run a real ONNX Runtime session of a tiny exported ADTR.
 
-No real Triton server runs here: these servers speak the documented protocol subset tritonclient uses and apply the
-served config the way Triton does (batch axis + dims, output reshape, max_batch_size); they are not Triton.
+These servers speak the documented protocol subset tritonclient uses and apply the served config the way Triton does
+(batch axis + dims, output reshape, max_batch_size); they are not Triton. They stay for what the real server of
+tests/test_triton_server.py (Triton 2.51 from the nvidia-pytriton wheel, Python backend only) cannot load: the
+onnxruntime_onnx platform repository and its score reshape. Everything else is shown there against the real server.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ class TritonServer:
         for line in text.splitlines():
             m = LOAD_FAILURE.search(line.strip())
             if m:
-                reason = m.group(3).strip().rstrip('"')
+                reason = m.group(3).strip().rstrip('"').split("\\n")[0]  # the log escapes the traceback's newlines
                 hint = ""
                 if "unable to find backend library" in reason or "unable to find '" in reason:
                     hint = " (the nvidia-pytriton wheel's server has only the Python backend: export with --triton-backend python)"
