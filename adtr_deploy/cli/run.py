@@ -18,6 +18,7 @@ from adtr_deploy.cli.run_options import (
     drift_options,
     engine_options,
     io_options,
+    line_options,
     loop_options,
     make_service,
     max_pixels_option,
@@ -75,6 +76,7 @@ def _quiet_opencv() -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @io_options
+@line_options
 @engine_options
 @loop_options
 @session_options
@@ -87,8 +89,10 @@ def _quiet_opencv() -> None:
 @user_errors
 def command(
     model: Path,
-    source: str,
+    source: tuple[str, ...],
     out_dir: Path,
+    max_batch: int,
+    max_wait_ms: float,
     device: str | None,
     backend: str,
     url: str | None,
@@ -139,8 +143,21 @@ def command(
       adtr-run --model export/model.onnx --source rtsp://cam.local/stream --out runs/c --device cuda
       adtr-run --model export/model.onnx --source rtsp://cam.local/stream --out /var/lib/adtr/line3 --resume --keep 30d
       adtr-run --backend triton --url triton.local:8000 --model adtr --source images/ --out runs/d
+      adtr-run --model export/model.onnx --source top=rtsp://cam1/s --source side=rtsp://cam2/s --out runs/line
+      adtr-run --model export/model.onnx --line line.yaml --out /var/lib/adtr/line3 --resume --serve 0.0.0.0:8080
     """
     _quiet_opencv()
+    from adtr_deploy.runtime.linefile import is_line_file, is_named
+
+    if is_line_file(line_name) or len(source) > 1 or any(is_named(s) for s in source):
+        from adtr_deploy.cli.run_line import run_line
+
+        return run_line(click.get_current_context().params, log_quiet=quiet)
+    if not source:
+        from adtr_deploy.errors import UserError
+
+        raise UserError("give --source (an image, folder, video, camera or URL), or --line with a line file")
+    source = source[0]
     from adtr_deploy.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, backend_class, open_model
     from adtr_deploy.runtime.outdir import (
         check_out_dir,

@@ -36,8 +36,8 @@ io_options = options(
     ),
     click.option(
         "--source",
-        required=True,
-        help="IMAGE, FOLDER (recursive), GLOB ('imgs/*.png'), LIST (.txt, one path per line), VIDEO, CAMERA_INDEX (0) or URL (rtsp://, http:// MJPEG).",
+        multiple=True,
+        help="IMAGE, FOLDER (recursive), GLOB ('imgs/*.png'), LIST (.txt, one path per line), VIDEO, CAMERA_INDEX (0) or URL (rtsp://, http:// MJPEG). Several cameras in one process: repeat it as NAME=SOURCE (--source top=rtsp://... --source side=1); results go to OUT/NAME/.",
     ),
     click.option(
         "--out",
@@ -45,6 +45,24 @@ io_options = options(
         required=True,
         type=click.Path(path_type=Path),
         help="Output folder: results.jsonl, summary.json, runs.jsonl, overlays/ (one run writes here at a time).",
+    ),
+)
+
+# Many cameras in one process (adtr_deploy.runtime.line): the shared batches (the line file is --line, below).
+line_options = options(
+    click.option(
+        "--max-batch",
+        type=click.IntRange(1, 1024),
+        default=8,
+        show_default=True,
+        help="Several cameras: at most this many frames (of all cameras sharing a model) in one inference call.",
+    ),
+    click.option(
+        "--max-wait-ms",
+        type=click.FloatRange(min=0),
+        default=10.0,
+        show_default=True,
+        help="Several cameras: a frame waits at most this long for others to join its batch.",
     ),
 )
 
@@ -286,7 +304,9 @@ sink_options = options(
         "line_name",
         default=None,
         metavar="NAME",
-        help="The camera or line name each sink message carries (field `line`). Default: the source.",
+        help="The camera or line name each sink message carries (field `line`). Default: the source. A name ending "
+        "in .yaml, .yml or .json is a line file instead: several cameras in one process, each with name, source and "
+        "its own threshold, save_overlays, save_video, keep, max_frames, model, paused (README: many cameras).",
     ),
 )
 
@@ -326,12 +346,17 @@ def make_service(
     sink_token: str | None,
     sink_secret: str | None,
     line_name: str | None,
+    line: bool = False,
 ):
     """The Service for --serve and --sink (None when neither is given), checked and bound before the model loads; the
-    serve package is imported only when asked for. Its notes go to stderr even with --quiet."""
+    serve package is imported only when asked for. Its notes go to stderr even with --quiet. `line`: the service of
+    several cameras (adtr_deploy.runtime.serve.lineview.LineService)."""
     if serve is None and not sinks:
         return None
     from adtr_deploy.runtime.serve import Service
+
+    if line:
+        from adtr_deploy.runtime.serve.lineview import LineService as Service
 
     sink_options = {
         "spool_root": sink_spool or out_dir / "spool",

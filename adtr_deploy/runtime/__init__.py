@@ -2,6 +2,7 @@
 
 from adtr_deploy.runtime.backends import BACKENDS, NAMED_BACKENDS, Backend, BackendError, open_model, read_spec
 from adtr_deploy.runtime.inferencer import Inferencer
+from adtr_deploy.runtime.line import Line
 from adtr_deploy.runtime.pipeline import Pipeline, RunOptions, run_pipeline
 from adtr_deploy.runtime.postprocess import Postprocessor, Prediction, overlay
 from adtr_deploy.runtime.sources import Frame, Source, open_source
@@ -13,6 +14,7 @@ __all__ = [
     "BackendError",
     "Frame",
     "Inferencer",
+    "Line",
     "Pipeline",
     "Postprocessor",
     "Prediction",

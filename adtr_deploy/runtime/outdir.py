@@ -145,8 +145,19 @@ def result_files(out_dir: Path) -> list[Path]:
     return segments(out_dir) + ([current] if current.is_file() else [])
 
 
+def camera_folders(out_dir: Path) -> list[Path]:
+    """A multi-camera run's OUT (it holds cameras.json, adtr_deploy.runtime.line): each camera's folder, by name,
+    removed cameras' included; [] for a single-camera folder."""
+    if not (out_dir / "cameras.json").is_file():
+        return []
+    return sorted(p for p in out_dir.iterdir() if p.is_dir() and result_files(p))
+
+
 def read_records(out_dir: Path) -> Iterator[dict]:
-    """Every whole record in OUT, oldest first (a torn last line left by kill -9 is skipped)."""
+    """Every whole record in OUT, oldest first (a torn last line left by kill -9 is skipped). A multi-camera OUT:
+    every camera's records, camera by camera (each record names its `camera`), each camera's oldest first."""
+    for folder in camera_folders(out_dir):
+        yield from read_records(folder)
     for path in result_files(out_dir):
         with open(path, "rb") as fh:
             for line in fh:

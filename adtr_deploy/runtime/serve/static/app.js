@@ -3,6 +3,8 @@
 "use strict";
 
 const POLL_MS = 500;
+// Where this page's routes are: "/" for one camera, "/cam/NAME/" for one camera of a line (lineview.py).
+const BASE = location.pathname.replace(/[^/]*$/, "");
 const TIMELINE_MAX = 300;
 const $ = (id) => document.getElementById(id);
 let since = 0;
@@ -129,7 +131,7 @@ async function showFrame(frame) {
   if (!frame || frame.seq === frameSeq || frame.seq === 0 || frameBusy) return;
   frameBusy = true;
   try {
-    const r = await fetch("/frame.jpg?seq=" + frame.seq, { cache: "no-store" });
+    const r = await fetch(BASE + "frame.jpg?seq=" + frame.seq, { cache: "no-store" });
     if (r.status !== 200) return;
     const info = JSON.parse(decodeURIComponent(r.headers.get("X-Frame-Info") || "null"));
     const url = URL.createObjectURL(await r.blob());
@@ -158,7 +160,7 @@ function showGallery(gallery) {
   for (const g of gallery) {
     const li = document.createElement("li");
     const img = document.createElement("img");
-    img.src = "/gallery/" + encodeURIComponent(g.id) + ".jpg";
+    img.src = BASE + "gallery/" + encodeURIComponent(g.id) + ".jpg";
     img.alt = "anomaly " + g.id;
     const score = document.createElement("div");
     score.className = "bad";
@@ -271,7 +273,7 @@ async function poll() {
   const abort = new AbortController();
   const timer = setTimeout(() => abort.abort(), 3000);
   try {
-    const r = await fetch("/api/status?view=1&since=" + since, { cache: "no-store", signal: abort.signal });
+    const r = await fetch(BASE + "api/status?view=1&since=" + since, { cache: "no-store", signal: abort.signal });
     if (r.ok) show(await r.json());
     else if (r.status === 401) showLine("STARTING", "this server needs its token: reload the page and give it");
   } catch (e) {
@@ -285,7 +287,7 @@ async function poll() {
 async function control(action) {
   const msg = $("control-msg");
   try {
-    const r = await fetch("/api/" + action, { method: "POST", headers: { "X-ADTR-Token": $("token").value || "-" } });
+    const r = await fetch(BASE + "api/" + action, { method: "POST", headers: { "X-ADTR-Token": $("token").value || "-" } });
     const body = await r.json();
     msg.textContent = r.ok ? "" : body.error;
   } catch (e) {

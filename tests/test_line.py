@@ -1,0 +1,215 @@
+"""Many cameras in one process (issue 25): a real `adtr-run` over 2 videos and 2 loopback MJPEG cameras, one cut and
+back, one added and one removed over the API; the shared batcher on a real ONNX Runtime session; the line file's
+refusals; the Python API."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from adtr_deploy.cli.run import command
+from adtr_deploy.runtime import outdir
+from adtr_deploy.runtime.backends import open_model
+from adtr_deploy.runtime.batcher import Batcher
+from adtr_deploy.runtime.line import Line
+from adtr_deploy.runtime.pipeline import RunOptions
+from tests import runtime_fixtures as rf
+from tests.conftest import texture_images
+from tests.serve_helpers import ServedRun, get, get_json
+from tests.test_sources import write_video
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return rf.onnx_model()
+
+
+def post(url: str, body: dict | None = None, token: str = "-") -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url, data=data, method="POST", headers={"X-ADTR-Token": token})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def camera_records(out: Path, name: str) -> list[dict]:
+    return list(outdir.read_records(out / name))
+
+
+def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_per_camera(model_path, tmp_path):
+    write_video(tmp_path / "a.avi", 12)
+    write_video(tmp_path / "b.avi", 8)
+    # cam "up" is cut after 25 frames, answers 503 for a second, then streams again; "side" streams steadily.
+    with (
+        rf.MjpegServer([("stream", 25, "cut"), ("stream", 100000, "close")], interval_s=0.04, down_s=1.0) as up,
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as side,
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as extra,
+    ):
+        line_file = tmp_path / "line.json"
+        cameras = [
+            {"name": "a", "source": str(tmp_path / "a.avi")},
+            {"name": "b", "source": str(tmp_path / "b.avi"), "threshold": 1e9},
+            {"name": "up", "source": up.url},
+            {"name": "side", "source": side.url},
+        ]
+        line_file.write_text(json.dumps({"name": "line3", "cameras": cameras}))
+        out = tmp_path / "out"
+        args = ["--model", model_path, "--line", line_file, "--out", out, "--serve", "127.0.0.1:0", "--timeout", "1"]
+        with ServedRun(*args, "--max-batch", "4", "--max-wait-ms", "20", "--serve-linger", "0") as run:
+            run.url = run.url  # the grid's address
+            status = _wait(run, lambda s: _cam(s, "up")["counts"].get("images", 0) > 30, "camera up back after its cut")
+            assert {c["name"] for c in status["cameras"]} == {"a", "b", "up", "side"}
+            code, added = post(run.url + "api/cameras", {"name": "late", "source": extra.url})
+            assert code == 200, added
+            code, removed = post(run.url + "api/cameras/side/remove")
+            assert code == 200, removed
+            _wait(run, lambda s: _cam(s, "late")["counts"].get("images", 0) >= 5, "the added camera records")
+            saved = json.loads(line_file.read_text())  # the line file keeps the change for a restart
+            assert [c["name"] for c in saved["cameras"]] == ["a", "b", "up", "late"]
+            assert saved["cameras"][1]["threshold"] == 1e9 and saved["name"] == "line3"
+            # the page grid, one camera's own page and its status, labelled metrics
+            assert b"line.js" in get(run.url)[2]
+            assert b"app.js" in get(run.url + "cam/up/")[2]
+            assert get_json(run.url + "cam/up/api/status")[1]["camera"]["name"] == "up"
+            metrics = get(run.url + "metrics")[2].decode()
+            assert 'adtr_images_total{camera="up"}' in metrics and 'adtr_line_state{camera="late"' in metrics
+            _wait(run, lambda s: _cam(s, "a")["line"]["state"] == "FINISHED", "video a finished")
+        assert run.proc.returncode == 0, run.log
+
+    summary = json.loads((out / "line-summary.json").read_text())
+    assert summary["states"]["side"] == "removed" and summary["cameras"]["side"]["stopped"] == "removed"
+    assert summary["states"]["a"] == summary["states"]["b"] == "finished"
+    assert summary["batching"]["default"]["images"] > summary["batching"]["default"]["batches"]  # batches of several
+
+    for name, n in (("a", 12), ("b", 8)):  # every frame of each video exactly once, in order
+        recs = camera_records(out, name)
+        assert [r["frame"] for r in recs] == list(range(n)) and {r["camera"] for r in recs} == {name}
+    assert not any(r["is_anomaly"] for r in camera_records(out, "b"))  # its own threshold
+    for name in ("up", "side", "late"):  # live: order kept, each camera's records its own, summary equals records
+        recs = camera_records(out, name)
+        frames = [r["frame"] for r in recs]
+        assert recs and frames == sorted(set(frames)) and {r["camera"] for r in recs} == {name}
+        cam_summary = json.loads((out / name / "summary.json").read_text())
+        assert cam_summary["images"] == len(recs) and not cam_summary["running"]
+    gaps = [r["gap"] for r in camera_records(out, "up") if "gap" in r]
+    assert gaps and gaps[0]["end"] is not None  # the cut is recorded on the first frame after it
+    everything = Counter(r["camera"] for r in outdir.read_records(out))  # the readers understand the layout
+    assert set(everything) == {"a", "b", "up", "side", "late"}
+
+
+def _cam(status: dict, name: str) -> dict:
+    return next((c for c in status["cameras"] if c["name"] == name), {"counts": {}, "line": {}})
+
+
+def _wait(run: ServedRun, predicate, what: str, timeout: float = 120) -> dict:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        status = get_json(run.url + "api/status")[1]
+        if predicate(status):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout} s; last status: {status}\n{run.log}")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            {"cameras": [{"name": "top", "source": "x.avi", "treshold": 1}]},
+            "camera 'top' has an unknown key 'treshold'",
+        ),
+        ({"cameras": [{"name": "top", "source": "V"}, {"name": "top", "source": "V"}]}, "'top' is given twice"),
+        ({"cameras": [{"name": "top", "source": "/no/such/file.avi"}]}, "camera 'top': --source /no/such/file.avi"),
+        ({"cameras": [{"name": "top", "source": "http://127.0.0.1:9/none.mjpg"}]}, "camera 'top': cannot open"),
+        ({"cameras": [{"name": "spool", "source": "V"}]}, "camera name 'spool' cannot be used"),
+        ({"cams": []}, "unknown key 'cams'"),
+    ],
+)
+def test_a_bad_line_file_is_refused_at_start_in_one_sentence_naming_the_camera(model_path, tmp_path, line, expected):
+    write_video(tmp_path / "v.avi", 2)
+    text = json.dumps(line).replace('"V"', json.dumps(str(tmp_path / "v.avi")))
+    (tmp_path / "line.json").write_text(text)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(command, ["--model", str(model_path), "--line", str(tmp_path / "line.json"),
+                                          "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 1 and expected in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (out / "cameras.json").exists()
+
+
+def test_the_batcher_runs_cameras_together_and_gives_each_its_own_rows(model_path):
+    backend = open_model(model_path, "cpu", threads=1)
+    batcher = Batcher(backend, max_batch=4, max_wait_ms=50)
+    images = texture_images(4, rf.INPUT_SIZE, seed=9)
+    expected = [backend.run(images[i : i + 1]) for i in range(4)]
+    results: dict[int, list] = {i: [] for i in range(4)}
+
+    def camera(i: int) -> None:
+        client = batcher.client(f"cam{i}")
+        for _ in range(6):
+            results[i].append(client.run(images[i : i + 1]))
+
+    threads = [threading.Thread(target=camera, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    batcher.close()
+    backend.close()
+    for i in range(4):
+        assert len(results[i]) == 6
+        for amap, score in results[i]:
+            np.testing.assert_allclose(score, expected[i][1], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(amap, expected[i][0], rtol=1e-3, atol=1e-3)
+    stats = batcher.stats()
+    assert stats["images"] == 24 and stats["batches"] < 24  # some calls held frames of several cameras
+
+
+def test_a_silent_camera_does_not_hold_the_others_beyond_the_wait_bound(model_path):
+    backend = open_model(model_path, "cpu", threads=1)
+    batcher = Batcher(backend, max_batch=8, max_wait_ms=300)
+    image = texture_images(1, rf.INPUT_SIZE, seed=2)
+    dead, alive = batcher.client("dead"), batcher.client("alive")
+    t0 = time.perf_counter()
+    dead.run(image)  # alone: it went at once (it was the only camera expected)
+    alive.run(image)  # "dead" sent a frame just now, so "alive" may wait for it, but at most the bound
+    waited = time.perf_counter() - t0
+    time.sleep(1.2)  # "dead" has been silent for longer than ACTIVE_S: nobody waits for it any more
+    t1 = time.perf_counter()
+    for _ in range(3):
+        alive.run(image)
+    quick = (time.perf_counter() - t1) / 3
+    batcher.close()
+    backend.close()
+    assert waited >= 0.25  # it did wait for the other camera (a frame could have joined) ...
+    assert quick < waited / 2  # ... and no longer once that camera fell silent
+
+
+def test_python_api_one_inferencer_many_sources_and_a_restart_keeps_the_line(model_path, tmp_path):
+    from adtr_deploy.runtime import Inferencer
+
+    write_video(tmp_path / "a.avi", 6)
+    write_video(tmp_path / "b.avi", 4)
+    out = tmp_path / "out"
+    with Inferencer(model_path) as inf:
+        summary = Line(inf, {"a": str(tmp_path / "a.avi"), "b": str(tmp_path / "b.avi")}, out).run()
+        assert summary["states"] == {"a": "finished", "b": "finished"}
+        # a restart from OUT/cameras.json continues the same folders (a video is run anew with --overwrite)
+        from adtr_deploy.runtime.linefile import load_line
+
+        _, cameras = load_line(out / "cameras.json")
+        again = Line(inf, cameras, out, RunOptions(overwrite=True)).run()
+        assert again["cameras"]["a"]["images"] == 6
+    assert Counter(r["camera"] for r in outdir.read_records(out)) == {"a": 6, "b": 4}
