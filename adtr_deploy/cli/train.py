@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adtr_deploy.cli.common import CONTEXT, quiet_option, user_errors, workers_option
+from adtr_deploy.cli.common import CONTEXT, quiet_option, tile_option, user_errors, workers_option
 from adtr_deploy.model.config import PRESETS
 
 
@@ -148,6 +148,7 @@ from adtr_deploy.model.config import PRESETS
     "cifar10:PATH for the train images of a local CIFAR copy (the CIFAR-10 protocol uses CIFAR-100).",
 )
 @click.option("--alpha", type=float, default=0.003, show_default=True, help="adtr+: weight of the push terms.")
+@tile_option
 @click.option(
     "--topk", type=click.IntRange(min=1), default=20, show_default=True, help="adtr+: k of L_img's top-k mean."
 )
@@ -299,6 +300,7 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
             resume=opts["resume"],
             evaluate=opts["do_eval"],
             init_from=None if opts["resume"] else plan.init_from,
+            tiling=plans.tiling_for(opts["tile"], plan, out, resume=opts["resume"]),
             **plus_data,
         )
     except KeyboardInterrupt as exc:

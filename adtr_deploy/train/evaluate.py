@@ -23,6 +23,7 @@ from adtr_deploy.data.layout import AnomalyData, load_sample, open_dataset
 from adtr_deploy.data.mvtec import Sample
 from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import atomic_write, write_json_atomic
+from adtr_deploy.tiling import Tiling, from_spec, run_tiled
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -32,9 +33,10 @@ class TorchRunner:
 
     name = "pytorch"
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", *, tiling: Tiling | None = None):
         import torch
 
+        self.tiling = tiling  # trained on tiles: images are scored tiled and stitched (adtr_deploy/tiling.py)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.input_size = tuple(model.cfg.input_size)
@@ -53,6 +55,7 @@ class BackendRunner:
 
     def __init__(self, backend):
         self.backend = backend
+        self.tiling = from_spec(backend.spec)
         self.name = backend.name
         self.input_size = tuple(backend.spec.input_size)
 
@@ -87,8 +90,9 @@ def open_runner(model_path: str | Path, device: str = "cpu"):
     if is_checkpoint(model_path):
         from adtr_deploy.model.checkpoint import load_checkpoint
 
-        model, _ = load_checkpoint(model_path)
-        return TorchRunner(model, device)
+        model, ckpt = load_checkpoint(model_path)
+        tiling = (ckpt.get("info") or {}).get("tiling")
+        return TorchRunner(model, device, tiling=None if tiling is None else Tiling.from_dict(tiling, str(model_path)))
     from adtr_deploy.runtime import open_model
 
     return BackendRunner(open_model(model_path, device))
@@ -156,7 +160,10 @@ def predict(
     progress: bool = False,
     desc: str = "eval",
 ) -> Predictions:
-    """Run a model over samples; keep the maps (and load the masks) only of samples with pixel ground truth."""
+    """Run a model over samples; keep the maps (and load the masks) only of samples with pixel ground truth. A tiled
+    model's runner scores whole images tiled and stitched, against masks at the images' own size."""
+    if getattr(runner, "tiling", None) is not None:
+        return predict_tiled(runner, samples, batch_size=batch_size, keep_maps=keep_maps, progress=progress, desc=desc)
     size = runner.input_size
     scores = np.zeros(len(samples), dtype=np.float32)
     maps, masks, pix = [], [], []
@@ -171,6 +178,32 @@ def predict(
                     maps.append(amap[j])
                     masks.append(np.asarray(batch["mask"][j]))
                     pix.append(i)
+    if not keep_maps or not pix:
+        return Predictions(scores, None, None, None)
+    return Predictions(scores, np.stack(maps), np.stack(masks), np.asarray(pix))
+
+
+def predict_tiled(runner, samples, *, batch_size: int, keep_maps: bool, progress: bool, desc: str) -> Predictions:
+    """`predict` for a tiled model: each image at its own size through tiling.run_tiled (batch_size tiles a call); maps
+    brought back to the image's size (when the tiling scale is not 1) and compared with masks at that size. Images of
+    other sizes than the first with pixel truth are brought to its size (maps bilinearly, masks nearest)."""
+    import cv2
+
+    from adtr_deploy.data.tiles import full_image
+    from adtr_deploy.preprocess import load_mask
+
+    scores = np.zeros(len(samples), dtype=np.float32)
+    maps, masks, pix, shape = [], [], [], None
+    for i in _progress(range(len(samples)), desc=desc, enabled=progress):
+        image = full_image(samples[i])
+        amap, scores[i] = run_tiled(runner.run, image, runner.tiling, batch_size)
+        if keep_maps and samples[i].has_pixel_truth:
+            shape = shape or image.shape[:2]
+            if amap.shape != shape:
+                amap = cv2.resize(amap, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+            maps.append(amap[None])
+            masks.append(load_mask(samples[i].mask, shape)[None])
+            pix.append(i)
     if not keep_maps or not pix:
         return Predictions(scores, None, None, None)
     return Predictions(scores, np.stack(maps), np.stack(masks), np.asarray(pix))
@@ -248,6 +281,8 @@ def evaluate_runner(
     metrics = compute_metrics(data.test, preds)
     metrics["backend"] = runner.name
     metrics["input_size"] = list(runner.input_size)
+    if getattr(runner, "tiling", None) is not None:
+        metrics["tiling"] = runner.tiling.to_dict()
     metrics["data"] = data.info()
     return metrics, preds.scores
 

@@ -24,11 +24,13 @@ import torch
 from adtr_deploy.calibration import calibrate
 from adtr_deploy.data.datasets import AnomalyData, load_sample
 from adtr_deploy.data.mvtec import Sample
+from adtr_deploy.data.tiles import full_image, tile_samples
 from adtr_deploy.data.validation import synthetic_defects
 from adtr_deploy.errors import UserError
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from adtr_deploy.model.config import ADTRConfig
+from adtr_deploy.tiling import Tiling, run_tiled
 from adtr_deploy.train import distributed
 from adtr_deploy.train.config import TrainConfig
 from adtr_deploy.train.evaluate import TorchRunner, check_device, evaluate_runner, predict, write_results
@@ -85,6 +87,7 @@ def train(
     train_dataset: torch.utils.data.Dataset | None = None,
     init_from: str | Path | None = None,
     extra_info: dict[str, Any] | None = None,
+    tiling: Tiling | None = None,
 ) -> Path:
     """Train ADTR on `data`, calibrate on held-out good images, evaluate on the test split; returns the checkpoint path.
 
@@ -97,6 +100,10 @@ def train(
     `set_epoch(epoch)` when it has one; the loss of `cfg.mode` receives each batch. `init_from` starts from the weights
     of an earlier checkpoint (fine-tuning) instead of a fresh transformer. `extra_info` (e.g. {"adtr_plus": ...}) is
     stored in the checkpoint's info and in metrics.json.
+
+    `tiling` (adtr-train --tile) trains on crops of the training images at native resolution (data/tiles.py), and
+    calibrates and evaluates on whole images tiled and stitched (adtr_deploy/tiling.py); it is kept in the
+    checkpoint's info, from where adtr-export writes it into model.json.
     """
     out_dir = Path(out_dir)
     check_device(cfg.device)
@@ -109,6 +116,10 @@ def train(
     train_samples = [data.train[i] for i in train_idx]
     val_samples = [data.train[i] for i in val_idx]
     data_order = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in val_samples]}
+    if tiling is not None:
+        if train_dataset is not None:
+            raise UserError(f"--tile trains on crops of good images only; train --mode {cfg.mode} without --tile")
+        train_samples, tiling = tile_samples(train_samples, tiling, cfg.seed)
 
     model, state = _start_model(model_cfg, cfg, out_dir, data_order, resume=resume, init_from=init_from)
     model.to(device)
@@ -118,10 +129,11 @@ def train(
         "train": cfg.to_dict(),
         "split": {"train_images": len(train_samples), "calibration_images": len(val_samples)},
         **(extra_info or {}),
+        **({"tiling": tiling.to_dict()} if tiling is not None else {}),
     }
     if w.distributed:
         info["world_size"] = w.size
-    run = _Run(cfg, out_dir / CHECKPOINT_NAME, model, optim, device, w, info, data_order)
+    run = _Run(cfg, out_dir / CHECKPOINT_NAME, model, optim, device, w, info, data_order, tiling)
     log = TrainLog(out_dir / LOG_NAME, keep_until=start) if w.is_main else None  # only rank 0 writes
     show = cfg.progress and w.is_main
     standardize = state is None and init_from is None and cfg.standardize_features
@@ -163,6 +175,7 @@ class _Run:
     w: distributed.World
     info: dict[str, Any]
     data_order: dict[str, list[str]]
+    tiling: Tiling | None = None
 
     def checkpoint(self, epoch: int, **extra: Any) -> None:
         if not self.w.is_main:
@@ -275,8 +288,12 @@ def _defect_scores(runner: TorchRunner, samples: list[Sample], cfg: TrainConfig)
     """Scores of synthetic defects drawn on the calibration images (for calibrate's margin), or None when it is off."""
     if cfg.threshold_margin <= 0:
         return None
-    images = synthetic_defects([load_sample(s, runner.input_size) for s in samples], seed=cfg.seed)
-    step = max(1, cfg.eval_batch_size)
+    tiling, step = runner.tiling, max(1, cfg.eval_batch_size)
+    images = synthetic_defects(
+        [full_image(s) if tiling else load_sample(s, runner.input_size) for s in samples], cfg.seed
+    )
+    if tiling is not None:  # drawn on the whole images and scored as the runtime will: tiled and stitched
+        return np.asarray([run_tiled(runner.run, image, tiling, step)[1] for image in images], dtype=np.float32)
     return np.concatenate([runner.run(np.stack(images[i : i + step]))[1] for i in range(0, len(images), step)])
 
 
@@ -287,7 +304,7 @@ def _calibrate_and_evaluate(
     there is one; each result is saved in the checkpoint (and metrics.json)."""
     cfg, out_dir = run.cfg, run.ckpt_path.parent
     # Calibration: raw scores and maps of held-out good images -> normalization statistics and a default threshold.
-    runner = TorchRunner(run.model, run.device)
+    runner = TorchRunner(run.model, run.device, tiling=run.tiling)  # tiled: whole images, tiled and stitched
     val = predict(runner, val_samples, batch_size=cfg.eval_batch_size, workers=cfg.workers, keep_maps=True)
     calibration = calibrate(
         val.scores, val.maps, defect_scores=_defect_scores(runner, val_samples, cfg), margin=cfg.threshold_margin
