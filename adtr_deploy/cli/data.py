@@ -70,7 +70,19 @@ def command() -> None:
     help="Comma-separated categories to write: the demo's brick, grass, gravel, or the second evaluation set's moon, "
     "stars, tissue (other real photographs, for checking a model on textures it was not tuned on).",
 )
-@click.option("--image-size", default=256, show_default=True, help="Side of the square images in pixels.")
+@click.option(
+    "--image-size",
+    type=int,
+    default=None,
+    help="Side of the square images in pixels [default: 256; 1024 with --large].",
+)
+@click.option(
+    "--large",
+    is_flag=True,
+    help="Write the large-image set instead: 1024-pixel images (the photographs at 2x) with small defects (scratches, "
+    "pinholes, small stains, 3-24 px) and exact masks, 32 train/good, 16 test/good and 12 per defect type, and "
+    "defect_sizes.json; for tiled training (adtr-train --tile). Default category: brick.",
+)
 @click.option(
     "--preview",
     type=click.Path(path_type=Path),
@@ -78,7 +90,7 @@ def command() -> None:
     help="Also save a PNG grid with one example per defect type and its mask.",
 )
 @user_errors
-def demo(out: Path, seed: int, categories: str, image_size: int, preview: Path | None) -> None:
+def demo(out: Path, seed: int, categories: str, image_size: int | None, large: bool, preview: Path | None) -> None:
     """Write the built-in demo data set (real texture photos with synthesized defects) in the MVTec-AD layout.
 
     Each category has 80 train/good, 20 test/good and 10 test images per defect type (patch, scratch, stain, hole) with
@@ -88,6 +100,21 @@ def demo(out: Path, seed: int, categories: str, image_size: int, preview: Path |
 
     names = [c.strip() for c in categories.split(",") if c.strip()]
     start = time.perf_counter()
+    if large:
+        from adtr_deploy.data.demo_large import write_large_dataset
+
+        names = (
+            names if click.get_current_context().get_parameter_source("categories").name == "COMMANDLINE" else ["brick"]
+        )
+        root = write_large_dataset(out, names, seed=seed, size=image_size or 1024)
+        click.echo(f"Large-image demo set in {root} ({time.perf_counter() - start:.1f} s, seed {seed}):")
+        for name in names:
+            click.echo("\n".join(format_summary(name, summarize_category(root / name))))
+        click.echo(
+            f"Train on tiles: adtr train --data {root} --category {names[0]} --out runs/{names[0]}-tiled --tile native"
+        )
+        return
+    image_size = image_size or 256
     root = write_demo_dataset(out, names, seed=seed, image_size=image_size)
     click.echo(
         f"Demo data set in {root} ({time.perf_counter() - start:.1f} s, seed {seed}, {image_size}x{image_size}):"
