@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from adtr_deploy.cli.run import command
+from adtr_deploy.errors import UserError
 from adtr_deploy.runtime import outdir
 from adtr_deploy.runtime.backends import open_model
 from adtr_deploy.runtime.batcher import Batcher
@@ -22,7 +23,7 @@ from adtr_deploy.runtime.line import Line
 from adtr_deploy.runtime.pipeline import RunOptions
 from tests import runtime_fixtures as rf
 from tests.conftest import texture_images
-from tests.serve_helpers import ServedRun, get, get_json
+from tests.serve_helpers import ServedRun, WebhookReceiver, get, get_json
 from tests.test_sources import write_video
 
 
@@ -56,6 +57,7 @@ def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_pe
         rf.MjpegServer([("stream", 25, "cut"), ("stream", 100000, "close")], interval_s=0.04, down_s=1.0) as up,
         rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as side,
         rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as extra,
+        WebhookReceiver() as hook,
     ):
         line_file = tmp_path / "line.json"
         cameras = [
@@ -66,9 +68,9 @@ def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_pe
         ]
         line_file.write_text(json.dumps({"name": "line3", "cameras": cameras}))
         out = tmp_path / "out"
-        args = ["--model", model_path, "--line", line_file, "--out", out, "--serve", "127.0.0.1:0", "--timeout", "1"]
+        args = ["--model", model_path, "--line", line_file, "--out", out, "--serve", "127.0.0.1:0", "--timeout", "1",
+                "--sink", f"webhook:{hook.url}"]  # fmt: skip
         with ServedRun(*args, "--max-batch", "4", "--max-wait-ms", "20", "--serve-linger", "0") as run:
-            run.url = run.url  # the grid's address
             status = _wait(run, lambda s: _cam(s, "up")["counts"].get("images", 0) > 30, "camera up back after its cut")
             assert {c["name"] for c in status["cameras"]} == {"a", "b", "up", "side"}
             code, added = post(run.url + "api/cameras", {"name": "late", "source": extra.url})
@@ -87,6 +89,8 @@ def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_pe
             assert 'adtr_images_total{camera="up"}' in metrics and 'adtr_line_state{camera="late"' in metrics
             _wait(run, lambda s: _cam(s, "a")["line"]["state"] == "FINISHED", "video a finished")
         assert run.proc.returncode == 0, run.log
+        anomalies = {m["camera"] for m in hook.messages if m["event"] == "anomaly"}  # sink messages name the camera
+        assert "up" in anomalies and "b" not in anomalies and all(m["line"] == "line3" for m in hook.messages)
 
     summary = json.loads((out / "line-summary.json").read_text())
     assert summary["states"]["side"] == "removed" and summary["cameras"]["side"]["stopped"] == "removed"
@@ -199,17 +203,72 @@ def test_a_silent_camera_does_not_hold_the_others_beyond_the_wait_bound(model_pa
 
 def test_python_api_one_inferencer_many_sources_and_a_restart_keeps_the_line(model_path, tmp_path):
     from adtr_deploy.runtime import Inferencer
+    from adtr_deploy.runtime.linefile import load_line, save_line
 
     write_video(tmp_path / "a.avi", 6)
     write_video(tmp_path / "b.avi", 4)
+    other = rf.copy_model(tmp_path / "station2")  # a second model: its own batcher, loaded once
     out = tmp_path / "out"
     with Inferencer(model_path) as inf:
-        summary = Line(inf, {"a": str(tmp_path / "a.avi"), "b": str(tmp_path / "b.avi")}, out).run()
+        cameras = [{"name": "a", "source": str(tmp_path / "a.avi")},
+                   {"name": "b", "source": str(tmp_path / "b.avi"), "model": str(other)}]  # fmt: skip
+        line = Line(inf, cameras, out, max_batch=4)
+        summary = line.run()
         assert summary["states"] == {"a": "finished", "b": "finished"}
-        # a restart from OUT/cameras.json continues the same folders (a video is run anew with --overwrite)
-        from adtr_deploy.runtime.linefile import load_line
-
-        _, cameras = load_line(out / "cameras.json")
-        again = Line(inf, cameras, out, RunOptions(overwrite=True)).run()
+        assert set(summary["batching"]) == {"default", str(other)}
+        # a restart from the line as saved (here through a YAML line file) runs the same cameras into the same folders
+        _, saved = load_line(out / "cameras.json")
+        save_line(tmp_path / "line.yaml", "line3", saved)
+        name, again_cameras = load_line(tmp_path / "line.yaml")
+        assert name == "line3" and again_cameras == saved
+        again = Line(inf, again_cameras, out, RunOptions(overwrite=True)).run()  # a video is run anew
         assert again["cameras"]["a"]["images"] == 6
     assert Counter(r["camera"] for r in outdir.read_records(out)) == {"a": 6, "b": 4}
+
+
+def test_a_camera_added_while_its_source_is_down_is_recorded_and_retried_while_the_others_go_on(model_path, tmp_path):
+    with (
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as steady,
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as late,
+    ):
+        late.down_until = time.time() + 3.0  # it answers 503 for 3 s: the first opening fails
+        line = Line(model_path, {"steady": steady.url}, tmp_path / "out", RunOptions(), timeout_s=1.0)
+        runner = threading.Thread(target=line.run, daemon=True)
+        runner.start()
+        try:
+            _until(lambda: line.cameras.get("steady") and line.cameras["steady"].state == "running", "steady runs")
+            camera = line.add({"name": "late", "source": late.url})
+            _until(lambda: camera.state == "retrying", "the failure recorded")
+            assert camera.failures >= 1 and "503" in camera.error
+            before = line.cameras["steady"].pipeline.counts["images"]
+            _until(lambda: camera.pipeline is not None and camera.pipeline.counts["images"] >= 3, "late records")
+            assert line.cameras["steady"].pipeline.counts["images"] > before  # the others went on meanwhile
+        finally:
+            line.stop()
+            runner.join(60)
+    recs = camera_records(tmp_path / "out", "late")
+    assert recs and [r["frame"] for r in recs] == sorted({r["frame"] for r in recs})
+
+
+def test_resume_of_a_line_refuses_another_source_or_a_video_at_start_naming_the_camera(model_path, tmp_path):
+    write_video(tmp_path / "v.avi", 3)
+    out = tmp_path / "out"
+    with (
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as one,
+        rf.MjpegServer([("stream", 10, "close")]) as two,
+    ):
+        Line(model_path, {"top": one.url}, out).run(duration=1.5)
+        with pytest.raises(UserError, match=r"camera 'top': --resume: .* holds results of another source"):
+            Line(model_path, {"top": two.url}, out, RunOptions(resume=True)).start()
+    with pytest.raises(UserError, match=r"camera 'v': --resume continues image files and live sources"):
+        Line(model_path, {"v": str(tmp_path / "v.avi")}, out, RunOptions(resume=True)).start()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["top"]  # nothing written by the refusals
+
+
+def _until(predicate, what: str, timeout: float = 60) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")

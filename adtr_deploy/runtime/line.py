@@ -35,6 +35,7 @@ from adtr_deploy.runtime.batcher import Batcher
 from adtr_deploy.runtime.cameras import Camera, prestarted
 from adtr_deploy.runtime.linefile import CameraSpec, camera_from_dict, check_unique, save_line
 from adtr_deploy.runtime.pipeline import RunOptions
+from adtr_deploy.runtime.records import check_same_run, model_sha256
 
 LINE_FILE = "cameras.json"
 LINE_SUMMARY = "line-summary.json"
@@ -234,6 +235,14 @@ class Line:
             except UserError as exc:
                 raise UserError(f"camera {spec.name!r}: {exc}") from None
 
+    def _check_resume(self, spec: CameraSpec, source) -> None:
+        """What a camera's own pipeline would refuse on --resume, refused at start instead of retried."""
+        if not (source.live or hasattr(source, "skip")):
+            raise UserError("--resume continues image files and live sources; run a video anew (--overwrite)")
+        folder = self.out_dir / spec.name
+        sha = model_sha256(self._batcher(spec).backend)
+        check_same_run(outdir.read_summary(folder), folder, sha, source)
+
     def start(self) -> None:
         """Check OUT, open every camera's source (a bad one is refused now, naming its camera), start the threads."""
         outdir.lock_out_dir(self.out_dir)
@@ -246,6 +255,8 @@ class Line:
                     probe = Camera(spec, None, self.out_dir / spec.name, options, timeout_s=self.timeout_s)
                     source = probe._open_source()
                     try:
+                        if options.resume:
+                            self._check_resume(spec, source)
                         prestarted(source)
                     except (UserError, OSError) as exc:
                         raise UserError(f"camera {spec.name!r}: {exc}") from None
@@ -263,8 +274,18 @@ class Line:
                     camera.start()
         except BaseException:
             outdir.unlock_out_dir(self.out_dir)
+            self._release()
             raise
         self.t_start = time.time()
+
+    def _release(self) -> None:
+        """Close the batchers and the models this line opened itself (not an Inferencer's or a Backend given to it)."""
+        for batcher in self.batchers.values():
+            batcher.close()
+        self.batchers.clear()
+        for backend in self._owned:
+            backend.close()
+        self._owned.clear()
 
     def stop(self, reason: str = "interrupted", signum: int = signal.SIGTERM) -> None:
         self._stopping.set()
@@ -332,10 +353,7 @@ class Line:
                 "started_at": getattr(self, "t_start", None),
                 "ended_at": time.time(),
             }
-            for batcher in self.batchers.values():
-                batcher.close()
-            for backend in self._owned:
-                backend.close()
+            self._release()
             if self.started:
                 try:
                     write_json_atomic(summary, self.out_dir / LINE_SUMMARY)

@@ -1,0 +1,226 @@
+"""Many cameras, one process (issue 25): aggregate frames per second, per-camera latency and memory of N cameras in one
+`adtr-run` (one model in memory, frames of all cameras batched together) against N separate `adtr-run` processes, for
+N = 1, 2, 4, 8, measured side by side in one run.
+
+    flock /tmp/adtr-cpu.lock python benchmarks/multicam.py --model EXPORT/model.onnx --images 'DEMO/grass/test/**/*.png'
+
+Cameras are real MJPEG streams on 127.0.0.1 served from this script (real photographs, JPEG, --size pixels, --fps
+frames per second each, more than the CPU can score, so what is measured is the capacity). Each configuration runs
+for --seconds; the first --warmup seconds of records are left out (model loading, first connections). From the
+records themselves: aggregate fps = ok records of all cameras within the common window / its length; latency =
+each record's latency_ms (frame taken from the camera to its record written). Memory: the processes' resident set
+(RSS) and proportional set (PSS: shared library pages split between the processes that map them, so N processes are
+not charged N times for one libonnxruntime) summed over the processes and sampled every 0.5 s; the peak is reported.
+Writes benchmarks/results/multicam.json and .md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import http.server
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from adtr_deploy.bench.studies import command_line, machine, write_result
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUN = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()"]
+
+
+class Camera:
+    """An MJPEG camera on 127.0.0.1: `frames` (JPEG bytes) in a loop at `fps`, to every client."""
+
+    def __init__(self, frames: list[bytes], fps: float):
+        self.frames, self.interval = frames, 1.0 / fps
+        self.stop = threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i, t = 0, time.monotonic()
+                try:
+                    while not owner.stop.is_set():
+                        jpg = owner.frames[i % len(owner.frames)]
+                        head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+                        self.wfile.write(head + jpg + b"\r\n")
+                        i, t = i + 1, t + owner.interval
+                        owner.stop.wait(max(0.0, t - time.monotonic()))
+                except OSError:
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.mjpg"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def jpeg_frames(pattern: str, size: int, n: int = 30) -> list[bytes]:
+    import cv2
+
+    files = sorted(glob.glob(pattern, recursive=True))[:n]
+    if not files:
+        raise SystemExit(f"--images {pattern!r} matches no files")
+    return [cv2.imencode(".jpg", cv2.resize(cv2.imread(f), (size, size)))[1].tobytes() for f in files]
+
+
+def sample_memory(procs: list[subprocess.Popen], stop: threading.Event, peak: dict) -> None:
+    import psutil
+
+    handles = [psutil.Process(p.pid) for p in procs]
+    while not stop.is_set():
+        rss = pss = 0
+        try:
+            for h in handles:
+                info = h.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            break
+        peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+        stop.wait(0.5)
+
+
+def read_folder(folder: Path) -> dict[str, list[dict]]:
+    """Records by camera: a line folder holds one folder per camera, a single run's folder one camera."""
+    from adtr_deploy.runtime.outdir import read_records
+
+    by_camera: dict[str, list[dict]] = {}
+    for rec in read_records(folder):
+        by_camera.setdefault(rec.get("camera") or folder.name, []).append(rec)
+    return by_camera
+
+
+def run_config(args, cams: list[Camera], one_process: bool, work: Path) -> dict:
+    n = len(cams)
+    base = ["--model", str(args.model), "--duration", str(args.seconds), "-q"]
+    if one_process:
+        sources = [a for i, c in enumerate(cams) for a in ("--source", f"cam{i + 1}={c.url}")]
+        extra = ["--max-batch", str(args.max_batch or n), "--max-wait-ms", str(args.max_wait_ms)]
+        cmds = [RUN + base + sources + extra + ["--out", str(work / "line")]]
+        folders = [work / "line"]
+    else:
+        folders = [work / f"cam{i + 1}" for i in range(n)]
+        cmds = [RUN + base + ["--source", c.url, "--out", str(f)] for c, f in zip(cams, folders, strict=True)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    stop, peak = threading.Event(), {"rss": 0, "pss": 0}
+    sampler = threading.Thread(target=sample_memory, args=(procs, stop, peak), daemon=True)
+    sampler.start()
+    errors = [p.communicate(timeout=args.seconds + 300)[1] for p in procs]
+    stop.set()
+    sampler.join()
+    if any(p.returncode for p in procs):
+        raise SystemExit("adtr-run failed:\n" + "\n".join(errors))
+    records: dict[str, list[dict]] = {}
+    for folder in folders:
+        records.update(read_folder(folder))
+    ok = {cam: [r for r in recs if r["status"] == "ok"] for cam, recs in records.items()}
+    t0 = max(recs[0]["timestamp"] for recs in ok.values()) + args.warmup
+    t1 = min(recs[-1]["timestamp"] for recs in ok.values())
+    window = {cam: [r for r in recs if t0 <= r["timestamp"] <= t1] for cam, recs in ok.items()}
+    per_camera = {
+        cam: {
+            "fps": round(len(recs) / (t1 - t0), 3),
+            "p50_ms": round(float(np.percentile([r["latency_ms"] for r in recs], 50)), 2),
+            "p99_ms": round(float(np.percentile([r["latency_ms"] for r in recs], 99)), 2),
+        }
+        for cam, recs in sorted(window.items())
+    }
+    batching = None
+    if one_process:
+        batching = json.loads((work / "line" / "line-summary.json").read_text())["batching"]["default"]
+    return {
+        "cameras": n,
+        "config": "one process" if one_process else f"{n} processes",
+        "window_s": round(t1 - t0, 3),
+        "aggregate_fps": round(sum(len(r) for r in window.values()) / (t1 - t0), 3),
+        "p50_ms_median": round(float(np.median([c["p50_ms"] for c in per_camera.values()])), 2),
+        "p99_ms_max": round(max(c["p99_ms"] for c in per_camera.values()), 2),
+        "per_camera": per_camera,
+        "peak_rss_mb": round(peak["rss"] / 2**20, 1),
+        "peak_pss_mb": round(peak["pss"] / 2**20, 1),
+        "mean_batch": batching and batching["mean_batch"],
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Many cameras: one process against one process per camera",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Model {result['model']}; cameras: MJPEG on 127.0.0.1, {result['fps']} fps each, {result['size']} px; "
+        f"{result['seconds']} s per configuration, first {result['warmup']} s left out; machine: "
+        f"{result['machine']['cpus']} CPUs, load {result['machine']['loadavg_1m_at_end']:.2f} at the end.",
+        "",
+        "| cameras | configuration | aggregate fps | latency p50 (median camera), ms | p99 (worst camera), ms "
+        "| mean batch | peak RSS, MB | peak PSS, MB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['cameras']} | {r['config']} | {r['aggregate_fps']:.1f} | {r['p50_ms_median']:.1f} | "
+            f"{r['p99_ms_max']:.1f} | {r['mean_batch'] or '-'} | {r['peak_rss_mb']:.0f} | {r['peak_pss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--images", required=True, help="glob of real photographs the cameras show")
+    p.add_argument("--cameras", default="1,2,4,8")
+    p.add_argument("--seconds", type=float, default=25.0)
+    p.add_argument("--warmup", type=float, default=6.0)
+    p.add_argument("--fps", type=float, default=30.0, help="each camera's frame rate")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--max-batch", type=int, default=None, help="one process: --max-batch (default: the camera count)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--out", type=Path, default=RESULTS / "multicam.json")
+    args = p.parse_args(argv)
+    frames = jpeg_frames(args.images, args.size)
+    rows = []
+    for n in [int(x) for x in args.cameras.split(",")]:
+        cams = [Camera(frames, args.fps) for _ in range(n)]
+        try:
+            for one_process in (True, False):
+                with tempfile.TemporaryDirectory(prefix="adtr-multicam-") as tmp:
+                    row = run_config(args, cams, one_process, Path(tmp))
+                print(json.dumps({k: v for k, v in row.items() if k != "per_camera"}), flush=True)
+                rows.append(row)
+        finally:
+            for cam in cams:
+                cam.close()
+    result = {
+        "command": command_line("multicam.py", argv),
+        "model": str(args.model),
+        "fps": args.fps,
+        "size": args.size,
+        "seconds": args.seconds,
+        "warmup": args.warmup,
+        "max_wait_ms": args.max_wait_ms,
+        "rows": rows,
+        "machine": machine(),
+    }
+    write_result(result, args.out, markdown)
+
+
+if __name__ == "__main__":
+    main()
