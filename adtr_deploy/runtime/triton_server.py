@@ -31,7 +31,7 @@ from adtr_deploy.errors import UserError
 from adtr_deploy.runtime.triton_env import TritonEnvError, backend_dir, require_env, wheel_layout
 
 MODEL_CONTROL = ("none", "explicit", "poll")
-LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version (\d+): (.*?)\"?$")
+LOAD_FAILURE = re.compile(r"failed to (?:load|poll model) '([^']+)'(?: version \d+)?: (.*?)\"?$")
 PYTHON_BACKEND = re.compile(r'^\s*backend\s*:\s*"python"', re.M)
 PORT_IN_USE = re.compile(r"(Socket '[^']*' already in use|Address already in use)")
 
@@ -217,7 +217,7 @@ class TritonServer:
         for line in text.splitlines():
             m = LOAD_FAILURE.search(line.strip())
             if m:
-                reason = m.group(3).strip().rstrip('"').split("\\n")[0]  # the log escapes the traceback's newlines
+                reason = m.group(2).strip().rstrip('"').split("\\n")[0].rstrip(".")  # the log escapes the traceback's newlines
                 hint = ""
                 if "unable to find backend library" in reason or "unable to find '" in reason:
                     hint = " (the nvidia-pytriton wheel's server has only the Python backend: export with --triton-backend python)"
@@ -225,7 +225,11 @@ class TritonServer:
         m = PORT_IN_USE.search(text)
         if m:
             return f"{what}: a port is already in use ({m.group(1)}); choose other ports; full log: {self.log_path}"
-        errors = [ln.strip() for ln in text.splitlines() if ln.startswith("E") or "error" in ln.lower()]
+        errors = [
+            ln.strip()
+            for ln in text.splitlines()
+            if (ln.startswith("E") or "error" in ln.lower()) and "CudaDriverHelper" not in ln and "NVML" not in ln
+        ]
         last = errors[-1] if errors else (text.strip().splitlines()[-1:] or ["no output"])[0]
         return f"{what}: {last[:400]}; full log: {self.log_path}"
 
