@@ -11,7 +11,11 @@ Splits: `val` is the validation split of adtr_deploy/data/validation.py (held-ou
 defects made on them; the runs must have been trained on that validation root, so they never saw those images): levers
 are chosen there. `test` is the real test split (ROOT/<cat>/test): report it only for the chosen setting.
 
-Scores (`--scores`): `raw` is the model's image score (what the runtime thresholds today); `relative` is the lever
+Scores (`--scores`): `raw` is the model's image score at the deployed threshold (model.json); `good-rule` the same score
+at the threshold of the good calibration images alone (the deployed one minus calibration.margin, the lift toward
+synthetic defects); `margin=A` the same score at the threshold calibrate() gives with margin A on the run's own
+calibration images and the synthetic defects drawn on them (data/validation.synthetic_defects), as adtr-train does:
+`--scores margin=0,margin=0.1,margin=0.25` is how the margin was chosen on the validation split. `relative` is the lever
 "a score relative to the image itself" (the image score minus the median of its own map), thresholded at the same
 rule (mean + 3 std of the calibration images, at least their maximum) on the run's own calibration images.
 
@@ -97,18 +101,41 @@ def relative_threshold(inferencer, run: Path) -> float:
     return calibrate(relative_scores(maps, scores)).threshold
 
 
+def margin_thresholds(inferencer, run: Path, margins: list[float]) -> dict[float, float]:
+    """{margin: threshold} by adtr-train's rule on the run's calibration images and synthetic defects drawn on them
+    (at the model's input size, seed 0, as adtr-train does with its default seed)."""
+    from adtr_deploy.data.validation import synthetic_defects
+    from adtr_deploy.model.checkpoint import read_checkpoint
+    from adtr_deploy.preprocess import prepare
+
+    ckpt = read_checkpoint(run / "checkpoint.pt")
+    size = tuple(ckpt["config"]["input_size"])
+    images = [prepare(read_image(p), size) for p in ckpt["info"]["calibration_images"]]
+    _, good, _ = predict(inferencer, np.stack(images))
+    _, defects, _ = predict(inferencer, np.stack(synthetic_defects(images, seed=0)))
+    return {m: calibrate(good, defect_scores=defects, margin=m).threshold for m in margins}
+
+
 def measure(run: Path, split: Split, shifts: list[str], scores: list[str]) -> list[dict]:
     from adtr_deploy.runtime.inferencer import Inferencer
 
     rows = []
     with Inferencer(export_onnx(run), batch_size=8) as inf:
         rel_threshold = relative_threshold(inf, run) if "relative" in scores else None
+        margins = [float(k.split("=", 1)[1]) for k in scores if k.startswith("margin=")]
+        at_margin = margin_thresholds(inf, run, margins) if margins else {}
         good, bad = split.labels == 0, split.labels == 1
         for shift in shifts:
             maps, raw, flagged = predict(inf, apply_shift(shift, split.images))
             for kind in scores:
                 if kind == "raw":
                     s, f, threshold = raw, flagged, inf.threshold
+                elif kind == "good-rule":
+                    threshold = inf.threshold - inf.spec.calibration.margin
+                    s, f = raw, raw > threshold
+                elif kind.startswith("margin="):
+                    threshold = at_margin[float(kind.split("=", 1)[1])]
+                    s, f = raw, raw > threshold
                 else:
                     s = relative_scores(maps, raw)
                     f, threshold = s > rel_threshold, rel_threshold
@@ -186,6 +213,8 @@ def markdown(result: dict) -> str:
                 )
             star = " (goal)" if shift in GOAL_SHIFTS else ""
             lines.append(f"| {SHIFTS[shift][0]}{star} | " + " | ".join(cells) + " |")
+        thresholds = {r["category"]: r["threshold"] for r in sel if r["shift"] == "none"}
+        lines += ["", "Thresholds: " + ", ".join(f"{c} {t:.4g}" for c, t in thresholds.items())]
         goals = {k: v for k, v in result["goal"].items() if k.startswith(f"{setting}/{score}/{split}/")}
         met = [k.split("/")[-1] for k, v in goals.items() if v["met"]]
         missed = {k.split("/")[-1]: v["missed"] for k, v in goals.items() if not v["met"]}
@@ -231,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     if shifts[0] != "none":
         shifts = ["none", *[s for s in shifts if s != "none"]]
     scores = [s.strip() for s in args.scores.split(",")]
+    for s in scores:
+        if s not in ("raw", "good-rule", "relative") and not s.startswith("margin="):
+            parser.error(f"unknown score {s!r}; choose raw, good-rule, relative or margin=A (A in [0, 1])")
     roots = {"val": args.val, "test": args.data}
     splits = [s.strip() for s in args.splits.split(",")]
     for s in splits:

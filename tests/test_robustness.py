@@ -145,7 +145,10 @@ def test_a_bad_input_norm_is_one_sentence():
 
 
 def test_the_default_and_robust_presets_standardize_their_input():
-    assert get_preset("lite0-robust").input_norm == "image"
+    assert get_preset("lite0-robust") == get_preset("lite0")
+    for name in ("lite0", "lite0-small", "accurate", "lite1", "lite2"):
+        assert get_preset(name).input_norm == "image", name
+    assert get_preset("lite0-plain").replace(input_norm="image") == get_preset("lite0")
     assert get_preset("lite0-classic").input_norm == "none"
 
 

@@ -18,7 +18,17 @@ import click
 from adtr_deploy.cli.common import CONTEXT, user_errors
 from adtr_deploy.fileio import atomic_write_text
 
-DEMO_PRESETS = ("lite0", "lite0-small", "accurate", "lite1", "lite2", "lite0-classic", "tiny-lite0", "tiny")
+DEMO_PRESETS = (
+    "lite0",
+    "lite0-small",
+    "accurate",
+    "lite1",
+    "lite2",
+    "lite0-plain",
+    "lite0-classic",
+    "tiny-lite0",
+    "tiny",
+)
 
 
 def _step(index: int, total: int, title: str, argv: list[str]) -> None:

