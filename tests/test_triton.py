@@ -508,8 +508,11 @@ def test_adtr_run_cli_sends_a_folder_to_triton_and_matches_local_results(http_se
     np.testing.assert_allclose(remote, local, rtol=1e-5)
 
 
-def test_adtr_export_format_triton_writes_a_verified_repository(tmp_path):
-    """`adtr-export --format triton`: checkpoint -> verified ONNX -> a repository whose config parses as Triton's schema."""
+@pytest.mark.parametrize("backend", ["platform", "python"])
+def test_adtr_export_format_triton_writes_a_verified_repository(tmp_path, backend):
+    """`adtr-export --format triton`: checkpoint -> verified ONNX -> a repository whose config parses as Triton's schema;
+    with --triton-backend python, a Python-backend model.py running the runtime (served for real in
+    tests/test_triton_server.py)."""
     torch = pytest.importorskip("torch")
     from click.testing import CliRunner
 
@@ -543,11 +546,20 @@ def test_adtr_export_format_triton_writes_a_verified_repository(tmp_path):
             "line3",
             "--triton-max-batch",
             "16",
+            "--triton-backend",
+            backend,
         ],
     )
     assert res.exit_code == 0, res.output
     model_dir = out / "model_repository" / "line3"
     config = parse_config((model_dir / "config.pbtxt").read_text())
-    assert config.name == "line3" and config.max_batch_size == 16 and config.platform == "onnxruntime_onnx"
+    assert config.name == "line3" and config.max_batch_size == 16
+    if backend == "platform":
+        assert config.platform == "onnxruntime_onnx" and not (model_dir / "1" / "model.py").exists()
+        assert "tritonserver --model-repository" in res.output
+    else:
+        assert config.backend == "python" and config.platform == ""
+        assert (model_dir / "1" / "model.py").is_file() and (model_dir / "requirements.txt").is_file()
+        assert "adtr triton serve" in res.output
     assert (model_dir / "1" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
     assert json.loads((out / "verification.json").read_text())["passed"] is True
