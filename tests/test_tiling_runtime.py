@@ -113,3 +113,16 @@ def test_adtr_run_tiles_each_frame_and_draws_at_the_source_size(tmp_path):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["error", "error", "ok"]
     assert "max-pixels" in records[0]["error"]
+
+
+def test_recalibration_scores_good_frames_tiled(tmp_path):
+    from adtr_deploy.runtime.backends import open_model
+    from adtr_deploy.runtime.recalibrate import score_folder
+
+    images = [large_image(150, 220, seed=20 + i) for i in range(3)]
+    for i, img in enumerate(images):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), img[..., ::-1])
+    with open_model(tiled_export()) as engine:
+        names, scores, maps = score_folder(engine, tmp_path, batch_size=2)
+    assert names == ["0.png", "1.png", "2.png"] and maps.size == 3 * 150 * 220  # stitched maps of each image's size
+    np.testing.assert_allclose(scores, [torch_tiled(img)[1] for img in images], rtol=2e-4, atol=2e-4)

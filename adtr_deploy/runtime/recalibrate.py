@@ -186,9 +186,13 @@ def resolve(model: str | Path) -> tuple[Path, Path]:
 
 
 def score_folder(engine, folder: Path, batch_size: int = 8) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(image names, raw scores (N,), maps (N, 1, H, W)) of every image under `folder`, with the runtime's decoding."""
-    from adtr_deploy.preprocess import ImageDecodeError, is_image_file, read_image, resize, stack_batch
+    """(image names, raw scores (N,), maps (N, 1, H, W)) of every image under `folder`, with the runtime's decoding. A
+    tiled model scores them tiled, as adtr-run does; its maps (of each image's size) come back flattened, (P,)."""
+    from adtr_deploy.preprocess import ImageDecodeError, is_image_file, read_image, resize
     from adtr_deploy.runtime.sources import list_folder
+    from adtr_deploy.tiling import from_spec, run_frames
+
+    tiling = from_spec(engine.spec)
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -200,15 +204,16 @@ def score_folder(engine, folder: Path, batch_size: int = 8) -> tuple[list[str], 
         images = []
         for p in chunk:
             try:
-                images.append(resize(read_image(p), engine.spec.input_size))
+                image = read_image(p)
+                images.append(image if tiling else resize(image, engine.spec.input_size))
             except (ImageDecodeError, OSError, ValueError) as exc:
                 raise RecalibrationError(
                     f"cannot read {p} ({exc}); remove it from the folder of good frames or replace it"
                 ) from None
-        m, s = engine.run(stack_batch(images))
+        m, s = run_frames(engine, images, tiling)
         names += [str(p.relative_to(folder)) for p in chunk]
         scores.append(np.asarray(s, dtype=np.float64).reshape(-1))
-        maps.append(np.asarray(m, dtype=np.float32))
+        maps.append(np.concatenate([x.ravel() for x in m]) if tiling else np.asarray(m, dtype=np.float32))
     if not names:
         return [], np.zeros(0), np.zeros((0, 1, *engine.spec.input_size), np.float32)
     return names, np.concatenate(scores), np.concatenate(maps)
