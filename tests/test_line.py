@@ -272,3 +272,70 @@ def _until(predicate, what: str, timeout: float = 60) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def _warm_tiles(run: ServedRun, names: list[str]) -> dict:
+    """Ask each camera for its frame (a viewer makes frames be drawn) until every tile has one."""
+
+    def drawn(status: dict) -> bool:
+        for name in names:
+            get(run.url + f"cam/{name}/frame.jpg")
+        return all(_cam(status, n).get("frame_seq", 0) >= 1 for n in names)
+
+    return _wait(run, drawn, "a drawn frame on every tile")
+
+
+def test_a_browser_shows_the_grid_with_each_cameras_state_and_frame(model_path, tmp_path):
+    from tests.test_serve_browser import CHROMIUM, chromium
+
+    if CHROMIUM is None:
+        pytest.skip("no headless browser: install the Debian package chromium (apt-get install chromium)")
+    write_video(tmp_path / "v.avi", 400, fps=25.0)
+    with rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as cam:
+        args = ["--model", model_path, "--source", f"top={cam.url}", "--source", f"side={tmp_path / 'v.avi'}"]
+        with ServedRun(*args, "--out", tmp_path / "out", "--serve", "127.0.0.1:0", "--serve-linger", "0") as run:
+            status = _warm_tiles(run, ["top", "side"])
+            dom = chromium(run.url, tmp_path / "profile", "--dump-dom")
+            single = chromium(run.url + "cam/top/", tmp_path / "profile", "--dump-dom")
+    for tile in status["cameras"]:
+        assert f">{tile['name']}<" in dom and f'alt="latest frame of {tile["name"]}" src="blob:' in dom
+    states = {t["line"]["state"] for t in status["cameras"]}
+    assert any(f'class="line-state">{s}<' in dom for s in states)
+    assert 'id="frame"' in single and 'src="blob:' in single  # the camera's own page under /cam/top/ shows frames
+
+
+def _docs_screenshot(target: Path) -> None:
+    """The docs picture of the grid: four cameras, one of them paused."""
+    import shutil
+    import tempfile
+
+    from tests.test_serve_browser import screenshot
+
+    work = Path(tempfile.mkdtemp(prefix="adtr-line-shot-"))
+    try:
+        write_video(work / "station1.avi", 3000, fps=25.0, size=(360, 480))
+        write_video(work / "station2.avi", 3000, fps=25.0, size=(360, 480))
+        with (
+            rf.MjpegServer([("stream", 100000, "close")]) as top,
+            rf.MjpegServer([("stream", 100000, "close")]) as side,
+        ):
+            sources = {
+                "top": top.url,
+                "side": side.url,
+                "station1": work / "station1.avi",
+                "station2": work / "station2.avi",
+            }
+            args = [a for name, src in sources.items() for a in ("--source", f"{name}={src}")]
+            with ServedRun("--model", rf.onnx_model(), *args, "--out", work / "out", "--serve", "127.0.0.1:0") as run:
+                _warm_tiles(run, list(sources))
+                post(run.url + "api/cameras/station2/pause")
+                time.sleep(1.5)
+                screenshot(run.url, target, work / "profile")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _docs_screenshot(Path(sys.argv[1]))

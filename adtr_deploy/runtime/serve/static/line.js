@@ -54,7 +54,11 @@ function makeTile(cam) {
   const score = el("b", "", "–");
   const rate = el("b", "", "–");
   const count = el("b", "", "–");
-  facts.append(el("span", "", "score "), score, el("span", "", "images/s "), rate, el("span", "", "images "), count);
+  for (const [label, value] of [["score ", score], ["images/s ", rate], ["images ", count]]) {
+    const pair = el("span", "", label);
+    pair.append(value);
+    facts.append(pair);
+  }
   const acts = el("div", "acts");
   const pause = el("button", "", "pause");
   const resume = el("button", "", "resume");
