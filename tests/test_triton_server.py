@@ -115,12 +115,8 @@ def repo(exported, tmp_path_factory):
     _bad_model(root, model_dir, "bad_shape", side=32)
     if int(np.__version__.split(".")[0]) >= 2:  # this interpreter's numpy 2: the stub's empty answers, for real
         _bad_model(root, model_dir, "numpy2", side=64, env=sys.prefix)
-        # our own model.py in that environment: it must refuse to load, naming numpy
-        checked = root / "checked_numpy2"
-        shutil.copytree(model_dir, checked)
-        text = (checked / "config.pbtxt").read_text().replace('name: "adtr"', 'name: "checked_numpy2"')
-        text += f'parameters {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: "{sys.prefix}" }} }}\n'
-        (checked / "config.pbtxt").write_text(text)
+        # our own model.py in that environment (the config's EXECUTION_ENV_PATH): it must refuse to load, naming numpy
+        write_triton_repository(exported, root, backend="python", model_name="checked_numpy2", python_env=sys.prefix)
     return root
 
 

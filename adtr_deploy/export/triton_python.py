@@ -11,7 +11,7 @@ write_triton_repository(..., backend="python") (adtr-export --format triton --tr
 Why: the Triton servers that run without a container (the nvidia-pytriton wheel's tritonserver) carry only the Python
 backend, and a Python model can later grow preprocessing, tiling or postprocessing in the server. The stub's Python is
 the `python3` first on the server's PATH (what `adtr triton serve --python-env` sets) or, when `python_env` is given
-here, the config's EXECUTION_ENV_PATH (a virtual environment or conda folder, or a conda-pack tarball).
+here, the config's EXECUTION_ENV_PATH (a virtual environment folder, as the tests use it; Triton also takes a conda-pack tarball).
 """
 
 from __future__ import annotations
