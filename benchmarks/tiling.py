@@ -117,6 +117,7 @@ def evaluate(data: Path, category: str, models: dict[str, Path]) -> dict:
         row["ms_per_mp"] = float(np.median(np.asarray(ms[name]) / (np.asarray(pixels) / 1e6)))
         out["models"][name] = row
     out["cost_by_size"] = cost_by_size(infs, read_image(ds.test[0].path))
+    out["memory_20mp_tiled"] = memory_20mp(models["tiled"], ds.test[0].path)
     for inf in infs.values():
         inf.close()
     return out
@@ -139,6 +140,33 @@ def cost_by_size(infs: dict, image: np.ndarray, reps: int = 3) -> dict:
             row[name] = {"ms": med, "ms_per_mp": med / (side * side / 1e6)}
         out[f"{side}x{side}"] = row
     return out
+
+
+MEMORY_CHILD = """
+import resource, sys, time, cv2, numpy as np
+from adtr_deploy.preprocess import read_image
+from adtr_deploy.runtime import Inferencer
+inf = Inferencer(sys.argv[1])
+tile = read_image(sys.argv[2])
+reps = (-(-3648 // tile.shape[0]), -(-5472 // tile.shape[1]), 1)
+image = np.ascontiguousarray(np.tile(tile, reps)[:3648, :5472])  # 20 MP, 5472 x 3648, from the test photograph
+inf.predict(tile)  # the session warmed up on a 1 MP image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+inf.predict(image)
+seconds = time.perf_counter() - t0
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before / 1024, after / 1024, seconds, image.nbytes / 2**20)
+"""
+
+
+def memory_20mp(model: Path, image_path: Path) -> dict:
+    """Peak memory of one tiled 20-megapixel frame in a fresh process: the process's peak RSS after a warm-up on a
+    1 MP image, and after the 20 MP frame (which holds the 60 MB frame itself)."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(model), str(image_path)], check=True,
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    before, after, seconds, frame = (float(v) for v in out[-4:])
+    return {"peak_rss_mb_1mp": before, "peak_rss_mb_20mp": after, "frame_mb": frame, "seconds_20mp": seconds}
 
 
 def markdown(result: dict) -> str:
@@ -170,6 +198,13 @@ def markdown(result: dict) -> str:
         for size, row in r["cost_by_size"].items():
             cells = " | ".join(f"{row[n]['ms']:.0f} | {row[n]['ms_per_mp']:.0f}" for n in MODELS)
             lines.append(f"| {cat} | {size} | {cells} |")
+    lines += ["", "Memory of one tiled 20-megapixel frame (5472 x 3648), peak RSS of a fresh process:", ""]
+    for cat, r in result["categories"].items():
+        m = r["memory_20mp_tiled"]
+        lines.append(
+            f"- {cat}: {m['peak_rss_mb_1mp']:.0f} MB after a 1 MP frame, {m['peak_rss_mb_20mp']:.0f} MB after the 20 MP "
+            f"frame (the frame itself: {m['frame_mb']:.0f} MB), {m['seconds_20mp']:.1f} s"
+        )
     lines += ["", "Training (same good images; the tiled model trains on their tiles):", ""]
     for cat, r in result["categories"].items():
         for name, t in r["train"].items():
