@@ -6,12 +6,15 @@ import os
 import platform
 from importlib import metadata
 
+from adtr_deploy.runtime.cpu import cpu_info
+
 LIBRARIES = (
     "adtr-deploy",
     "numpy",
     "onnxruntime",
     "onnxruntime-gpu",
     "onnx",
+    "openvino",
     "torch",
     "tensorrt",
     "opencv-python-headless",
@@ -74,6 +77,7 @@ def machine_info() -> dict:
             continue
     return {
         "cpu": cpu_model(),
+        "cpu_info": cpu_info(),  # the model and the flags that decide which precision is fast (runtime/cpu.py)
         "logical_cpus": os.cpu_count(),
         "physical_cores": physical,
         "memory_gb": memory_gb,

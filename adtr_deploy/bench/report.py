@@ -88,6 +88,7 @@ def markdown(report: dict, plots: dict[str, str]) -> str:
         f"- Machine: {mach['cpu']}, {mach['physical_cores']} cores / {mach['logical_cpus']} logical CPUs"
         + (f", GPU: {', '.join(g['name'] for g in mach['gpus'])}" if mach["gpus"] else ", no GPU")
         + f"; load average at start {mach.get('load_average_start')}, at end {mach.get('load_average_end')}",
+        "- CPU flags for inference: " + (", ".join((mach.get("cpu_info") or {}).get("flags") or []) or "unknown"),
         "- Libraries: " + ", ".join(f"{k} {v}" for k, v in mach["libraries"].items()),
         f"- Threads: {s['threads']} (PyTorch and ONNX Runtime alike); warm-up {s['warmup']} calls; at least "
         f"{s['min_iters']} timed calls and {s['min_seconds']} s per backend and batch size; backends interleaved in "

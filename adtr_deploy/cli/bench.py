@@ -73,6 +73,14 @@ BACKEND_NAMES = (
 @click.option(
     "--memory/--no-memory", default=True, show_default=True, help="Measure each backend's memory in its own process."
 )
+@click.option(
+    "--choose-fastest",
+    is_flag=True,
+    help="Pick this machine's fastest verified CPU path: --model is a folder of exports (ONNX FP32 and INT8, OpenVINO "
+    "BF16 and INT8, ...); each runs on ONNX Runtime and/or OpenVINO, is checked here on real images against the FP32 "
+    "export with its precision's bounds, and those that pass are timed interleaved. Writes OUT/choice.json and "
+    "OUT/choice.md (the CPU's flags, every candidate, the choice and why, the adtr-run line).",
+)
 @user_errors
 def command(
     model: Path,
@@ -90,6 +98,7 @@ def command(
     streams: int,
     profile: bool,
     memory: bool,
+    choose_fastest: bool = False,
 ) -> None:
     """Benchmark an exported model on every backend available here, side by side with the PyTorch eager reference.
 
@@ -108,6 +117,10 @@ def command(
             raise UserError(
                 f"unknown backend {', '.join(unknown)} in --backends; choose from {', '.join(BACKEND_NAMES)}"
             )
+    if choose_fastest:
+        from adtr_deploy.bench.choose import run_choice
+
+        return run_choice(model, out, images, parse_batch_sizes(batch_sizes), warmup, min_iters, min_seconds, threads, streams)
     cfg = BenchConfig(
         model=model,
         out=out,

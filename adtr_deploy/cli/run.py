@@ -192,6 +192,10 @@ def command(
     options: dict = {}
     if cls is OnnxRuntimeBackend:
         options = {"allow_fallback": allow_fallback, "threads": threads, "spinning": spin, "streams": streams}
+    elif cls.name == "openvino":  # the same threads and streams, OpenVINO's own (runtime/openvino.py)
+        options = {"threads": threads, "streams": streams}
+        if spin:
+            log("--spin sets ONNX Runtime's spin-waiting; OpenVINO has no such setting and ignores it")
     elif threads or spin or streams > 1:
         log(f"--threads, --spin and --streams set ONNX Runtime's sessions; {cls.__name__} ignores them")
     if cls is TritonBackend:

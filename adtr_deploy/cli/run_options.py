@@ -71,14 +71,15 @@ engine_options = options(
     click.option(
         "--device",
         default=None,
-        help="cpu, cuda[:N] or tensorrt[:N] (ONNX Runtime's TensorRT provider). Default: cpu; cuda for .engine.",
+        help="cpu, cuda[:N] or tensorrt[:N] (ONNX Runtime's TensorRT provider); with --backend openvino: cpu, gpu[.N] "
+        "or npu. Default: cpu; cuda for .engine.",
     ),
     click.option(
         "--backend",
         default="auto",
         show_default=True,
-        help="auto (by file suffix), onnxruntime, tensorrt, torchscript, pt2, or triton (then --model is the served model's "
-        "name).",
+        help="auto (by file suffix), onnxruntime, openvino (model.onnx or model.xml), tensorrt, torchscript, pt2, or "
+        "triton (then --model is the served model's name).",
     ),
     click.option(
         "--url", default=None, help="Triton server HOST:PORT (with --backend triton). Default: localhost:8000 (http)."
@@ -156,8 +157,8 @@ session_options = options(
         "--threads",
         type=click.IntRange(min=1),
         default=None,
-        help="ONNX Runtime intra-op threads (default: the physical cores). On a box shared with other work, fewer threads "
-        "than cores keep inference steady.",
+        help="ONNX Runtime intra-op threads, OpenVINO's INFERENCE_NUM_THREADS (default: the physical cores). On a box "
+        "shared with other work, fewer threads than cores keep inference steady.",
     ),
     click.option(
         "--spin",
@@ -167,8 +168,8 @@ session_options = options(
         "`adtr-bench --spinning both` shows which wins on this machine.",
     ),
     streams_option(
-        help="ONNX Runtime on the CPU: N sessions sharing --threads; batches of N or more images are split over them, "
-        "smaller ones kept in flight (at batch 1: one frame per stream; records still in source order). 1.53x the frames "
+        help="ONNX Runtime on the CPU: N sessions sharing --threads (OpenVINO: its NUM_STREAMS, one infer request "
+        "each); batches of N or more images are split over them, smaller ones kept in flight (at batch 1: one frame per stream; records still in source order). 1.53x the frames "
         "per second at batch 1 on 2 cores, each frame ~1.4x later; streams of one thread share one copy of the weights.",
     ),
 )

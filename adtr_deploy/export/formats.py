@@ -44,6 +44,17 @@ FORMATS: dict[str, dict[str, Any]] = {
         "in_all_note": "compiled only when asked for (--format pt2: minutes of C++ compilation)",  # the ExportOptions field naming the device it is compiled for and verified on
         "runs_on": "PyTorch (torch._inductor.aoti_load_package) on the device kind that compiled it (CPU or CUDA)",
     },
+    "openvino": {
+        "filename": "model.xml",  # + model.bin
+        "suffix": ".xml",
+        "exporter": "adtr_deploy.export.openvino:export_openvino",
+        "dynamic_batch": True,
+        "precisions": ("fp32", "bf16", "int8"),  # bf16: OpenVINO's CPU inference precision; int8: our Q/DQ graph
+        "needs_gpu": False,
+        "in_all": False,
+        "in_all_note": "exported only when asked for (--format openvino; needs pip install 'adtr-deploy[openvino]')",
+        "runs_on": "OpenVINO (CPU; GPU and NPU untested), adtr-run --backend openvino",
+    },
     "tensorrt": {
         "filename": "model.engine",
         "suffix": ".engine",
@@ -83,6 +94,15 @@ PRECISIONS: dict[str, dict[str, Any]] = {
         "onnx_pass": "adtr_deploy.export.quantize:fp16_pass",
         "calibrated": False,
         "description": "float16 weights and activations; LayerNorm, Softmax, the L2 map and the score stay float32",
+    },
+    "bf16": {  # the FP32 graph run by OpenVINO in bfloat16 (8-bit mantissa: coarser than FP16; docs/lowprec.md)
+        "tolerance": 5e-2,
+        "min_map_correlation": 0.99,
+        "max_score_rel": 0.02,
+        "onnx_pass": None,
+        "calibrated": False,
+        "description": "bfloat16 activations and products where OpenVINO's CPU plugin has them (AVX-512 BF16, AMX); "
+        "float32 weights on disk",
     },
     "int8": {
         "tolerance": None,

@@ -245,5 +245,6 @@ def verify_artifact(
         "image_source": source,
         "batch_sizes": sorted({len(i) for i in plan}),
         "threshold_source": "uncalibrated (default threshold)" if cal.method == "uncalibrated" else cal.method,
+        "runtime": runner.describe(),  # what ran it (OpenVINO: the inference precision the plugin really used)
         **result,
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, parse_device, read_spec
+from adtr_deploy.runtime.openvino import OpenVINOBackend
 from adtr_deploy.runtime.pt2 import Pt2Backend
 from adtr_deploy.runtime.streams import open_streams, threads_per_stream
 from adtr_deploy.runtime.tensorrt import TensorRTBackend
@@ -27,6 +28,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "OnnxRuntimeBackend",
+    "OpenVINOBackend",
     "Pt2Backend",
     "TensorRTBackend",
     "TorchScriptBackend",
@@ -306,6 +308,7 @@ BACKENDS: dict[str, type[Backend]] = {
     ".torchscript": TorchScriptBackend,
     ".pt": TorchScriptBackend,
     ".pt2": Pt2Backend,
+    ".xml": OpenVINOBackend,  # OpenVINO IR (model.xml + model.bin); an .onnx runs on it with --backend openvino
 }
 
 # --backend NAME -> backend class, for an explicit choice (a served model, e.g. Triton, has no local file to look at).
@@ -314,6 +317,7 @@ NAMED_BACKENDS: dict[str, type[Backend]] = {
     "tensorrt": TensorRTBackend,
     "torchscript": TorchScriptBackend,
     "pt2": Pt2Backend,
+    "openvino": OpenVINOBackend,  # model.onnx or model.xml; --device cpu, gpu or npu
     "triton": TritonBackend,  # remote: --model is the served model's name, --url the server
 }
 

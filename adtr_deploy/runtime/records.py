@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import dumps_strict, sha256_file, strict_json, write_json_atomic
 from adtr_deploy.runtime.base import Backend
+from adtr_deploy.runtime.cpu import cpu_info
 from adtr_deploy.runtime.frames import Frame, Source
 from adtr_deploy.runtime.outdir import NO_SPACE, RESULTS_FILE, SUMMARY_FILE, disk_full
 from adtr_deploy.runtime.postprocess import Prediction
@@ -120,6 +121,7 @@ def build_summary(state: RunState, pipeline: Pipeline, *, running: bool) -> dict
         "batch_size": pipeline.batch_size,
         "workers": pipeline.options.workers,
         "backend": backend.describe(),
+        "cpu": cpu_info(),  # the CPU's model and flags: what the figures above were measured on
         "model_sha256": pipeline.model_sha256,
         "run": state.run_id,
         "started_at": state.started_at,

@@ -1,0 +1,202 @@
+"""OpenVINO: our ONNX files read directly, or the IR (model.xml + model.bin) that `adtr-export --format openvino` writes.
+
+The precision OpenVINO computes in is set explicitly from the artifact's verified precision (model.json): OpenVINO's
+own default on a CPU with AVX-512 BF16 or AMX is bfloat16 for an FP32 model, which nothing verified, so an FP32 or INT8
+artifact runs with INFERENCE_PRECISION_HINT f32 (INT8: the layers the export left in FP32 stay FP32, as verified) and
+only a BF16 (CPU) or FP16 (GPU) export runs in that precision. `threads` and `streams` mean what they mean for ONNX
+Runtime: `threads` CPU threads in all (INFERENCE_NUM_THREADS; default: the physical cores), `streams` inference runs at
+once sharing them (OpenVINO's NUM_STREAMS, one infer request per stream; a batch is split over the free ones as
+runtime/streams.py does). Torch-free; openvino is imported only when this backend is chosen.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, read_spec
+from adtr_deploy.runtime.streams import Streams, physical_cores
+from adtr_deploy.spec import METADATA_KEY
+
+INSTALL_HINT = "install it with pip install 'adtr-deploy[openvino]'"
+# --device (ours, lower case) -> OpenVINO device name; "gpu.1" / "gpu:1" pick one of several GPUs
+OV_DEVICES: dict[str, str] = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
+# the artifact's verified precision -> INFERENCE_PRECISION_HINT; INT8 keeps the layers the export left in FP32 in f32
+PRECISION_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32", "int8-dynamic": "f32"}
+# where the spec lives in the model's rt_info: our IR (SPEC_RT_KEY), an ONNX file's metadata_props (framework/...)
+SPEC_RT_KEY = [METADATA_KEY]
+ONNX_SPEC_RT_KEY = ["framework", METADATA_KEY]
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendError(
+            f"the OpenVINO backend needs the openvino package, which is not installed; {INSTALL_HINT}"
+        ) from None
+    return openvino
+
+
+def ov_device(device: str) -> str:
+    """'cpu' | 'gpu' | 'gpu.1' | 'gpu:1' | 'npu' (any case) -> OpenVINO's 'CPU', 'GPU', 'GPU.1', 'NPU'."""
+    kind, sep, index = str(device).strip().lower().replace(":", ".").partition(".")
+    if kind not in OV_DEVICES or (sep and not index.isdigit()):
+        raise BackendError(
+            f"device {device!r} is not an OpenVINO device; use cpu, gpu, gpu.N or npu with --backend openvino"
+        )
+    return OV_DEVICES[kind] + (f".{index}" if sep else "")
+
+
+def embedded_spec(model) -> str | None:
+    """The spec adtr-export embedded: in our IR's rt_info, or in the ONNX file's metadata that OpenVINO keeps."""
+    for key in (SPEC_RT_KEY, ONNX_SPEC_RT_KEY):
+        try:
+            if model.has_rt_info(key):
+                return str(model.get_rt_info(key).astype(str))
+        except (RuntimeError, TypeError, AttributeError):
+            continue
+    return None
+
+
+# model file suffix -> the one OpenVINO frontend that reads it (Core.read_model tries every frontend on a bad file, and
+# the TensorFlow one prints its parse errors to stderr)
+FRONTENDS: dict[str, str] = {".onnx": "onnx", ".xml": "ir"}
+
+
+def read_model(ov, core, path: Path):
+    """The model through its own frontend (FRONTENDS), else through Core.read_model."""
+    name = FRONTENDS.get(path.suffix.lower())
+    if name is None:
+        return core.read_model(str(path))
+    frontend = ov.frontend.FrontEndManager().load_by_framework(name)
+    return frontend.convert(frontend.load(str(path)))
+
+
+def ov_errors() -> tuple[type[BaseException], ...]:
+    """What OpenVINO raises for a file or graph it cannot handle: RuntimeError, and its frontends' GeneralFailure,
+    OpConversionFailure, InitializationFailure, NotImplementedFailure (not RuntimeError subclasses)."""
+    from openvino import _pyopenvino as native
+
+    names = (
+        "GeneralFailure",
+        "OpConversionFailure",
+        "InitializationFailure",
+        "NotImplementedFailure",
+        "OpValidationFailure",
+    )
+    return (RuntimeError, *(getattr(native, n) for n in names if isinstance(getattr(native, n, None), type)))
+
+
+def last_line(exc: BaseException) -> str:
+    """OpenVINO's messages start with lines of source locations; the last line says what is wrong."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+class _Request:
+    """One OpenVINO infer request with an ONNX Runtime session's `run(fetch, feed)`, so runtime/streams.py can split a
+    batch over several of them."""
+
+    def __init__(self, compiled):
+        self.request = compiled.create_infer_request()
+
+    def run(self, fetch: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        (batch,) = feed.values()
+        result = self.request.infer({0: batch})  # releases the GIL while it runs
+        by_name = {port.get_any_name(): value for port, value in result.items()}
+        return [np.array(by_name[name], copy=True) for name in fetch]
+
+
+class OpenVINOBackend(Backend):
+    """OpenVINO on its CPU, GPU or NPU plugin (see the module docstring for precision, threads and streams)."""
+
+    name = "openvino"
+
+    def __init__(self, path: str | Path, device: str = "cpu", *, threads: int | None = None, streams: int = 1):
+        ov = import_openvino()
+        target = ov_device(device)
+        if streams < 1:
+            raise BackendError(f"--streams {streams} must be at least 1 (1: one inference at a time, the default)")
+        path = Path(path)
+        core = ov.Core()
+        available = core.available_devices
+        if target not in available and target not in {d.split(".")[0] for d in available}:
+            raise BackendError(
+                f"--device {device} asks for OpenVINO's {target} plugin, but this machine has only "
+                f"{', '.join(available) or 'none'}; use --device cpu (or install that device's driver)"
+            )
+        try:
+            model = read_model(ov, core, path)
+        except ov_errors() as exc:
+            raise BackendError(
+                f"{path} is not a model OpenVINO can read ({last_line(exc)}); give the model.onnx or model.xml "
+                "that adtr-export wrote (an IR needs its model.bin beside it)"
+            ) from None
+        if len(model.inputs) != 1:
+            raise BackendError(
+                f"{path} has {len(model.inputs)} inputs, not the one image input adtr-export writes; give the "
+                "model.onnx or model.xml that adtr-export wrote"
+            )
+        super().__init__(path, read_spec(path, embedded_spec(model)), device)
+        inp = model.inputs[0]
+        shape = [d.get_length() if d.is_static else None for d in inp.get_partial_shape()]
+        check_graph_io(self.spec, path, inp.get_any_name(), shape, [o.get_any_name() for o in model.outputs])
+        if shape and shape[0]:
+            self.max_batch = shape[0]
+        self.precision = self.spec.precision
+        hint = PRECISION_HINTS.get(self.precision)
+        if hint is None:
+            raise BackendError(f"{path} is a {self.precision} model, which the OpenVINO backend does not run")
+        if hint == "bf16" and not target.startswith("CPU"):
+            raise BackendError(
+                f"{path} is a BF16 export, which OpenVINO runs on the CPU; on {target} export --precision fp16 instead"
+            )
+        config: dict = {"INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": str(streams)}
+        self.threads = (threads or physical_cores()) if target.startswith("CPU") else None
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        try:
+            self.compiled = core.compile_model(model, target, config)
+        except ov_errors() as exc:
+            raise BackendError(
+                f"OpenVINO could not compile {path} for {target} at {hint} ({last_line(exc)}); try --device cpu"
+            ) from None
+        ran = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.inference_precision = str(getattr(ran, "get_type_name", lambda: ran)())
+        self.ov_streams = int(self.compiled.get_property("NUM_STREAMS"))
+        self.target, self.hint, self.version = target, hint, ov.__version__
+        self._fetch = list(self.spec.output_names)
+        requests = [_Request(self.compiled) for _ in range(streams)]
+        self._single = requests[0]
+        self._streams = Streams(requests) if streams > 1 else None
+        self.concurrency = streams
+        self._lock = threading.Lock()  # one infer request serves one call at a time
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = self.check_batch(batch)
+        if self._streams is not None:
+            amap, score = self._streams.run(self._fetch, self.spec.input_name, batch)
+        else:
+            with self._lock:
+                amap, score = self._single.run(self._fetch, {self.spec.input_name: batch})
+        return self.as_outputs(amap, score)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "openvino": self.version,
+            "ov_device": self.target,
+            "precision": self.precision,
+            "inference_precision_hint": self.hint,
+            "inference_precision": self.inference_precision,  # what the plugin runs: f32 where the CPU lacks BF16
+            "threads": self.threads,
+            "streams": self.ov_streams,
+        }
+
+    def close(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
+            self._streams = None
