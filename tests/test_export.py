@@ -349,7 +349,7 @@ def test_unsupported_format_precision_pairs_are_refused_before_any_work(work, ch
 
 
 def test_formats_table_says_what_each_format_supports():
-    assert set(FORMATS) == {"onnx", "torchscript", "pt2", "tensorrt"}
+    assert set(FORMATS) == {"onnx", "torchscript", "pt2", "tensorrt", "openvino"}
     for row in FORMATS.values():
         assert {"filename", "suffix", "exporter", "dynamic_batch", "precisions", "needs_gpu"} <= set(row)
         assert set(row["precisions"]) <= set(PRECISIONS)
