@@ -61,10 +61,15 @@ def test_train_export_and_run_agree_on_the_tiling(tmp_path):
     exp = tmp_path / "export"
     result = CliRunner().invoke(
         export_command,
-        ["--model", str(out), "--format", "onnx", "--out", str(exp), "--no-verify", "--exporter", "torchscript"],
+        ["--model", str(out), "--format", "onnx", "--out", str(exp), "--exporter", "torchscript"],
     )
     assert result.exit_code == 0, result.output
     model = next(exp.glob("*.onnx"))
+    verification = json.loads((exp / "verification.json").read_text())  # verified on what the graph will see: tiles
+    assert (
+        verification["passed"]
+        and verification["image_source"] == "16 tiles of 4 of the checkpoint's calibration images"
+    )
     assert ModelSpec.load(exp / "model.json").tiling == tiling.to_dict()
     test_paths = [s.path for s in open_dataset(root, "tex").test]
     with Inferencer(model) as inf:

@@ -20,9 +20,11 @@ import numpy as np
 from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import DEFAULT_CALIB_COUNT
 from adtr_deploy.leak_guard import check_no_test_leak, mvtec_test_split
-from adtr_deploy.preprocess import ImageDecodeError, is_image_file, load_image, stack_batch
+from adtr_deploy.preprocess import ImageDecodeError, is_image_file, load_image, read_image, stack_batch
+from adtr_deploy.tiling import Tiling, training_crops
 
 MAX_VERIFY_IMAGES = 16
+TILES_PER_IMAGE = 4  # a tiled model is verified on tiles of each image at its tiling scale, spread over its grid
 
 
 def evenly(items: list, n: int) -> list:
@@ -43,12 +45,16 @@ def files_from(pattern: str | Path) -> list[Path]:
     return sorted(Path(f) for f in glob.glob(str(p), recursive=True) if is_image_file(f))
 
 
-def load_files(paths: list[str | Path], size: tuple[int, int]) -> list[np.ndarray]:
-    """uint8 RGB images of the readable files, through the shared preprocessing; unreadable files are skipped."""
+def load_files(paths: list[str | Path], size: tuple[int, int], tiling: Tiling | None = None) -> list[np.ndarray]:
+    """uint8 RGB images of the readable files, through the shared preprocessing; unreadable files are skipped. With
+    `tiling` (a model trained on tiles), TILES_PER_IMAGE tiles of each image, as the runtime cuts them."""
     images = []
     for p in paths:
         try:
-            images.append(load_image(p, size))
+            if tiling is None:
+                images.append(load_image(p, size))
+            else:
+                images += evenly(training_crops(read_image(p), tiling, np.random.default_rng(0)), TILES_PER_IMAGE)
         except ImageDecodeError:
             continue
     return images
@@ -71,10 +77,13 @@ def verification_images(
     (held-out good images recorded by training) when they exist on this machine. `avoid`: files an INT8 export
     calibrated on; verification does not reuse them (an in-sample check flatters the quantization) and, when that
     leaves no calibration image, reads the checkpoint's other train/good images. Never a test split: the images that
-    check a deployment are not the ones that measure it. With none of these: a UserError saying what to pass.
+    check a deployment are not the ones that measure it. With none of these: a UserError saying what to pass. A model
+    trained on tiles is verified on tiles of these images (TILES_PER_IMAGE each), what its graph sees when deployed.
     """
+    tiled = ((checkpoint or {}).get("info") or {}).get("tiling")
+    tiling = None if tiled is None else Tiling.from_dict({**tiled, "crops": "grid"}, "the checkpoint")
     if verify_images:
-        images = load_files(evenly(files_from(verify_images), max_images), size)
+        images = load_files(evenly(files_from(verify_images), max_images), size, tiling)
         if not images:
             raise UserError(
                 f"--verify-images {verify_images} matches no readable image; give a folder or a glob of images"
@@ -83,12 +92,13 @@ def verification_images(
     seen = {Path(p).resolve() for p in avoid}
     recorded = [Path(p) for p in ((checkpoint or {}).get("info") or {}).get("calibration_images") or []]
     present = [p for p in recorded if p.is_file() and p.resolve() not in seen]
-    images = load_files(evenly(present, max_images), size)
+    images = load_files(evenly(present, max_images), size, tiling)
     if images:
-        return stack_batch(images), f"{len(images)} of the checkpoint's calibration images"
+        what = f"{len(images)} tiles of {len(evenly(present, max_images))}" if tiling else f"{len(images)}"
+        return stack_batch(images), f"{what} of the checkpoint's calibration images"
     if seen:
         good = [p for p in _train_good((checkpoint or {}).get("info") or {}) if p.resolve() not in seen]
-        images = load_files(evenly(good, max_images), size)
+        images = load_files(evenly(good, max_images), size, tiling)
         if images:
             return stack_batch(images), f"{len(images)} train/good images of the checkpoint's data (none calibrated on)"
     raise UserError(
