@@ -377,3 +377,29 @@ def test_adtr_triton_env_check_names_what_is_wrong():
         assert res.exit_code == 1 and "needs numpy<2" in res.output and "adtr triton env DIR" in res.output
     else:
         assert res.exit_code == 0 and "fit for Triton's Python backend" in res.output
+
+
+def test_adtr_run_through_the_real_server_equals_a_local_run(server, exported, tmp_path):
+    """`adtr-run --backend triton` end to end on PNG files: the same results.jsonl scores as running model.onnx here."""
+    import cv2
+    from click.testing import CliRunner
+
+    from adtr_deploy.cli.run import command as run_command
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, img in enumerate(texture_images(5, 64, seed=21)):
+        cv2.imwrite(str(images / f"{i}.png"), img[:, :, ::-1])
+    args = ["--source", str(images), "--quiet"]
+    remote = ["--backend", "triton", "--url", server.http_url, "--model", "adtr", "--out", str(tmp_path / "remote")]
+    res = CliRunner().invoke(run_command, [*remote, *args])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(run_command, ["--model", str(exported), "--out", str(tmp_path / "local"), *args])
+    assert res.exit_code == 0, res.output
+
+    def scores(out):
+        return [json.loads(line)["score"] for line in (out / "results.jsonl").read_text().splitlines()]
+
+    served, local = scores(tmp_path / "remote"), scores(tmp_path / "local")
+    assert len(served) == 5 and np.ptp(served) > 0
+    np.testing.assert_allclose(served, local, rtol=1e-5)
