@@ -61,7 +61,7 @@ def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_pe
     ):
         line_file = tmp_path / "line.json"
         cameras = [
-            {"name": "a", "source": str(tmp_path / "a.avi")},
+            {"name": "a", "source": str(tmp_path / "a.avi"), "save_overlays": True},
             {"name": "b", "source": str(tmp_path / "b.avi"), "threshold": 1e9},
             {"name": "up", "source": up.url},
             {"name": "side", "source": side.url},
@@ -75,12 +75,13 @@ def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_pe
             assert {c["name"] for c in status["cameras"]} == {"a", "b", "up", "side"}
             code, added = post(run.url + "api/cameras", {"name": "late", "source": extra.url})
             assert code == 200, added
+            assert get(run.url + "api/cameras/side/remove", method="POST")[0] == 403  # control needs X-ADTR-Token
             code, removed = post(run.url + "api/cameras/side/remove")
             assert code == 200, removed
             _wait(run, lambda s: _cam(s, "late")["counts"].get("images", 0) >= 5, "the added camera records")
             saved = json.loads(line_file.read_text())  # the line file keeps the change for a restart
             assert [c["name"] for c in saved["cameras"]] == ["a", "b", "up", "late"]
-            assert saved["cameras"][1]["threshold"] == 1e9 and saved["name"] == "line3"
+            assert saved["cameras"][1]["threshold"] == 1e9 and saved["cameras"][0]["save_overlays"] is True
             # the page grid, one camera's own page and its status, labelled metrics
             assert b"line.js" in get(run.url)[2]
             assert b"app.js" in get(run.url + "cam/up/")[2]
@@ -91,6 +92,8 @@ def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_pe
         assert run.proc.returncode == 0, run.log
         anomalies = {m["camera"] for m in hook.messages if m["event"] == "anomaly"}  # sink messages name the camera
         assert "up" in anomalies and "b" not in anomalies and all(m["line"] == "line3" for m in hook.messages)
+        overlays = [m["overlay_path"] for m in hook.messages if m["camera"] == "a" and m["event"] == "anomaly"]
+        assert overlays and all(Path(p).is_file() and out / "a" / "overlays" in Path(p).parents for p in overlays)
 
     summary = json.loads((out / "line-summary.json").read_text())
     assert summary["states"]["side"] == "removed" and summary["cameras"]["side"]["stopped"] == "removed"

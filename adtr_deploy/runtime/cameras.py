@@ -3,9 +3,10 @@
 Everything a single `adtr-run` promises holds per camera because each camera *is* a single-camera pipeline: its own
 folder with results.jsonl, segments, summary.json, runs.jsonl, lock and --keep; --resume per folder; its live source
 reconnecting by itself after a drop. What is shared is the model (adtr_deploy.runtime.batcher). Two things are added
-here: every record carries `camera`, and a camera whose source cannot be opened (or whose run fails) is recorded
+here: every record carries `camera`, and a live camera whose source cannot be opened (or whose run fails) is recorded
 (`state` "retrying", `error`, `failures`) and started again with backoff while the others go on. A file or video
-camera that fails after it has started writing is not retried (it is "failed"): a video cannot be resumed.
+camera whose run fails is not retried (it is "failed", with the error): a video cannot be resumed, and a file
+that failed once fails again.
 """
 
 from __future__ import annotations
@@ -168,8 +169,7 @@ class Camera:
                         source.close()
                     self.failures += 1
                     self.error = str(exc) or type(exc).__name__
-                    started = pipeline is not None and pipeline.state is not None
-                    if started and not source.live:
+                    if source is not None and not source.live:
                         self.state = "failed"
                         self.log(f"camera {self.name}: {self.error}; not retried (a file or video source)")
                         return

@@ -164,8 +164,14 @@ class Line:
                 raise UserError(f"camera {spec.name!r} is already on the line; remove it first or choose another name")
             options = self._camera_options(spec, added=True)
             outdir.check_out_dir(self.out_dir / spec.name, overwrite=options.overwrite, resume=options.resume)
-            camera = self._make_camera(spec, options)
-            camera._source = camera._open_source()  # a missing path is refused now; an unreachable stream is retried
+            probe = Camera(spec, None, self.out_dir / spec.name, options, timeout_s=self.timeout_s)
+            source = probe._open_source()  # a missing path is refused now; an unreachable stream is retried
+            if options.resume:  # what the camera's pipeline would refuse for ever is refused now
+                try:
+                    self._check_resume(spec, source)
+                except UserError as exc:
+                    raise UserError(f"camera {spec.name!r}: {exc}") from None
+            camera = self._make_camera(spec, options, source)
             self.cameras[spec.name] = camera
             self.removed.pop(spec.name, None)
             self.specs.append(spec)

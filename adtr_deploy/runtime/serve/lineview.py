@@ -154,7 +154,8 @@ class LineService(Service):
         view = CameraView(self, camera)
         observers = []
         if self.sinks:
-            observers.append(sink_observer(self.sinks, view.model, **self._sink_message))
+            # overlay paths are relative to the camera's own folder
+            observers.append(sink_observer(self.sinks, view.model, **{**self._sink_message, "out_dir": camera.out_dir}))
         if camera.drift is not None:
             camera.drift.listeners.append(lambda event, name=camera.name: self._drift_event({**event, "camera": name}))
         if self.server is not None:
