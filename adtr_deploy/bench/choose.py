@@ -116,9 +116,11 @@ def choose_fastest(
     threads: int,
     streams: int = 1,
     log: Callable[[str], None] = print,
+    time_refused: bool = False,
 ) -> dict:
     """Check every candidate here, time those that pass interleaved, pick the fastest; write OUT/choice.json and
-    OUT/choice.md. Returns the choice record."""
+    OUT/choice.md. Returns the choice record. `time_refused` (benchmarks): time the candidates that failed a check
+    too, beside the others, marked not eligible (the choice is still among those that passed)."""
     from adtr_deploy.bench.machine import machine_info
     from adtr_deploy.errors import UserError as _UserError
 
@@ -136,7 +138,8 @@ def choose_fastest(
         rows.append(row)
         if c.export_verified is not True:
             row.update(eligible=False, why=f"not verified at export ({c.export_note})")
-            continue
+            if not time_refused:
+                continue
         try:
             engine = _open(c, threads, streams)
         except _UserError as exc:
@@ -150,9 +153,10 @@ def choose_fastest(
             reference = engine.run(images)
         row["check_here"] = here
         row["describe"] = engine.describe()
-        row["eligible"] = bool(here["passed"])
+        row["eligible"] = bool(here["passed"]) and row.get("eligible", True)
         if not here["passed"]:
-            row["why"] = f"failed the check on this box: {here['reason']}"
+            row["why"] = f"failed the check on this box against the FP32 ONNX export: {here['reason']}"
+        if not row["eligible"] and not time_refused:
             engine.close()
             continue
         engines[c.label] = engine
@@ -161,7 +165,7 @@ def choose_fastest(
             f"{root} has no verified FP32 ONNX export to check the others against; export one with "
             "adtr-export --format onnx into that folder"
         )
-    if not engines:
+    if not any(r.get("eligible") for r in rows):
         raise UserError(
             "no candidate passed verification here: " + "; ".join(f"{r['label']}: {r['why']}" for r in rows)
         )
@@ -188,7 +192,9 @@ def choose_fastest(
             row["speedup_vs_onnxruntime_fp32"] = {
                 str(bs): timed[base][bs]["ms_per_image"] / per[bs] for bs in batch_sizes
             }
-    best = min((r for r in rows if "geomean_ms_per_image" in r), key=lambda r: r["geomean_ms_per_image"])
+    best = min(
+        (r for r in rows if "geomean_ms_per_image" in r and r["eligible"]), key=lambda r: r["geomean_ms_per_image"]
+    )
     choice = {
         "chosen": best["label"],
         "runtime": best["runtime"],
@@ -225,11 +231,11 @@ def _why(best: dict, rows: list[dict], cpu: dict, batch_sizes: tuple[int, ...]) 
     speed = ", ".join(f"{v:.2f}x at batch {bs}" for bs, v in best["speedup_vs_onnxruntime_fp32"].items())
     refused = [r for r in rows if not r.get("eligible")]
     text = (
-        f"fastest of the {sum('geomean_ms_per_image' in r for r in rows)} verified candidates on {describe_flags(cpu)}: "
+        f"fastest of the {sum(bool(r.get('eligible')) for r in rows)} verified candidates on {describe_flags(cpu)}: "
         f"{speed} ONNX Runtime FP32 per image"
     )
     if refused:
-        text += "; not eligible: " + "; ".join(f"{r['label']} ({r['why']})" for r in refused)
+        text += "; not eligible: " + ", ".join(r["label"] for r in refused) + " (reasons in the table)"
     return text
 
 

@@ -95,10 +95,13 @@ PRECISIONS: dict[str, dict[str, Any]] = {
         "calibrated": False,
         "description": "float16 weights and activations; LayerNorm, Softmax, the L2 map and the score stay float32",
     },
-    "bf16": {  # the FP32 graph run by OpenVINO in bfloat16 (8-bit mantissa: coarser than FP16; docs/lowprec.md)
-        "tolerance": 5e-2,
+    # the FP32 graph run by OpenVINO in bfloat16: an 8-bit mantissa (FP16: 11) rounds every activation by up to 0.4%,
+    # noise like INT8's, so BF16 is held to INT8's per-image bounds (docs/lowprec.md#bf16-and-int8-through-openvino)
+    "bf16": {
+        "tolerance": None,
         "min_map_correlation": 0.99,
-        "max_score_rel": 0.02,
+        "min_unflagged_correlation": 0.95,
+        "max_score_rel": 0.05,
         "onnx_pass": None,
         "calibrated": False,
         "description": "bfloat16 activations and products where OpenVINO's CPU plugin has them (AVX-512 BF16, AMX); "
