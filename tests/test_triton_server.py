@@ -28,7 +28,7 @@ import pytest
 from adtr_deploy.export.triton import parse_config, write_triton_repository
 from adtr_deploy.runtime.backends import BackendError, OnnxRuntimeBackend
 from adtr_deploy.runtime.triton_env import TritonEnvError, make_env, require_env, wheel_layout
-from adtr_deploy.runtime.triton_server import TritonServer, TritonServerError, free_port
+from adtr_deploy.runtime.triton_server import TritonServer, TritonServerError, free_port, port_free
 from adtr_deploy.spec import ModelSpec
 from tests.conftest import texture_images
 
@@ -339,8 +339,10 @@ def test_launcher_reports_load_failure_port_in_use_and_missing_binary(server, re
     assert "\n" not in str(err.value) and "\\n" not in str(err.value) and "full log: " in str(err.value)
 
 
-def test_adtr_triton_serve_runs_until_sigterm(repo, python_env, exported, tmp_path):
-    """The CLI as a user runs it: ready line, a real request through adtr-run's backend, SIGTERM, clean exit 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_adtr_triton_serve_runs_until_sigterm(repo, python_env, exported, tmp_path, sig):
+    """The CLI as a user runs it: ready line, a real request through adtr-run's backend, SIGTERM (a service manager)
+    or SIGINT (Ctrl-C), clean exit 0 with the server gone."""
     ports = [str(free_port()) for _ in range(3)]
     log = tmp_path / "triton.log"
     args = [str(Path(sys.executable).with_name("adtr")), "triton", "serve", str(repo), "--python-env", str(python_env)]
@@ -356,13 +358,14 @@ def test_adtr_triton_serve_runs_until_sigterm(repo, python_env, exported, tmp_pa
         x = texture_images(2, 64, seed=9)
         np.testing.assert_allclose(backend.run(x)[1], OnnxRuntimeBackend(exported).run(x)[1], rtol=1e-5, atol=1e-6)
         backend.close()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
     assert "Triton stopped (exit code 0)" in err
+    assert port_free("127.0.0.1", int(ports[0]))  # nothing listens there any more
     assert "successfully unloaded" in log.read_text() or "Stopping" in log.read_text()
 
 

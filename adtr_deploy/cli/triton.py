@@ -96,13 +96,14 @@ def serve(
         stop["signal"] = signum
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # both stop it, also where SIGINT came in ignored (a job started in the background of a script)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
             triton.start(timeout_s)
         except KeyboardInterrupt:
             triton.stop()
-            raise SystemExit(130 if stop["signal"] is None else 0) from None
+            raise SystemExit(0) from None
         env = f"; Python backend: {triton.env_report.prefix}" if triton.env_report else ""
         click.echo(
             f"Triton {triton.version} ready on {repo}: HTTP {triton.http_url}, gRPC {triton.grpc_url}, "
@@ -120,7 +121,8 @@ def serve(
         triton.stop()
         raise click.ClickException(reason)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @command.command("env", context_settings={"help_option_names": ["-h", "--help"]})
