@@ -179,7 +179,6 @@ class TritonServer:
             f"--grpc-port={self.ports['grpc']}",
             f"--metrics-address={self.address}",
             f"--metrics-port={self.ports['metrics']}",
-            "--allow-gpu-metrics=false",
             f"--model-control-mode={self.model_control}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
