@@ -338,6 +338,46 @@ def _docs_screenshot(target: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_several_unnamed_sources_are_cam1_cam2_and_the_terminal_gets_a_line_per_camera(model_path, tmp_path):
+    write_video(tmp_path / "v1.avi", 5)
+    write_video(tmp_path / "v2.avi", 3)
+    out = tmp_path / "out"
+    args = ["--model", model_path, "--source", tmp_path / "v1.avi", "--source", tmp_path / "v2.avi", "--out", out]
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "cam1: 5 images" in result.output and "cam2: 3 images" in result.output
+    assert Counter(r["camera"] for r in outdir.read_records(out)) == {"cam1": 5, "cam2": 3}
+    again = CliRunner().invoke(command, [str(a) for a in args])  # the same folder again: refused, as for one camera
+    assert again.exit_code == 1 and "already holds the results of an earlier line" in again.output
+
+
+def test_a_line_killed_with_sigkill_is_recounted_per_camera_by_the_next_start_with_resume(model_path, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    run = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()", "--model", str(model_path)]
+    with (
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as top,
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as side,
+    ):
+        cams = ["--source", f"top={top.url}", "--source", f"side={side.url}", "--out", str(out), "--resume", "-q"]
+        first = subprocess.Popen(run + cams, stderr=subprocess.PIPE, text=True)
+        _until(lambda: all(len(camera_records(out, n)) >= 5 for n in ("top", "side")), "records of both cameras")
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        killed = {n: len(camera_records(out, n)) for n in ("top", "side")}
+        second = subprocess.run(run + cams + ["--duration", "2"], capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr
+    for name in ("top", "side"):
+        history = [json.loads(line) for line in (out / name / "runs.jsonl").read_text().splitlines()]
+        assert [h["stopped"] for h in history] == ["killed", "duration"] and history[0]["recounted"]
+        assert history[0]["images"] >= killed[name] - 1  # the recount: every whole record the killed start wrote
+        records = camera_records(out, name)
+        assert len(records) == history[0]["images"] + history[1]["images"]  # nothing lost, nothing counted twice
+
+
 if __name__ == "__main__":
     import sys
 

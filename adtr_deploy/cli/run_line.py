@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from adtr_deploy.cli.run import _owns_process
 from adtr_deploy.errors import UserError
 
 
@@ -69,7 +70,7 @@ def run_line(params: dict, *, log_quiet: bool) -> None:
                 "sink_spool_max", "sink_token", "sink_secret", "line_name")  # fmt: skip
         view = make_service(out_dir, line=True, **{**{k: params[k] for k in keys}, "line_name": name})
     engine = None
-    line = None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         engine = open_model(model, device, backend=params["backend"], **backend_options)
         fallback = getattr(engine, "fallback", None)
@@ -89,10 +90,16 @@ def run_line(params: dict, *, log_quiet: bool) -> None:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the summaries are written: a late signal must not cut closing
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if view is not None:
-            view.close()
-        if engine is not None:
-            engine.close()
+        try:
+            if view is not None:
+                view.close()
+            if engine is not None:
+                engine.close()
+        finally:
+            if not _owns_process():  # called from Python (tests, a script): give the caller its handlers back
+                for sig, handler in previous.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
     if not log_quiet:
         _print_line_summary(summary, out_dir)
 

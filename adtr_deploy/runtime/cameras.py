@@ -124,7 +124,10 @@ class Camera:
             self.backend.close()  # the batcher stops expecting this camera's frames
 
     def stop(self, reason: str = "stopped", signum: int = signal.SIGTERM) -> None:
-        """Ask the camera to stop at its next record boundary (`reason`: "removed", "interrupted", ...)."""
+        """Ask the camera to stop at its next record boundary (`reason`: "removed", "interrupted", ...); the first
+        reason given stands."""
+        if self._stop.is_set():
+            return
         self._stop_args = (signum, reason)
         self._stop.set()
         pipeline = self.pipeline
