@@ -85,7 +85,20 @@ def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_pe
             # the page grid, one camera's own page and its status, labelled metrics
             assert b"line.js" in get(run.url)[2]
             assert b"app.js" in get(run.url + "cam/up/")[2]
-            assert get_json(run.url + "cam/up/api/status")[1]["camera"]["name"] == "up"
+            up_status = get_json(run.url + "cam/up/api/status")[1]
+            assert up_status["camera"]["name"] == "up" and up_status["drift"]["window"] == 100  # its own drift monitor
+            code, ready = get_json(run.url + "cam/up/readyz")
+            assert code == 200 and ready["camera"] == "up" and ready["ready"]
+            assert get(run.url + "cam/nosuch/readyz")[0] == 404
+            # each camera's MJPEG stream: two frames of camera "up", as a dashboard or VLC gets them
+            from tests.test_serve import connect, read_mjpeg_part
+
+            with connect(run.url) as sock:
+                sock.sendall(b"GET /cam/up/stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                stream = sock.makefile("rb")
+                assert b"200" in stream.readline()
+                frames = [read_mjpeg_part(stream) for _ in range(2)]
+                assert all(f.startswith(b"\xff\xd8") for f in frames)
             metrics = get(run.url + "metrics")[2].decode()
             assert 'adtr_images_total{camera="up"}' in metrics and 'adtr_line_state{camera="late"' in metrics
             _wait(run, lambda s: _cam(s, "a")["line"]["state"] == "FINISHED", "video a finished")

@@ -2,9 +2,9 @@
 
 One server for the whole line. `/` is the grid (static/line.html): every camera with its line state (OK, ALARM,
 DRIFT, NO SIGNAL, PAUSED, ...), latest frame and score; a click opens `/cam/NAME/`, which is the single-camera page
-itself, served with every route it has (api/status, frame.jpg, gallery, readyz, healthz, api/pause, api/resume)
-under that prefix, from a LiveState of the camera's own. So each camera keeps what one camera had: the line state,
-the stall timeout of its source, its drift monitor, its readiness.
+itself, served with every route it has (api/status, frame.jpg, stream.mjpg, gallery, readyz, healthz, api/pause,
+api/resume) under that prefix, from a LiveState of the camera's own. So each camera keeps what one camera had: the
+line state, the stall timeout of its source, its drift monitor, its readiness.
 
 The camera API (POST, token-protected and Host/Origin-checked like every control route; adtr_deploy.runtime.line does
 the work and rewrites the line file):
@@ -15,8 +15,8 @@ the work and rewrites the line file):
     POST /api/cameras/NAME/pause | resume   (also /cam/NAME/api/pause and /cam/NAME/api/resume)
 
 `/metrics` labels every per-camera series with `camera` (adtr_deploy.runtime.serve.linemetrics); sink messages carry
-the record's `camera`. Not served per camera: /stream.mjpg (poll /cam/NAME/frame.jpg) and /api/recalibrate (one
-model.json is shared by every camera; recalibrate with `adtr recalibrate` on saved frames).
+the record's `camera`. Not served per camera: /api/recalibrate (one model.json is shared by every camera; recalibrate
+with `adtr recalibrate` on saved frames).
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ class LineService(Service):
             camera.drift.listeners.append(lambda event, name=camera.name: self._drift_event({**event, "camera": name}))
         if self.server is not None:
             observers.append(view.state.observe)
+            view.state.frame_listeners.append(self.server.wake)  # MJPEG viewers of this camera get each frame at once
             self._attach_timing(view)
             view.state.model_loaded = True
             view.state.start()
@@ -288,9 +289,13 @@ class LineRoutes(Routes):
             view.routes = Routes(view)
         if sub.path in PROBES:
             return view.routes.probe(sub)
-        if sub.path == "/stream.mjpg":
-            return error(404, "a line serves no MJPEG stream per camera; poll frame.jpg")
         return view.routes.handle(sub)
+
+    def stream_state(self, path: str):
+        """/cam/NAME/stream.mjpg streams that camera's frames; the line itself has no stream."""
+        name, _, rest = path[len("/cam/") :].partition("/")
+        view = self.service.views.get(urllib.parse.unquote(name)) if path.startswith("/cam/") else None
+        return view.state if view is not None and rest == "stream.mjpg" else None
 
     def handle(self, req: Request) -> Response:
         denied = self.read_denied(req)
@@ -305,7 +310,7 @@ class LineRoutes(Routes):
         if req.path == "/api/cameras":
             return json_response(200, {"cameras": self.service.tiles()})
         if req.path == "/stream.mjpg":
-            return error(404, "a line serves no MJPEG stream; open a camera (/cam/NAME/) or poll its frame.jpg")
+            return error(404, "a line has an MJPEG stream per camera: /cam/NAME/stream.mjpg")
         return super().handle(req)
 
     def post(self, req: Request) -> Response:

@@ -85,6 +85,10 @@ class Routes:
             return error(403, "wrong or missing token; pass the --serve-token value in the X-ADTR-Token header")
         return None
 
+    def stream_state(self, path: str):
+        """The LiveState whose frames a GET of `path` streams as MJPEG, else None (then it is an ordinary route)."""
+        return self.service.state if path == "/stream.mjpg" else None
+
     # -- answers ---------------------------------------------------------------------------------------------------
     def probe(self, req: Request) -> Response:
         """/healthz: the process lives and answers. /readyz: inspecting now (source up, frames flowing, model loaded)."""

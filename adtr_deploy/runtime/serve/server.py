@@ -45,7 +45,7 @@ class HttpServer(SocketLoop):
         super().__init__(host, port, ssl_context, service.log)
         self.service = service
         self.routes = Routes(service)
-        self.streams: set[Conn] = set()
+        self.streams: dict[Conn, object] = {}  # each viewer and the LiveState it watches (a line: one per camera)
         self.streams_per_client: Counter[str] = Counter()
         self._done: deque[tuple[Conn, Request, Response]] = deque()  # answers from the pools
         self._lock = threading.Lock()
@@ -79,7 +79,7 @@ class HttpServer(SocketLoop):
 
     def closed(self, conn: Conn) -> None:
         if conn in self.streams:
-            self.streams.discard(conn)
+            del self.streams[conn]
             self.streams_per_client[conn.ip] -= 1
             if self.streams_per_client[conn.ip] <= 0:
                 del self.streams_per_client[conn.ip]
@@ -92,8 +92,8 @@ class HttpServer(SocketLoop):
             )
         elif req.path in PROBES and req.method != "POST":
             self.respond(conn, req, self.routes.probe(req))  # from memory, on this thread: never queued
-        elif req.path == "/stream.mjpg" and req.method == "GET":
-            self._start_stream(conn, req)
+        elif req.method == "GET" and req.path.endswith("/stream.mjpg") and self.routes.stream_state(req.path):
+            self._start_stream(conn, req, self.routes.stream_state(req.path))
         else:
             self._submit(conn, req, "metrics" if req.path == "/metrics" else "work")
 
@@ -138,7 +138,7 @@ class HttpServer(SocketLoop):
             if not conn.closed:
                 self.respond(conn, req, resp)
 
-    def _start_stream(self, conn: Conn, req: Request) -> None:
+    def _start_stream(self, conn: Conn, req: Request, state) -> None:
         denied = self.routes.read_denied(req)
         if denied is not None:
             self.respond(conn, req, denied)
@@ -150,7 +150,7 @@ class HttpServer(SocketLoop):
             return
         conn.phase = "stream"
         conn.keep = False
-        self.streams.add(conn)
+        self.streams[conn] = state
         self.streams_per_client[conn.ip] += 1
         self.service.streams = len(self.streams)
         head = (
@@ -159,12 +159,14 @@ class HttpServer(SocketLoop):
         )
         conn.out.append(memoryview(head.encode()))
         conn.deadline = time.monotonic() + STREAM_STALL_S
-        self.service.state.watched()
+        state.watched()
         self._flush(conn)  # then _feed: the current frame comes at once
 
     def _feed(self, conn: Conn) -> None:
         """Queue the newest frame for a viewer whose last one is out (a slow viewer skips frames, never queues them)."""
-        state = self.service.state
+        state = self.streams.get(conn)
+        if state is None:
+            return
         seq, jpeg = state.frame_seq, state.frame_jpeg  # read together enough: a newer pair is fed on the next wake
         if conn.out or jpeg is None or seq <= conn.seq:
             return
@@ -178,13 +180,15 @@ class HttpServer(SocketLoop):
     def _feed_streams(self) -> None:
         if not self.streams:
             return
-        state = self.service.state
+        states = set(self.streams.values())
         now = time.monotonic()
-        if now - self._watched_at >= 1.0:  # viewers keep the render thread drawing
+        if now - self._watched_at >= 1.0:  # viewers keep the render threads drawing
             self._watched_at = now
-            state.watched()
-        if state.frame_seq != self._frame_seq_fed:
-            self._frame_seq_fed = state.frame_seq
+            for state in states:
+                state.watched()
+        fed = sum(state.frame_seq for state in states)  # any new frame of any watched state changes it
+        if fed != self._frame_seq_fed:
+            self._frame_seq_fed = fed
             for conn in list(self.streams):
                 if not conn.closed and not conn.out:
                     self._feed(conn)
