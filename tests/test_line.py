@@ -75,6 +75,10 @@ def test_four_cameras_one_cut_and_back_one_added_one_removed_records_complete_pe
             assert {c["name"] for c in status["cameras"]} == {"a", "b", "up", "side"}
             code, added = post(run.url + "api/cameras", {"name": "late", "source": extra.url})
             assert code == 200, added
+            code, again = post(run.url + "api/cameras", {"name": "late", "source": extra.url})
+            assert code == 409 and "already on the line" in again["error"]
+            code, bad = post(run.url + "api/cameras", {"name": "x", "source": extra.url, "fps": 5})
+            assert code == 409 and "camera 'x' has an unknown key 'fps'" in bad["error"]
             assert get(run.url + "api/cameras/side/remove", method="POST")[0] == 403  # control needs X-ADTR-Token
             code, removed = post(run.url + "api/cameras/side/remove")
             assert code == 200, removed

@@ -155,13 +155,19 @@ class Line:
             self.view.camera_ended(camera.name)
         self._changed.set()
 
-    def add(self, data: dict | CameraSpec) -> Camera:
+    def add(self, data: dict | CameraSpec) -> Camera | None:
         """Add a camera while the line runs (the API's POST /api/cameras). A bad entry is refused with a sentence; a
-        source that cannot be opened now is recorded and retried."""
+        source that cannot be opened now is recorded and retried. Before start(): the camera joins the list (None)."""
         spec = data if isinstance(data, CameraSpec) else camera_from_dict(data, "the new camera")
         with self._lock:
-            if spec.name.lower() in {n.lower() for n in self.cameras}:
+            if spec.name.lower() in {s.name.lower() for s in self.specs}:
                 raise UserError(f"camera {spec.name!r} is already on the line; remove it first or choose another name")
+            if not self.started:
+                self.specs.append(spec)
+                return None
+            leaving = self.removed.get(spec.name)
+            if leaving is not None and not leaving.done:
+                raise UserError(f"camera {spec.name!r} is still stopping after its removal; add it again in a moment")
             options = self._camera_options(spec, added=True)
             outdir.check_out_dir(self.out_dir / spec.name, overwrite=options.overwrite, resume=options.resume)
             probe = Camera(spec, None, self.out_dir / spec.name, options, timeout_s=self.timeout_s)
@@ -176,8 +182,7 @@ class Line:
             self.removed.pop(spec.name, None)
             self.specs.append(spec)
             self.persist()
-            if self.started:
-                camera.start()
+            camera.start()
         self.log(f"camera {spec.name} added ({camera.status()['source']})")
         return camera
 
