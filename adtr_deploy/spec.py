@@ -141,6 +141,8 @@ class ModelSpec:
 
 
 _CALIBRATION_NUMBERS = tuple(f.name for f in dataclasses.fields(Calibration) if f.name != "method")
+# Added after model.json files were deployed: absent means its default (a calibration from before it: margin 0).
+_CALIBRATION_OPTIONAL = ("margin",)
 
 
 def _check_calibration(cal: Any, origin: str) -> None:
@@ -152,13 +154,15 @@ def _check_calibration(cal: Any, origin: str) -> None:
             f"{origin} has no calibration object; re-export the model with adtr-export, which writes one (its "
             '"method" says "uncalibrated" when there were no calibration images).'
         )
-    missing = [name for name in _CALIBRATION_NUMBERS if name not in cal]
+    missing = [name for name in _CALIBRATION_NUMBERS if name not in cal and name not in _CALIBRATION_OPTIONAL]
     if missing:
         raise SpecError(
             f"{origin} lacks calibration.{', calibration.'.join(missing)}; re-export the model with adtr-export or "
             "put the value back."
         )
     for name in _CALIBRATION_NUMBERS:
+        if name not in cal:
+            continue
         value = cal[name]
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue  # a wrong type is refused with the other malformed fields

@@ -273,3 +273,12 @@ def test_synthetic_defects_are_seeded_one_per_kind_and_change_the_image(mvtec_ro
     assert all(np.array_equal(a, b) for a, b in zip(one, two))
     assert all(d.shape == images[i // len(SOURCES)].shape for i, d in enumerate(one))
     assert all(not np.array_equal(d, images[i // len(SOURCES)]) for i, d in enumerate(one))
+
+
+def test_a_model_json_from_before_the_margin_loads_with_margin_zero():
+    from adtr_deploy.spec import ModelSpec
+
+    data = ModelSpec().to_dict()
+    del data["calibration"]["margin"]  # as every model.json exported before the margin existed
+    spec = ModelSpec.from_json(json.dumps(data))
+    assert spec.calibration.margin == 0.0 and spec.threshold == ModelSpec().threshold
