@@ -2,7 +2,8 @@
 `adtr-run` (one model in memory, frames of all cameras batched together) against N separate `adtr-run` processes, for
 N = 1, 2, 4, 8, measured side by side in one run.
 
-    flock /tmp/adtr-cpu.lock python benchmarks/multicam.py --model EXPORT/model.onnx --images 'DEMO/grass/test/**/*.png'
+    flock /tmp/adtr-cpu.lock python benchmarks/multicam.py --images 'DEMO/grass/test/**/*.png'   # untrained lite0
+    flock /tmp/adtr-cpu.lock python benchmarks/multicam.py --model EXPORT/model.onnx --images '...'
 
 Cameras are real MJPEG streams on 127.0.0.1 served from this script (real photographs, JPEG, --size pixels, --fps
 frames per second each, more than the CPU can score, so what is measured is the capacity). Each configuration runs
@@ -20,6 +21,7 @@ import argparse
 import glob
 import http.server
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -184,7 +186,8 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=Path, default=None, help="an export; default: --preset exported untrained")
+    p.add_argument("--preset", default="lite0", help="without --model: this preset, exported untrained (fixed seed)")
     p.add_argument("--images", required=True, help="glob of real photographs the cameras show")
     p.add_argument("--cameras", default="1,2,4,8")
     p.add_argument("--seconds", type=float, default=25.0)
@@ -196,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "multicam.json")
     args = p.parse_args(argv)
     frames = jpeg_frames(args.images, args.size)
+    work = Path(tempfile.mkdtemp(prefix="adtr-multicam-model-"))
+    if args.model is None:  # timing does not depend on the weights (serve_overhead.py does the same)
+        from serve_overhead import export_untrained
+
+        args.model = export_untrained(args.preset, work)
     rows = []
     for n in [int(x) for x in args.cameras.split(",")]:
         cams = [Camera(frames, args.fps) for _ in range(n)]
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                 cam.close()
     result = {
         "command": command_line("multicam.py", argv),
-        "model": str(args.model),
+        "model": f"untrained {args.preset} export" if str(args.model).startswith(str(work)) else str(args.model),
         "fps": args.fps,
         "size": args.size,
         "seconds": args.seconds,
@@ -220,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
     }
     write_result(result, args.out, markdown)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

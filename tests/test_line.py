@@ -395,6 +395,23 @@ def test_a_line_killed_with_sigkill_is_recounted_per_camera_by_the_next_start_wi
         assert len(records) == history[0]["images"] + history[1]["images"]  # nothing lost, nothing counted twice
 
 
+def test_a_dead_camera_is_no_signal_on_its_own_tile_and_metrics_while_the_others_inspect(model_path, tmp_path):
+    ready = ("OK", "ALARM", "DRIFT")
+    with (
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as steady,
+        rf.MjpegServer([("stream", 15, "cut"), ("stream", 100000, "close")], interval_s=0.04, down_s=5.0) as flaky,
+    ):
+        args = ["--model", model_path, "--source", f"steady={steady.url}", "--source", f"flaky={flaky.url}"]
+        with ServedRun(*args, "--out", tmp_path / "out", "--serve", "127.0.0.1:0", "--timeout", "1") as run:
+            down = _wait(run, lambda s: _cam(s, "flaky")["line"].get("state") == "NO SIGNAL", "flaky is NO SIGNAL")
+            assert _cam(down, "steady")["line"]["state"] in ready
+            metrics = get(run.url + "metrics")[2].decode()
+            assert 'adtr_source_up{camera="flaky"} 0.0' in metrics and 'adtr_source_up{camera="steady"} 1.0' in metrics
+            assert get(run.url + "cam/flaky/readyz")[0] == 503 and get(run.url + "cam/steady/readyz")[0] == 200
+            assert get(run.url + "readyz")[0] == 200  # the line inspects while one camera does
+            _wait(run, lambda s: _cam(s, "flaky")["line"].get("state") in ready, "flaky back")
+
+
 if __name__ == "__main__":
     import sys
 
