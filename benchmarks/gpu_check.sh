@@ -10,7 +10,9 @@
 #    and FP16 (autocast) at batch 1/8/32, with parity against FP32 eager on real images.
 # 2. adtr-bench's GPU rows on that checkpoint: PyTorch eager, TorchScript and .pt2 on CUDA (copies included and
 #    device-resident); ONNX Runtime CUDA and TensorRT are listed as unavailable when not installed.
-# Results: benchmarks/results/gpu_check/ (gpu_check.json/.md, bench/report.md, gpu_check.log). Override with OUT=DIR.
+# 3. benchmarks/multicam.py: 1, 2, 4, 8 cameras in one process against one process per camera (TorchScript on CUDA).
+# Results: benchmarks/results/gpu_check/ (gpu_check.json/.md, bench/report.md, multicam.json/.md, gpu_check.log).
+# Override with OUT=DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -48,5 +50,13 @@ fi
          --backends "onnxruntime-$KIND,torchscript-$KIND,pt2-$KIND" --out "$OUT/bench" "${TIMING[@]}"
 } 2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
+# 3. Many cameras (issue 25): N cameras in one adtr-run (frames batched together) against N adtr-run processes, on the
+#    TorchScript export, loopback MJPEG cameras showing the demo's images; results in $OUT/multicam.json/.md.
+if [ "$status" -eq 0 ]; then
+  MC=(--cameras 1,2,4,8 --seconds 25); [ -n "$DRY" ] && MC=(--cameras 1,2 --seconds 6 --warmup 2)
+  "$PY" benchmarks/multicam.py --model "$EXPORT/torchscript" --backend torchscript --device "$KIND" \
+    --images "$OUT/work/demo/brick/test/**/*.png" --out "$OUT/multicam.json" "${MC[@]}" 2>&1 | tee -a "$LOG"
+  status=${PIPESTATUS[0]}
+fi
 echo "gpu_check finished $(date -u +%FT%TZ), adtr-bench exit $status; results in $OUT" | tee -a "$LOG"
 exit "$status"

@@ -112,7 +112,8 @@ def read_folder(folder: Path) -> dict[str, list[dict]]:
 
 def run_config(args, cams: list[Camera], one_process: bool, work: Path) -> dict:
     n = len(cams)
-    base = ["--model", str(args.model), "--duration", str(args.seconds), "-q"]
+    base = ["--model", str(args.model), "--duration", str(args.seconds), "-q", "--device", args.device]
+    base += ["--backend", args.backend]
     if one_process:
         sources = [a for i, c in enumerate(cams) for a in ("--source", f"cam{i + 1}={c.url}")]
         extra = ["--max-batch", str(args.max_batch or n), "--max-wait-ms", str(args.max_wait_ms)]
@@ -168,7 +169,7 @@ def markdown(result: dict) -> str:
         "",
         f"`{result['command']}`",
         "",
-        f"Model {result['model']}; cameras: MJPEG on 127.0.0.1, {result['fps']} fps each, {result['size']} px; "
+        f"Model {result['model']} on {result['device']}; cameras: MJPEG on 127.0.0.1, {result['fps']} fps each, {result['size']} px; "
         f"{result['seconds']} s per configuration, first {result['warmup']} s left out; machine: "
         f"{result['machine']['cpus']} CPUs, load {result['machine']['loadavg_1m_at_end']:.2f} at the end.",
         "",
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--max-batch", type=int, default=None, help="one process: --max-batch (default: the camera count)")
     p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--device", default="cpu", help="adtr-run --device (cuda on a GPU machine: gpu_check.sh)")
+    p.add_argument("--backend", default="auto", help="adtr-run --backend (e.g. torchscript with a CUDA PyTorch)")
     p.add_argument("--out", type=Path, default=RESULTS / "multicam.json")
     args = p.parse_args(argv)
     frames = jpeg_frames(args.images, args.size)
@@ -224,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": args.seconds,
         "warmup": args.warmup,
         "max_wait_ms": args.max_wait_ms,
+        "device": args.device,
         "rows": rows,
         "machine": machine(),
     }
