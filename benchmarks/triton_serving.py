@@ -146,8 +146,8 @@ def markdown(r: dict) -> str:
         f"load at start {m['load_average_start']}, at end {r['load_end']}; ONNX Runtime "
         f"{m['libraries'].get('onnxruntime')} here and in the server.",
         "",
-        "| clients | mode | images/s | vs local | p50 ms | p99 ms | mean executed batch |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| clients | mode | images/s | vs local | per round | p50 ms | p99 ms | mean executed batch |",
+        "|---:|---|---:|---:|---|---:|---:|---:|",
     ]
     for c in r["clients"]:
         local = r["cells"][f"local@{c}"]["images_per_s"]
@@ -156,6 +156,7 @@ def markdown(r: dict) -> str:
             batch = f"{cell['mean_batch']:.2f}" if cell.get("mean_batch") else "-"
             lines.append(
                 f"| {c} | {mode} | {cell['images_per_s']:.1f} | {cell['images_per_s'] / local:.2f}x | "
+                f"{' / '.join(f'{x:.1f}' for x in cell['images_per_s_by_round'])} | "
                 f"{cell['latency']['p50_ms']:.1f} | {cell['latency']['p99_ms']:.1f} | {batch} |"
             )
     return "\n".join(lines) + "\n"
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "triton-nobatch": lambda: TritonBackend("adtr_nobatch", url=server.http_url, timeout_s=60),
             }
             cells: dict[str, dict] = {
-                f"{m}@{c}": {"lat": [], "wall": 0.0, "inf": 0, "exe": 0} for m in MODES for c in clients
+                f"{m}@{c}": {"lat": [], "wall": 0.0, "inf": 0, "exe": 0, "rounds": []} for m in MODES for c in clients
             }
             for rnd in range(args.rounds):
                 for c in clients:
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
                         cell["wall"] += wall
                         cell["inf"] += after[0] - before[0]
                         cell["exe"] += after[1] - before[1]
+                        cell["rounds"].append(len(lat) / wall)
                         print(f"round {rnd + 1} clients {c} {mode}: {len(lat) / wall:.1f} images/s", flush=True)
             version = server.version
         local.close()
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "images_per_s": len(v["lat"]) / v["wall"],
                     "latency": summarize(v["lat"], 1),
                     "mean_batch": (v["inf"] / v["exe"]) if v["exe"] else None,
+                    "images_per_s_by_round": v["rounds"],
                 }
                 for k, v in cells.items()
             },
