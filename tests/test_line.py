@@ -412,6 +412,33 @@ def test_a_dead_camera_is_no_signal_on_its_own_tile_and_metrics_while_the_others
             _wait(run, lambda s: _cam(s, "flaky")["line"].get("state") in ready, "flaky back")
 
 
+def test_recalibrating_from_one_camera_applies_to_every_camera_of_that_model(tmp_path):
+    model = rf.copy_model(tmp_path / "export")  # its model.json gets rewritten
+    before = json.loads(model.with_name("model.json").read_text())["calibration"]["threshold"]
+    with (
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.03) as top,
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.03) as side,
+    ):
+        args = ["--model", model, "--source", f"top={top.url}", "--source", f"side={side.url}", "--drift-window", "20"]
+        with ServedRun(*args, "--out", tmp_path / "out", "--serve", "127.0.0.1:0") as run:
+            _wait(run, lambda s: _cam(s, "top")["counts"].get("ok", 0) >= 25, "25 good frames of top")
+            code, result = post(
+                run.url + "cam/top/api/recalibrate", {"frames": 20, "by": "J. Doe", "allow_flagged": True}
+            )
+            assert code == 200, result
+            assert result["camera"] == "top" and sorted(result["applied_to"]) == ["side", "top"]
+            new = result["calibration"]["threshold"]
+            written = json.loads(model.with_name("model.json").read_text())
+            assert written["calibration"]["threshold"] == new != before
+            assert written["extra"]["calibration_record"]["by"] == "J. Doe"
+            for name in ("top", "side"):  # both cameras judge by it now
+                status = get_json(run.url + f"cam/{name}/api/status")[1]
+                assert status["model"]["threshold"] == new
+                assert status["drift"]["calibration"]["threshold"] == new
+            code, refused = post(run.url + "cam/top/api/recalibrate", {"frames": 20, "camera": "x"})
+            assert code == 409 and "unknown field 'camera'" in refused["error"]
+
+
 if __name__ == "__main__":
     import sys
 

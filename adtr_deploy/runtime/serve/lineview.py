@@ -15,22 +15,19 @@ the work and rewrites the line file):
     POST /api/cameras/NAME/pause | resume   (also /cam/NAME/api/pause and /cam/NAME/api/resume)
 
 `/metrics` labels every per-camera series with `camera` (adtr_deploy.runtime.serve.linemetrics); sink messages carry
-the record's `camera`. Not served per camera: /api/recalibrate (one model.json is shared by every camera; recalibrate
-with `adtr recalibrate` on saved frames).
+the record's `camera`. `POST /cam/NAME/api/recalibrate` recalibrates the model from that camera's frames, for every
+camera running the model (recalibrate_camera).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import threading
 import time
 import urllib.parse
 from types import SimpleNamespace
 
 from adtr_deploy.errors import UserError
-from adtr_deploy.runtime.serve.protocol import Request, Response, error, json_response
-from adtr_deploy.runtime.serve.routes import PROBES, STATIC_TYPES, Routes
+from adtr_deploy.runtime.serve.routes import Routes
 from adtr_deploy.runtime.serve.service import Service
 from adtr_deploy.runtime.serve.sinks import sink_observer
 from adtr_deploy.runtime.serve.state import STALL_S, LiveState
@@ -117,10 +114,7 @@ class CameraView:
         self.line_service.line.set_paused(self.name, paused)
 
     def recalibrate(self, request: dict) -> dict:
-        raise UserError(
-            "recalibrating from one camera of a line is not available (every camera shares one model.json); run "
-            "adtr recalibrate on frames saved from this camera, then restart the line"
-        )
+        return self.line_service.recalibrate_camera(self, request)
 
     def tile(self) -> dict:
         """The grid's entry for this camera."""
@@ -144,8 +138,12 @@ class LineService(Service):
         super().__init__(*args, **kw)
         self.views: dict[str, CameraView] = {}
         self.line = None
+        self._model_path = None
+        self._recalibrating = threading.Lock()
         self._hist = None
         if self.server is not None:
+            from adtr_deploy.runtime.serve.lineroutes import LineRoutes
+
             self.server.routes = LineRoutes(self)
 
     # -- the line's side -------------------------------------------------------------------------------------------
@@ -196,6 +194,7 @@ class LineService(Service):
         shim = SimpleNamespace(post=SimpleNamespace(threshold=calibration.threshold, calibration=calibration))
         self.model.update(model_identity(engine, shim, model_path))
         self.line = line
+        self._model_path = model_path
         for sink in self.sinks:
             sink.start()
         if self.server is None:
@@ -257,7 +256,52 @@ class LineService(Service):
             self.line.set_paused(name, paused)
 
     def recalibrate(self, request: dict) -> dict:
-        raise UserError("a line of cameras shares one model.json; recalibrate it with adtr recalibrate, then restart")
+        raise UserError("recalibrate from one camera's frames: POST /cam/NAME/api/recalibrate")
+
+    def recalibrate_camera(self, view: CameraView, request: dict) -> dict:
+        """POST /cam/NAME/api/recalibrate: the operator confirms that camera's last frames were good parts. The model's
+        calibration is recomputed from them (adtr_deploy.runtime.recalibrate, as for one camera) and written to its
+        model.json; every camera running that model uses it at once, a camera whose line entry sets its own threshold
+        keeping that threshold, and each camera's drift monitor judges against it."""
+        from adtr_deploy.runtime.postprocess import Postprocessor
+        from adtr_deploy.runtime.recalibrate import RunRecalibrator
+
+        camera, line = view.camera, self.line
+        unknown = sorted(set(request) - {"frames", "by", "allow_flagged"})
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}; send frames, by and allow_flagged only")
+        if camera.drift is None or camera.pipeline is None:
+            raise UserError(f"camera {camera.name!r} keeps no scores to recalibrate from yet")
+        engine = line.batchers[camera.spec.model].backend
+        with self._recalibrating:
+            rec = RunRecalibrator(camera.pipeline, engine, camera.spec.model or self._model_path, camera.drift, {})
+            result = rec.recalibrate(request.get("frames"), request.get("by"), request.get("allow_flagged", False))
+            calibration = rec.spec.calibration
+            engine.spec = rec.spec  # cameras that start (or retry) later use it too
+            applied = []
+            for other in list(line.cameras.values()):
+                if other.spec.model != camera.spec.model:
+                    continue
+                threshold = other.spec.threshold
+                if other.pipeline is not None:
+                    other.pipeline.post = Postprocessor(calibration, threshold)
+                if other.drift is not None and other is not camera:
+                    other.drift.set_calibration(calibration, threshold)
+                other_view = self.views.get(other.name)
+                if other_view is not None:
+                    other_view.model.update(
+                        threshold=other.pipeline.post.threshold if other.pipeline else calibration.threshold,
+                        calibration=calibration.method,
+                    )
+                applied.append(other.name)
+            if camera.spec.threshold is not None:
+                camera.drift.set_calibration(calibration, camera.spec.threshold)
+        self.log(
+            f"recalibrated from camera {camera.name}'s last {result['record']['frames']} frames by "
+            f"{result['record']['by']}: threshold {result['previous_threshold']:.6g} -> "
+            f"{calibration.threshold:.6g} (version {result['record']['version']}), used by {', '.join(applied)}"
+        )
+        return {**result, "camera": camera.name, "applied_to": applied}
 
     def linger(self, seconds: float | None, summary: dict) -> None:
         for view in list(self.views.values()):
@@ -268,76 +312,3 @@ class LineService(Service):
         for view in list(self.views.values()):
             view.state.stop()
         super().close()
-
-
-class LineRoutes(Routes):
-    """The grid and the camera API at the top; each camera's own routes under /cam/NAME/."""
-
-    def __init__(self, service: LineService):
-        super().__init__(service)
-
-    def _camera(self, req: Request) -> Response:
-        name, sep, rest = req.path[len("/cam/") :].partition("/")
-        name = urllib.parse.unquote(name)
-        view = self.service.views.get(name)
-        if view is None:
-            return error(404, f"no camera {name!r} on this line; GET /api/cameras lists them")
-        if not sep:
-            return Response(301, b"", "text/plain", headers={"Location": f"/cam/{urllib.parse.quote(name)}/"})
-        sub = dataclasses.replace(req, path="/" + rest)
-        if view.routes is None:
-            view.routes = Routes(view)
-        if sub.path in PROBES:
-            return view.routes.probe(sub)
-        return view.routes.handle(sub)
-
-    def stream_state(self, path: str):
-        """/cam/NAME/stream.mjpg streams that camera's frames; the line itself has no stream."""
-        name, _, rest = path[len("/cam/") :].partition("/")
-        view = self.service.views.get(urllib.parse.unquote(name)) if path.startswith("/cam/") else None
-        return view.state if view is not None and rest == "stream.mjpg" else None
-
-    def handle(self, req: Request) -> Response:
-        denied = self.read_denied(req)
-        if denied is not None:
-            return denied
-        if req.path.startswith("/cam/"):
-            return self._camera(req)
-        if req.method == "POST":
-            return self.post(req)
-        if req.path in ("/", "/index.html"):
-            return Response(200, self.static["/static/line.html"], STATIC_TYPES[".html"])
-        if req.path == "/api/cameras":
-            return json_response(200, {"cameras": self.service.tiles()})
-        if req.path == "/stream.mjpg":
-            return error(404, "a line has an MJPEG stream per camera: /cam/NAME/stream.mjpg")
-        return super().handle(req)
-
-    def post(self, req: Request) -> Response:
-        path = req.path
-        if path != "/api/cameras" and not path.startswith("/api/cameras/"):
-            return super().post(req)
-        denied = self.write_denied(req)
-        if denied is not None:
-            return denied
-        line = self.service.line
-        try:
-            if path == "/api/cameras":
-                try:
-                    body = json.loads(req.body or b"{}")
-                except ValueError:
-                    return error(400, 'the body is not JSON; send {"name": "top", "source": "rtsp://..."}')
-                camera = line.add(body)
-                return json_response(200, camera.status())
-            name, _, action = path[len("/api/cameras/") :].partition("/")
-            name = urllib.parse.unquote(name)
-            if action == "remove":
-                line.remove(name)
-                return json_response(200, {"removed": name})
-            if action in ("pause", "resume"):
-                return json_response(200, line.set_paused(name, action == "pause"))
-            return error(404, f"no such action: {action!r}; use remove, pause or resume")
-        except KeyError:
-            return error(404, f"no camera {name!r} on this line; GET /api/cameras lists them")
-        except UserError as exc:
-            return error(409, str(exc))
