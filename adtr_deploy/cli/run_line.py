@@ -102,6 +102,10 @@ def run_line(params: dict, *, log_quiet: bool) -> None:
                         signal.signal(sig, handler)
     if not log_quiet:
         _print_line_summary(summary, out_dir)
+    failed = [name for name, state in summary["states"].items() if state == "failed"]
+    if failed:  # the others ran to their end; the exit status still says that one did not
+        error = summary["errors"].get(failed[0], "see its summary.json")
+        raise UserError(f"camera {failed[0]!r} failed ({error}); the other cameras' results are complete")
 
 
 def _print_line_summary(summary: dict, out_dir: Path) -> None:
