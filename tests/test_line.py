@@ -439,6 +439,29 @@ def test_recalibrating_from_one_camera_applies_to_every_camera_of_that_model(tmp
             assert code == 409 and "unknown field 'camera'" in refused["error"]
 
 
+def test_a_camera_that_fails_is_named_in_the_exit_status_and_the_others_complete(model_path, tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    write_video(tmp_path / "long.avi", 120)  # about 40 KB of records: past the file-size limit below
+    write_video(tmp_path / "short.avi", 4)
+    out, limit = tmp_path / "out", 20_000
+
+    def limited():  # the kernel refuses writes beyond `limit` bytes per file, as a full disk does
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cams = ["--source", f"long={tmp_path / 'long.avi'}", "--source", f"short={tmp_path / 'short.avi'}"]
+    cmd = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()", "--model", str(model_path)]
+    res = subprocess.run(cmd + cams + ["--out", str(out), "-q"], capture_output=True, text=True, timeout=300,
+                         preexec_fn=limited)  # fmt: skip
+    assert res.returncode == 1 and "Error: camera 'long' failed (the disk holding" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert [r["frame"] for r in camera_records(out, "short")] == [0, 1, 2, 3]
+    long = camera_records(out, "long")
+    assert long and json.loads((out / "long" / "summary.json").read_text())["images"] == len(long)
+
+
 if __name__ == "__main__":
     import sys
 
