@@ -234,3 +234,28 @@ def test_streams_and_threads_reach_openvino(images):
         assert int(compiled.get_property("NUM_STREAMS")) == 1
     with pytest.raises(BackendError, match="must be at least 1"):
         open_model(rf.onnx_model(), "cpu", backend="openvino", streams=0)
+
+
+def test_concurrent_callers_share_the_streams_and_each_gets_its_own_outputs(images):
+    """As adtr-run's pipeline keeps streams // batch batches in flight: three threads, batches of 1 to 6, two streams."""
+    import threading
+
+    path = rf.onnx_model()
+    ref_map, ref_score = open_model(path, "cpu").run(images)
+    wrong: list[tuple[int, int]] = []
+    with open_model(path, "cpu", backend="openvino", threads=2, streams=2) as engine:
+
+        def caller(k: int) -> None:
+            for i in range(12):
+                n = 1 + (i + k) % len(images)
+                amap, score = engine.run(images[:n])
+                if _rel(score, ref_score[:n], ref_map) > TOL or _rel(amap, ref_map[:n], ref_map) > TOL:
+                    wrong.append((k, i))
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a caller is stuck"
+    assert wrong == []

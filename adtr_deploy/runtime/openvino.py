@@ -5,8 +5,8 @@ own default on a CPU with AVX-512 BF16 or AMX is bfloat16 for an FP32 model, whi
 artifact runs with INFERENCE_PRECISION_HINT f32 (INT8: the layers the export left in FP32 stay FP32, as verified) and
 only a BF16 (CPU) or FP16 (GPU) export runs in that precision. `threads` and `streams` mean what they mean for ONNX
 Runtime: `threads` CPU threads in all (INFERENCE_NUM_THREADS; default: the physical cores), `streams` inference runs at
-once sharing them (OpenVINO's NUM_STREAMS, one infer request per stream; a batch is split over the free ones as
-runtime/streams.py does). Torch-free; openvino is imported only when this backend is chosen.
+once sharing them (OpenVINO's NUM_STREAMS, one infer request per stream; a batch is split over them as ONNX Runtime's
+streams split it, runtime/streams.py). Torch-free; openvino is imported only when this backend is chosen.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, read_spec
-from adtr_deploy.runtime.streams import Streams, physical_cores
+from adtr_deploy.runtime.streams import physical_cores
 from adtr_deploy.spec import METADATA_KEY
 
 INSTALL_HINT = "install it with pip install 'adtr-deploy[openvino]'"
@@ -96,18 +96,40 @@ def last_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
-class _Request:
-    """One OpenVINO infer request with an ONNX Runtime session's `run(fetch, feed)`, so runtime/streams.py can split a
-    batch over several of them."""
+class _Requests:
+    """One OpenVINO infer request per stream. A batch is split into contiguous parts, one per stream (never more parts
+    than images), the parts run at once with start_async, outputs concatenated in batch order; several
+    callers may run batches at once (the pipeline keeps streams // batch in flight), each taking its requests all at
+    once (no caller holds some while waiting for more). Every Python-side call into the requests (inputs in, outputs
+    out) happens under one lock, only the waits outside it: with blocking infer() calls from two Python threads at once,
+    one run in 12 here hung for good inside infer's input copy (OpenVINO 2026.4, Python 3.10)."""
 
-    def __init__(self, compiled):
-        self.request = compiled.create_infer_request()
+    def __init__(self, compiled, count: int):
+        self.count = count
+        self._free = [compiled.create_infer_request() for _ in range(count)]
+        self._cond = threading.Condition()
 
-    def run(self, fetch: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        (batch,) = feed.values()
-        result = self.request.infer({0: batch})  # releases the GIL while it runs
-        by_name = {port.get_any_name(): value for port, value in result.items()}
-        return [np.array(by_name[name], copy=True) for name in fetch]
+    def run(self, fetch: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        parts = np.array_split(batch, max(1, min(self.count, len(batch))))
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._free) >= len(parts))
+            requests = [self._free.pop() for _ in parts]
+            try:
+                for request, part in zip(requests, parts):
+                    request.start_async({0: part})  # the input is copied into the request's own tensor
+            except BaseException:
+                self._free.extend(requests)
+                self._cond.notify_all()
+                raise
+        try:
+            for request in requests:
+                request.wait()  # releases the GIL
+        finally:
+            with self._cond:
+                outputs = [[np.array(r.get_tensor(name).data, copy=True) for name in fetch] for r in requests]
+                self._free.extend(requests)
+                self._cond.notify_all()
+        return [np.concatenate([out[i] for out in outputs]) for i in range(len(fetch))]
 
 
 class OpenVINOBackend(Backend):
@@ -169,19 +191,11 @@ class OpenVINOBackend(Backend):
         self.ov_streams = int(self.compiled.get_property("NUM_STREAMS"))
         self.target, self.hint, self.version = target, hint, ov.__version__
         self._fetch = list(self.spec.output_names)
-        requests = [_Request(self.compiled) for _ in range(streams)]
-        self._single = requests[0]
-        self._streams = Streams(requests) if streams > 1 else None
+        self._requests = _Requests(self.compiled, streams)
         self.concurrency = streams
-        self._lock = threading.Lock()  # one infer request serves one call at a time
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.check_batch(batch)
-        if self._streams is not None:
-            amap, score = self._streams.run(self._fetch, self.spec.input_name, batch)
-        else:
-            with self._lock:
-                amap, score = self._single.run(self._fetch, {self.spec.input_name: batch})
+        amap, score = self._requests.run(self._fetch, self.check_batch(batch))
         return self.as_outputs(amap, score)
 
     def describe(self) -> dict:
@@ -195,8 +209,3 @@ class OpenVINOBackend(Backend):
             "threads": self.threads,
             "streams": self.ov_streams,
         }
-
-    def close(self) -> None:
-        if self._streams is not None:
-            self._streams.close()
-            self._streams = None
