@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from adtr_deploy.cli.run import _owns_process
+from adtr_deploy.cli.run import _owns_process, _raise_interrupt
 from adtr_deploy.errors import UserError
 
 
@@ -84,7 +84,8 @@ def run_line(params: dict, *, log_quiet: bool) -> None:
         )  # fmt: skip
         if view is not None:
             view.start_line(line, engine, model)
-        summary = line.run(params["duration"])
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # as for one camera: after the run (--serve-linger) SIGTERM
+        summary = line.run(params["duration"])  # ends the lingering like Ctrl-C; during it the line stops its cameras
         if view is not None:
             view.linger(params["serve_linger"], {"stopped": "interrupted" if line.interrupted else "end"})
     finally:
