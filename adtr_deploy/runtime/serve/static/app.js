@@ -295,7 +295,23 @@ async function control(action) {
   }
 }
 
+function showCamera() {
+  // One camera of a line (served under /cam/NAME/): its name in the title and a way back to the line's grid.
+  if (BASE === "/") return;
+  const name = decodeURIComponent(BASE.split("/")[2] || "");
+  document.title = name + " – adtr-run line";
+  const back = document.createElement("a");
+  back.href = "/";
+  back.className = "back";
+  back.textContent = "← line";
+  const cam = document.createElement("span");
+  cam.className = "camera-name";
+  cam.textContent = name;
+  $("state").before(back, " ", cam, " ");
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  showCamera();
   $("pause").addEventListener("click", () => control("pause"));
   $("resume").addEventListener("click", () => control("resume"));
   window.addEventListener("resize", drawTimeline);
