@@ -7,7 +7,8 @@ N = 1, 2, 4, 8, measured side by side in one run.
 
 Cameras are real MJPEG streams on 127.0.0.1 served from this script (real photographs, JPEG, --size pixels, --fps
 frames per second each, more than the CPU can score, so what is measured is the capacity). Each configuration runs
-for --seconds; the first --warmup seconds of records are left out (model loading, first connections). From the
+until every camera has a record (N processes load N models), then --warmup + --seconds more, and is stopped with
+SIGTERM; the first --warmup seconds after the last camera's first record are left out. From the
 records themselves: aggregate fps = ok records of all cameras within the common window / its length; latency =
 each record's latency_ms (frame taken from the camera to its record written). Memory: the processes' resident set
 (RSS) and proportional set (PSS: shared library pages split between the processes that map them, so N processes are
@@ -22,6 +23,7 @@ import glob
 import http.server
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,22 +113,35 @@ def read_folder(folder: Path) -> dict[str, list[dict]]:
 
 
 def run_config(args, cams: list[Camera], one_process: bool, work: Path) -> dict:
+    """Start the configuration, wait until every camera has a record (N processes load N models, one after the
+    other on a busy CPU), let them run --warmup + --seconds together, stop them with SIGTERM, read the records."""
     n = len(cams)
-    base = ["--model", str(args.model), "--duration", str(args.seconds), "-q", "--device", args.device]
-    base += ["--backend", args.backend]
+    base = ["--model", str(args.model), "-q", "--device", args.device, "--backend", args.backend]
     if one_process:
         sources = [a for i, c in enumerate(cams) for a in ("--source", f"cam{i + 1}={c.url}")]
         extra = ["--max-batch", str(args.max_batch or n), "--max-wait-ms", str(args.max_wait_ms)]
         cmds = [RUN + base + sources + extra + ["--out", str(work / "line")]]
         folders = [work / "line"]
+        results = [work / "line" / f"cam{i + 1}" / "results.jsonl" for i in range(n)]
     else:
         folders = [work / f"cam{i + 1}" for i in range(n)]
         cmds = [RUN + base + ["--source", c.url, "--out", str(f)] for c, f in zip(cams, folders, strict=True)]
+        results = [f / "results.jsonl" for f in folders]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for cmd in cmds]
     stop, peak = threading.Event(), {"rss": 0, "pss": 0}
     sampler = threading.Thread(target=sample_memory, args=(procs, stop, peak), daemon=True)
     sampler.start()
-    errors = [p.communicate(timeout=args.seconds + 300)[1] for p in procs]
+    deadline = time.monotonic() + 300
+    while not all(r.is_file() and r.stat().st_size for r in results):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            raise SystemExit("adtr-run did not start:\n" + "\n".join(p.communicate()[1] for p in procs))
+        time.sleep(0.2)
+    time.sleep(args.warmup + args.seconds)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=120)[1] for p in procs]
     stop.set()
     sampler.join()
     if any(p.returncode for p in procs):

@@ -207,18 +207,18 @@ def test_a_silent_camera_does_not_hold_the_others_beyond_the_wait_bound(model_pa
     image = texture_images(1, rf.INPUT_SIZE, seed=2)
     dead, alive = batcher.client("dead"), batcher.client("alive")
     t0 = time.perf_counter()
-    dead.run(image)  # alone: it went at once (it was the only camera expected)
-    alive.run(image)  # "dead" sent a frame just now, so "alive" may wait for it, but at most the bound
+    dead.run(image)  # alone: it went at once (no camera was expected)
+    alive.run(image)  # "dead" was just answered, so it is expected back: "alive" waits for it, but at most the bound
     waited = time.perf_counter() - t0
-    time.sleep(1.2)  # "dead" has been silent for longer than ACTIVE_S: nobody waits for it any more
+    time.sleep(1.2)  # "dead" has been silent for longer than the bound: nobody waits for it any more
     t1 = time.perf_counter()
     for _ in range(3):
         alive.run(image)
     quick = (time.perf_counter() - t1) / 3
     batcher.close()
     backend.close()
-    assert waited >= 0.25  # it did wait for the other camera (a frame could have joined) ...
-    assert quick < waited / 2  # ... and no longer once that camera fell silent
+    assert waited >= 0.25  # it did wait for the other camera (its next frame could have joined) ...
+    assert quick < waited / 2  # ... and no longer once that camera fell silent (nor for itself)
 
 
 def test_python_api_one_inferencer_many_sources_and_a_restart_keeps_the_line(model_path, tmp_path):

@@ -5,11 +5,13 @@ itself; the call hands the frames to the model's Batcher and waits. The Batcher'
 `max_batch` images, and runs them as one batch (one session, one copy of the weights in memory), then gives every
 caller its own rows back. This is what DeepStream's stream muxer and Triton's dynamic batcher do.
 
-When a batch goes: as soon as it is full; or when every camera that has been sending frames lately (within
-ACTIVE_S) is waiting in it, since nobody else will come; or at the latest `max_wait_ms` after its first frame arrived.
-A slow or dead camera sends nothing, so it never holds the others longer than that bound, and after ACTIVE_S of
-silence not at all. A frame's latency is therefore at most the wait bound plus the batch's inference time (plus the
-batch before it, if the model was busy). A failing backend call fails every caller of that batch with its error.
+When a batch goes: as soon as it is full; or as soon as no camera is expected, where a camera is expected while it has
+just been given its last result (within `max_wait_ms`) and has not sent its next frame yet: it is decoding that frame
+and will be back in a moment. That is what a busy model sees: every camera answered by one batch comes back at once,
+and they go together. A camera that is waiting for its source (a slow camera, a dead one, a box with time to spare)
+is not expected, so a frame never waits for it; and whatever happens, a frame waits at most `max_wait_ms`. Its
+latency is therefore at most the wait bound plus the batch's inference time (plus the batch before it, if the model
+was busy). A failing backend call fails every caller of that batch with its error.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import time
 from collections import deque
 
 import numpy as np
-
-ACTIVE_S = 1.0  # a camera that sent a frame within this many seconds is expected to send the next one soon
 
 
 class _Request:
@@ -44,7 +44,7 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
-        self._last_seen: dict[str, float] = {}  # client -> monotonic time of its last request
+        self._answered: dict[str, float] = {}  # client -> when its last result was given, until it sends again
         self._closed = False
         self.batches = 0
         self.images = 0
@@ -71,7 +71,7 @@ class Batcher:
             if self._closed:
                 raise RuntimeError("the model's batcher is closed")
             self._queue.append(req)
-            self._last_seen[client] = req.t
+            self._answered.pop(client, None)
             self._cond.notify_all()
         req.done.wait()
         if req.error is not None:
@@ -81,16 +81,17 @@ class Batcher:
     def forget(self, client: str) -> None:
         """A camera stopped (removed, paused, ended): the next batches no longer expect it."""
         with self._cond:
-            self._last_seen.pop(client, None)
+            self._answered.pop(client, None)
             self._cond.notify_all()
 
-    def _ready(self, now: float) -> bool:
+    def _wait_s(self, now: float) -> float:
+        """How long the batch may still wait for cameras expected back: 0 to go now."""
         images = sum(len(r.x) for r in self._queue)
-        if images >= self.max_batch or now - self._queue[0].t >= self.max_wait_s:
-            return True
-        waiting = {r.client for r in self._queue}
-        expected = {c for c, t in self._last_seen.items() if now - t <= ACTIVE_S}
-        return expected <= waiting
+        if images >= self.max_batch:
+            return 0.0
+        bound = self._queue[0].t + self.max_wait_s - now
+        expected = [t + self.max_wait_s - now for t in self._answered.values() if now - t < self.max_wait_s]
+        return 0.0 if bound <= 0 or not expected else min(bound, max(expected))
 
     def _take(self) -> list[_Request]:
         """Whole requests in arrival order, up to max_batch images (a larger request goes alone)."""
@@ -109,10 +110,10 @@ class Batcher:
                 if self._closed and not self._queue:
                     return
                 while not self._closed:
-                    now = time.monotonic()
-                    if self._ready(now):
+                    wait = self._wait_s(time.monotonic())
+                    if wait <= 0:
                         break
-                    self._cond.wait(max(self._queue[0].t + self.max_wait_s - now, 0.0005))
+                    self._cond.wait(wait)
                 taken = self._take()
             self._run(taken)
 
@@ -127,7 +128,10 @@ class Batcher:
             return
         self.batches += 1
         self.images += len(x)
-        start = 0
+        start, now = 0, time.monotonic()
+        with self._cond:
+            for req in taken:  # each is expected back for a moment: its camera decodes its next frame
+                self._answered[req.client] = now
         for req in taken:
             n = len(req.x)
             req.out = (maps[start : start + n], scores[start : start + n])
