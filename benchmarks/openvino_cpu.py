@@ -6,8 +6,8 @@
 For each trained run, in one process:
 1. export with adtr-export's own export_checkpoint (TorchScript-based ONNX exporter), every export verified against the
    checkpoint on the good images of DATA/CATEGORY/test (a validation split: the run must not have trained on it):
-   ONNX FP32, ONNX INT8, OpenVINO BF16, OpenVINO INT8; a BF16 export refused by verification is exported again
-   unverified (openvino-bf16-unverified) so its accuracy can still be reported,
+   ONNX FP32, ONNX INT8, OpenVINO BF16, INT8 and INT8-BF16 (int8 layers, the rest bf16); an export refused by
+   verification is exported again unverified (FOLDER-unverified) so its accuracy and speed can still be reported,
 2. evaluate every (runtime, export) on DATA/CATEGORY/test with adtr-eval's code: image and pixel AUROC, the delta
    against ONNX Runtime FP32,
 3. for --time categories: adtr-bench --choose-fastest's code on those exports (every candidate checked here against
@@ -30,6 +30,7 @@ EXPORTS: dict[str, tuple[str, dict]] = {
     "onnx-int8": ("onnx", {"precision": "int8"}),
     "openvino-bf16": ("openvino", {"precision": "bf16"}),
     "openvino-int8": ("openvino", {"precision": "int8"}),
+    "openvino-int8-bf16": ("openvino", {"precision": "int8-bf16"}),
 }
 # what is evaluated: label -> (export folder, runtime)
 EVALUATED: dict[str, tuple[str, str]] = {
@@ -38,6 +39,7 @@ EVALUATED: dict[str, tuple[str, str]] = {
     "OpenVINO FP32": ("onnx-fp32", "openvino"),
     "OpenVINO BF16": ("openvino-bf16", "openvino"),
     "OpenVINO INT8": ("openvino-int8", "openvino"),
+    "OpenVINO INT8, the rest BF16": ("openvino-int8-bf16", "openvino"),
 }
 
 

@@ -168,6 +168,19 @@ def test_ir_export_is_verified_bound_to_its_files_and_runs_in_its_precision(expo
         assert int8.describe()["inference_precision"] == "f32"  # INT8 layers in int8, the rest as verified: f32
 
 
+def test_int8_bf16_runs_what_int8_leaves_float_in_bf16(checkpoint, tmp_path):
+    from adtr_deploy.export import export_checkpoint
+    from adtr_deploy.runtime.cpu import cpu_info
+
+    calib = rf.write_images(tmp_path / "calib", 6, seed=8)
+    out = export_checkpoint(
+        checkpoint, "openvino", tmp_path / "x", precision="int8-bf16", calib_images=str(calib[0].parent), dynamo=False
+    )
+    assert out.verification["passed"] and out.spec.extra["openvino"]["inference_precision_hint"] == "bf16"
+    with open_model(out.path, "cpu") as engine:
+        assert engine.describe()["inference_precision"] == ("bf16" if cpu_info().get("bf16") else "f32")
+
+
 def test_bf16_that_misses_its_bounds_is_refused_and_not_published(checkpoint, tmp_path, monkeypatch):
     from adtr_deploy.export import PRECISIONS, export_checkpoint
     from adtr_deploy.export.verify import VerificationError

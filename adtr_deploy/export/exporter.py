@@ -221,7 +221,7 @@ def _export_one_int8_fallback(
     """_export_one; for a verified INT8 export that fails verification, again with more of the leading ops in FP32
     (INT8_FP32_LEADS) until one passes. The last failure is raised when none does."""
     leads = [options.quant.fp32_lead]
-    if images is not None and options.precision in ("int8", "int8-dynamic"):
+    if images is not None and options.precision in ("int8", "int8-dynamic", "int8-bf16"):
         leads += [x for x in INT8_FP32_LEADS if x > options.quant.fp32_lead]
     failures: list[str] = []
     for i, lead in enumerate(leads):

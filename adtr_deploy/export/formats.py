@@ -49,7 +49,8 @@ FORMATS: dict[str, dict[str, Any]] = {
         "suffix": ".xml",
         "exporter": "adtr_deploy.export.openvino:export_openvino",
         "dynamic_batch": True,
-        "precisions": ("fp32", "bf16", "int8"),  # bf16: OpenVINO's CPU inference precision; int8: our Q/DQ graph
+        # bf16: OpenVINO's CPU inference precision; int8: our Q/DQ graph, the rest f32; int8-bf16: the rest in bf16
+        "precisions": ("fp32", "bf16", "int8", "int8-bf16"),
         "needs_gpu": False,
         "in_all": False,
         "in_all_note": "exported only when asked for (--format openvino; needs pip install 'adtr-deploy[openvino]')",
@@ -116,6 +117,16 @@ PRECISIONS: dict[str, dict[str, Any]] = {
         "calibrated": True,
         "description": "static INT8 (Q/DQ on the inputs of Conv/MatMul, per-channel int8 weights) calibrated on good "
         "training images; LayerNorm, Softmax, attention, the L2 map and the score stay float32",
+    },
+    "int8-bf16": {  # OpenVINO only: the int8 Q/DQ graph with what stays float run in bfloat16; INT8's bounds
+        "tolerance": None,
+        "min_map_correlation": 0.99,
+        "min_unflagged_correlation": 0.95,
+        "max_score_rel": 0.05,
+        "onnx_pass": "adtr_deploy.export.quantize:int8_static_pass",
+        "calibrated": True,
+        "description": "static INT8 as int8, and what int8 leaves float (LayerNorm, Softmax, attention, the FP32 lead, "
+        "the map) in bfloat16 instead of float32: OpenVINO on CPUs with AVX-512 BF16 or AMX",
     },
     "int8-dynamic": {
         "tolerance": None,

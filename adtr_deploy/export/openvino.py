@@ -3,7 +3,8 @@
 The IR holds the graph of the ONNX export it was made from, weights kept FP32 (no FP16 compression): FP32, BF16 and FP16
 IRs are the FP32 graph, and the precision is how OpenVINO computes (INFERENCE_PRECISION_HINT, set by the runtime from
 model.json and recorded in the IR's runtime options too); the INT8 IR is our Q/DQ ONNX (quantize.py), whose FakeQuantize
-layers OpenVINO's CPU plugin runs in int8 (VNNI/AMX where the CPU has them) and the rest in f32. Verification runs the IR
+layers OpenVINO's CPU plugin runs in int8 (VNNI/AMX where the CPU has them) and the rest in f32 (int8-bf16: in bf16).
+Verification runs the IR
 through the runtime's OpenVINOBackend, so what is verified is what runs; BF16 on a CPU without BF16 instructions runs in
 FP32 (OpenVINO falls back), so a BF16 export verified there proves nothing about BF16: verification.json records the
 precision the plugin really ran (`runtime.inference_precision`) and the export says so in its notes. Only OpenVINO's read_model/save_model are used
@@ -21,7 +22,7 @@ from adtr_deploy.runtime.openvino import PRECISION_HINTS, SPEC_RT_KEY, import_op
 from adtr_deploy.spec import ModelSpec
 
 # the openvino format's precision -> the ONNX export the IR is made from
-ONNX_PRECISION: dict[str, str] = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}
+ONNX_PRECISION: dict[str, str] = {"fp32": "fp32", "bf16": "fp32", "int8": "int8", "int8-bf16": "int8"}
 
 
 def export_openvino(model, path: Path, *, spec: ModelSpec, options: ExportOptions) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def export_openvino(model, path: Path, *, spec: ModelSpec, options: ExportOption
         "onnx": details["extra"]["onnx"],
     }
     notes = list(details["notes"])
-    if options.precision == "bf16" and cpu.get("bf16") is False:
+    if hint == "bf16" and cpu.get("bf16") is False:
         notes.append(
             "this CPU has no BF16 instructions (avx512_bf16, amx_bf16): OpenVINO runs the BF16 export in FP32 here, "
             "so its verification checked FP32; verify it again on the CPU that will run it"

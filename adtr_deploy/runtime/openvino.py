@@ -3,7 +3,8 @@
 The precision OpenVINO computes in is set explicitly from the artifact's verified precision (model.json): OpenVINO's
 own default on a CPU with AVX-512 BF16 or AMX is bfloat16 for an FP32 model, which nothing verified, so an FP32 or INT8
 artifact runs with INFERENCE_PRECISION_HINT f32 (INT8: the layers the export left in FP32 stay FP32, as verified) and
-only a BF16 (CPU) or FP16 (GPU) export runs in that precision. `threads` and `streams` mean what they mean for ONNX
+only a BF16 or INT8-BF16 export (verified as such) runs in bf16 (an FP16 precision would run f16, for GPUs; no format
+offers it yet). `threads` and `streams` mean what they mean for ONNX
 Runtime: `threads` CPU threads in all (INFERENCE_NUM_THREADS; default: the physical cores), `streams` inference runs at
 once sharing them (OpenVINO's NUM_STREAMS, one infer request per stream; a batch is split over them as ONNX Runtime's
 streams split it, runtime/streams.py). Torch-free; openvino is imported only when this backend is chosen.
@@ -24,7 +25,14 @@ INSTALL_HINT = "install it with pip install 'adtr-deploy[openvino]'"
 # --device (ours, lower case) -> OpenVINO device name; "gpu.1" / "gpu:1" pick one of several GPUs
 OV_DEVICES: dict[str, str] = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
 # the artifact's verified precision -> INFERENCE_PRECISION_HINT; INT8 keeps the layers the export left in FP32 in f32
-PRECISION_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32", "int8-dynamic": "f32"}
+PRECISION_HINTS: dict[str, str] = {
+    "fp32": "f32",
+    "bf16": "bf16",
+    "fp16": "f16",
+    "int8": "f32",
+    "int8-dynamic": "f32",
+    "int8-bf16": "bf16",  # an OpenVINO export: int8 where the graph says, the rest in bf16
+}
 # where the spec lives in the model's rt_info: our IR (SPEC_RT_KEY), an ONNX file's metadata_props (framework/...)
 SPEC_RT_KEY = [METADATA_KEY]
 ONNX_SPEC_RT_KEY = ["framework", METADATA_KEY]
@@ -174,7 +182,8 @@ class OpenVINOBackend(Backend):
             raise BackendError(f"{path} is a {self.precision} model, which the OpenVINO backend does not run")
         if hint == "bf16" and not target.startswith("CPU"):
             raise BackendError(
-                f"{path} is a BF16 export, which OpenVINO runs on the CPU; on {target} export --precision fp16 instead"
+                f"{path} is a {self.precision} export, whose BF16 OpenVINO runs on the CPU; on {target} use an fp32 or "
+                "int8 export"
             )
         config: dict = {"INFERENCE_PRECISION_HINT": hint, "NUM_STREAMS": str(streams)}
         self.threads = (threads or physical_cores()) if target.startswith("CPU") else None
