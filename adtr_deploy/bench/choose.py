@@ -147,7 +147,8 @@ def choose_fastest(
             continue
         if images is None:
             size = engine.spec.input_size
-            images = stack_batch([load_image(f, size) for f in files[:CHECK_IMAGES]])
+            step = max(1, -(-len(files) // CHECK_IMAGES))  # spread over the folder: good and defective alike
+            images = stack_batch([load_image(f, size) for f in files[::step]])
         here = check_here(c, engine, images, reference)
         if reference is None and c.runtime == "onnxruntime" and c.precision == "fp32":
             reference = engine.run(images)
