@@ -462,6 +462,20 @@ def test_a_camera_that_fails_is_named_in_the_exit_status_and_the_others_complete
     assert long and json.loads((out / "long" / "summary.json").read_text())["images"] == len(long)
 
 
+def test_a_slow_camera_never_holds_a_fast_one(model_path, tmp_path):
+    """The issue's bound: a frame waits at most --max-wait-ms for others; a camera sending a frame every 2 s must not
+    make the other camera's frames wait for it (they would be ~2000 ms late)."""
+    with (
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=0.04) as fast,
+        rf.MjpegServer([("stream", 100000, "close")], interval_s=2.0) as slow,
+    ):
+        line = Line(model_path, {"fast": fast.url, "slow": slow.url}, tmp_path / "out", max_batch=8, max_wait_ms=10)
+        line.run(duration=5)
+    latencies = [r["latency_ms"] for r in camera_records(tmp_path / "out", "fast") if r["status"] == "ok"]
+    assert len(latencies) > 20 and len(camera_records(tmp_path / "out", "slow")) >= 2
+    assert float(np.percentile(latencies, 99)) < 1000  # far below the slow camera's 2000 ms between frames
+
+
 if __name__ == "__main__":
     import sys
 
