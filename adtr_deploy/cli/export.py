@@ -76,7 +76,7 @@ def _describe(result) -> list[str]:
     type=click.Choice([*FORMATS, ALL, TRITON]),
     default="onnx",
     show_default=True,
-    help="Artifact to write: model.onnx, model.torchscript or model.engine; 'all' writes each into OUT/<format>/; "
+    help="Artifact to write: model.onnx, model.torchscript, model.pt2, model.xml (OpenVINO IR) or model.engine; 'all' writes each into OUT/<format>/; "
     "'triton' exports (and verifies) ONNX or a TensorRT engine, then writes a Triton model repository in "
     "OUT/model_repository/.",
 )
@@ -91,7 +91,8 @@ def _describe(result) -> list[str]:
     help="fp16: ONNX and TensorRT; int8: static Q/DQ calibrated on good training images, ONNX and TensorRT; "
     "int8-dynamic: int8 transformer weights, no calibration, ONNX only. LayerNorm, Softmax, the error map and the score "
     "stay fp32; uint8 in, fp32 out. An INT8 export that fails verification is retried with the first 50%, then 75%, "
-    "of the quantizable ops in fp32 (docs/lowprec.md).",
+    "of the quantizable ops in fp32 (docs/lowprec.md). bf16 and int8-bf16 (int8, the rest bf16): OpenVINO only "
+    "(--format openvino), verified like INT8.",
 )
 @click.option(
     "--calib-images",
