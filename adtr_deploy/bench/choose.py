@@ -266,7 +266,7 @@ def render(choice: dict) -> str:
 
 
 def run_choice(model, out, images, batch_sizes, warmup, min_iters, min_seconds, threads, streams) -> None:
-    """The CLI's --choose-fastest: images from --images (else the demo images), then choose_fastest; prints the choice."""
+    """The CLI's --choose-fastest: images from --images (else the demo images), then choose_fastest; prints it."""
     import click
 
     from adtr_deploy.bench.core import BenchConfig, image_files

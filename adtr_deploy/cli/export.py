@@ -76,7 +76,8 @@ def _describe(result) -> list[str]:
     type=click.Choice([*FORMATS, ALL, TRITON]),
     default="onnx",
     show_default=True,
-    help="Artifact to write: model.onnx, model.torchscript, model.pt2, model.xml (OpenVINO IR) or model.engine; 'all' writes each into OUT/<format>/; "
+    help="Artifact to write: model.onnx, model.torchscript, model.pt2, model.xml (OpenVINO IR) or model.engine; "
+    "'all' writes each into OUT/<format>/; "
     "'triton' exports (and verifies) ONNX or a TensorRT engine, then writes a Triton model repository in "
     "OUT/model_repository/.",
 )

@@ -1,4 +1,4 @@
-"""OpenVINO: our ONNX files read directly, or the IR (model.xml + model.bin) that `adtr-export --format openvino` writes.
+"""OpenVINO: our ONNX files read directly, or the IR (model.xml + model.bin) `adtr-export --format openvino` writes.
 
 The precision OpenVINO computes in is set explicitly from the artifact's verified precision (model.json): OpenVINO's
 own default on a CPU with AVX-512 BF16 or AMX is bfloat16 for an FP32 model, which nothing verified, so an FP32 or INT8
