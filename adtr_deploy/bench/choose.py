@@ -93,8 +93,12 @@ def check_here(c: Candidate, engine, images: np.ndarray, reference: tuple[np.nda
     from adtr_deploy.export.verify import compare, criteria_of
 
     amap, score = engine.run(images)
-    if reference is None:
-        return {"passed": c.precision == "fp32", "reason": "the reference itself (FP32 ONNX on ONNX Runtime)"}
+    if reference is None:  # only the reference itself comes before the reference (choose_fastest's order)
+        is_reference = c.runtime == "onnxruntime" and c.precision == "fp32" and c.export_verified is True
+        why = (
+            "the reference itself (FP32 ONNX on ONNX Runtime)" if is_reference else "no FP32 reference to check against"
+        )
+        return {"passed": is_reference, "reason": why}
     result = compare(*reference, amap, score, threshold=engine.spec.calibration.threshold, **criteria_of(c.precision))
     keep = ("passed", "reason", "decision_agreement", "unexplained_flips")
     out = {k: result[k] for k in keep}
@@ -121,15 +125,18 @@ def choose_fastest(
     """Check every candidate here, time those that pass interleaved, pick the fastest; write OUT/choice.json and
     OUT/choice.md. Returns the choice record. `time_refused` (benchmarks): time the candidates that failed a check
     too, beside the others, marked not eligible (the choice is still among those that passed)."""
-    from adtr_deploy.bench.machine import machine_info
+    from adtr_deploy.bench.machine import load_average, machine_info
     from adtr_deploy.errors import UserError as _UserError
 
     candidates = find_candidates(root)
     machine = machine_info()
     rows: list[dict] = []
     engines = {}
-    reference = None
-    ordered = sorted(candidates, key=lambda c: (c.runtime != "onnxruntime", c.precision != "fp32"))
+    reference, reference_label = None, None
+    # the reference (a verified FP32 ONNX export on ONNX Runtime) first, so every other candidate is checked against it
+    ordered = sorted(
+        candidates, key=lambda c: (c.export_verified is not True, c.runtime != "onnxruntime", c.precision != "fp32")
+    )
     size = None
     images = None
     for c in ordered:
@@ -150,8 +157,8 @@ def choose_fastest(
             step = max(1, -(-len(files) // CHECK_IMAGES))  # spread over the folder: good and defective alike
             images = stack_batch([load_image(f, size) for f in files[::step]])
         here = check_here(c, engine, images, reference)
-        if reference is None and c.runtime == "onnxruntime" and c.precision == "fp32":
-            reference = engine.run(images)
+        if reference is None and c.runtime == "onnxruntime" and c.precision == "fp32" and c.export_verified is True:
+            reference, reference_label = engine.run(images), c.label
         row["check_here"] = here
         row["describe"] = engine.describe()
         row["eligible"] = bool(here["passed"]) and row.get("eligible", True)
@@ -183,7 +190,8 @@ def choose_fastest(
             log(f"  {label:<44} {timed[label][bs]['ms_per_image']:7.2f} ms/img  p50 {stats['p50_ms']:8.2f} ms")
     for e in engines.values():
         e.close()
-    base = next(r["label"] for r in rows if r["runtime"] == "onnxruntime" and r["precision"] == "fp32")
+    machine["load_average_end"] = load_average()
+    base = reference_label
     for row in rows:
         if row["label"] in timed:
             per = {bs: timed[row["label"]][bs]["ms_per_image"] for bs in batch_sizes}
