@@ -112,11 +112,14 @@ def read_folder(folder: Path) -> dict[str, list[dict]]:
     return by_camera
 
 
-def run_config(args, cams: list[Camera], one_process: bool, work: Path) -> dict:
+def run_config(args, cams: list[Camera], config: str, work: Path) -> dict:
     """Start the configuration, wait until every camera has a record (N processes load N models, one after the
     other on a busy CPU), let them run --warmup + --seconds together, stop them with SIGTERM, read the records."""
     n = len(cams)
     base = ["--model", str(args.model), "-q", "--device", args.device, "--backend", args.backend]
+    one_process = config != "separate"
+    if config == "one-streams":
+        base += ["--streams", str(args.streams)]
     if one_process:
         sources = [a for i, c in enumerate(cams) for a in ("--source", f"cam{i + 1}={c.url}")]
         extra = ["--max-batch", str(args.max_batch or n), "--max-wait-ms", str(args.max_wait_ms)]
@@ -166,7 +169,9 @@ def run_config(args, cams: list[Camera], one_process: bool, work: Path) -> dict:
         batching = json.loads((work / "line" / "line-summary.json").read_text())["batching"]["default"]
     return {
         "cameras": n,
-        "config": "one process" if one_process else f"{n} processes",
+        "config": {"one": "one process", "one-streams": f"one process, --streams {args.streams}"}.get(
+            config, f"{n} processes"
+        ),
         "window_s": round(t1 - t0, 3),
         "aggregate_fps": round(sum(len(r) for r in window.values()) / (t1 - t0), 3),
         "p50_ms_median": round(float(np.median([c["p50_ms"] for c in per_camera.values()])), 2),
@@ -188,13 +193,13 @@ def markdown(result: dict) -> str:
         f"{result['seconds']} s per configuration, first {result['warmup']} s left out; machine: "
         f"{result['machine']['cpus']} CPUs, load {result['machine']['loadavg_1m_at_end']:.2f} at the end.",
         "",
-        "| cameras | configuration | aggregate fps | latency p50 (median camera), ms | p99 (worst camera), ms "
+        "| cameras | round | configuration | aggregate fps | latency p50 (median camera), ms | p99 (worst camera), ms "
         "| mean batch | peak RSS, MB | peak PSS, MB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['cameras']} | {r['config']} | {r['aggregate_fps']:.1f} | {r['p50_ms_median']:.1f} | "
+            f"| {r['cameras']} | {r.get('round', 1)} | {r['config']} | {r['aggregate_fps']:.1f} | {r['p50_ms_median']:.1f} | "
             f"{r['p99_ms_max']:.1f} | {r['mean_batch'] or '-'} | {r['peak_rss_mb']:.0f} | {r['peak_pss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -214,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--device", default="cpu", help="adtr-run --device (cuda on a GPU machine: gpu_check.sh)")
     p.add_argument("--backend", default="auto", help="adtr-run --backend (e.g. torchscript with a CUDA PyTorch)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the configurations, alternating, this many times")
+    p.add_argument("--streams", type=int, default=0, help="also one process with adtr-run --streams N (0: not)")
     p.add_argument("--out", type=Path, default=RESULTS / "multicam.json")
     args = p.parse_args(argv)
     frames = jpeg_frames(args.images, args.size)
@@ -225,12 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for n in [int(x) for x in args.cameras.split(",")]:
         cams = [Camera(frames, args.fps) for _ in range(n)]
+        configs = ["one"] + (["one-streams"] if args.streams > 1 else []) + ["separate"]
         try:
-            for one_process in (True, False):
-                with tempfile.TemporaryDirectory(prefix="adtr-multicam-") as tmp:
-                    row = run_config(args, cams, one_process, Path(tmp))
-                print(json.dumps({k: v for k, v in row.items() if k != "per_camera"}), flush=True)
-                rows.append(row)
+            for round_ in range(1, args.rounds + 1):
+                for config in configs if round_ % 2 else configs[::-1]:  # alternate the order between rounds
+                    with tempfile.TemporaryDirectory(prefix="adtr-multicam-") as tmp:
+                        row = {**run_config(args, cams, config, Path(tmp)), "round": round_}
+                    print(json.dumps({k: v for k, v in row.items() if k != "per_camera"}), flush=True)
+                    rows.append(row)
         finally:
             for cam in cams:
                 cam.close()

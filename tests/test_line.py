@@ -173,9 +173,11 @@ def test_a_bad_line_file_is_refused_at_start_in_one_sentence_naming_the_camera(m
     assert not (out / "cameras.json").exists()
 
 
-def test_the_batcher_runs_cameras_together_and_gives_each_its_own_rows(model_path):
-    backend = open_model(model_path, "cpu", threads=1)
+@pytest.mark.parametrize("streams", [1, 2])  # with 2 inference streams, 2 batches run at once
+def test_the_batcher_runs_cameras_together_and_gives_each_its_own_rows(model_path, streams):
+    backend = open_model(model_path, "cpu", threads=streams, streams=streams)
     batcher = Batcher(backend, max_batch=4, max_wait_ms=50)
+    assert batcher.workers == streams
     images = texture_images(4, rf.INPUT_SIZE, seed=9)
     expected = [backend.run(images[i : i + 1]) for i in range(4)]
     results: dict[int, list] = {i: [] for i in range(4)}

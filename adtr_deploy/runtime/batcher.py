@@ -48,8 +48,13 @@ class Batcher:
         self._closed = False
         self.batches = 0
         self.images = 0
-        self._thread = threading.Thread(target=self._loop, name="adtr-batcher", daemon=True)
-        self._thread.start()
+        # A backend with inference streams (--streams N: N sessions) runs N batches at once, one per worker.
+        self.workers = max(1, int(getattr(backend, "concurrency", 1) or 1))
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"adtr-batcher-{i}", daemon=True) for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def client(self, name: str) -> CameraBackend:
         return CameraBackend(self, name)
@@ -62,6 +67,7 @@ class Batcher:
             "mean_batch": round(self.images / self.batches, 3) if self.batches else None,
             "max_batch": self.max_batch,
             "max_wait_ms": round(self.max_wait_s * 1000, 3),
+            "workers": self.workers,
         }
 
     def submit(self, x: np.ndarray, client: str) -> tuple[np.ndarray, np.ndarray]:
@@ -105,12 +111,13 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._queue:
-                    self._cond.wait()
-                if self._closed and not self._queue:
-                    return
-                while not self._closed:
-                    wait = self._wait_s(time.monotonic())
+                while True:
+                    if not self._queue:  # (another worker may have taken it while this one waited)
+                        if self._closed:
+                            return
+                        self._cond.wait()
+                        continue
+                    wait = 0.0 if self._closed else self._wait_s(time.monotonic())
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
@@ -126,10 +133,10 @@ class Batcher:
                 req.error = exc
                 req.done.set()
             return
-        self.batches += 1
-        self.images += len(x)
         start, now = 0, time.monotonic()
         with self._cond:
+            self.batches += 1
+            self.images += len(x)
             for req in taken:  # each is expected back for a moment: its camera decodes its next frame
                 self._answered[req.client] = now
         for req in taken:
@@ -139,11 +146,12 @@ class Batcher:
             req.done.set()
 
     def close(self) -> None:
-        """Run what is waiting, then stop the thread (the backend itself is closed by its owner)."""
+        """Run what is waiting, then stop the workers (the backend itself is closed by its owner)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
 
 class CameraBackend:
