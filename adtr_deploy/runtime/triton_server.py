@@ -216,7 +216,8 @@ class TritonServer:
         for line in text.splitlines():
             m = LOAD_FAILURE.search(line.strip())
             if m:
-                reason = m.group(2).strip().rstrip('"').split("\\n")[0].rstrip(".")  # the log escapes the traceback's newlines
+                # the log escapes the traceback's newlines: the reason is what comes before the first one
+                reason = m.group(2).strip().rstrip('"').split("\\n")[0].rstrip(".")
                 hint = ""
                 if "unable to find backend library" in reason or "unable to find '" in reason:
                     hint = " (the nvidia-pytriton wheel's server has only the Python backend: export with --triton-backend python)"
