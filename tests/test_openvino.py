@@ -168,6 +168,20 @@ def test_ir_export_is_verified_bound_to_its_files_and_runs_in_its_precision(expo
         assert int8.describe()["inference_precision"] == "f32"  # INT8 layers in int8, the rest as verified: f32
 
 
+def test_ir_weights_are_bound_to_the_export(exports, tmp_path):
+    """model.json's sha256 is model.xml's; a model.bin with other weights (same layout, so OpenVINO reads it) is
+    refused by its own recorded sha256."""
+    for name in ("model.xml", "model.json"):
+        (tmp_path / name).write_bytes((exports / "openvino-int8" / name).read_bytes())
+    weights = bytearray((exports / "openvino-int8" / "model.bin").read_bytes())
+    weights[len(weights) // 2] ^= 0x40  # one weight changed
+    (tmp_path / "model.bin").write_bytes(bytes(weights))
+    with pytest.raises(BackendError, match="is not the model.bin that adtr-export wrote"):
+        open_model(tmp_path / "model.xml", "cpu")
+    (tmp_path / "model.bin").write_bytes((exports / "openvino-int8" / "model.bin").read_bytes())
+    assert open_model(tmp_path / "model.xml", "cpu").spec.precision == "int8"  # the right weights open
+
+
 def test_int8_bf16_runs_what_int8_leaves_float_in_bf16(checkpoint, tmp_path):
     from adtr_deploy.export import export_checkpoint
     from adtr_deploy.runtime.cpu import cpu_info

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adtr_deploy.export.formats import ExportOptions
+from adtr_deploy.fileio import sha256_file
 from adtr_deploy.runtime.openvino import PRECISION_HINTS, SPEC_RT_KEY, import_openvino, read_model
 from adtr_deploy.spec import ModelSpec
 
@@ -46,6 +47,7 @@ def export_openvino(model, path: Path, *, spec: ModelSpec, options: ExportOption
                 extra_file.unlink()
     cpu = cpu_info()
     record = {
+        "bin_sha256": sha256_file(path.with_suffix(".bin")),  # model.json's sha256 is model.xml's; the weights are here
         "version": ov.__version__,
         "precision": options.precision,
         "inference_precision_hint": hint,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adtr_deploy.fileio import sha256_file
 from adtr_deploy.runtime.base import Backend, BackendError, check_graph_io, read_spec
 from adtr_deploy.runtime.streams import physical_cores
 from adtr_deploy.spec import METADATA_KEY
@@ -104,6 +105,18 @@ def last_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
+def check_weights(spec, path: Path) -> None:
+    """An IR's weights are in model.bin, which the sha256 of model.xml in model.json does not cover: the export records
+    the .bin's own sha256, and a different one (weights of another export copied in) is refused."""
+    recorded = (spec.extra.get("openvino") or {}).get("bin_sha256") if isinstance(spec.extra, dict) else None
+    weights = path.with_suffix(".bin")
+    if recorded and path.suffix.lower() == ".xml" and weights.is_file() and sha256_file(weights) != recorded:
+        raise BackendError(
+            f"{weights} is not the model.bin that adtr-export wrote with {path.name} (its sha256 differs from the one "
+            "model.json records): it belongs to another export; copy the export folder whole"
+        )
+
+
 class _Requests:
     """One OpenVINO infer request per stream. A batch is split into contiguous parts, one per stream (never more parts
     than images), the parts run at once with start_async, outputs concatenated in batch order; several
@@ -171,6 +184,7 @@ class OpenVINOBackend(Backend):
                 "model.onnx or model.xml that adtr-export wrote"
             )
         super().__init__(path, read_spec(path, embedded_spec(model)), device)
+        check_weights(self.spec, path)
         inp = model.inputs[0]
         shape = [d.get_length() if d.is_static else None for d in inp.get_partial_shape()]
         check_graph_io(self.spec, path, inp.get_any_name(), shape, [o.get_any_name() for o in model.outputs])
