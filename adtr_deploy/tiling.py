@@ -30,7 +30,7 @@ from adtr_deploy.preprocess import resize, stack_batch
 
 DEFAULT_OVERLAP = 0.25
 MAX_OVERLAP = 0.75
-TILE_BATCH = 16  # tiles per model call at inference (fewer when the model's batch is smaller)
+TILE_BATCH = 8  # tiles per model call at inference (fewer when the model's batch is smaller)
 AUTO_MAX_TILES = 64  # --tile auto: native resolution unless a training image would need more tiles than this
 CROPS = ("grid", "random")
 OFF = ("off", "none", "no")

@@ -143,7 +143,7 @@ def cost_by_size(infs: dict, image: np.ndarray, reps: int = 3) -> dict:
 
 
 MEMORY_CHILD = """
-import resource, sys, time, cv2, numpy as np
+import sys, time, numpy as np
 from adtr_deploy.preprocess import read_image
 from adtr_deploy.runtime import Inferencer
 inf = Inferencer(sys.argv[1])
@@ -151,12 +151,14 @@ tile = read_image(sys.argv[2])
 reps = (-(-3648 // tile.shape[0]), -(-5472 // tile.shape[1]), 1)
 image = np.ascontiguousarray(np.tile(tile, reps)[:3648, :5472])  # 20 MP, 5472 x 3648, from the test photograph
 inf.predict(tile)  # the session warmed up on a 1 MP image
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_mb():  # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak across exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+before = peak_mb()
 t0 = time.perf_counter()
 inf.predict(image)
 seconds = time.perf_counter() - t0
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(before / 1024, after / 1024, seconds, image.nbytes / 2**20)
+after = peak_mb()
+print(before, after, seconds, image.nbytes / 2**20)
 """
 
 
@@ -215,6 +217,29 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def memory_only(args, cats: list[str], argv) -> dict:
+    """The 20 MP memory check alone, for both models of each category already trained and exported in --work."""
+    result = {"command": command_line("tiling.py", argv), "memory_20mp": {}}
+    for cat in cats:
+        image = args.work / "data" / cat / "test" / "good" / "000.png"
+        for name in MODELS:
+            model = args.work / "runs" / f"{cat}-{name}" / "export" / "model.onnx"
+            result["memory_20mp"][f"{cat} {name}"] = memory_20mp(model, image)
+    result["machine"] = machine()
+
+    def table(r: dict) -> str:
+        rows = [f"`{r['command']}`", "", "| model | peak MB after 1 MP | peak MB after 20 MP | 20 MP frame MB | s |"]
+        rows.append("|---|---|---|---|---|")
+        for k, m in r["memory_20mp"].items():
+            rows.append(
+                f"| {k} | {m['peak_rss_mb_1mp']:.0f} | {m['peak_rss_mb_20mp']:.0f} | {m['frame_mb']:.0f} | "
+                f"{m['seconds_20mp']:.1f} |"
+            )
+        return "\n".join(rows) + "\n"
+
+    return write_result(result, args.out, table)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--categories", default="brick")
@@ -226,8 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tile", default="native")
     p.add_argument("--preset", default="lite0")
     p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--memory-only", action="store_true", help="only the 20 MP memory check of the models in --work")
     args = p.parse_args(argv)
     cats = [c for c in args.categories.split(",") if c]
+    if args.memory_only:
+        return memory_only(args, cats, argv)
     data = write_large_dataset(args.work / "data", cats, size=args.image_size, counts=(args.train_images, 16, 12))
     result = {"command": command_line("tiling.py", argv), "categories": {}}
     for cat in cats:
