@@ -53,7 +53,7 @@ from adtr_deploy.cli.train_options import model_options, parse_input_size, parse
 @click.option(
     "--threshold-margin",
     type=click.FloatRange(0.0, 1.0),
-    default=0.25,
+    default=0.15,
     show_default=True,
     help="Lift the calibrated threshold this share of the way from the good images' rule toward synthetic defects drawn "
     "on the calibration images (never lowered; 0 = the good images alone). See docs/robustness.md.",

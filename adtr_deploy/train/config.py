@@ -29,7 +29,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # held-out train/good images for calibration, never trained on
     min_val_images: int = 4
     # Lift of the threshold toward synthetic defects made on the calibration images (calibration.DEFECT_MARGIN); 0 = off
-    threshold_margin: float = 0.25
+    threshold_margin: float = 0.15
     cache_features: bool = True
     cache_dtype: str = "float32"  # or "float16": half the cache memory, features rounded to fp16
     workers: int = 0  # DataLoader worker processes for image decoding
