@@ -50,21 +50,11 @@ io_options = options(
 
 # Many cameras in one process (adtr_deploy.runtime.line): the shared batches (the line file is --line, below).
 line_options = options(
-    click.option(
-        "--max-batch",
-        type=click.IntRange(1, 1024),
-        default=8,
-        show_default=True,
-        help="Several cameras: at most this many frames (of all cameras sharing a model) in one inference call.",
-    ),
-    click.option(
-        "--max-wait-ms",
-        type=click.FloatRange(min=0),
-        default=10.0,
-        show_default=True,
-        help="Several cameras: a frame waits at most this long for others to join its batch.",
-    ),
-)
+    click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
+                 help="Several cameras: at most this many frames (of all cameras sharing a model) in one inference call."),
+    click.option("--max-wait-ms", type=click.FloatRange(min=0), default=10.0, show_default=True,
+                 help="Several cameras: a frame waits at most this long for others to join its batch."),
+)  # fmt: skip
 
 # Which inference engine runs the model: the device, the backend, and a Triton server's address.
 engine_options = options(
