@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "data": "data",
     "demo": "demo",
     "recalibrate": "recalibrate",
+    "review": "review",
     "triton": "triton",
 }
 

@@ -17,6 +17,7 @@ from adtr_deploy.cli.common import user_errors
 from adtr_deploy.cli.run_options import (
     drift_options,
     engine_options,
+    frames_options,
     io_options,
     line_options,
     loop_options,
@@ -115,6 +116,8 @@ def command(
     overwrite: bool,
     resume: bool,
     keep: tuple[str, ...],
+    keep_frames: str | None,
+    review_sample: float | None,
     quiet: bool,
     serve: str | None,
     serve_token: str | None,
@@ -224,6 +227,7 @@ def command(
             overwrite=overwrite,
             resume=resume,
             keep=keep,
+            **frames_options(keep_frames, review_sample, serve),
         )
         fallback = getattr(engine, "fallback", None)
         if fallback:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from adtr_deploy.cli.run import _owns_process, _raise_interrupt
+from adtr_deploy.cli.run_options import frames_options
 from adtr_deploy.errors import UserError
 
 
@@ -61,6 +62,7 @@ def run_line(params: dict, *, log_quiet: bool) -> None:
         overwrite=params["overwrite"],
         resume=params["resume"],
         keep=params["keep"],
+        **frames_options(params["keep_frames"], params["review_sample"], params["serve"]),
     )
     view = None
     if params["serve"] is not None or params["sinks"]:

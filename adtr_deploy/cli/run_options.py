@@ -195,7 +195,30 @@ out_folder_options = options(
         help="Live sources: remove the oldest closed segments (results and their overlays) older than AGE (30d, 12h) or "
         "beyond SIZE in all (5GB, 500MB); both may be given. Default: keep everything.",
     ),
+    click.option(
+        "--keep-frames",
+        type=click.Choice(["flagged", "none"]),
+        default=None,
+        help="flagged: keep the original frame of every flagged part (lossless PNG, with its overlay) in OUT/frames/ "
+        "for review (adtr review, POST /api/review); removed with its segment by --keep. Default: flagged with "
+        "--serve, none without.",
+    ),
+    click.option(
+        "--review-sample",
+        type=click.FloatRange(0, 1),
+        default=None,
+        metavar="SHARE",
+        help="With --keep-frames flagged: also keep this share of passed parts (seeded by run and frame), so review "
+        "catches misses. Default: 0.01.",
+    ),
 )
+
+
+def frames_options(keep_frames: str | None, review_sample: float | None, serve: str | None) -> dict:
+    """RunOptions' keep_frames and review_sample from --keep-frames / --review-sample (defaults: see their help)."""
+    mode = keep_frames or ("flagged" if serve is not None else "none")
+    return {"keep_frames": mode, "review_sample": (0.01 if review_sample is None else review_sample) * (mode != "none")}
+
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress line and no summary on the terminal.")
 

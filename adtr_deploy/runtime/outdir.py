@@ -7,6 +7,7 @@ Layout of OUT:
     summary.json                  the latest start's summary; `"running": true` while that start runs (a checkpoint)
     runs.jsonl                    one summary per start, oldest first: the history of every start into this folder
     overlays/                     file runs: overlays/<name>.jpg; live runs: overlays/<run>-<part>/frame_N.jpg
+    frames/                       --keep-frames: flagged parts' originals (.png) and overlays (.jpg), grouped as overlays
     .adtr-run.lock                held (fcntl.flock) by the run writing here; the kernel releases it when that dies
 
 Every record carries `run` (the id of the start that wrote it) and `model_sha256`, so records of different starts
@@ -43,6 +44,7 @@ RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 RUNS_FILE = "runs.jsonl"
 OVERLAY_DIR = "overlays"
+FRAMES_DIR = "frames"  # --keep-frames: originals of flagged parts, for review (same grouping as overlays)
 LOCK_FILE = ".adtr-run.lock"
 SEGMENT_GLOB = "results-*.jsonl"
 OUTPUTS = (RESULTS_FILE, SUMMARY_FILE, RUNS_FILE, OVERLAY_DIR)
@@ -210,6 +212,7 @@ def clear_outputs(out_dir: Path) -> None:
     for path in result_files(out_dir) + [out_dir / SUMMARY_FILE, out_dir / RUNS_FILE]:
         path.unlink(missing_ok=True)
     shutil.rmtree(out_dir / OVERLAY_DIR, ignore_errors=True)
+    shutil.rmtree(out_dir / FRAMES_DIR, ignore_errors=True)
 
 
 def repair_torn_line(results: Path) -> None:

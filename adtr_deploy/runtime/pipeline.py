@@ -69,6 +69,8 @@ class RunOptions:
     overwrite: bool = False  # replace the results of an earlier run in the same folder (overlays included)
     resume: bool = False  # continue them: files skip the inputs already recorded; live sources start a new segment
     keep: tuple[str, ...] = ()  # live runs: retention of closed segments and their overlays, e.g. ("30d", "5GB")
+    keep_frames: str = "none"  # "flagged": flagged parts' original frames in OUT/frames/, for review
+    review_sample: float = 0.0  # with keep_frames: this share of passed parts too (seeded), to catch misses
 
 
 class Pipeline:
@@ -112,8 +114,8 @@ class Pipeline:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.state: RunState | None = None
         self.model_sha256: str | None = None
-        self._keep_original = bool(options.save_overlays or options.save_video is not None or options.show or observers)
         self._draws = bool(options.save_overlays or options.save_video is not None or options.show)
+        self._keep_original = self._draws or bool(observers) or options.keep_frames != "none"  # frames kept for review
         self._results: ResultsLog | None = None
         self.video: VideoOut | None = None
         self._window: Window | None = None
@@ -361,6 +363,7 @@ class Pipeline:
                     self.video.write(picture)
                 if self._window is not None and not state.stop_requested and not self._window.show(picture):
                     state.stop_requested = True
+            self._results.keep_frame(frame.key, record, original, picture, pred, self.post.heat)  # --keep-frames
             self._write(state, record, original, pred, picture)
 
     def _write(self, state: RunState, record: dict, original=None, pred: Prediction | None = None, drawn=None) -> None:

@@ -11,6 +11,7 @@ and its readers (segments, result_files, read_records): adtr_deploy.runtime.outd
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,10 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 
 from adtr_deploy.runtime import outdir
-from adtr_deploy.runtime.outdir import NO_SPACE, OVERLAY_DIR, RESULTS_FILE, disk_full, write_image_atomic
+from adtr_deploy.runtime.outdir import FRAMES_DIR, NO_SPACE, OVERLAY_DIR, RESULTS_FILE, disk_full, write_image_atomic
+from adtr_deploy.runtime.postprocess import Prediction, overlay
 
 if TYPE_CHECKING:
     from adtr_deploy.runtime.pipeline import RunOptions
@@ -117,23 +120,27 @@ def apply_retention(
     sizes = {}
     for p in closed:
         if p.name not in known_sizes:
-            known_sizes[p.name] = p.stat().st_size + _tree_bytes(out_dir / OVERLAY_DIR / p.stem[len("results-") :])
+            tag = p.stem[len("results-") :]
+            known_sizes[p.name] = p.stat().st_size + sum(
+                _tree_bytes(out_dir / d / tag) for d in (OVERLAY_DIR, FRAMES_DIR)
+            )
         sizes[p] = known_sizes[p.name]
     total = sum(sizes.values())
     if max_bytes is not None:
         current = out_dir / RESULTS_FILE
         total += current.stat().st_size if current.is_file() else 0
-        overlays = out_dir / OVERLAY_DIR
-        if overlays.is_dir():  # overlays of the segment being written, and a file run's
-            known = {p.stem[len("results-") :] for p in closed}
-            total += sum(_tree_bytes(q) for q in overlays.iterdir() if q.name not in known)
+        known = {p.stem[len("results-") :] for p in closed}
+        for folder in (out_dir / OVERLAY_DIR, out_dir / FRAMES_DIR):  # the segment being written's, and a file run's
+            if folder.is_dir():
+                total += sum(_tree_bytes(q) for q in folder.iterdir() if q.name not in known)
     now, removed = time.time(), []
     for path in closed:
         too_old = max_age_s is not None and now - path.stat().st_mtime > max_age_s
         too_big = max_bytes is not None and total > max_bytes
         if not (too_old or too_big):
             break
-        shutil.rmtree(out_dir / OVERLAY_DIR / path.stem[len("results-") :], ignore_errors=True)
+        for folder in (OVERLAY_DIR, FRAMES_DIR):  # its overlays and its kept frames go with it
+            shutil.rmtree(out_dir / folder / path.stem[len("results-") :], ignore_errors=True)
         path.unlink(missing_ok=True)
         total -= sizes[path]
         known_sizes.pop(path.name, None)
@@ -151,8 +158,19 @@ class ResultsLog:
     DiskFullError. With `rotate`, the file is closed into `results-<run>-<part>.jsonl` once it and its overlays reach
     SEGMENT_BYTES (or the --keep size / 8) or SEGMENT_SECONDS; `tag` names the current part (its overlays folder)."""
 
-    def __init__(self, out_dir: Path, run_id: str, *, append: bool, rotate: bool, max_bytes: int | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        run_id: str,
+        *,
+        append: bool,
+        rotate: bool,
+        max_bytes: int | None = None,
+        keep_frames: str = "none",
+        review_sample: float = 0.0,
+    ):
         self.out_dir, self.run_id, self.rotate = out_dir, run_id, rotate
+        self.keep_frames, self.review_sample = keep_frames, review_sample
         self.path = out_dir / RESULTS_FILE
         self.limit = min(SEGMENT_BYTES, max_bytes // 8) if max_bytes else SEGMENT_BYTES
         self._fd = -1
@@ -188,13 +206,28 @@ class ResultsLog:
         """OUT/overlays/<key>.jpg for files (the names a full run gives); live runs group them by segment, so
         retention removes a segment's overlays with it and a restart never overwrites an earlier start's. Returns the
         path relative to OUT (the record's `overlay`)."""
-        folder = self.out_dir / OVERLAY_DIR
+        return self._save(OVERLAY_DIR, f"{key}.jpg", picture)
+
+    def _save(self, kind: str, name: str, picture: np.ndarray) -> str:
+        folder = self.out_dir / kind
         if self.rotate:
             folder = folder / self.tag
-        target = folder / f"{key}.jpg"
+        target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
         self.segment_bytes += write_image_atomic(target, picture)
         return target.relative_to(self.out_dir).as_posix()
+
+    def keep_frame(self, key: str, record: dict, original, drawn, pred: Prediction | None, heat) -> None:
+        """--keep-frames flagged: a flagged part's original frame (RGB `original`) as lossless PNG in OUT/frames/, with
+        its overlay beside it (.jpg: `drawn`, or drawn here), for review (adtr_deploy.runtime.review); passed parts too
+        for the --review-sample share. Live runs group them by segment, as overlays, so --keep removes them with it.
+        The record names the PNG (`original`, relative to OUT)."""
+        if original is None or pred is None or not keeps(record, self.keep_frames, self.review_sample):
+            return
+        record["original"] = self._save(FRAMES_DIR, f"{key}.png", cv2.cvtColor(original, cv2.COLOR_RGB2BGR))
+        self._save(
+            FRAMES_DIR, f"{key}.jpg", drawn if drawn is not None else overlay(original, pred, heat(pred.anomaly_map))
+        )
 
     def due(self) -> bool:
         """Time to close the segment (checked between batches)."""
@@ -224,4 +257,19 @@ def open_results(out_dir: Path, run_id: str, options: RunOptions, *, live: bool,
     if resume and live:
         close_current(out_dir)  # the earlier start's records become a closed segment
     outdir.repair_torn_line(out_dir / RESULTS_FILE)
-    return ResultsLog(out_dir, run_id, append=resume, rotate=live, max_bytes=max_bytes)
+    frames = {"keep_frames": options.keep_frames, "review_sample": options.review_sample}
+    return ResultsLog(out_dir, run_id, append=resume, rotate=live, max_bytes=max_bytes, **frames)
+
+
+def keeps(record: dict, mode: str, sample: float) -> bool:
+    """Whether --keep-frames keeps this record's frame: every flagged part, and a seeded share `sample` of the passed
+    ones (to catch misses), drawn from a hash of the record's run, source and frame: the same records whatever the
+    timing, reproducible, and no state to keep."""
+    if mode == "none" or record.get("status") != "ok":
+        return False
+    if record.get("is_anomaly"):
+        return True
+    if sample <= 0:
+        return False
+    digest = hashlib.sha256(f"{record.get('run')}|{record.get('source')}|{record.get('frame')}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < sample * 2.0**64

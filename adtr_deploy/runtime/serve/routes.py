@@ -1,7 +1,8 @@
 """What each route of the live view answers, and who may ask; no sockets here (loop.py and server.py do the I/O).
 
 Routes: GET / (the page), /static/*, /api/status, /frame.jpg, /gallery/ID.jpg, /stream.mjpg (a GET becomes a stream in
-server.py), /metrics, /healthz, /readyz; POST /api/pause, /api/resume and /api/recalibrate. Control (POST) checks Host
+server.py), /metrics, /healthz, /readyz, /review and /api/review*; POST /api/pause, /api/resume, /api/recalibrate and
+/api/review (reviewroutes.py). Control (POST) checks Host
 and Origin, then the token (header X-ADTR-Token, which a plain cross-site form cannot send). With auth "all", every
 route but /healthz and /readyz needs the token (X-ADTR-Token, `Authorization: Bearer TOKEN`, or HTTP Basic with the
 token as password, so that a browser asks for it).
@@ -131,16 +132,24 @@ class Routes:
         if path == "/metrics":
             body, ctype = service.metrics()
             return Response(200, body, ctype)
+        if path == "/review" or path.startswith("/api/review"):  # review of flagged parts: serve/reviewroutes.py
+            from adtr_deploy.runtime.serve import reviewroutes
+
+            return reviewroutes.get(self, req)
         return error(404, f"no such page: {path}")
 
     def post(self, req: Request) -> Response:
-        if req.path not in ("/api/pause", "/api/resume", "/api/recalibrate"):
+        if req.path not in ("/api/pause", "/api/resume", "/api/recalibrate", "/api/review"):
             return error(404, f"no such action: {req.path}")
         denied = self.write_denied(req)
         if denied is not None:
             return denied
         if req.path == "/api/recalibrate":
             return self.recalibrate(req)
+        if req.path == "/api/review":
+            from adtr_deploy.runtime.serve import reviewroutes
+
+            return reviewroutes.post(self, req)
         self.service.set_paused(req.path == "/api/pause")
         return json_response(200, {"state": self.service.state.state})
 

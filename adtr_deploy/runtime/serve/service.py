@@ -19,6 +19,7 @@ from pathlib import Path
 
 from adtr_deploy.errors import MissingExtraError, UserError
 from adtr_deploy.runtime.redaction import redact_url
+from adtr_deploy.runtime.review import Review
 from adtr_deploy.runtime.serve.sinks import Sink, parse_sink, sink_observer
 from adtr_deploy.runtime.serve.state import STALL_S, LiveState
 
@@ -109,6 +110,8 @@ class Service:
         # sink_options: spool_root, max_messages, token, secret (to each sink); line, out_dir (to the messages)
         options = dict(sink_options or {})
         self._sink_message = {"line": options.pop("line", None), "out_dir": options.pop("out_dir", None)}
+        out_dir = self._sink_message["out_dir"]
+        self.review = None if out_dir is None else Review(out_dir)  # the kept frames' review (/api/review)
         self.sinks: list[Sink] = [parse_sink(s, log=log, **options) for s in sinks]
         self.model: dict = {}  # filled in by start(), once the model is loaded
         self._serving = False
