@@ -25,6 +25,7 @@ from adtr_deploy.runtime.review import Review, review_id
 from adtr_deploy.runtime.segments import keeps
 from tests import runtime_fixtures as rf
 from tests.serve_helpers import ServedRun, get, get_json
+from tests.test_serve_browser import Browser, needs_chromium
 from tests.test_sources import write_video
 
 TOKEN = "review-secret"
@@ -251,6 +252,50 @@ def test_retention_removes_kept_frames_with_their_segment(model, tmp_path):
     assert all((out / r["original"]).is_file() for r in kept)
     used = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert used <= keep + 8 * 30_000, used
+
+
+@needs_chromium
+def test_the_review_page_in_chromium_labels_a_frame_into_the_review_folder(model, tmp_path):
+    """The real page: its list shows the kept frames with overlay and original; a click on False alarm (with the token
+    and a name typed in) puts the frame into review/good/ with who labelled it, and the page then shows the label."""
+    write_video(tmp_path / "line.avi", 12)
+    out = tmp_path / "out"
+    args = ["--model", model, "--source", tmp_path / "line.avi", "--out", out, "--serve", "127.0.0.1:0",
+            "--serve-token", TOKEN, "--serve-linger", "120", "-q"]  # fmt: skip
+    with ServedRun(*args) as served:
+        served.wait_for(lambda s: s["state"] == "finished", what="the video's end")
+        browser = Browser(tmp_path / "profile")
+        try:
+            browser.open(served.url + "review")
+
+            def shown(expression: str, predicate, what: str):
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 60:
+                    value = browser.js(expression)
+                    if predicate(value):
+                        return value
+                    time.sleep(0.1)
+                raise AssertionError(f"the review page did not show {what}; it shows {value!r}")
+
+            first = "document.querySelector('#items li')"
+            rid = shown(f"{first} && {first}.dataset.id", bool, "a kept frame")
+            loaded = f"[...{first}.querySelectorAll('img')].map(i => i.complete && i.naturalWidth > 0)"
+            assert shown(loaded, lambda v: v == [True, True], "its overlay and original")
+            browser.js("document.getElementById('token').value = " + json.dumps(TOKEN))
+            browser.js("document.getElementById('by').value = 'J. Doe'")
+            label = "false_alarm" if Review(out).find(rid)["is_anomaly"] else "good"
+            browser.js(f"{first}.querySelector('button[data-label={label}]').click()")
+            state = f"document.querySelector('#items li[data-id=\"' + {json.dumps(rid)} + '\"] .review-state')"
+            assert shown(f"{state} && {state}.textContent", lambda v: v and "J. Doe" in v, "the label") == (
+                f"{label} by J. Doe"
+            )
+        finally:
+            browser.close()
+    entry = Review(out).labels()[rid]
+    assert (entry["who"], entry["via"], entry["label"]) == ("J. Doe", "api", label)
+    record = Review(out).find(rid)
+    assert (out / "review" / entry["image"]).read_bytes() == (out / record["original"]).read_bytes()
+    assert entry["image"].startswith("good/")
 
 
 if __name__ == "__main__":  # pragma: no cover
