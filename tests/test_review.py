@@ -298,5 +298,30 @@ def test_the_review_page_in_chromium_labels_a_frame_into_the_review_folder(model
     assert entry["image"].startswith("good/")
 
 
+def _docs_screenshot(target: Path) -> None:
+    """The review page after a run over a video, one frame labelled (docs/images/review.png)."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="adtr-review-shot-"))
+    write_video(tmp / "line.avi", 24)
+    out = tmp / "out"
+    args = ["--model", rf.onnx_model(), "--source", tmp / "line.avi", "--out", out, "--serve", "127.0.0.1:0",
+            "--serve-linger", "120", "-q"]  # fmt: skip
+    with ServedRun(*args) as served:
+        served.wait_for(lambda s: s["state"] == "finished", what="the video's end")
+        rid = next(i["id"] for i in Review(out).listing() if i["kind"] == "flagged")
+        Review(out).label(rid, "false_alarm", "J. Doe", via="api")
+        browser = Browser(tmp / "profile")
+        try:
+            browser.open(served.url + "review")
+            time.sleep(3)
+            browser.screenshot(target)
+        finally:
+            browser.close()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", __file__]))
+    if len(sys.argv) > 1:
+        _docs_screenshot(Path(sys.argv[1]))
+    else:
+        sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", __file__]))
