@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import warnings
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,7 +24,7 @@ import pytest
 from adtr_deploy.export.triton import TritonConfigError, parse_config, write_triton_repository
 from adtr_deploy.runtime.backends import NAMED_BACKENDS, BackendError, OnnxRuntimeBackend, open_model
 from adtr_deploy.spec import ModelSpec, SpecError
-from tests.conftest import texture_images
+from tests.conftest import export_tiny_onnx, texture_images
 
 
 def _import_or_skip(name: str):
@@ -45,27 +44,7 @@ TIMEOUT_S = 10.0  # every client call and server wait in this file is bounded by
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny ADTR exported to ONNX (dynamic batch) with its model.json, as adtr-export lays it out."""
-    torch = pytest.importorskip("torch")
-    from adtr_deploy.model import ADTR, get_preset
-
-    out = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = ADTR(get_preset("tiny")).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # The TorchScript-based exporter: a few seconds here, against ~10-40 s for the dynamo one on 2 busy cores.
-        torch.onnx.export(
-            model,
-            (torch.from_numpy(texture_images(2, 64)),),
-            str(out / "model.onnx"),
-            dynamo=False,
-            input_names=["image"],
-            output_names=["anomaly_map", "score"],
-            dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
-            opset_version=18,
-        )
-    ModelSpec(input_size=(64, 64), preset="tiny", backbone="tiny", format="onnx").save(out / "model.json")
-    return out / "model.onnx"
+    return export_tiny_onnx(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from adtr_deploy.runtime.backends import BackendError, OnnxRuntimeBackend
 from adtr_deploy.runtime.triton_env import TritonEnvError, make_env, require_env, wheel_layout
 from adtr_deploy.runtime.triton_server import TritonServer, TritonServerError, free_port, port_free
 from adtr_deploy.spec import ModelSpec
-from tests.conftest import texture_images
+from tests.conftest import export_tiny_onnx, texture_images
 
 TIMEOUT_S = 30.0
 http = pytest.importorskip("tritonclient.http", exc_type=ImportError)
@@ -60,26 +59,7 @@ class TritonPythonModel:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A tiny ADTR exported to ONNX (dynamic batch) with its model.json, as adtr-export lays it out."""
-    torch = pytest.importorskip("torch")
-    from adtr_deploy.model import ADTR, get_preset
-
-    out = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = ADTR(get_preset("tiny")).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.from_numpy(texture_images(2, 64)),),
-            str(out / "model.onnx"),
-            dynamo=False,
-            input_names=["image"],
-            output_names=["anomaly_map", "score"],
-            dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
-            opset_version=18,
-        )
-    ModelSpec(input_size=(64, 64), preset="tiny", backbone="tiny", format="onnx").save(out / "model.json")
-    return out / "model.onnx"
+    return export_tiny_onnx(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
