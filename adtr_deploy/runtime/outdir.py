@@ -161,16 +161,23 @@ def read_records(out_dir: Path) -> Iterator[dict]:
     for folder in camera_folders(out_dir):
         yield from read_records(folder)
     for path in result_files(out_dir):
-        with open(path, "rb") as fh:
-            for line in fh:
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    yield record
+        yield from file_records(path)
+
+
+def file_records(path: Path, needle: bytes = b""):
+    """The whole JSON-object records of one JSON-lines file (a partial last line, from a crash mid-write, and lines
+    that are not JSON objects are skipped); with `needle`, only lines holding those bytes are parsed (cheap on large
+    segments)."""
+    with open(path, "rb") as fh:
+        for line in fh:
+            if needle not in line or not line.endswith(b"\n"):
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 def earlier_outputs(out_dir: Path) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from adtr_deploy.errors import UserError
 from adtr_deploy.fileio import atomic_write_bytes, dumps_strict
-from adtr_deploy.runtime.outdir import FRAMES_DIR, camera_folders, result_files
+from adtr_deploy.runtime.outdir import FRAMES_DIR, camera_folders, file_records, result_files
 
 REVIEW_DIR = "review"
 REVIEW_FILE = "review.jsonl"
@@ -43,16 +43,8 @@ def review_id(record: dict) -> str | None:
 
 
 def _records(path: Path, needle: bytes = _MARK):
-    """The whole records of one results file whose line holds `needle` (bytes: cheap on large segments)."""
-    with open(path, "rb") as fh:
-        for line in fh:
-            if needle in line and line.endswith(b"\n"):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(record, dict):
-                    yield record
+    """The whole records of one results file whose line holds `needle`."""
+    return file_records(path, needle)
 
 
 class Review:
