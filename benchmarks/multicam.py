@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import http.server
 import json
 import shutil
 import signal
@@ -33,48 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from adtr_deploy.bench.camera import MjpegCamera
 from adtr_deploy.bench.studies import command_line, machine, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUN = [sys.executable, "-c", "from adtr_deploy.cli.main import run_entry; run_entry()"]
-
-
-class Camera:
-    """An MJPEG camera on 127.0.0.1: `frames` (JPEG bytes) in a loop at `fps`, to every client."""
-
-    def __init__(self, frames: list[bytes], fps: float):
-        self.frames, self.interval = frames, 1.0 / fps
-        self.stop = threading.Event()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                i, t = 0, time.monotonic()
-                try:
-                    while not owner.stop.is_set():
-                        jpg = owner.frames[i % len(owner.frames)]
-                        head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
-                        self.wfile.write(head + jpg + b"\r\n")
-                        i, t = i + 1, t + owner.interval
-                        owner.stop.wait(max(0.0, t - time.monotonic()))
-                except OSError:
-                    pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.mjpg"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def jpeg_frames(pattern: str, size: int, n: int = 30) -> list[bytes]:
@@ -112,7 +74,7 @@ def read_folder(folder: Path) -> dict[str, list[dict]]:
     return by_camera
 
 
-def run_config(args, cams: list[Camera], config: str, work: Path) -> dict:
+def run_config(args, cams: list[MjpegCamera], config: str, work: Path) -> dict:
     """Start the configuration, wait until every camera has a record (N processes load N models, one after the
     other on a busy CPU), let them run --warmup + --seconds together, stop them with SIGTERM, read the records."""
     n = len(cams)
@@ -231,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model = export_untrained(args.preset, work)
     rows = []
     for n in [int(x) for x in args.cameras.split(",")]:
-        cams = [Camera(frames, args.fps) for _ in range(n)]
+        cams = [MjpegCamera(frames, args.fps) for _ in range(n)]
         configs = ["one"] + (["one-streams"] if args.streams > 1 else []) + ["separate"]
         try:
             for round_ in range(1, args.rounds + 1):
