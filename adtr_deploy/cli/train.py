@@ -5,17 +5,18 @@ from __future__ import annotations
 import click
 
 from adtr_deploy.cli.common import CONTEXT, quiet_option, tile_option, user_errors, workers_option
-from adtr_deploy.cli.train_options import model_options, parse_input_size, parse_stages
+from adtr_deploy.cli.train_options import feedback_option, model_options, parse_input_size, parse_stages
 
 
 @click.command(context_settings=CONTEXT)
 @click.option(
     "--data",
     "data_root",
-    required=True,
+    default=None,
     type=click.Path(path_type=str),
     help="Data folder: an MVTec-AD root (ROOT/NAME/train/good ...), a folder of CIFAR-10/100 'python version' batches, "
-    "or a plain folder of good images (training only, no --category).",
+    "or a plain folder of good images (training only, no --category). Required, except with --feedback (default: the "
+    "--init-from checkpoint's data and category) and --resume (the run's).",
 )
 @click.option(
     "--category",
@@ -97,6 +98,7 @@ from adtr_deploy.cli.train_options import model_options, parse_input_size, parse
     help="Start from this checkpoint (or run folder) instead of a fresh transformer: the paper's ADTR -> ADTR+ "
     "fine-tuning. The model configuration comes from it (--preset is ignored).",
 )
+@feedback_option
 @click.option(
     "--synthetic",
     default=None,
@@ -171,14 +173,23 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
         if distributed.launched_by_torchrun():
             raise click.ClickException("--nproc is given but this process already runs under torchrun; drop --nproc")
         raise SystemExit(_launch_torchrun(ctx, nproc))
+    review_dir, fb = opts.pop("feedback"), None
+    if review_dir is not None or data_root is None:  # --feedback: the review decides the mode, data from the checkpoint
+        from adtr_deploy.train.feedback import prepare
+
+        fb, opts["mode"], data_root, category = prepare(
+            review_dir, data_root, category, out_dir, _given(ctx, opts), **opts
+        )
     categories = multi.parse_categories(data_root, category)
+    if fb is not None and categories is not None:
+        raise click.ClickException("--feedback continues training one model; give one --category")
     if devices and categories is None:
         raise click.ClickException("--devices spreads several categories over GPUs; give --category a,b or all")
     plan.check_options(opts["mode"], _given(ctx, opts), resume=opts["resume"], init_from=opts["init_from"])
     distributed.setup(opts["device"])
     try:
         if categories is None:
-            _train_one(ctx, data_root, category, out_dir, **opts)
+            _train_one(ctx, data_root, category, out_dir, feedback=fb, **opts)
             return
         out = Path(out_dir)
         if devices:
@@ -201,11 +212,13 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
         distributed.teardown()
 
 
-def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir: str, **opts):
-    """One category's run (the whole single-run command); returns the checkpoint path."""
+def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir: str, feedback=None, **opts):
+    """One category's run (the whole single-run command); returns the checkpoint path. `feedback`: --feedback's
+    review folder, read (train/feedback.py)."""
     from pathlib import Path
 
     from adtr_deploy.data.datasets import open_dataset
+    from adtr_deploy.train import feedback as feedbacks
     from adtr_deploy.train import plan as plans
     from adtr_deploy.train.config import DEFAULT_EPOCHS, TrainConfig
     from adtr_deploy.train.trainer import train
@@ -213,7 +226,7 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
     out = Path(out_dir)
     given = _given(ctx, opts)
     values = {
-        "epochs": opts["epochs"] or DEFAULT_EPOCHS,
+        "epochs": opts["epochs"] or (feedbacks.FEEDBACK_EPOCHS if feedback else DEFAULT_EPOCHS),
         "batch_size": opts["batch_size"],
         "lr": opts["lr"],
         "seed": opts["seed"],
@@ -245,16 +258,24 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
             plus=plans.PlusSources(**{k: opts[k] for k in ("synthetic", "anomalies", "external")}),
         )
     cfg = plan.train
+    feedback, record = feedbacks.for_run(feedback, out, resume=opts["resume"], init_from=plan.init_from, seed=cfg.seed)
     data = open_dataset(data_root, plan.category)
+    extra_good = feedback.extra_good() if feedback else ((), ())
+    if feedback is not None:
+        feedbacks.check_no_leak(feedback, data)
+        click.echo("\n".join([feedback.summary(), *feedback.review.skipped]), err=True)
     plus_data = {}
     if cfg.mode == "adtr+":
-        plus = plans.plus_training(data, plan)
+        sources = feedback.anomaly_sources() if feedback else []
+        plus = plans.plus_training(data, plan, extra_good=extra_good[0], extra_sources=sources)
         plus_data = plus.train_kwargs()
         click.echo(
             f"ADTR+: {plus.good_images} good images + {plus.record['anomalies_per_epoch']} anomalies per epoch from "
             f"{', '.join(plus.record['sources'])}; the backbone runs on every batch (no feature cache)",
             err=True,
         )
+    if record is not None:
+        plus_data["extra_info"] = plus_data.get("extra_info", {}) | {"feedback": record}
     click.echo(
         f"{data.kind} data {data.root} category {data.category}: {len(data.train)} training images, "
         f"{len(data.test)} test images; {cfg.epochs} epochs on {cfg.device}",
@@ -270,6 +291,7 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
             evaluate=opts["do_eval"],
             init_from=None if opts["resume"] else plan.init_from,
             tiling=plans.tiling_for(opts["tile"], plan, out, resume=opts["resume"]),
+            extra_good=extra_good,
             **plus_data,
         )
     except KeyboardInterrupt as exc:

@@ -82,3 +82,17 @@ def parse_stages(text: str | None) -> tuple[int, ...] | None:
     if not stages or stages[0] < 1 or stages[-1] > 5:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of backbone stages 1..5 (e.g. 1,2,3,4,5)")
     return stages
+
+
+feedback_option = click.option(
+    "--feedback",
+    "feedback",
+    type=click.Path(exists=True, file_okay=False, path_type=str),
+    default=None,
+    metavar="REVIEW_DIR",
+    help="Continue training the --init-from model on an operator's review folder (`adtr review`, OUT/review): its good "
+    "images (false alarms first) join the training images, a seeded quarter of them the calibration images (the "
+    "threshold is recalibrated); confirmed defects make the run ADTR+ (image-level anomalies mixed with the default "
+    "synthetic ones; without defects: plain ADTR unless --mode adtr+). --data/--category default to the checkpoint's, "
+    "--epochs to 4. Provenance in the checkpoint's info['feedback'] (docs/adtr_plus.md).",
+)

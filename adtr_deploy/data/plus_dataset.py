@@ -138,12 +138,15 @@ def build_plus_dataset(
     synthetic: Sequence[str] | None = None,
     anomalies: str | Path | None = None,
     external: str | None = None,
+    extra_sources: Sequence[AnomalySource] = (),
     seed: int = 0,
 ) -> tuple[PlusDataset, dict]:
     """The ADTR+ training set for `data`: its good training images `normals` (calibration images left out) and one
     anomaly per good image per epoch, mixed with equal weight from the chosen sources. synthetic None means the default
     (confetti + cutpaste) when neither `anomalies` nor `external` is given, else none. Anomaly files inside the
-    evaluated test split are refused (check_no_test_leak). Returns (dataset, record of the sources for the checkpoint).
+    evaluated test split are refused (check_no_test_leak). `extra_sources` (the review's confirmed defects, adtr-train
+    --feedback) join the mix with the same weight and do not change the synthetic default. Returns (dataset, record of
+    the sources for the checkpoint).
     """
     if synthetic is None:
         synthetic = DEFAULT_SYNTHETIC if anomalies is None and external is None else ()
@@ -152,6 +155,7 @@ def build_plus_dataset(
         sources.append(MaskedAnomalyFolder(anomalies, name="anomalies"))
     if external is not None:
         sources.append(external_source(external, data))
+    sources += list(extra_sources)
     sampler = MixedAnomalySampler(
         sources, size, normals=normals, length=len(normals), seed=seed, exclude=test_split_of(data) or None
     )

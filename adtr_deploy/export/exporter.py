@@ -103,6 +103,7 @@ def base_spec(ckpt: dict[str, Any], fmt: str, options: ExportOptions, checkpoint
             },
             "metrics": ckpt.get("metrics"),
             "data": info.get("data"),
+            **({"feedback": info["feedback"]} if info.get("feedback") else {}),  # adtr-train --feedback's provenance
             **input_norm_record(cfg, ckpt),
         },
     )

@@ -7,7 +7,7 @@ Plain functions the CLI calls once it has parsed its options; mistakes a user ca
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,22 +129,27 @@ class PlusTraining:
         return {"train_dataset": self.dataset, "extra_info": {"adtr_plus": self.record}}
 
 
-def plus_training(data: AnomalyData, plan: RunPlan) -> PlusTraining:
+def plus_training(
+    data: AnomalyData, plan: RunPlan, *, extra_good: Sequence[Any] = (), extra_sources: Sequence[Any] = ()
+) -> PlusTraining:
     """The ADTR+ training set of `plan` on `data`: its good training images (the trainer's own split, so the
-    calibration images stay unseen) and the anomalies of plan.plus."""
+    calibration images stay unseen, then `extra_good`, as trainer.train's extra_good orders them) and the anomalies of
+    plan.plus and `extra_sources` (adtr-train --feedback: the review's trained goods and confirmed defects)."""
     from adtr_deploy.data.plus_dataset import build_plus_dataset, parse_synthetic
 
     cfg = plan.train
     train_idx, _ = split_validation(data.train, cfg)
+    normals = [data.train[i] for i in train_idx] + list(extra_good)
     synthetic = None if plan.plus.synthetic is None else parse_synthetic(plan.plus.synthetic)
     dataset, record = build_plus_dataset(
         data,
-        [data.train[i] for i in train_idx],
+        normals,
         plan.model.input_size,
         synthetic=synthetic,
         anomalies=plan.plus.anomalies,
         external=plan.plus.external,
+        extra_sources=extra_sources,
         seed=cfg.seed,
     )
     record |= {"alpha": cfg.alpha, "k": cfg.topk, "init_from": plan.init_from}
-    return PlusTraining(dataset, record, len(train_idx))
+    return PlusTraining(dataset, record, len(normals))

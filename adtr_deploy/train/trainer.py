@@ -13,7 +13,7 @@ comparison and for data too large to cache). A run folder holds:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ def train(
     init_from: str | Path | None = None,
     extra_info: dict[str, Any] | None = None,
     tiling: Tiling | None = None,
+    extra_good: tuple[Sequence[Sample], Sequence[Sample]] = ((), ()),
 ) -> Path:
     """Train ADTR on `data`, calibrate on held-out good images, evaluate on the test split; returns the checkpoint path.
 
@@ -104,6 +105,9 @@ def train(
     `tiling` (adtr-train --tile) trains on crops of the training images at native resolution (data/tiles.py), and
     calibrates and evaluates on whole images tiled and stitched (adtr_deploy/tiling.py); it is kept in the
     checkpoint's info, from where adtr-export writes it into model.json.
+
+    `extra_good` = (trained, calibration only): good images beyond data.train, already split (adtr-train --feedback:
+    the operator's reviewed goods, train/feedback.py), added after the data's own split on each side.
     """
     out_dir = Path(out_dir)
     check_device(cfg.device)
@@ -113,8 +117,8 @@ def train(
     device = distributed.rank_device(cfg.device, w)
     loss_fn = loss_for(cfg)
     train_idx, val_idx = split_validation(data.train, cfg)
-    train_samples = [data.train[i] for i in train_idx]
-    val_samples = [data.train[i] for i in val_idx]
+    train_samples = [data.train[i] for i in train_idx] + list(extra_good[0])
+    val_samples = [data.train[i] for i in val_idx] + list(extra_good[1])
     data_order = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in val_samples]}
     if tiling is not None:
         if train_dataset is not None:
