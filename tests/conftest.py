@@ -39,16 +39,17 @@ def real_images():
     return texture_images
 
 
-def export_tiny_onnx(out) -> object:
-    """A tiny ADTR (seeded) exported to OUT/model.onnx with a dynamic batch and its model.json, as adtr-export lays it
-    out; the TorchScript-based exporter (a few seconds, against ~10-40 s for the dynamo one on 2 busy cores)."""
+def export_tiny_onnx(out, seed: int = 0) -> object:
+    """A tiny ADTR (weights seeded by `seed`) exported to OUT/model.onnx with a dynamic batch and its model.json, as
+    adtr-export lays it out; the TorchScript-based exporter (a few seconds, against ~10-40 s for the dynamo one on 2 busy
+    cores)."""
     import warnings
 
     torch = pytest.importorskip("torch")
     from adtr_deploy.model import ADTR, get_preset
     from adtr_deploy.spec import ModelSpec
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = ADTR(get_preset("tiny")).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "recalibrate": "recalibrate",
     "review": "review",
+    "promote": "promote",
     "triton": "triton",
 }
 

@@ -188,17 +188,27 @@ def resolve(model: str | Path) -> tuple[Path, Path]:
 def score_folder(engine, folder: Path, batch_size: int = 8) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(image names, raw scores (N,), maps (N, 1, H, W)) of every image under `folder`, with the runtime's decoding. A
     tiled model scores them tiled, as adtr-run does; its maps (of each image's size) come back flattened, (P,)."""
-    from adtr_deploy.preprocess import ImageDecodeError, is_image_file, read_image, resize
+    from adtr_deploy.preprocess import is_image_file
     from adtr_deploy.runtime.sources import list_folder
-    from adtr_deploy.tiling import from_spec, run_frames
-
-    tiling = from_spec(engine.spec)
 
     folder = Path(folder)
     if not folder.is_dir():
         raise RecalibrationError(f"--images {folder} is not a folder; give a folder of frames confirmed as good")
     paths = [p for p in list_folder(folder) if is_image_file(p)]
-    names, scores, maps = [], [], []
+    scores, maps = score_images(engine, paths, batch_size, what="the folder of good frames")
+    return [str(p.relative_to(folder)) for p in paths], scores, maps
+
+
+def score_images(
+    engine, paths: list[Path], batch_size: int = 8, *, what: str = "the folder"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(raw scores (N,), maps) of these image files, decoded and scored as score_folder does (adtr promote scores the
+    review's labelled files with it); an unreadable file is refused naming `what` holds it."""
+    from adtr_deploy.preprocess import ImageDecodeError, read_image, resize
+    from adtr_deploy.tiling import from_spec, run_frames
+
+    tiling = from_spec(engine.spec)
+    scores, maps = [], []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = []
@@ -207,16 +217,13 @@ def score_folder(engine, folder: Path, batch_size: int = 8) -> tuple[list[str], 
                 image = read_image(p)
                 images.append(image if tiling else resize(image, engine.spec.input_size))
             except (ImageDecodeError, OSError, ValueError) as exc:
-                raise RecalibrationError(
-                    f"cannot read {p} ({exc}); remove it from the folder of good frames or replace it"
-                ) from None
+                raise RecalibrationError(f"cannot read {p} ({exc}); remove it from {what} or replace it") from None
         m, s = run_frames(engine, images, tiling)
-        names += [str(p.relative_to(folder)) for p in chunk]
         scores.append(np.asarray(s, dtype=np.float64).reshape(-1))
         maps.append(np.concatenate([x.ravel() for x in m]) if tiling else np.asarray(m, dtype=np.float32))
-    if not names:
-        return [], np.zeros(0), np.zeros((0, 1, *engine.spec.input_size), np.float32)
-    return names, np.concatenate(scores), np.concatenate(maps)
+    if not scores:
+        return np.zeros(0), np.zeros((0, 1, *engine.spec.input_size), np.float32)
+    return np.concatenate(scores), np.concatenate(maps)
 
 
 RESULTS_FILE = "results.jsonl"  # adtr-run's records (adtr_deploy.runtime.outdir); each names its model's sha256
@@ -300,21 +307,26 @@ class RunRecalibrator:
     which judges the same scores again: DRIFT clears."""
 
     def __init__(self, pipeline, engine, model_path: str | Path, monitor, identity: dict | None = None):
-        from adtr_deploy.runtime.backends import model_file
-
         self.pipeline = pipeline
         self.monitor = monitor
         self.identity = identity if identity is not None else {}
-        self.spec: ModelSpec = engine.spec
-        self.sha256 = self.identity.get("sha256") or self.spec.extra.get("sha256")
-        self.spec_path: Path | None = None
-        if getattr(engine, "local", True):
-            try:
-                candidate = spec_path_for(model_file(model_path))
-                self.spec_path = candidate if candidate.is_file() else None
-            except UserError:
-                self.spec_path = None
         self._lock = threading.Lock()
+        self.follow(engine, model_path)
+
+    def follow(self, engine, model_path: str | Path) -> None:
+        """The model whose model.json a recalibration writes: the one running (after a rollout, the new version's)."""
+        from adtr_deploy.runtime.backends import model_file
+
+        with self._lock:
+            self.spec: ModelSpec = engine.spec
+            self.sha256 = self.identity.get("sha256") or self.spec.extra.get("sha256")
+            self.spec_path: Path | None = None
+            if getattr(engine, "local", True):
+                try:
+                    candidate = spec_path_for(model_file(model_path))
+                    self.spec_path = candidate if candidate.is_file() else None
+                except UserError:
+                    self.spec_path = None
 
     def recalibrate(self, frames: int | None = None, by: str | None = None, allow_flagged: bool = False) -> dict:
         from adtr_deploy.runtime.postprocess import Postprocessor
