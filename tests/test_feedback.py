@@ -246,3 +246,21 @@ def test_review_images_copied_from_the_test_split_are_refused(loop, tmp_path):
     shutil.copy(test_image, folder / loop["entries"][4]["image"])
     line = one_error_line(train("--init-from", loop["base"], "--feedback", folder, "--out", tmp_path / "out"))
     assert "byte-identical copy of the test file" in line and not (tmp_path / "out").exists()
+
+
+def test_a_feedback_run_resumes_on_its_review_folder_and_refuses_one_with_new_labels(loop, tmp_path):
+    folder = copy_review(loop, tmp_path / "review")
+    out = tmp_path / "fed"
+    result = train("--init-from", loop["base"], "--feedback", folder, "--out", out, "--epochs", 1)
+    assert result.exit_code == 0, result.output
+    first = torch.load(out / "checkpoint.pt", weights_only=True)["info"]
+    # --resume without --data: the run's own data, and its review folder read again (the trainer checks the images).
+    result = train("--out", out, "--resume", "--epochs", 2)
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["train_state"]["epoch"] == 2 and ckpt["info"]["feedback"] == first["feedback"]
+    assert ckpt["info"]["calibration_images"] == first["calibration_images"]
+    Review(loop["tmp"] / "run", folder).label(loop["entries"][0]["id"], "good", "bo", relabel=True)
+    line = one_error_line(train("--out", out, "--resume", "--epochs", 3))
+    assert "has new labels since the run" in line
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["train_state"]["epoch"] == 2
