@@ -30,7 +30,10 @@ from adtr_deploy.cli.train_options import feedback_option, model_options, parse_
 )
 @model_options
 @click.option(
-    "--epochs", type=click.IntRange(min=1), default=None, help="Epochs (default 30; the paper: 500 on a GPU)."
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Epochs (default 30, 4 with --feedback; the paper: 500 on a GPU).",
 )
 @click.option(
     "--batch-size",
@@ -156,6 +159,7 @@ def command(ctx: click.Context, data_root: str, category: str | None, out_dir: s
       adtr-train --data my_good_images --out runs/line1
       adtr-train --data demo_data --category brick --out runs/brick --resume
       adtr-train --data demo_data --category brick --out runs/brick+ --mode adtr+ --init-from runs/brick
+      adtr-train --init-from runs/brick --feedback line1/review --out runs/brick-fb1
       adtr-train --data cifar-10-batches-py --category airplane --out runs/airplane+ --mode adtr+ \
           --external cifar100:cifar-100-python
     """
