@@ -181,7 +181,7 @@ def test_a_better_candidate_is_published_as_version_2_over_the_baseline(line, pr
     assert record["review"]["review_jsonl_sha256"] == sha256_file(line.review / REVIEW_FILE)
     assert record["against"]["sha256"] == sha256_file(line.current / "model.onnx")
     # the figures are the counts of the same scores, each model with its own threshold
-    cur, cand = record["current"], record["candidate"]
+    cur, cand = record["figures"]["current"], record["figures"]["candidate"]
     assert cur["defect"]["flagged"] == N_DEFECT == cand["defect"]["flagged"]
     assert cur["good"]["flagged"] == flagged(line.cur["good"], line.t_cur) == N_GOOD
     assert cand["good"]["flagged"] == flagged(line.cand["good"], line.t_cand)
@@ -191,7 +191,8 @@ def test_a_better_candidate_is_published_as_version_2_over_the_baseline(line, pr
     medians = {m: np.median(normalize_scores(np.float32(getattr(line, m)["held"]), cal[m])) for m in cal}
     assert record["shift"]["held_out"] == pytest.approx(medians["cand"] - medians["cur"], abs=1e-6)
     gate = json.loads(promoted.gate.read_text())
-    assert gate["decision"] == "promoted" and gate["version"] == 2 and gate["candidate"] == record["candidate"]
+    assert gate["decision"] == "promoted" and gate["version"] == 2 and gate["figures"] == record["figures"]
+    assert record["candidate"]["sha256"] == sha256_file(promoted.cand / "model.onnx") == gate["candidate"]["sha256"]
     out = promoted.res.output
     assert "held-out good flagged" in out and f"version 2 of {promoted.models}" in out and "version 1 is" in out
 
@@ -211,7 +212,7 @@ def test_a_regression_is_refused_in_one_sentence_and_nothing_is_written(line, tm
         against = tmp_path / "current"
         shutil.copytree(line.current, against)
         write_spec(against, float(np.sort(line.cur["good"])[0]) + EPS)  # the lowest reviewed good part passes
-        assert flagged(line.cur["defect"], ModelSpec.load(against / "model.json").threshold) <= N_DEFECT
+        assert flagged(line.cur["good"], ModelSpec.load(against / "model.json").threshold) == N_GOOD - 1
     models = tmp_path / "models" / "brick"
     args = [cand, "--against", against, "--review", line.review, "--to", models, "--json", tmp_path / "gate.json"]
     res = promote(*args, *(["--good", good] if good else []))
@@ -220,7 +221,8 @@ def test_a_regression_is_refused_in_one_sentence_and_nothing_is_written(line, tm
     gate = json.loads((tmp_path / "gate.json").read_text())
     assert gate["decision"] == "refused" and gate["sentence"] in sentence
     if case == "misses_a_defect":
-        assert gate["candidate"]["defect"]["flagged"] == N_DEFECT - 1 and len(gate["missed_by_candidate"]) == 1
+        assert gate["figures"]["candidate"]["defect"]["flagged"] == N_DEFECT - 1
+        assert len(gate["missed_by_candidate"]) == 1 and gate["missed_by_candidate"][0] in sentence
     if good is None:
         assert "held-out good images: not given" in res.output
 

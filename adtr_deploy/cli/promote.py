@@ -15,7 +15,7 @@ from adtr_deploy.cli.common import user_errors
 
 def _count(fig: dict | None) -> str:
     if not fig:
-        return "-"
+        return "not given"
     if not fig["images"]:
         return "none"
     return f"{fig['flagged']}/{fig['images']} ({100 * fig['rate']:.0f}%)"
@@ -27,7 +27,7 @@ def _median(fig: dict | None) -> str:
 
 def table(report: dict) -> list[str]:
     """current vs candidate, one line per figure."""
-    cur, cand, shift = report["current"], report["candidate"], report["shift"]
+    cur, cand, shift = report["figures"]["current"], report["figures"]["candidate"], report["shift"]
     version = report["against"].get("version")
     rows = [
         ("", f"current{f' (v{version})' if version else ''}", "candidate"),
@@ -118,7 +118,7 @@ def command(
     try:
         report = promote(candidate, against, review_dir, to=to, good_dir=good_dir, by=by, device=device)
     except PromotionRefused as refused:
-        if "current" in refused.report:
+        if "figures" in refused.report:
             for line in table(refused.report):
                 click.echo(line)
         if json_path is not None:

@@ -272,7 +272,7 @@ def compare(current: Model, candidate: Model, labels: dict, good_dir: Path | Non
     caught = np.asarray(cur_scores["defect"], np.float32) > current.spec.threshold
     kept = np.asarray(cand_scores["defect"], np.float32) > candidate.spec.threshold
     missed = [e["id"] for e, a, b in zip(labels["defect"], caught, kept) if a and not b]
-    return {"current": cur, "candidate": cand, "shift": shift, "missed_by_candidate": missed}
+    return {"figures": {"current": cur, "candidate": cand}, "shift": shift, "missed_by_candidate": missed}
 
 
 def promote(
@@ -318,7 +318,7 @@ def promote(
         if refusal:
             raise PromotionRefused(refusal, report)
     report.update(compare(current, cand, labels, good, device))
-    refusal = regression(report["current"], report["candidate"], report["missed_by_candidate"])
+    refusal = regression(report["figures"]["current"], report["figures"]["candidate"], report["missed_by_candidate"])
     if refusal:
         raise PromotionRefused(refusal, report)
     report["time"] = now_iso()
