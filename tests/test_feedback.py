@@ -238,6 +238,11 @@ def test_feedback_options_that_cannot_work_are_refused(loop, tmp_path):
     assert data_of(str(tmp_path / "moved.pt"), str(loop["data"]), "tex") == (str(loop["data"]), "tex")
     line = one_error_line(train("--init-from", tmp_path / "moved.pt", "--feedback", loop["review"], "--out", out))
     assert "give the good images with --data" in line and not out.exists()
+    # A tiled model: its reviewed frames are whole images, and ADTR+ does not train on tiles.
+    ckpt["info"]["tiling"] = {"scale": 1.0}
+    torch.save(ckpt, tmp_path / "tiled.pt")
+    line = one_error_line(train("--init-from", tmp_path / "tiled.pt", "--feedback", loop["review"], "--out", out))
+    assert "is a tiled model" in line and not out.exists()
 
 
 def test_review_images_copied_from_the_test_split_are_refused(loop, tmp_path):

@@ -102,16 +102,20 @@ def mode_for(review: ReviewData, mode: str, mode_given: bool) -> str:
     return "adtr+"
 
 
+def _info(checkpoint: str) -> dict[str, Any]:
+    """The info of `checkpoint` (a file or run folder)."""
+    path = Path(checkpoint)
+    return read_checkpoint(path / CHECKPOINT_NAME if path.is_dir() else path).get("info") or {}
+
+
 def data_of(checkpoint: str, data_root: str | None, category: str | None) -> tuple[str, str | None]:
     """--data and --category, each defaulting to what `checkpoint` (a file or run folder) was trained on."""
-    path = Path(checkpoint)
-    path = path / CHECKPOINT_NAME if path.is_dir() else path
-    data = (read_checkpoint(path).get("info") or {}).get("data") or {}
+    data = _info(checkpoint).get("data") or {}
     root = data.get("root")
     if data_root is None:
         if not root or not Path(root).exists():
             raise UserError(
-                f"the data {path} was trained on ({root or 'not recorded'}) is not there; give the good images with "
+                f"the data {checkpoint} was trained on ({root or 'not recorded'}) is not there; give the good images with "
                 "--data"
             )
         data_root = root
@@ -144,6 +148,9 @@ def prepare(
         return None, opts["mode"], *data_of(out_dir, None, category)
     feedback = open_feedback(review_dir, opts["init_from"], opts["seed"])
     mode = mode_for(feedback.review, opts["mode"], "mode" in given)
+    if _info(opts["init_from"]).get("tiling") or opts.get("tile"):
+        # A tiled model's reviewed frames are whole images; ADTR+ trains on whole model-size images (not on tiles).
+        raise UserError(f"{opts['init_from']} is a tiled model (--tile); --feedback trains whole-image models only")
     return feedback, mode, *data_of(opts["init_from"], data_root, category)
 
 
