@@ -87,6 +87,16 @@ def _quiet_opencv() -> None:
 @serve_options
 @sink_options
 @drift_options
+@click.option(
+    "--model-poll",
+    type=click.FloatRange(min=0.05),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --model MODELS/NAME (a versioned model folder, written by adtr promote): look for a new active version "
+    "this often; it is loaded beside the running one, verified, and switched in between two batches (no frame "
+    "dropped). GET /api/model shows it; POST /api/model/rollback goes back.",
+)
 @user_errors
 def command(
     model: Path,
@@ -134,6 +144,7 @@ def command(
     line_name: str | None,
     drift_window: int,
     drift_sigmas: float,
+    model_poll: float,
 ) -> None:
     """Run an exported ADTR model over images, a video, a camera or a stream; write OUT/results.jsonl (one record per
     image or frame) and OUT/summary.json.
@@ -148,6 +159,8 @@ def command(
       adtr-run --backend triton --url triton.local:8000 --model adtr --source images/ --out runs/d
       adtr-run --model export/model.onnx --source top=rtsp://cam1/s --source side=rtsp://cam2/s --out runs/line
       adtr-run --model export/model.onnx --line line.yaml --out /var/lib/adtr/line3 --resume --serve 0.0.0.0:8080
+      adtr-run --model models/brick --source rtsp://cam.local/stream --out runs/e --resume --serve 0.0.0.0:8080
+               # a versioned model folder: its active version runs, new versions are switched in while it runs
     """
     _quiet_opencv()
     from adtr_deploy.runtime.linefile import is_line_file, is_named
@@ -189,7 +202,13 @@ def command(
         sink_secret=sink_secret,
         line_name=line_name,
     )
-    cls = backend_class(model, backend)
+    from adtr_deploy.errors import UserError
+    from adtr_deploy.runtime.rollout import Rollout, versioned
+
+    repo = versioned(model)  # MODELS/NAME: the active version runs, newer ones are switched in (runtime/rollout.py)
+    if repo is not None and backend == "triton":
+        raise UserError("--backend triton serves the versions of its own model repository; give --model NAME")
+    cls = backend_class(repo.folder(repo.require_active()) if repo else model, backend)
     if device is None:
         device = "cuda" if cls is TensorRTBackend else "cpu"
     options: dict = {}
@@ -213,7 +232,14 @@ def command(
             source, timeout_s=timeout_s, queue_size=max(16, 2 * batch_size), max_pixels=max_pixels or None
         )
         check_out_outside_source(out_dir, getattr(src, "root", None))
-        engine = open_model(model, device, backend=backend, **options)
+        rollout = None
+        if repo is not None:
+            opener = lambda folder: open_model(folder, device, backend=backend, **options)  # noqa: E731
+            rollout = Rollout(repo, opener, poll_s=model_poll, log=log)
+            engine = rollout.open_first()
+            log(f"{repo.path}: version {rollout.version} runs; new versions are taken up every {model_poll:g} s")
+        else:
+            engine = open_model(model, device, backend=backend, **options)
         run_options = RunOptions(
             batch_size=batch_size,
             workers=workers,
@@ -248,10 +274,17 @@ def command(
         if service:
             service.attach_drift(drift)
         pipeline = Pipeline(engine, src, out_dir, run_options, on_record=progress, log=log, **hooks)
+        if rollout is not None:
+            rollout.attach(pipeline)
+            rollout.listeners.append(lambda r, new: drift.restart(new.spec.calibration, threshold))
+            if service:
+                service.attach_rollout(rollout)
         signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             if service:
-                service.start(pipeline, engine, model)
+                service.start(pipeline, engine, rollout.folder if rollout else model)
+            if rollout is not None:
+                rollout.start()
             summary = pipeline.run()
             if service:
                 progress.end()
@@ -264,7 +297,9 @@ def command(
             progress.end()
             if service:
                 service.close()
-            engine.close()
+            if rollout is not None:
+                rollout.close()
+            pipeline.backend.close()  # the version running at the end (a rollout closed the earlier ones)
         if not quiet:
             _print_summary(summary, out_dir)
     finally:

@@ -41,6 +41,14 @@ def run_line(params: dict, *, log_quiet: bool) -> None:
     out_dir: Path = params["out_dir"]
     parse_keep(params["keep"])
     model = params["model"]
+    from adtr_deploy.runtime.modelrepo import is_model_repo
+
+    for m in (model, *(getattr(c, "model", None) for c in cameras)):
+        if m and is_model_repo(m):
+            raise UserError(
+                f"{m} is a versioned model folder; several cameras in one process run a model path: give --model "
+                f"{m}/N/model.onnx (rollout of new versions works with one --source)"
+            )
     cls = backend_class(model, params["backend"])
     device = params["device"] or ("cuda" if cls is TensorRTBackend else "cpu")
     backend_options: dict = {}

@@ -32,7 +32,8 @@ io_options = options(
         "--model",
         required=True,
         type=click.Path(path_type=Path),
-        help="Exported model: model.onnx, model.engine, model.torchscript, model.pt2 (or its folder).",
+        help="Exported model: model.onnx, model.engine, model.torchscript, model.pt2 (or its folder), or a versioned "
+        "model folder MODELS/NAME (its active version runs; see --model-poll).",
     ),
     click.option(
         "--source",

@@ -179,6 +179,13 @@ class DriftMonitor:
             self._tell(event)
         return event
 
+    def restart(self, calibration: Calibration, threshold: float | None = None) -> dict | None:
+        """Another model runs from now on (a rollout, adtr_deploy.runtime.rollout): the held scores are the old model's
+        scale, so they are forgotten and the window fills again against the new calibration (DRIFT clears)."""
+        with self._lock:
+            self._next = self._count = self._seen = 0
+        return self.set_calibration(calibration, threshold)
+
     def _calibration_view(self) -> dict:
         cal = self.calibration
         return {"score_mean": cal.score_mean, "score_std": cal.score_std, "threshold": self.threshold}

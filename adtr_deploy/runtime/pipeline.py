@@ -9,10 +9,8 @@ runs (`"running": true`) so the next start can recount a start that was killed. 
 its retention: adtr_deploy.runtime.outdir and adtr_deploy.runtime.segments; the record and the summary:
 adtr_deploy.runtime.records.
 
-SIGINT (Ctrl-C) and SIGTERM (docker stop, systemd) do not raise in the middle of a batch: they ask the loop to stop at
-the next record boundary, so the summary counts exactly the records written; frames taken but not yet recorded are
-neither written nor counted (a --resume run picks them up). A second signal stops at once; the summary then recounts
-what the files hold. Any further signal is ignored until the summary is written (adtr_deploy.runtime.interrupts).
+SIGINT and SIGTERM stop the loop at the next record boundary (adtr_deploy.runtime.interrupts). A versioned model
+folder's new version is switched in between two batches (`between_batches`, adtr_deploy.runtime.rollout).
 """
 
 from __future__ import annotations
@@ -113,7 +111,8 @@ class Pipeline:
         self.pause = pause
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.state: RunState | None = None
-        self.model_sha256: str | None = None
+        self.model_sha256 = self.model_repo = self.model_version = None  # repo and version: runtime/rollout.py
+        self.between_batches: Callable[[RunState], None] = lambda state: None  # rollout.py's switch
         self._draws = bool(options.save_overlays or options.save_video is not None or options.show)
         self._keep_original = self._draws or bool(observers) or options.keep_frames != "none"  # frames kept for review
         self._results: ResultsLog | None = None
@@ -176,7 +175,7 @@ class Pipeline:
         self.model_sha256 = model_sha256(self.backend)
         state = RunState(outdir.new_run_id(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
         if opts.resume:
-            check_same_run(outdir.read_summary(out), out, self.model_sha256, self.source)
+            check_same_run(outdir.read_summary(out), out, self.model_sha256, self.source, self.model_repo)
         self._retention()  # before anything is written: on a full disk, the folder's own old segments make room
         if opts.resume:
             outdir.finish_previous(out, self.log)
@@ -271,7 +270,8 @@ class Pipeline:
             state.batch = []
 
     def _maintain(self, state: RunState) -> None:
-        """Between batches: close a full segment (and apply --keep), checkpoint the summary now and then."""
+        """Between batches: switch in a new model version, close a full segment (and --keep), checkpoint now and then."""
+        self.between_batches(state)
         if self._results.due():
             closed = self._results.next_segment()
             removed = self._retention()
@@ -350,10 +350,10 @@ class Pipeline:
             state.add_inference(infer_ms)
         for frame, item in batch:
             if isinstance(item, str):
-                self._write(state, build_record(frame, None, item, state.run_id, self.model_sha256))
+                self._write(state, build_record(frame, None, item, state.run_id, self.model_sha256, self.model_version))
                 continue
             pred = predictions[id(frame)]
-            record = build_record(frame, pred, None, state.run_id, self.model_sha256)
+            record = build_record(frame, pred, None, state.run_id, self.model_sha256, self.model_version)
             original, picture = item[0], None
             if original is not None and self._draws:
                 picture = overlay(original, pred, self.post.heat(pred.anomaly_map))

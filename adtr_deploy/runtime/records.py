@@ -47,12 +47,17 @@ def model_sha256(backend: Backend) -> str | None:
     return sha
 
 
-def check_same_run(previous: dict | None, out_dir: Path, sha256: str | None, source: Source) -> None:
-    """--resume continues the same model on the same source, or refuses: records of two models never mix."""
+def check_same_run(
+    previous: dict | None, out_dir: Path, sha256: str | None, source: Source, repo: str | None = None
+) -> None:
+    """--resume continues the same model on the same source, or refuses: records of two models never mix. Versions of
+    one versioned model folder (`repo`, runtime/rollout.py) count as the same model: a rollout changes the version a
+    service runs, and its restart continues the folder (each record names its `model_version`)."""
     if not previous:
         return
     theirs = previous.get("model_sha256")
-    if theirs and sha256 and theirs != sha256:
+    same_repo = repo is not None and previous.get("model_repo") == repo
+    if theirs and sha256 and theirs != sha256 and not same_repo:
         raise UserError(
             f"--resume: {out_dir} holds results of another model (sha256 {theirs[:16]}…, this one is "
             f"{sha256[:16]}…); choose another --out for this model, or --overwrite to replace them"
@@ -65,8 +70,16 @@ def check_same_run(previous: dict | None, out_dir: Path, sha256: str | None, sou
         )
 
 
-def build_record(frame: Frame, pred: Prediction | None, error: str | None, run_id: str, sha256: str | None) -> dict:
-    """One frame's record; `latency_ms` runs from the moment the frame was taken from the source until now."""
+def build_record(
+    frame: Frame,
+    pred: Prediction | None,
+    error: str | None,
+    run_id: str,
+    sha256: str | None,
+    version: int | None = None,
+) -> dict:
+    """One frame's record; `latency_ms` runs from the moment the frame was taken from the source until now;
+    `model_version`: the version of a versioned model folder that scored it (None for a plain model path)."""
     latency = (time.perf_counter() - frame.acquired) * 1000
     record = {
         "source": frame.source,
@@ -80,6 +93,7 @@ def build_record(frame: Frame, pred: Prediction | None, error: str | None, run_i
         "latency_ms": round(latency, 3),
         "run": run_id,
         "model_sha256": sha256[:16] if sha256 else None,
+        "model_version": version,
     }
     if frame.gap is not None:
         record["gap"] = frame.gap
@@ -123,6 +137,8 @@ def build_summary(state: RunState, pipeline: Pipeline, *, running: bool) -> dict
         "backend": backend.describe(),
         "cpu": cpu_info(),  # the CPU's model and flags: what the figures above were measured on
         "model_sha256": pipeline.model_sha256,
+        "model_version": pipeline.model_version,  # at this checkpoint; each record names its own
+        "model_repo": pipeline.model_repo,
         "run": state.run_id,
         "started_at": state.started_at,
         "results": RESULTS_FILE,

@@ -10,6 +10,9 @@ timestamp, model sha256 and score, the label, who gave it and when. The last lin
 
 Refused with one sentence, changing nothing: an unknown id, a label other than defect / false_alarm / good, a second
 label for the same record (unless relabel), and a record of another model than the one the review folder holds.
+Versions of one versioned model folder (`model_version` in the record; --resume keeps a results folder to one such
+folder) are one model here: a rollout must not split the parts' labels, which stay true of the parts, into one folder
+per version; each line names the version that scored it.
 """
 
 from __future__ import annotations
@@ -144,7 +147,12 @@ class Review:
         with self._lock, _FileLock(self.dir):
             labels = self.labels()
             sha = record.get("model_sha256")
-            other = next((e["model_sha256"] for e in labels.values() if e.get("model_sha256") != sha), None)
+            versioned = record.get("model_version") is not None  # versions of one folder: one model (see above)
+            other = next(
+                (e["model_sha256"] for e in labels.values()
+                 if e.get("model_sha256") != sha and not (versioned and e.get("model_version") is not None)),
+                None,
+            )  # fmt: skip
             if other is not None:
                 raise UserError(
                     f"{self.dir} holds labels of another model (sha256 {other}…) and this record is of model "
@@ -167,6 +175,7 @@ class Review:
             entry = {
                 "id": rid,
                 **{k: record.get(k) for k in ("camera", "frame", "source", "run", "timestamp", "model_sha256")},
+                "model_version": record.get("model_version"),
                 **{k: record.get(k) for k in ("score", "normalized_score", "is_anomaly")},
                 "label": label,
                 "image": image,

@@ -88,6 +88,16 @@ class _StateCollector:
             "1 while the line is in DRIFT (the whole score population moved).",
             value=int(bool(drift.get("active"))),
         )
+        yield GaugeMetricFamily(
+            "adtr_model_version", "Version of the versioned model folder running (0: a plain model path).",
+            value=model.get("version") or 0,
+        )  # fmt: skip
+        rollout = getattr(self.service, "rollout", None)
+        yield CounterMetricFamily(
+            "adtr_model_swaps",
+            "Switches to another model version during this run.",
+            value=rollout.swaps if rollout else 0,
+        )
         info = InfoMetricFamily("adtr_model", "The model being run.")
         info.add_metric([], {k: str(model.get(k, "")) for k in ("name", "sha256", "backend", "device", "input_size")})
         yield info

@@ -1,8 +1,8 @@
 """What each route of the live view answers, and who may ask; no sockets here (loop.py and server.py do the I/O).
 
 Routes: GET / (the page), /static/*, /api/status, /frame.jpg, /gallery/ID.jpg, /stream.mjpg (a GET becomes a stream in
-server.py), /metrics, /healthz, /readyz, /review and /api/review*; POST /api/pause, /api/resume, /api/recalibrate and
-/api/review (reviewroutes.py). Control (POST) checks Host
+server.py), /metrics, /healthz, /readyz, /review, /api/review* and /api/model; POST /api/pause, /api/resume, /api/recalibrate,
+/api/review (reviewroutes.py) and /api/model/rollback (runtime/rollout.py). Control (POST) checks Host
 and Origin, then the token (header X-ADTR-Token, which a plain cross-site form cannot send). With auth "all", every
 route but /healthz and /readyz needs the token (X-ADTR-Token, `Authorization: Bearer TOKEN`, or HTTP Basic with the
 token as password, so that a browser asks for it).
@@ -132,6 +132,8 @@ class Routes:
         if path == "/metrics":
             body, ctype = service.metrics()
             return Response(200, body, ctype)
+        if path == "/api/model":  # the version running, the versions, the last swap (adtr_deploy.runtime.rollout)
+            return json_response(200, service.model_status())
         if path == "/review" or path.startswith("/api/review"):  # review of flagged parts: serve/reviewroutes.py
             from adtr_deploy.runtime.serve import reviewroutes
 
@@ -139,13 +141,15 @@ class Routes:
         return error(404, f"no such page: {path}")
 
     def post(self, req: Request) -> Response:
-        if req.path not in ("/api/pause", "/api/resume", "/api/recalibrate", "/api/review"):
+        if req.path not in ("/api/pause", "/api/resume", "/api/recalibrate", "/api/review", "/api/model/rollback"):
             return error(404, f"no such action: {req.path}")
         denied = self.write_denied(req)
         if denied is not None:
             return denied
         if req.path == "/api/recalibrate":
             return self.recalibrate(req)
+        if req.path == "/api/model/rollback":
+            return self.rollback(req)
         if req.path == "/api/review":
             from adtr_deploy.runtime.serve import reviewroutes
 
@@ -165,6 +169,20 @@ class Routes:
             return error(400, 'the body is not a JSON object; send e.g. {"frames": 100, "by": "operator name"} or none')
         try:
             return json_response(200, self.service.recalibrate(body))
+        except UserError as exc:
+            return error(409, str(exc))
+
+    def rollback(self, req: Request) -> Response:
+        """Revoke the running version and run the previous live one. Body (optional): {"by": NAME, "why": TEXT}. A
+        refusal (no version to go back to, a plain model path) is a 409 with its sentence."""
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return error(400, 'the body is not a JSON object; send e.g. {"by": "operator name", "why": "false alarms"}')
+        try:
+            return json_response(200, self.service.rollback(body))
         except UserError as exc:
             return error(409, str(exc))
 

@@ -117,6 +117,7 @@ class Service:
         self._serving = False
         self.drift = None  # the run's DriftMonitor (attach_drift), shown in status and metrics
         self.recalibrator = None  # POST /api/recalibrate (adtr_deploy.runtime.recalibrate.RunRecalibrator)
+        self.rollout = None  # a versioned model folder's versions: GET /api/model, POST /api/model/rollback
         if serve is not None:
             host, port = parse_address(serve)
             if not is_loopback(host) and self.token is None:
@@ -193,9 +194,43 @@ class Service:
         )
         return result
 
+    def attach_rollout(self, rollout) -> None:
+        """A versioned model folder (adtr_deploy.runtime.rollout): the page, the API and recalibration follow its
+        switches. Before start()."""
+        self.rollout = rollout
+        rollout.listeners.append(self._model_switched)
+
+    def _model_switched(self, rollout, engine) -> None:
+        """On the pipeline's thread, right after a switch: the identity shown, and what recalibration writes."""
+        self.model.update(model_identity(engine, rollout.pipeline, rollout.folder))
+        self.model.update(name=str(rollout.repo.path), version=rollout.version)
+        if self.recalibrator is not None:
+            self.recalibrator.follow(engine, rollout.folder)
+
+    def model_status(self) -> dict:
+        """GET /api/model: the model running (version, sha256, threshold) and, for a versioned folder, its versions,
+        the revoked and refused ones and the last swap."""
+        shown = {k: self.model.get(k) for k in ("name", "version", "sha256", "threshold", "calibration", "backend")}
+        return {**shown, **(self.rollout.status() if self.rollout is not None else {"versioned": False})}
+
+    def rollback(self, request: dict) -> dict:
+        """POST /api/model/rollback: {"by": NAME, "why": TEXT}, both optional."""
+        if self.rollout is None:
+            raise UserError(
+                f"this run's model {self.model.get('name')} is a plain path, so it has no versions to roll back to; "
+                "run a versioned model folder (adtr-run --model MODELS/NAME)"
+            )
+        unknown = sorted(set(request) - {"by", "why"})
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}; send by and why only")
+        return {"swap": self.rollout.rollback(request.get("by"), request.get("why")), "model": self.model_status()}
+
     def start(self, pipeline, engine, model_path: Path | str) -> None:
         """Fill in the model's identity and start the threads (render, HTTP, sinks)."""
         self.model.update(model_identity(engine, pipeline, model_path))
+        self.model["version"] = None
+        if self.rollout is not None:
+            self.model.update(name=str(self.rollout.repo.path), version=self.rollout.version)
         if self.drift is not None:
             from adtr_deploy.runtime.recalibrate import RunRecalibrator
 

@@ -36,7 +36,8 @@ function showModel(model) {
   const dl = $("model");
   dl.replaceChildren();
   const rows = [
-    ["model", model.name], ["sha256", model.sha256 ? model.sha256.slice(0, 12) : "–"],
+    ["model", model.name], ...(model.version ? [["version", model.version]] : []),
+    ["sha256", model.sha256 ? model.sha256.slice(0, 12) : "–"],
     ["threshold", model.threshold === undefined ? "–" : Number(model.threshold).toPrecision(4)],
     ["input", model.input_size ? model.input_size.join("×") : "–"], ["backend", model.backend], ["device", model.device],
   ];
@@ -235,10 +236,11 @@ function show(s) {
   lastFrameAge = s.last_frame_age_s;
   showLine(s.line ? s.line.state : String(s.state).toUpperCase(), lineDetail(s));
   showDrift(s.drift);
-  // shown again when a recalibration changed the threshold
-  if (s.model && s.model.name && (!modelShown || s.model.threshold !== modelThreshold)) {
+  // shown again when a recalibration changed the threshold or a rollout the version
+  const modelKey = s.model ? `${s.model.threshold} ${s.model.version} ${s.model.sha256}` : null;
+  if (s.model && s.model.name && (!modelShown || modelKey !== modelThreshold)) {
     showModel(s.model);
-    modelThreshold = s.model.threshold;
+    modelThreshold = modelKey;
   }
   const c = s.counts;
   text("c-images", c.images);
