@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +32,7 @@ from adtr_deploy.runtime.review import REVIEW_FILE, Review
 from adtr_deploy.spec import Calibration, ModelSpec
 from adtr_deploy.tiling import Tiling
 from tests.conftest import export_tiny_onnx, texture_images
+from tests.test_runtime import poisoned_torch_env
 
 N_GOOD, N_DEFECT, N_HELD = 3, 3, 5
 EPS = 1e-5  # a threshold this far below a score flags it (scores here differ by far more)
@@ -277,11 +280,14 @@ def test_against_the_versioned_folder_a_second_promotion_is_version_3(line, prom
     # the line ran version 2 and was reviewed; a candidate trained on that review is gated against version 2
     review2 = run_and_review(v2, line.base / "line", tmp_path / "run_v2")
     cand3 = candidate(line, tmp_path / "cand3", line.t_cand, feedback=sha256_file(v2 / "model.onnx")[:16])
-    res = promote(cand3, "--against", models, "--review", review2, "--good", line.held, "--by", "op")
-    assert res.exit_code == 0, res.output
+    # the real command in a process where torch cannot be imported: the gate is part of the torch-free runtime
+    cmd = [sys.executable, "-c", "from adtr_deploy.cli.main import cli; cli()", "promote", str(cand3)]
+    cmd += ["--against", str(models), "--review", str(review2), "--good", str(line.held), "--by", "op"]
+    res = subprocess.run(cmd, env=poisoned_torch_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
     repo = ModelRepo(models)
     assert repo.versions() == [1, 2, 3] and repo.active() == 3
     record = repo.promotion(3)
     assert record["against"]["version"] == 2 and record["to"] == str(models) and "baseline_version" not in record
     assert (repo.folder(3) / PROMOTION).is_file() and repo.promotion(1)["decision"] == "baseline"
-    assert "version 3 of" in res.output and "(v2)" in res.output
+    assert "version 3 of" in res.stdout and "(v2)" in res.stdout

@@ -62,7 +62,7 @@ def table(report: dict) -> list[str]:
     "review_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="The review folder of the running model (good/, defect/, review.jsonl; OUT/review by default of adtr-run).",
+    help="The running model's review folder (good/, defect/, review.jsonl; adtr-run's OUT/review by default).",
 )
 @click.option(
     "--to",
@@ -106,7 +106,8 @@ def command(
     running model; one with another input size, backbone, input layout or tiling; a review folder of another model, or
     a candidate trained on one (model.json extra.feedback); a review without labels or without a confirmed defect; a
     --to folder that runs another model. Ties pass. Promoted: MODELS/NAME/<version>/ with the model, model.json and
-    promotion.json (figures, who, when, the review); a running `adtr-run --model MODELS/NAME` takes it up.
+    promotion.json (figures, who, when, the review), the folder's new active version; a folder without versions first
+    gets the running model as version 1, to roll back to.
 
     \b
     Example:
