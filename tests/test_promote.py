@@ -265,6 +265,18 @@ def test_labels_of_another_model_or_none_are_refused(line, tmp_path):
     refused(promote(cand, *base, "--review", goods_only), "no confirmed defect")
     res = promote(cand, *base, "--review", tmp_path / "missing")
     assert res.exit_code == 1 and "Error:" in res.output and "review.jsonl" in res.output
+    # held-out images from the review folder itself are what a feedback candidate was trained on
+    res = promote(cand, *base, "--review", line.review, "--good", line.review / "good")
+    assert res.exit_code == 1 and "lies in the review folder" in res.output, res.output
+    # a label line naming a file outside its review folder
+    edited = tmp_path / "edited"
+    shutil.copytree(line.review, edited)
+    entry = json.loads((edited / REVIEW_FILE).read_text().splitlines()[-1])
+    outside = write_png(tmp_path / "elsewhere.png", texture_images(1, 64, seed=5)[0])
+    with open(edited / REVIEW_FILE, "a") as fh:
+        fh.write(json.dumps({**entry, "image": f"../{outside.name}"}) + "\n")
+    res = promote(cand, *base, "--review", edited)
+    assert res.exit_code == 1 and "a file outside" in res.output, res.output
     assert not (tmp_path / "models").exists()
 
 

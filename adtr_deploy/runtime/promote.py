@@ -15,7 +15,9 @@ Refused, in one sentence, with nothing written (ties pass: a candidate as good a
 - a regression: the candidate finds fewer confirmed defects than CURRENT, flags more held-out good images than CURRENT,
   or flags more of the reviewed good items than CURRENT (the parts the operator called good).
 The reviewed items are what a feedback candidate was trained on, so only the held-out good images measure false alarms
-on parts neither model has seen; without --good the gate says so.
+on parts neither model has seen; without --good the gate says so. Bad input is an error sentence, also changing nothing:
+--good inside the review folder (or the one the candidate's feedback names), a label naming an image outside its review
+folder or a missing one, a model that scores NaN.
 
 Promoted: the candidate's model file, model.json and the other files its extra.files names are published as the next
 version of MODELS/NAME (runtime/modelrepo.py) with promotion.json (the figures, candidate, against, review folder and
@@ -141,11 +143,17 @@ def read_labels(review_dir: Path) -> dict[str, list[dict]]:
             "(OUT/review by default)"
         )
     found: dict[str, list[dict]] = {"good": [], "defect": []}
+    root = review_dir.resolve()
     for rid, entry in review.labels().items():
         folder = LABELS.get(entry.get("label"))
-        image = review_dir / str(entry.get("image"))
+        image = (review_dir / str(entry.get("image"))).resolve()
         if folder is None:
             continue
+        if root not in image.parents:
+            raise UserError(
+                f"{review.file} names {entry.get('image')!r} for {rid!r}, a file outside {review_dir}; a review folder "
+                "holds its own images (adtr review copies them in), so label the record again"
+            )
         if not image.is_file():
             raise UserError(
                 f"{review.file} labels {rid!r} {entry['label']} but its image {image} is missing; put it back or "
@@ -202,16 +210,21 @@ def target_refusal(repo: ModelRepo, current: Model) -> str | None:
 
 
 # -- scoring and deciding --------------------------------------------------------------------------------------------
-def score(model: Model, sets: dict[str, list[Path]], device: str) -> dict[str, np.ndarray]:
-    """Raw scores of each set of image files."""
+def score(model: Model, sets: dict[str, tuple[str, list[Path]]], device: str) -> dict[str, np.ndarray]:
+    """Raw scores of each set of image files ({name: (where they are, files)}); a broken model (NaN) is refused."""
     from adtr_deploy.runtime.backends import open_model
     from adtr_deploy.runtime.recalibrate import score_images
 
     engine = open_model(model.artifact, device)  # refuses a model.json written for another model file
     try:
-        return {name: score_images(engine, paths, what=name)[0] for name, paths in sets.items()}
+        scores = {name: score_images(engine, paths, what=where)[0] for name, (where, paths) in sets.items()}
     finally:
         engine.close()
+    for name, (where, _) in sets.items():
+        bad = int((~np.isfinite(scores[name])).sum())
+        if bad:
+            raise UserError(f"{model.artifact} scores {bad} images of {where} as NaN or infinite; the model is broken")
+    return scores
 
 
 def figures(model: Model, scores: dict[str, np.ndarray]) -> dict:
@@ -251,17 +264,37 @@ def regression(current: dict, candidate: dict, missed: list[str]) -> str | None:
     return None
 
 
-def compare(current: Model, candidate: Model, labels: dict, good_dir: Path | None, device: str) -> dict:
-    sets = {"good": [e["path"] for e in labels["good"]], "defect": [e["path"] for e in labels["defect"]]}
-    if good_dir is not None:
-        from adtr_deploy.preprocess import is_image_file
-        from adtr_deploy.runtime.sources import list_folder
+def held_out_images(good_dir: Path, candidate: Model, review_dir: Path) -> list[Path]:
+    """The images of --good, refused when they are the review's own (what a feedback candidate was trained on)."""
+    from adtr_deploy.preprocess import is_image_file
+    from adtr_deploy.runtime.sources import list_folder
 
-        if not good_dir.is_dir():
-            raise UserError(f"--good {good_dir} is not a folder; give a folder of good images the candidate never saw")
-        sets["held_out"] = [p for p in list_folder(good_dir) if is_image_file(p)]
-        if not sets["held_out"]:
-            raise UserError(f"--good {good_dir} holds no images; give a folder of good images the candidate never saw")
+    if not good_dir.is_dir():
+        raise UserError(f"--good {good_dir} is not a folder; give a folder of good images the candidate never saw")
+    feedback = candidate.spec.extra.get("feedback") if isinstance(candidate.spec.extra, dict) else None
+    trained = [review_dir]
+    if isinstance(feedback, dict) and isinstance(feedback.get("review_dir"), str):
+        trained.append(Path(feedback["review_dir"]))
+    here = good_dir.resolve()
+    for folder in trained:
+        folder = folder.resolve()
+        if here == folder or folder in here.parents:
+            raise UserError(
+                f"--good {good_dir} lies in the review folder {folder}, whose images a feedback candidate was trained "
+                "on; give good images neither model has seen"
+            )
+    images = [p for p in list_folder(good_dir) if is_image_file(p)]
+    if not images:
+        raise UserError(f"--good {good_dir} holds no images; give a folder of good images the candidate never saw")
+    return images
+
+
+def compare(
+    current: Model, candidate: Model, labels: dict, held_out: tuple[str, list[Path]] | None, device: str
+) -> dict:
+    sets = {k: (f"the review's {k}/", [e["path"] for e in labels[k]]) for k in ("good", "defect")}
+    if held_out is not None:
+        sets["held_out"] = held_out
     cur_scores, cand_scores = score(current, sets, device), score(candidate, sets, device)
     cur, cand = figures(current, cur_scores), figures(candidate, cand_scores)
     shift = {
@@ -317,7 +350,8 @@ def promote(
     ):
         if refusal:
             raise PromotionRefused(refusal, report)
-    report.update(compare(current, cand, labels, good, device))
+    held_out = None if good is None else (f"--good {good}", held_out_images(good, cand, review_dir))
+    report.update(compare(current, cand, labels, held_out, device))
     refusal = regression(report["figures"]["current"], report["figures"]["candidate"], report["missed_by_candidate"])
     if refusal:
         raise PromotionRefused(refusal, report)
