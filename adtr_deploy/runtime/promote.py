@@ -356,9 +356,10 @@ def promote(
     if refusal:
         raise PromotionRefused(refusal, report)
     report["time"] = now_iso()
+    files = {"candidate": cand.files(), "current": current.files()}  # a missing listed file stops before any copy
     if not repo.versions():  # the running model becomes version 1, so that a rollback has something to return to
         report["baseline_version"] = repo.publish(
-            current.files(),
+            files["current"],
             {
                 "decision": "baseline",
                 "model": current.describe(),
@@ -368,7 +369,7 @@ def promote(
             },
         )
     report["decision"] = "promoted"
-    report["version"] = repo.publish(cand.files(), report)
+    report["version"] = repo.publish(files["candidate"], report)
     report["sentence"] = f"promoted: {cand.given} is version {report['version']} of {repo.path}" + (
         f" (version {report['baseline_version']} is the current model, to roll back to)"
         if "baseline_version" in report
