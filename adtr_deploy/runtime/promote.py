@@ -7,7 +7,7 @@ it flags (false alarms), how many confirmed defects it flags (recall), and the m
 images (0 = the calibration's good mean, 0.5 = the threshold); the shift is candidate minus current.
 
 Refused, in one sentence, with nothing written (ties pass: a candidate as good as the current one may replace it):
-- no labels: review.jsonl missing or empty; no confirmed defect (the gate could not check that defects are still found);
+- no labels: an empty review.jsonl; no confirmed defect (the gate could not check that defects are still found);
 - a review of another model: a label's model_sha256 is not CURRENT's sha256 prefix;
 - a candidate trained on the review of another model (its model.json extra.feedback.model_sha256 is not CURRENT's);
 - an incompatible candidate: another input size, backbone, input layout (layout, dtype, colour) or tiling than CURRENT;
@@ -122,7 +122,7 @@ def incompatibility(current: ModelSpec, candidate: ModelSpec) -> str | None:
     for what, ours, theirs in checks:
         if ours != theirs:
             return (
-                f"the candidate takes another {what} ({theirs}) than the current model ({ours}); a new version "
+                f"the candidate has another {what} ({theirs}) than the current model ({ours}); a new version "
                 "replaces the running one in place, so export the candidate with the current model's settings"
             )
     return None
@@ -174,7 +174,7 @@ def review_refusal(labels: dict[str, list[dict]], current: Model, review_dir: Pa
             f"{review_dir} holds no confirmed defect, so the gate cannot check that the candidate still finds defects; "
             "label at least one flagged part as a defect"
         )
-    other = next((e for e in entries if e.get("model_sha256") and e["model_sha256"] != current.short), None)
+    other = next((e for e in entries if _other_model(e.get("model_sha256"), current)), None)
     if other is not None:
         return (
             f"{review_dir} holds labels of another model (sha256 {other['model_sha256']}...) than the current one "
@@ -183,10 +183,15 @@ def review_refusal(labels: dict[str, list[dict]], current: Model, review_dir: Pa
     return None
 
 
+def _other_model(sha: object, current: Model) -> bool:
+    """A recorded sha256 (a prefix, as records carry it) that is not the current model's; None means not recorded."""
+    return isinstance(sha, str) and bool(sha) and not current.sha256.startswith(sha)
+
+
 def feedback_refusal(candidate: Model, current: Model) -> str | None:
     feedback = candidate.spec.extra.get("feedback") if isinstance(candidate.spec.extra, dict) else None
     theirs = feedback.get("model_sha256") if isinstance(feedback, dict) else None
-    if isinstance(theirs, str) and theirs and not current.sha256.startswith(theirs):
+    if _other_model(theirs, current):
         return (
             f"the candidate was trained on the review of another model (sha256 {theirs}...) than the current one "
             f"({current.short}...); train it on a review of the running model"
