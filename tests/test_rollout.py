@@ -94,7 +94,8 @@ def test_a_new_version_is_switched_in_between_batches_with_every_image_recorded_
             repo.publish(exports[1], {"by": "test"})
             wait(lambda: rollout._pending is not None or rollout.version == 2, 60, "version 2 verified")
 
-    pipeline = Pipeline(backend, open_source(str(images)), tmp_path / "out", RunOptions(workers=2), on_record=on_record)
+    options = RunOptions(workers=2, keep_frames="flagged", review_sample=1.0)  # every frame kept, for the review
+    pipeline = Pipeline(backend, open_source(str(images)), tmp_path / "out", options, on_record=on_record)
     rollout.attach(pipeline)
     rollout.start()
     try:
@@ -123,6 +124,17 @@ def test_a_new_version_is_switched_in_between_batches_with_every_image_recorded_
             check.close()
     assert summary["images"] == n and summary["model_version"] == 2 and summary["model_repo"] == rollout.repo_id
     assert rollout.last_swap["from"] == 1 and rollout.last_swap["to"] == 2 and rollout.swaps == 1
+
+    # the review keeps each version's labels apart (OUT/review/v1, v2): no refusal for "another model" after a rollout
+    from adtr_deploy.runtime.review import Review, review_id
+
+    review = Review(tmp_path / "out")
+    first, last = review_id(records[0]), review_id(records[-1])
+    assert review.label(first, "good", "tester")["model_version"] == 1
+    assert review.label(last, "defect", "tester")["model_version"] == 2
+    assert (review.dir / "v1" / "review.jsonl").is_file() and (review.dir / "v2" / "review.jsonl").is_file()
+    labelled = {item["id"]: item["label"] for item in review.listing(n) if item["label"]}
+    assert labelled == {first: "good", last: "defect"}
 
 
 def test_rollout_in_a_served_run_rollback_broken_version_and_restart(exports, tmp_path):

@@ -71,4 +71,4 @@ def command(
 
         by = getpass.getuser()
     entry = review.label(record_id, label, by, note=note, relabel=relabel, via="cli")
-    click.echo(f"{record_id}: {label} by {entry['who']} -> {review.dir / entry['image']}")
+    click.echo(f"{record_id}: {label} by {entry['who']} -> {review.folder_for(entry) / entry['image']}")

@@ -10,9 +10,10 @@ timestamp, model sha256 and score, the label, who gave it and when. The last lin
 
 Refused with one sentence, changing nothing: an unknown id, a label other than defect / false_alarm / good, a second
 label for the same record (unless relabel), and a record of another model than the one the review folder holds.
-Versions of one versioned model folder (`model_version` in the record; --resume keeps a results folder to one such
-folder) are one model here: a rollout must not split the parts' labels, which stay true of the parts, into one folder
-per version; each line names the version that scored it.
+A record of a versioned model folder's version N (`model_version`, adtr_deploy.runtime.rollout) is labelled into
+the review folder's subfolder vN (OUT/review/v2/) when the folder is the default one: after a rollout the labels of
+each version stay apart, and each vN is the review of one model, as `adtr-train --feedback` and `adtr promote --review`
+take it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Review:
         self.out = Path(out)
         self.dir = Path(review_dir) if review_dir is not None else self.out / REVIEW_DIR
         self.file = self.dir / REVIEW_FILE
+        self._per_version = review_dir is None  # records of a versioned model folder: REVIEW_DIR/v<N> (see above)
         self._lock = threading.Lock()
 
     # -- reading -----------------------------------------------------------------------------------------------------
@@ -103,26 +105,38 @@ class Review:
             path = path.with_suffix(".jpg")
         return path if folder in path.parents and path.is_file() else None
 
-    def labels(self) -> dict[str, dict]:
-        """The current label of each id (the last line of each), from review.jsonl."""
+    def folder_for(self, record: dict) -> Path:
+        """The review folder a record's label goes to: `dir`, or dir/v<N> for version N of a versioned model folder."""
+        version = record.get("model_version")
+        if self._per_version and isinstance(version, int) and not isinstance(version, bool):
+            return self.dir / f"v{version}"
+        return self.dir
+
+    def labels(self, folder: Path | None = None) -> dict[str, dict]:
+        """The current label of each id (the last line of each), from review.jsonl (of `folder`, default `dir`)."""
         labels: dict[str, dict] = {}
-        if self.file.is_file():
-            for entry in _records(self.file, b""):
+        file = self.file if folder is None else folder / REVIEW_FILE
+        if file.is_file():
+            for entry in _records(file, b""):
                 if isinstance(entry.get("id"), str):
                     labels[entry["id"]] = entry
         return labels
 
     def listing(self, limit: int = 50) -> list[dict]:
         """The newest kept frames with their review state (label, who, when), for GET /api/review and `adtr review`."""
-        labels = self.labels()
+        labels: dict[Path, dict[str, dict]] = {}
         items = []
         for r in self.kept(limit):
             rid = review_id(r)
-            done = labels.get(rid)
+            folder = self.folder_for(r)
+            if folder not in labels:
+                labels[folder] = self.labels(folder)
+            done = labels[folder].get(rid)
             items.append(
                 {
                     "id": rid,
                     **{k: r.get(k) for k in ("camera", "source", "frame", "timestamp", "run", "model_sha256")},
+                    "model_version": r.get("model_version"),
                     **{k: r.get(k) for k in ("score", "normalized_score", "is_anomaly")},
                     "kind": "flagged" if r.get("is_anomaly") else "sample",
                     "label": done and done["label"],
@@ -144,18 +158,14 @@ class Review:
         if note is not None and not isinstance(note, str):
             raise UserError("the note must be text")
         record = self.find(rid)
-        with self._lock, _FileLock(self.dir):
-            labels = self.labels()
+        folder = self.folder_for(record)
+        with self._lock, _FileLock(folder):
+            labels = self.labels(folder)
             sha = record.get("model_sha256")
-            versioned = record.get("model_version") is not None  # versions of one folder: one model (see above)
-            other = next(
-                (e["model_sha256"] for e in labels.values()
-                 if e.get("model_sha256") != sha and not (versioned and e.get("model_version") is not None)),
-                None,
-            )  # fmt: skip
+            other = next((e["model_sha256"] for e in labels.values() if e.get("model_sha256") != sha), None)
             if other is not None:
                 raise UserError(
-                    f"{self.dir} holds labels of another model (sha256 {other}…) and this record is of model "
+                    f"{folder} holds labels of another model (sha256 {other}…) and this record is of model "
                     f"{sha}…; give a review folder of its own to each model (--review-dir)"
                 )
             earlier = labels.get(rid)
@@ -169,9 +179,9 @@ class Review:
                 raise UserError(f"the kept frame of {rid!r} is gone from {self.out} (removed by --keep?)")
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", rid)[-80:] + "-" + hashlib.sha1(rid.encode()).hexdigest()[:8]
             image = f"{LABELS[label]}/{name}.png"
-            atomic_write_bytes(self.dir / image, source.read_bytes())
+            atomic_write_bytes(folder / image, source.read_bytes())
             if earlier is not None and earlier.get("image") != image:
-                (self.dir / earlier["image"]).unlink(missing_ok=True)
+                (folder / earlier["image"]).unlink(missing_ok=True)
             entry = {
                 "id": rid,
                 **{k: record.get(k) for k in ("camera", "frame", "source", "run", "timestamp", "model_sha256")},
@@ -185,7 +195,7 @@ class Review:
                 "via": via,
                 "relabel": earlier is not None,
             }
-            with open(self.file, "ab") as fh:
+            with open(folder / REVIEW_FILE, "ab") as fh:
                 fh.write((dumps_strict(entry) + "\n").encode())
         return entry
 

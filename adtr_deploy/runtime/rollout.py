@@ -314,7 +314,7 @@ class Rollout:
             "live": [v for v in versions if revoked[v] is None],
             "active": self.repo.active(),
             "revoked": {str(v): mark for v, mark in revoked.items() if mark is not None},
-            "refused": {str(v): r for v, r in sorted(self.refused.items())},
+            "refused": {str(v): r for v, r in sorted(dict(self.refused).items())},  # a copy: the watcher adds
             "last_swap": self.last_swap,
             "swaps": self.swaps,
             "pending": None if pending is None else pending.version,

@@ -132,7 +132,7 @@ class Routes:
         if path == "/metrics":
             body, ctype = service.metrics()
             return Response(200, body, ctype)
-        if path == "/api/model":  # the version running, the versions, the last swap (adtr_deploy.runtime.rollout)
+        if path == "/api/model" and hasattr(service, "model_status"):  # the version running, the versions, the swaps
             return json_response(200, service.model_status())
         if path == "/review" or path.startswith("/api/review"):  # review of flagged parts: serve/reviewroutes.py
             from adtr_deploy.runtime.serve import reviewroutes
