@@ -39,7 +39,7 @@ def real_images():
     return texture_images
 
 
-def export_tiny_onnx(out, seed: int = 0) -> object:
+def export_tiny_onnx(out, seed: int = 0, size: int = 64) -> object:
     """A tiny ADTR (weights seeded by `seed`) exported to OUT/model.onnx with a dynamic batch and its model.json, as
     adtr-export lays it out; the TorchScript-based exporter (a few seconds, against ~10-40 s for the dynamo one on 2 busy
     cores)."""
@@ -50,12 +50,12 @@ def export_tiny_onnx(out, seed: int = 0) -> object:
     from adtr_deploy.spec import ModelSpec
 
     torch.manual_seed(seed)
-    model = ADTR(get_preset("tiny")).eval()
+    model = ADTR(get_preset("tiny", input_size=(size, size))).eval()  # `size`: a slower model, e.g. 256
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (torch.from_numpy(texture_images(2, 64)),),
+            (torch.from_numpy(texture_images(2, size)),),
             str(out / "model.onnx"),
             dynamo=False,
             input_names=["image"],
@@ -63,5 +63,5 @@ def export_tiny_onnx(out, seed: int = 0) -> object:
             dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
             opset_version=18,
         )
-    ModelSpec(input_size=(64, 64), preset="tiny", backbone="tiny", format="onnx").save(out / "model.json")
+    ModelSpec(input_size=(size, size), preset="tiny", backbone="tiny", format="onnx").save(out / "model.json")
     return out / "model.onnx"
