@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import pytest
 
+from adtr_deploy.errors import UserError
 from adtr_deploy.runtime.modelrepo import ModelRepo
 from adtr_deploy.runtime.outdir import read_records, read_summary
 from tests.conftest import export_tiny_onnx, texture_images
@@ -255,3 +256,37 @@ def test_a_plain_model_path_records_no_version_and_has_nothing_to_roll_back(expo
         code, answer = post(run.url + "api/model/rollback", {}, TOKEN)
         assert code == 409 and "plain path" in answer["error"]
     assert {r["model_version"] for r in read_records(tmp_path / "out")} == {None}
+
+
+def test_an_active_version_that_cannot_run_is_refused_at_start_and_another_input_size_while_running(
+    exports, slow_exports, tmp_path
+):
+    from adtr_deploy.runtime.backends import open_model
+    from adtr_deploy.runtime.pipeline import Pipeline
+    from adtr_deploy.runtime.rollout import Rollout
+    from adtr_deploy.runtime.sources import open_source
+
+    repo = ModelRepo(tmp_path / "models" / "brick")
+    repo.publish(exports[0], {"by": "test"})
+    repo.publish(broken_export(tmp_path / "broken", exports), {"by": "test"})  # v2, the active one, cannot be opened
+    notes = []
+    rollout = Rollout(repo, lambda folder: open_model(folder, "cpu"), poll_s=60, log=notes.append)
+    backend = rollout.open_first()
+    assert rollout.version == 1 and list(rollout.refused) == [2] and "cannot be opened" in rollout.refused[2]["reason"]
+    assert repo.revoked(2) is None  # refused, not revoked: withdrawing a version is a person's decision
+
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), texture_images(1, 64)[0])
+    pipeline = Pipeline(backend, open_source(str(images)), tmp_path / "out")
+    rollout.attach(pipeline)
+    try:
+        assert repo.publish(slow_exports[0], {"by": "test"}) == 3  # a 256 x 256 model for a run at 64 x 64
+        assert rollout.take(3, why="published") is None
+        assert rollout.version == 1 and "input size 256x256 differs" in rollout.refused[3]["reason"]
+        assert pipeline.backend is backend and any("version 3 refused" in n for n in notes)
+    finally:
+        rollout.close()
+        backend.close()
+    with pytest.raises(UserError, match="no version below 1"):
+        rollout.rollback("tester", "test")
