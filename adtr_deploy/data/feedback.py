@@ -14,6 +14,7 @@ decode is reported and left out. `split_review_goods` holds out a seeded share o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ import numpy as np
 
 from adtr_deploy.data.mvtec import Sample
 from adtr_deploy.errors import UserError
-from adtr_deploy.fileio import sha256_file
 from adtr_deploy.preprocess import ImageDecodeError, load_image, load_mask, read_image
 
 REVIEW_FILE = "review.jsonl"  # runtime/review.py's name (data/ does not import the runtime)
@@ -52,11 +52,11 @@ class ReviewData:
         return [p for s in self.good + self.defects for p in (s.path, s.mask) if p is not None]
 
 
-def _current_labels(file: Path) -> tuple[dict[str, dict], list[str]]:
-    """id -> its last line in review.jsonl, and sentences for lines that are not records (e.g. a torn last line)."""
+def _current_labels(file: Path, text: bytes) -> tuple[dict[str, dict], list[str]]:
+    """id -> its last line in review.jsonl (`text`), and sentences for lines that are not records (a torn last line)."""
     labels: dict[str, dict] = {}
     bad: list[str] = []
-    for n, line in enumerate(file.read_bytes().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -91,8 +91,8 @@ def read_review(root: str | Path) -> ReviewData:
             f"{root} is not a review folder (no {REVIEW_FILE}); give --feedback the folder `adtr review` writes "
             "(OUT/review by default)"
         )
-    digest = sha256_file(file)
-    labels, skipped = _current_labels(file)
+    text = file.read_bytes()  # once: the digest is of exactly the lines read, while a service may append more
+    labels, skipped = _current_labels(file, text)
     models = sorted({str(e.get("model_sha256")) for e in labels.values() if e.get("model_sha256")})
     if len(models) > 1:
         raise UserError(
@@ -136,7 +136,7 @@ def read_review(root: str | Path) -> ReviewData:
         )
     return ReviewData(
         root=base,
-        file_sha256=digest,
+        file_sha256=hashlib.sha256(text).hexdigest(),
         model_sha256=models[0] if models else None,
         good=good,
         false_alarms=len(by_label["false_alarm"]),
