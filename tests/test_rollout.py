@@ -154,6 +154,8 @@ def test_a_new_version_is_switched_in_between_batches_with_every_image_recorded_
 
 
 def test_rollout_in_a_served_run_rollback_broken_version_and_restart(exports, tmp_path):
+    from tests.test_serve_browser import CHROMIUM, _Dom, chromium  # needs the serve extra, as this test does
+
     repo = ModelRepo(tmp_path / "models" / "brick")
     repo.publish(exports[0], {"by": "test"})
     out = tmp_path / "out"
@@ -203,6 +205,12 @@ def test_rollout_in_a_served_run_rollback_broken_version_and_restart(exports, tm
             repo.publish(broken, {"by": "test"})
             m = wait(lambda: (lambda m: m if "3" in m["refused"] else None)(model(run)), 60, "version 3 refused")
             assert m["version"] == 1 and "cannot be opened" in m["refused"]["3"]["reason"]
+            assert run.status()["rollout"]["refused"]["3"]["reason"] == m["refused"]["3"]["reason"]  # the page's
+            if CHROMIUM is not None:  # the page itself, in a real browser: the version, the swap, the refusal
+                dom = _Dom()
+                dom.feed(chromium(run.url, tmp_path / "profile", "--dump-dom"))
+                shown = dom.text["model"]
+                assert "version1" in shown and "v2 → v1" in shown and "refused v3it cannot be opened" in shown, shown
             seen = images(run)
             run.wait_for(lambda s: s["counts"]["images"] >= seen + 5, what="records after the refusal")
             assert "version 3 refused" in run.log

@@ -303,7 +303,6 @@ class Rollout:
         """GET /api/model's versioned part."""
         versions = self.repo.versions()
         revoked = {v: self.repo.revoked(v) for v in versions}
-        pending = self._pending
         return {
             "versioned": True,
             "repo": str(self.repo.path),
@@ -314,11 +313,20 @@ class Rollout:
             "live": [v for v in versions if revoked[v] is None],
             "active": self.repo.active(),
             "revoked": {str(v): mark for v, mark in revoked.items() if mark is not None},
-            "refused": {str(v): r for v, r in sorted(dict(self.refused).items())},  # a copy: the watcher adds
-            "last_swap": self.last_swap,
             "swaps": self.swaps,
-            "pending": None if pending is None else pending.version,
             "poll_s": self.poll_s,
+            **self.brief(),
+        }
+
+    def brief(self) -> dict:
+        """What the page shows, from memory only (/api/status is polled twice a second): the version, the last swap,
+        the refused versions with their sentences, a pending switch."""
+        pending = self._pending
+        return {
+            "version": self.version,
+            "last_swap": self.last_swap,
+            "refused": {str(v): r for v, r in sorted(dict(self.refused).items())},
+            "pending": None if pending is None else pending.version,
         }
 
     def close(self) -> None:

@@ -269,6 +269,8 @@ class Service:
         snap["control"] = {"needs_token": self.token is not None, "header": "X-ADTR-Token"}
         if self.drift is not None:  # the line state (state.line_state) says DRIFT; here: by how much, since when
             snap["drift"] = self.drift.status()
+        if self.rollout is not None:  # a versioned model folder: the last swap, refused versions (runtime/rollout.py)
+            snap["rollout"] = self.rollout.brief()
         return snap
 
     def health(self) -> dict:

@@ -32,14 +32,18 @@ function fmt(x, digits) {
   return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
 }
 
-function showModel(model) {
+function showModel(model, rollout) {
   const dl = $("model");
   dl.replaceChildren();
+  const swap = rollout && rollout.last_swap;
+  const refused = rollout ? Object.values(rollout.refused || {}) : [];
   const rows = [
     ["model", model.name], ...(model.version ? [["version", model.version]] : []),
     ["sha256", model.sha256 ? model.sha256.slice(0, 12) : "–"],
     ["threshold", model.threshold === undefined ? "–" : Number(model.threshold).toPrecision(4)],
     ["input", model.input_size ? model.input_size.join("×") : "–"], ["backend", model.backend], ["device", model.device],
+    ...(swap ? [["switched", `v${swap.from} → v${swap.to} at ${swap.time} (${swap.why})`]] : []),
+    ...refused.map((r) => [`refused v${r.version}`, r.reason]),
   ];
   for (const [k, v] of rows) {
     const div = document.createElement("div");
@@ -48,7 +52,7 @@ function showModel(model) {
     dt.textContent = k;
     dd.textContent = v === null || v === undefined ? "–" : String(v);
     if (k === "sha256" && model.sha256) dd.title = model.sha256;
-    if (k === "model") dd.title = String(v);
+    if (k === "model" || k === "switched" || k.startsWith("refused")) dd.title = String(v);
     div.append(dt, dd);
     dl.append(div);
   }
@@ -237,9 +241,9 @@ function show(s) {
   showLine(s.line ? s.line.state : String(s.state).toUpperCase(), lineDetail(s));
   showDrift(s.drift);
   // shown again when a recalibration changed the threshold or a rollout the version
-  const modelKey = s.model ? `${s.model.threshold} ${s.model.version} ${s.model.sha256}` : null;
+  const modelKey = s.model ? JSON.stringify([s.model.threshold, s.model.version, s.model.sha256, s.rollout]) : null;
   if (s.model && s.model.name && (!modelShown || modelKey !== modelThreshold)) {
-    showModel(s.model);
+    showModel(s.model, s.rollout);
     modelThreshold = modelKey;
   }
   const c = s.counts;
