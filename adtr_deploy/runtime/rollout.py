@@ -246,7 +246,10 @@ class Rollout:
     def _switch_when_ready(self, candidate: Candidate) -> dict:
         """Hand the candidate to the pipeline's thread and wait (bounded) until it is switched in. After the run (its
         loop has ended) the switch happens here."""
-        self._pending = candidate
+        with self._switch_lock:  # one left pending by an earlier call that stopped waiting is replaced, and closed
+            earlier, self._pending = self._pending, candidate
+        if earlier is not None:
+            earlier.backend.close()
         deadline = time.monotonic() + SWITCH_WAIT_S
         with self._switched:
             while self._pending is candidate and time.monotonic() < deadline:
