@@ -146,7 +146,8 @@ class Rollout:
     def _refuse(self, version: int, reason: str) -> None:
         reason = reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 1] + "…"
         self.refused[version] = {"version": version, "reason": reason, "time": now_iso()}
-        self.log(f"{self.repo.path} version {version} refused, version {self.version} keeps running: {reason}")
+        running = "" if self.version is None else f", version {self.version} keeps running"
+        self.log(f"{self.repo.path} version {version} refused{running}: {reason}")
 
     def _open(self, version: int, running: Backend | None) -> Backend:
         """Open and check one version (beside `running`, if any); a UserError sentence says why it cannot run."""
