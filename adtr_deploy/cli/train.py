@@ -33,7 +33,7 @@ from adtr_deploy.cli.train_options import feedback_option, model_options, parse_
     "--epochs",
     type=click.IntRange(min=1),
     default=None,
-    help="Epochs (default 30, 4 with --feedback; the paper: 500 on a GPU).",
+    help="Epochs (default 30, 2 with --feedback; the paper: 500 on a GPU).",
 )
 @click.option(
     "--batch-size",

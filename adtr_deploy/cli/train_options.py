@@ -94,5 +94,5 @@ feedback_option = click.option(
     "images (false alarms first) join the training images, a seeded quarter of them the calibration images (the "
     "threshold is recalibrated); confirmed defects make the run ADTR+ (image-level anomalies mixed with the default "
     "synthetic ones; without defects: plain ADTR unless --mode adtr+). --data/--category default to the checkpoint's, "
-    "--epochs to 4. Provenance in the checkpoint's info['feedback'] (docs/adtr_plus.md).",
+    "--epochs to 2. Provenance in the checkpoint's info['feedback'] (docs/adtr_plus.md).",
 )
