@@ -147,6 +147,8 @@ def prepare(
     if review_dir is None:
         if not opts["resume"]:
             raise UserError("give the data folder with --data")
+        if not (Path(out_dir) / CHECKPOINT_NAME).is_file():
+            raise UserError(f"{out_dir} holds no run to resume; check --out")
         return None, opts["mode"], *data_of(out_dir, None, category)
     feedback = open_feedback(review_dir, opts["init_from"], opts["seed"])
     mode = mode_for(feedback.review, opts["mode"], "mode" in given)
