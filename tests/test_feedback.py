@@ -197,12 +197,20 @@ def _edit(folder: Path, change) -> None:
     (folder / "review.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
 
 
+def _versioned(folder: Path) -> None:
+    """The layout of a versioned model folder's review (OUT/review/v<N>/), given as its parent."""
+    shutil.move(folder, folder.with_name("v2"))
+    folder.mkdir()
+    shutil.move(folder.with_name("v2"), folder / "v2")
+
+
 BAD = {
     "no_review_file": (lambda f: (f / "review.jsonl").unlink(), "is not a review folder (no review.jsonl)"),
     "no_usable_label": (lambda f: [p.unlink() for p in f.rglob("*.png")], "holds no usable labels"),
     "two_models": (lambda f: _edit(f, lambda ls: ls[0].update(model_sha256="0" * 16)), "mixes labels of 2 models"),
     "escaping_file": (lambda f: _edit(f, lambda ls: ls[2].update(image="../../data/x.png")), "not a file inside"),
     "absolute_file": (lambda f: _edit(f, lambda ls: ls[2].update(image="/etc/hostname")), "not a file inside"),
+    "versions_parent": (_versioned, "holds the review folders of versions v2"),
 }
 
 

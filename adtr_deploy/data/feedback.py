@@ -87,6 +87,12 @@ def read_review(root: str | Path) -> ReviewData:
     root = Path(root).expanduser()
     file = root / REVIEW_FILE
     if not file.is_file():
+        versions = sorted(p.parent.name for p in root.glob(f"v*/{REVIEW_FILE}"))
+        if versions:  # a versioned model folder's review: one folder per version (runtime/review.py)
+            raise UserError(
+                f"{root} holds the review folders of versions {', '.join(versions)}; give --feedback the one of the "
+                f"version that was reviewed, e.g. {root / versions[-1]}"
+            )
         raise UserError(
             f"{root} is not a review folder (no {REVIEW_FILE}); give --feedback the folder `adtr review` writes "
             "(OUT/review by default)"
