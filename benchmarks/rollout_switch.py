@@ -6,7 +6,8 @@ version 2 is published at the 200th record and switched in while the run goes on
 Reported per setting and round: the records (all images, each once), where the switch came, the time from publishing to
 the first record of version 2 (the watcher's poll, opening and verifying the new version beside the running one, the
 next batch boundary), the median gap between two consecutive records, the largest gap among the records around the
-switch, and the largest gap anywhere in the run (ordinary jitter on a shared machine). Run it under the CPU lock on a
+switch (the three before the first record of version 2 and the two after it), and the largest gap elsewhere in the run
+(ordinary jitter on a shared machine). Run it under the CPU lock on a
 shared machine: `flock /tmp/adtr-cpu.lock python benchmarks/rollout_switch.py`.
 
 The models are the tests' tiny ADTR (untrained, seeded): a switch's own work (drain the in-flight batches, swap, close
@@ -71,20 +72,20 @@ def one_run(work: Path, exports: list[list[Path]], images: Path, streams: int, p
         "publish_to_first_v2_ms": round(1000 * (times[k] - published[0]), 1),
         "median_gap_ms": round(1000 * statistics.median(gaps), 2),
         "largest_gap_at_switch_ms": round(1000 * max(gaps[k - 3 : k + 2]), 2),
-        "largest_gap_ms": round(1000 * max(gaps), 2),
+        "largest_gap_elsewhere_ms": round(1000 * max(gaps[: k - 3] + gaps[k + 2 :]), 2),
     }
 
 
 def markdown(result: dict) -> str:
     lines = [
-        "| input | streams | round | records | switch at | publish -> first v2 record | median gap | largest gap at the switch | largest gap in the run |",
+        "| input | streams | round | records | switch at | publish -> first v2 record | median gap | largest gap at the switch | largest gap elsewhere |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         lines.append(
             f"| {r['size']} | {r['streams']} | {r['round']} | {r['records']} | {r['switch_at_record']} | "
             f"{r['publish_to_first_v2_ms']} ms | {r['median_gap_ms']} ms | {r['largest_gap_at_switch_ms']} ms | "
-            f"{r['largest_gap_ms']} ms |"
+            f"{r['largest_gap_elsewhere_ms']} ms |"
         )
     return "\n".join(lines) + f"\n\n`{result['command']}`; machine: {result['machine']}\n"
 
