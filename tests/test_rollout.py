@@ -200,6 +200,20 @@ def test_rollout_in_a_served_run_rollback_broken_version_and_restart(exports, tm
             seen = images(run)
             run.wait_for(lambda s: s["counts"]["images"] >= seen + 5, what="records of version 1 again")
 
+            # forward again: activate 2 (its mark removed), then roll back once more
+            code, answer = post(run.url + "api/model/activate", {"version": 7}, TOKEN)
+            assert code == 409 and "no version 7" in answer["error"]
+            code, answer = post(run.url + "api/model/activate", {"version": 2, "by": "tester"}, TOKEN)
+            assert code == 200 and answer["model"]["version"] == 2 and repo.revoked(2) is None, answer
+            seen = images(run)
+            run.wait_for(lambda s: s["counts"]["images"] >= seen + 5, what="records of version 2 again")
+            code, answer = post(run.url + "api/model/activate", {"version": 1}, TOKEN)
+            assert code == 409 and "live versions [2] lie above it" in answer["error"]
+            assert post(run.url + "api/model/rollback", {"by": "tester", "why": "again"}, TOKEN)[0] == 200
+            assert model(run)["version"] == 1 and repo.revoked(2)["why"] == "again"
+            seen = images(run)
+            run.wait_for(lambda s: s["counts"]["images"] >= seen + 5, what="records of version 1, third time")
+
             # a broken version 3 is refused with its sentence; version 1 keeps running
             broken = broken_export(tmp_path / "broken", exports)
             repo.publish(broken, {"by": "test"})
@@ -222,7 +236,7 @@ def test_rollout_in_a_served_run_rollback_broken_version_and_restart(exports, tm
         assert len(records) + first["dropped_frames"] == frames[-1] - frames[0] + 1
         versions = [r["model_version"] for r in records]
         changes = [(a, b) for a, b in zip(versions, versions[1:], strict=False) if a != b]
-        assert changes == [(1, 2), (2, 1)] and versions[-1] == 1 and first["model_version"] == 1
+        assert changes == [(1, 2), (2, 1), (1, 2), (2, 1)] and first["model_version"] == 1
 
         # a restart with --resume continues the folder on the active version: here v4, published while it was down
         repo.publish(exports[2], {"by": "test"})

@@ -16,7 +16,8 @@
   its model.json, the page and the metrics show it.
 - Rollback (POST /api/model/rollback): the highest live version below the running one is opened and verified, the
   running one is revoked (who, when, why: a restart does not take it up again) and the other switched in. Refused with
-  a sentence when there is none.
+  a sentence when there is none. POST /api/model/activate {"version": N} goes forward again: N (no live version above
+  it) is opened, verified, its revoked mark removed, and switched in.
 
 Torch-free.
 """
@@ -65,8 +66,9 @@ def check_compatible(running: Backend, new: Backend, batch_size: int) -> None:
     old_size, new_size = tuple(running.spec.input_size), tuple(new.spec.input_size)
     if new_size != old_size:
         raise UserError(
-            f"its input size {new_size[0]}x{new_size[1]} differs from the running version's {old_size[0]}x{old_size[1]}; "
-            "frames already prepared would not fit: export it at the running size, or restart the run to change size"
+            f"its input size {new_size[0]}x{new_size[1]} differs from the running version's "
+            f"{old_size[0]}x{old_size[1]}; frames already prepared would not fit: export it at the running size, or "
+            "restart the run to change size"
         )
     if from_spec(new.spec) != from_spec(running.spec):
         raise UserError(
@@ -242,6 +244,33 @@ class Rollout:
                 f"no version below {running} to roll back to in {self.repo.path} (live: {self.repo.live_versions()}"
                 f"{refused}); publish a fixed version with adtr promote, or restore a revoked one"
             )
+
+    def activate(self, version, by: str | None = None, why: str | None = None) -> dict:
+        """Run `version` again (roll forward after a rollback): it must become the active one, so no live version may
+        lie above it; a revoked mark on it is removed once it has opened and verified."""
+        by = _text(by, "by") or "api"
+        why = _text(why, "why") or "activated from the live view"
+        if isinstance(version, bool) or not isinstance(version, int) or version not in self.repo.versions():
+            raise UserError(f"{self.repo.path} has no version {version!r}; versions: {self.repo.versions() or 'none'}")
+        with self._lock:
+            if version == self.version:
+                raise UserError(f"version {version} is already running")
+            above = [v for v in self.repo.live_versions() if v > version]
+            if above:
+                raise UserError(
+                    f"version {version} would not be the active one: live versions {above} lie above it; roll back "
+                    "(POST /api/model/rollback) to leave the running version, or revoke the others first"
+                )
+            try:
+                backend = self._open(version, self.pipeline.backend)
+            except UserError as exc:
+                self._refuse(version, str(exc))
+                raise UserError(f"version {version} cannot run: {exc}") from None
+            self.refused.pop(version, None)
+            self.repo.restore(version)
+            swap = self._switch_when_ready(Candidate(version, backend, model_sha256(backend), why, by))
+            self.log(f"version {version} activated by {by} ({why})")
+            return swap
 
     # -- the switch ----------------------------------------------------------------------------------------------
     def _switch_when_ready(self, candidate: Candidate) -> dict:

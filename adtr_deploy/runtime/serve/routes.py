@@ -1,11 +1,11 @@
 """What each route of the live view answers, and who may ask; no sockets here (loop.py and server.py do the I/O).
 
 Routes: GET / (the page), /static/*, /api/status, /frame.jpg, /gallery/ID.jpg, /stream.mjpg (a GET becomes a stream in
-server.py), /metrics, /healthz, /readyz, /review, /api/review* and /api/model; POST /api/pause, /api/resume, /api/recalibrate,
-/api/review (reviewroutes.py) and /api/model/rollback (runtime/rollout.py). Control (POST) checks Host
-and Origin, then the token (header X-ADTR-Token, which a plain cross-site form cannot send). With auth "all", every
-route but /healthz and /readyz needs the token (X-ADTR-Token, `Authorization: Bearer TOKEN`, or HTTP Basic with the
-token as password, so that a browser asks for it).
+server.py), /metrics, /healthz, /readyz, /review, /api/review* and /api/model; POST /api/pause, /api/resume,
+/api/recalibrate, /api/review (reviewroutes.py), /api/model/rollback and /api/model/activate (runtime/rollout.py).
+Control (POST) checks Host and Origin, then the token (header X-ADTR-Token, which a plain cross-site form cannot
+send). With auth "all", every route but /healthz and /readyz needs the token (X-ADTR-Token, `Authorization: Bearer
+TOKEN`, or HTTP Basic with the token as password, so that a browser asks for it).
 """
 
 from __future__ import annotations
@@ -141,15 +141,17 @@ class Routes:
         return error(404, f"no such page: {path}")
 
     def post(self, req: Request) -> Response:
-        if req.path not in ("/api/pause", "/api/resume", "/api/recalibrate", "/api/review", "/api/model/rollback"):
+        if req.path not in (
+            "/api/pause", "/api/resume", "/api/recalibrate", "/api/review", "/api/model/rollback", "/api/model/activate"
+        ):  # fmt: skip
             return error(404, f"no such action: {req.path}")
         denied = self.write_denied(req)
         if denied is not None:
             return denied
         if req.path == "/api/recalibrate":
             return self.recalibrate(req)
-        if req.path == "/api/model/rollback":
-            return self.rollback(req)
+        if req.path in ("/api/model/rollback", "/api/model/activate"):
+            return self.model_action(req)
         if req.path == "/api/review":
             from adtr_deploy.runtime.serve import reviewroutes
 
@@ -172,17 +174,19 @@ class Routes:
         except UserError as exc:
             return error(409, str(exc))
 
-    def rollback(self, req: Request) -> Response:
-        """Revoke the running version and run the previous live one. Body (optional): {"by": NAME, "why": TEXT}. A
-        refusal (no version to go back to, a plain model path) is a 409 with its sentence."""
+    def model_action(self, req: Request) -> Response:
+        """rollback: revoke the running version and run the previous live one; body (optional) {"by": NAME, "why":
+        TEXT}. activate: run version N again; body {"version": N, "by", "why"}. A refusal (no version to go back to,
+        a version that cannot run, a plain model path) is a 409 with its sentence."""
         try:
             body = json.loads(req.body or b"{}")
         except ValueError:
             body = None
         if not isinstance(body, dict):
             return error(400, 'the body is not a JSON object; send e.g. {"by": "operator name", "why": "false alarms"}')
+        action = self.service.rollback if req.path.endswith("/rollback") else self.service.activate
         try:
-            return json_response(200, self.service.rollback(body))
+            return json_response(200, action(body))
         except UserError as exc:
             return error(409, str(exc))
 

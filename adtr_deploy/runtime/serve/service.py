@@ -225,6 +225,19 @@ class Service:
             raise UserError(f"unknown field {unknown[0]!r}; send by and why only")
         return {"swap": self.rollout.rollback(request.get("by"), request.get("why")), "model": self.model_status()}
 
+    def activate(self, request: dict) -> dict:
+        """POST /api/model/activate: {"version": N, "by": NAME, "why": TEXT}; by and why optional."""
+        if self.rollout is None:
+            raise UserError(
+                f"this run's model {self.model.get('name')} is a plain path, so it has no versions to activate; "
+                "run a versioned model folder (adtr-run --model MODELS/NAME)"
+            )
+        unknown = sorted(set(request) - {"version", "by", "why"})
+        if unknown:
+            raise UserError(f"unknown field {unknown[0]!r}; send version, by and why only")
+        swap = self.rollout.activate(request.get("version"), request.get("by"), request.get("why"))
+        return {"swap": swap, "model": self.model_status()}
+
     def start(self, pipeline, engine, model_path: Path | str) -> None:
         """Fill in the model's identity and start the threads (render, HTTP, sinks)."""
         self.model.update(model_identity(engine, pipeline, model_path))
