@@ -6,7 +6,8 @@ edge; an image smaller than a tile is padded by reflection), the tiles go throug
 `batch` (one image's tiles only), and their maps are stitched back with a separable Hann window per tile, so that each
 pixel is a weighted mean of the tiles covering it and a tile's borders count least. The image score comes from the
 stitched map exactly as the model's own score comes from its map: the maximum of the map average-pooled with the
-model's `score_pool` window (stride 1, no padding; ADTR.map_and_score). The exported graph does not change: the
+tiling's `score_pool` window (stride 1, no padding; ADTR.map_and_score; by default the model's own window,
+`--tile ...,score_pool=N` sets another). The exported graph does not change: the
 settings travel in model.json (`ModelSpec.tiling`, written from the checkpoint's info by adtr-export), so the runtime
 tiles exactly as training did.
 
@@ -81,9 +82,9 @@ class Tiling:
         except TilingError as exc:
             raise TilingError(f"{origin}: {exc}; re-export the model with adtr-export") from None
 
-    def describe(self) -> str:
+    def describe(self, pool: bool = False) -> str:
         scale = "auto" if self.scale is None else ("native" if self.scale == 1 else f"{self.scale:g}")
-        return f"{scale},overlap={self.overlap:g}"
+        return f"{scale},overlap={self.overlap:g}" + (f",score_pool={self.score_pool}" if pool else "")
 
     def same_as(self, other: Tiling | None) -> bool:
         """The same tiling at inference (training crops aside)."""
@@ -98,13 +99,17 @@ class Tiling:
 
 
 def parse_tile(text: str | None, tile: Sequence[int], score_pool: int) -> Tiling | None:
-    """`--tile` text -> Tiling, or None for off. SCALE[,overlap=F][,size=N][,crops=grid|random]; SCALE is `native`
-    (= 1), `auto` or a factor such as 0.5; `size=N` instead gives the side in source pixels one tile covers."""
+    """`--tile` text -> Tiling, or None for off. SCALE[,overlap=F][,size=N][,crops=grid|random][,score_pool=N]; SCALE
+    is `native` (= 1), `auto` or a factor such as 0.5; `size=N` instead gives the side in source pixels one tile
+    covers; `score_pool=N` the window of the stitched map's score (default: `score_pool`, the model's own)."""
     if text is None or text.strip().lower() in OFF:
         return None
     parts = [p.strip() for p in text.split(",") if p.strip()]
     kwargs: dict[str, Any] = {"tile": (int(tile[0]), int(tile[1])), "score_pool": int(score_pool)}
-    hint = "e.g. --tile native, --tile 0.5,overlap=0.25, --tile size=448 or --tile auto,crops=random"
+    hint = (
+        "e.g. --tile native, --tile 0.5,overlap=0.25, --tile size=448, --tile auto,crops=random or "
+        "--tile native,score_pool=8"
+    )
     try:
         for i, part in enumerate(parts):
             key, eq, value = part.partition("=")
@@ -117,6 +122,8 @@ def parse_tile(text: str | None, tile: Sequence[int], score_pool: int) -> Tiling
                 kwargs["scale"] = min(kwargs["tile"]) / float(value)
             elif key == "crops":
                 kwargs["crops"] = value.lower()
+            elif key == "score_pool":
+                kwargs["score_pool"] = int(value)
             else:
                 raise ValueError(part)
         return Tiling(**kwargs)
@@ -307,9 +314,10 @@ def check_requested(model: Tiling | None, requested: str | None, where: str = "t
             "to run it as trained"
         )
     if not model.same_as(replace(asked, crops=model.crops)):
+        pool = model.score_pool != asked.score_pool
         raise TilingError(
-            f"{where} was trained on tiles {model.describe()}, not {asked.describe()}; drop --tile to run it as "
-            "trained, or train a model with these settings"
+            f"{where} was trained on tiles {model.describe(pool)}, not {asked.describe(pool)}; drop --tile to run it "
+            "as trained, or train a model with these settings"
         )
     return model
 

@@ -84,6 +84,30 @@ def test_score_is_the_pooled_max_of_the_map():
     assert pooled_max(m[:3, :5], 16) == pytest.approx(float(m[:3, :5].mean()), rel=1e-6)
 
 
+def brute_force_pooled_max(m: np.ndarray, n: int) -> float:
+    """max over every n x n window lying inside the map of its plain numpy mean (float64)."""
+    h, w = m.shape
+    return max(
+        float(m[i : i + n, j : j + n].astype(np.float64).mean()) for i in range(h - n + 1) for j in range(w - n + 1)
+    )
+
+
+@pytest.mark.parametrize("pool", [1, 2, 3, 8, 16])
+def test_tiled_score_is_the_max_of_the_stitched_maps_pool_x_pool_means(pool):
+    rng = np.random.default_rng(pool)
+
+    def noisy_model(batch: np.ndarray):  # a map that depends on the pixels, so tiles disagree in their overlaps
+        maps = batch.astype(np.float32).mean(axis=3)[:, None] / 255.0 + rng.random((len(batch), 1, 64, 64), np.float32)
+        return maps, maps.reshape(len(batch), -1).max(axis=1)
+
+    image = rng.integers(0, 255, (90, 150, 3), dtype=np.uint8)
+    tiling = parse_tile(f"native,overlap=0.25,score_pool={pool}", (64, 64), 4)
+    assert tiling.score_pool == pool
+    amap, score = run_tiled(noisy_model, image, tiling, batch=3)
+    assert score == pytest.approx(brute_force_pooled_max(amap, pool), rel=1e-6)
+    assert pool > 1 or score == float(amap.max())  # a window of 1 is the pixel maximum
+
+
 def test_scale_and_small_images():
     tiling = Tiling(tile=(64, 64), scale=0.5, score_pool=4)
     amap, _ = run_tiled(constant_model(0.25), np.zeros((400, 256, 3), np.uint8), tiling, batch=64)
@@ -111,8 +135,10 @@ def test_tile_text():
     assert parse_tile("native", (64, 64), 4).scale == 1.0
     assert parse_tile("size=128", (64, 64), 4).scale == 0.5
     t = parse_tile("0.5,overlap=0.5,crops=random", (64, 64), 4)
-    assert (t.scale, t.overlap, t.crops) == (0.5, 0.5, "random")
-    for bad in ("big", "1,overlap=0.9", "0,overlap=0.2", "1,crops=spiral", "1,colour=red"):
+    assert (t.scale, t.overlap, t.crops, t.score_pool) == (0.5, 0.5, "random", 4)  # the model's window by default
+    assert parse_tile("native,score_pool=2", (64, 64), 4).score_pool == 2
+    bad_texts = ("big", "1,overlap=0.9", "0,overlap=0.2", "1,crops=spiral", "1,colour=red", "1,score_pool=0")
+    for bad in (*bad_texts, "1,score_pool=2.5"):
         with pytest.raises(TilingError, match="--tile") as info:
             parse_tile(bad, (64, 64), 4)
         assert "\n" not in str(info.value)
@@ -123,7 +149,9 @@ def test_requested_tiling_must_match_the_model():
     assert check_requested(model, None) is model
     assert check_requested(model, "native,crops=random") is model  # training crops do not matter at inference
     assert check_requested(None, None) is None and check_requested(None, "off") is None
-    for requested, words in (("off", "trained on tiles"), ("0.5", "not 0.5"), ("native,overlap=0.5", "not native")):
+    assert check_requested(model, "native,score_pool=4") is model
+    cases = (("off", "trained on tiles"), ("0.5", "not 0.5"), ("native,overlap=0.5", "not native"))
+    for requested, words in (*cases, ("native,score_pool=8", "score_pool=4, not native,overlap=0.25,score_pool=8")):
         with pytest.raises(TilingError, match=words):
             check_requested(model, requested)
     with pytest.raises(TilingError, match="whole images resized"):
@@ -137,6 +165,8 @@ def test_spec_carries_tiling_and_older_runtimes_refuse_it():
     assert data["spec_version"] == SPEC_VERSION == 2  # a version-1 runtime says "upgrade" instead of running untiled
     back = ModelSpec.from_json(spec.to_json())
     assert Tiling.from_dict(back.tiling) == tiling
+    record = {k: v for k, v in tiling.to_dict().items() if k != "score_pool"}  # written before the window was a setting
+    assert Tiling.from_dict(record).score_pool == 16  # as before the setting: the default window
     assert ModelSpec().to_dict()["spec_version"] == 1  # untiled specs stay readable by older runtimes
     with pytest.raises(TilingError, match="model.json"):
         Tiling.from_dict({**tiling.to_dict(), "overlap": 2}, "model.json")

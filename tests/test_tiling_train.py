@@ -40,11 +40,12 @@ def test_train_export_and_run_agree_on_the_tiling(tmp_path):
     root = make_mvtec(tmp_path / "data", "tex", n_train=8, n_good=2, n_masked=2, n_unmasked=0, size=160)
     out = tmp_path / "run"
     base = ["--data", str(root), "--category", "tex", "--out", str(out), "--preset", "tiny", "--epochs", "1"]
-    result = CliRunner().invoke(train_command, [*base, "--quiet", "--tile", "native,overlap=0.5"])
+    # score_pool=3: not the tiny preset's own window (4), so a side that ignored the setting would score otherwise
+    result = CliRunner().invoke(train_command, [*base, "--quiet", "--tile", "native,overlap=0.5,score_pool=3"])
     assert result.exit_code == 0, result.output
     ckpt = read_checkpoint(out / "checkpoint.pt")
     tiling = Tiling.from_dict(ckpt["info"]["tiling"])
-    assert (tiling.tile, tiling.scale, tiling.overlap, tiling.score_pool) == ((64, 64), 1.0, 0.5, 4)
+    assert (tiling.tile, tiling.scale, tiling.overlap, tiling.score_pool) == ((64, 64), 1.0, 0.5, 3)
     assert ckpt["info"]["split"]["train_images"] == 4 * len(grid((160, 160), tiling))  # 4 images kept, 4 calibrate
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tiling"] == tiling.to_dict() and metrics["pixel_auroc"] is not None
@@ -56,6 +57,12 @@ def test_train_export_and_run_agree_on_the_tiling(tmp_path):
 
     preds = predict(runner, open_dataset(root, "tex").test, keep_maps=True)
     assert preds.maps.shape[-2:] == preds.masks.shape[-2:] == (160, 160)
+    k = 3  # each score is the stitched map's largest 3 x 3 mean
+    for amap, score in zip(preds.maps[:, 0], preds.scores[preds.pixel_index], strict=True):
+        means = [
+            amap[i : i + k, j : j + k].mean(dtype=np.float64) for i in range(160 - k + 1) for j in range(160 - k + 1)
+        ]
+        assert score == pytest.approx(max(means), rel=1e-5)
 
     # export: model.json carries the same tiling; the runtime tiles with it and scores as the checkpoint
     exp = tmp_path / "export"
@@ -86,3 +93,7 @@ def test_train_export_and_run_agree_on_the_tiling(tmp_path):
     assert resumed.exit_code != 0 and last.startswith("Error: the run in") and "was trained on tiles" in last
     with pytest.raises(Exception, match="trained on tiles native,overlap=0.5, not native,overlap=0.25"):
         Inferencer(model, tile="native")
+    with pytest.raises(Exception, match="score_pool=3, not native,overlap=0.5,score_pool=4"):
+        Inferencer(model, tile="native,overlap=0.5,score_pool=4")
+    with Inferencer(model, tile="native,overlap=0.5,score_pool=3") as inf:  # the model's own settings, spelt out
+        assert inf.tiling == tiling
