@@ -38,6 +38,7 @@ import numpy as np
 
 from adtr_deploy.bench.camera import MjpegCamera
 from adtr_deploy.bench.studies import command_line, machine, write_result
+from adtr_deploy.runtime.cpu import cpu_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the installed `adtr` command beside this interpreter (the user's own), else the same entry point through python
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result = {
         "command": command_line("feedback_loop.py", argv),
-        "machine": machine(),
+        "machine": machine(cpu=cpu_info()),
         "category": cat,
         "shift": args.shift,
         "seconds": round(time.time() - t_start, 1),
@@ -366,7 +367,8 @@ def markdown(r: dict) -> str:
         "",
         f"`{r['command']}`",
         "",
-        f"Category {r['category']}, line shift `{r['shift']}`; {r['machine']['cpus']} CPUs, load "
+        f"Category {r['category']}, line shift `{r['shift']}`; {r['machine']['cpus']} CPUs "
+        f"({r['machine'].get('cpu', {}).get('model', '?')}: {', '.join(r['machine'].get('cpu', {}).get('flags', []))}), load "
         f"{r['machine']['loadavg_1m_at_end']:.2f} at the end; {r['seconds']:.0f} s in all.",
         "",
         "| step | false alarms | recall | notes |",
