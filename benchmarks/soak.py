@@ -302,21 +302,7 @@ def attach(args, backend, out: Path, threshold: float) -> dict:
     from adtr_deploy.runtime.drift import DriftMonitor
 
     receiver = Receiver()
-    service = make_service(
-        out,
-        serve="127.0.0.1:0",
-        serve_token=None,
-        serve_auth="write",
-        serve_hosts=(),
-        tls_cert=None,
-        tls_key=None,
-        sinks=(receiver.url,),
-        sink_spool=None,
-        sink_spool_max=None,
-        sink_token=None,
-        sink_secret=None,
-        line_name=None,
-    )
+    service = make_service(out, {"serve": "127.0.0.1:0", "sinks": (receiver.url,)})
     hooks = service.pipeline_hooks()
     drift = DriftMonitor(backend.spec.calibration, threshold=threshold)  # adtr-run's defaults (--drift-window/-sigmas)
     drift_events: list[str] = []

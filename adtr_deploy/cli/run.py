@@ -187,21 +187,7 @@ def command(
     from adtr_deploy.runtime.triton import TritonBackend
 
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(f"Note: {msg}", err=True))
-    service = make_service(
-        out_dir,
-        serve=serve,
-        serve_token=serve_token,
-        serve_auth=serve_auth,
-        serve_hosts=serve_hosts,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        sinks=sinks,
-        sink_spool=sink_spool,
-        sink_spool_max=sink_spool_max,
-        sink_token=sink_token,
-        sink_secret=sink_secret,
-        line_name=line_name,
-    )
+    service = make_service(out_dir, click.get_current_context().params)
     from adtr_deploy.errors import UserError
     from adtr_deploy.runtime.rollout import Rollout, versioned
 

@@ -76,9 +76,7 @@ def run_line(params: dict, *, log_quiet: bool) -> None:
     if params["serve"] is not None or params["sinks"]:
         from adtr_deploy.cli.run_options import make_service
 
-        keys = ("serve", "serve_token", "serve_auth", "serve_hosts", "tls_cert", "tls_key", "sinks", "sink_spool",
-                "sink_spool_max", "sink_token", "sink_secret", "line_name")  # fmt: skip
-        view = make_service(out_dir, line=True, **{**{k: params[k] for k in keys}, "line_name": name})
+        view = make_service(out_dir, {**params, "line_name": name}, line=True)
     engine = None
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

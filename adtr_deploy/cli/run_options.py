@@ -346,26 +346,14 @@ drift_options = options(
 )
 
 
-def make_service(
-    out_dir: Path,
-    *,
-    serve: str | None,
-    serve_token: str | None,
-    serve_auth: str,
-    serve_hosts: tuple[str, ...],
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    sinks: tuple[str, ...],
-    sink_spool: Path | None,
-    sink_spool_max: int | None,
-    sink_token: str | None,
-    sink_secret: str | None,
-    line_name: str | None,
-    line: bool = False,
-):
+def make_service(out_dir: Path, params: dict, *, line: bool = False):
     """The Service for --serve and --sink (None when neither is given), checked and bound before the model loads; the
-    serve package is imported only when asked for. Its notes go to stderr even with --quiet. `line`: the service of
+    serve package is imported only when asked for. Its notes go to stderr even with --quiet. `params`: the command's
+    options by name (click's ctx.params; a caller may give only some: serve, serve_token, serve_auth, serve_hosts,
+    tls_cert, tls_key, sinks, sink_spool, sink_spool_max, sink_token, sink_secret, line_name). `line`: the service of
     several cameras (adtr_deploy.runtime.serve.lineview.LineService)."""
+    p = {"serve_auth": "write", "serve_hosts": (), "sinks": (), **params}
+    serve, sinks = p.get("serve"), p["sinks"]
     if serve is None and not sinks:
         return None
     from adtr_deploy.runtime.serve import Service
@@ -374,21 +362,21 @@ def make_service(
         from adtr_deploy.runtime.serve.lineview import LineService as Service
 
     sink_options = {
-        "spool_root": sink_spool or out_dir / "spool",
-        **({"max_messages": sink_spool_max} if sink_spool_max else {}),
-        "token": sink_token,
-        "secret": sink_secret,
-        "line": line_name,
+        "spool_root": p.get("sink_spool") or out_dir / "spool",
+        **({"max_messages": p["sink_spool_max"]} if p.get("sink_spool_max") else {}),
+        "token": p.get("sink_token"),
+        "secret": p.get("sink_secret"),
+        "line": p.get("line_name"),
         "out_dir": out_dir,
     }
     return Service(
         serve,
-        serve_token,
+        p.get("serve_token"),
         sinks,
         log=lambda msg: click.echo(f"Note: {msg}", err=True),
-        auth=serve_auth,
-        hosts=serve_hosts,
-        tls_cert=tls_cert and str(tls_cert),
-        tls_key=tls_key and str(tls_key),
+        auth=p["serve_auth"],
+        hosts=p["serve_hosts"],
+        tls_cert=p.get("tls_cert") and str(p["tls_cert"]),
+        tls_key=p.get("tls_key") and str(p["tls_key"]),
         sink_options=sink_options,
     )
