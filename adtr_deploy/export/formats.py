@@ -67,6 +67,16 @@ FORMATS: dict[str, dict[str, Any]] = {
     },
 }
 
+# static INT8's verification bounds and ONNX pass (see PRECISIONS below), shared by int8 and int8-bf16
+INT8_STATIC = {
+    "tolerance": None,
+    "min_map_correlation": 0.99,
+    "min_unflagged_correlation": 0.95,
+    "max_score_rel": 0.05,
+    "onnx_pass": "adtr_deploy.export.quantize:int8_static_pass",
+    "calibrated": True,
+}
+
 # precision -> verification tolerance, and the pass that turns the exported FP32 ONNX graph into that precision
 # ("module:function" taking (ModelProto, ExportOptions) and returning (ModelProto, report with .to_dict()); None: the
 # graph stays as exported). `calibrated`: the pass needs calibration images (ExportOptions.quant.calib_files).
@@ -109,22 +119,12 @@ PRECISIONS: dict[str, dict[str, Any]] = {
         "float32 weights on disk",
     },
     "int8": {
-        "tolerance": None,
-        "min_map_correlation": 0.99,
-        "min_unflagged_correlation": 0.95,
-        "max_score_rel": 0.05,
-        "onnx_pass": "adtr_deploy.export.quantize:int8_static_pass",
-        "calibrated": True,
+        **INT8_STATIC,
         "description": "static INT8 (Q/DQ on the inputs of Conv/MatMul, per-channel int8 weights) calibrated on good "
         "training images; LayerNorm, Softmax, attention, the L2 map and the score stay float32",
     },
     "int8-bf16": {  # OpenVINO only: the int8 Q/DQ graph with what stays float run in bfloat16; INT8's bounds
-        "tolerance": None,
-        "min_map_correlation": 0.99,
-        "min_unflagged_correlation": 0.95,
-        "max_score_rel": 0.05,
-        "onnx_pass": "adtr_deploy.export.quantize:int8_static_pass",
-        "calibrated": True,
+        **INT8_STATIC,
         "description": "static INT8 as int8, and what int8 leaves float (LayerNorm, Softmax, attention, the FP32 lead, "
         "the map) in bfloat16 instead of float32: OpenVINO on CPUs with AVX-512 BF16 or AMX",
     },

