@@ -122,11 +122,13 @@ DEFECTS: dict[str, Callable[[np.ndarray, str, np.random.Generator], tuple[np.nda
 
 
 def make_large_sample(
-    category: str, split: str, index: int, *, seed: int = 0, size: int = LARGE_SIZE
+    category: str, split: str, index: int, *, seed: int = 0, size: int = LARGE_SIZE, columns: str | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One image: (uint8 RGB, mask bool or None for good ones). `split`: train, good or a defect of DEFECTS."""
+    """One image: (uint8 RGB, mask bool or None for good ones). `split`: train, good or a defect of DEFECTS.
+    `columns` ("train"/"test"): the photograph's columns the image is cut from; by default the split's own (a
+    validation split draws defects on the training columns, benchmarks/tiling_score_window.py)."""
     rng = _rng(seed, category, f"large-{split}", index)
-    clean = _good(category, "train" if split == "train" else "test", size, rng)
+    clean = _good(category, columns or ("train" if split == "train" else "test"), size, rng)
     clean_u8 = np.clip(np.round(clean), 0, 255).astype(np.uint8)
     if split in ("train", "good"):
         return clean_u8, None
