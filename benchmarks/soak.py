@@ -42,12 +42,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common import command_line, machine, write_result  # noqa: E402
-
-from adtr_deploy.runtime.frames import Frame, Source  # noqa: E402
+from adtr_deploy.bench.studies import command_line, machine, write_result
+from adtr_deploy.runtime.frames import Frame, Source
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_MB = 10.0

@@ -77,7 +77,7 @@ def test_write_result_writes_strict_json_and_the_table(tmp_path):
     assert (studies.pct(0.9234), studies.pct(None)) == ("92.3", "-")
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py"))
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
 def test_every_benchmark_script_is_an_importable_module_with_main(script):
     """Importing a benchmark runs nothing (no work at import, no `from common import` that needs the folder on
     sys.path), and its work starts in main()."""
