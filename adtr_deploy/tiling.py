@@ -6,8 +6,7 @@ edge; an image smaller than a tile is padded by reflection), the tiles go throug
 `batch` (one image's tiles only), and their maps are stitched back with a separable Hann window per tile, so that each
 pixel is a weighted mean of the tiles covering it and a tile's borders count least. The image score comes from the
 stitched map exactly as the model's own score comes from its map: the maximum of the map average-pooled with the
-tiling's `score_pool` window (stride 1, no padding, as ADTR.map_and_score pools its map; by default
-TILED_SCORE_POOL, smaller than an untiled model's window since a defect of a few pixels fills little of it;
+tiling's `score_pool` window (stride 1, no padding; ADTR.map_and_score; by default the model's own window,
 `--tile ...,score_pool=N` sets another). The exported graph does not change: the
 settings travel in model.json (`ModelSpec.tiling`, written from the checkpoint's info by adtr-export), so the runtime
 tiles exactly as training did.
@@ -34,11 +33,6 @@ DEFAULT_OVERLAP = 0.25
 MAX_OVERLAP = 0.75
 TILE_BATCH = 8  # tiles per model call at inference (fewer when the model's batch is smaller)
 AUTO_MAX_TILES = 64  # --tile auto: native resolution unless a training image would need more tiles than this
-# The score window of a tiled model (`--tile` without score_pool=): 4 px, or the model's own when smaller. Chosen on a
-# validation split (held-out training-column images with the large demo's small defects): brick image AUROC 79.5 ->
-# 83.0 over all defects, 55.7 -> 63.1 under 8 px, no more false alarms than the 16-pixel window it replaces
-# (benchmarks/results/tiling_score_window.md). A model.json keeps the window it was calibrated with.
-TILED_SCORE_POOL = 4
 CROPS = ("grid", "random")
 OFF = ("off", "none", "no")
 
@@ -104,16 +98,11 @@ class Tiling:
         )
 
 
-def tiled_score_pool(model_pool: int) -> int:
-    """The default score window of a model trained on tiles whose own (untiled) window is `model_pool`."""
-    return min(int(model_pool), TILED_SCORE_POOL)
-
-
 def parse_tile(text: str | None, tile: Sequence[int], score_pool: int) -> Tiling | None:
     """`--tile` text -> Tiling, or None for off. SCALE[,overlap=F][,size=N][,crops=grid|random][,score_pool=N]; SCALE
     is `native` (= 1), `auto` or a factor such as 0.5; `size=N` instead gives the side in source pixels one tile
-    covers; `score_pool=N` the window of the stitched map's score (default: `score_pool`; training passes
-    tiled_score_pool(the model's), checking a model's tiling passes the model's recorded window)."""
+    covers; `score_pool=N` the window of the stitched map's score (default: `score_pool`, the model's own; 16 for lite0:
+    on validation a smaller window helped one category and hurt another, docs/train.md)."""
     if text is None or text.strip().lower() in OFF:
         return None
     parts = [p.strip() for p in text.split(",") if p.strip()]

@@ -7,7 +7,6 @@ import pytest
 
 from adtr_deploy.spec import SPEC_VERSION, ModelSpec
 from adtr_deploy.tiling import (
-    TILED_SCORE_POOL,
     Tiling,
     TilingError,
     check_requested,
@@ -17,7 +16,6 @@ from adtr_deploy.tiling import (
     positions,
     resolve,
     run_tiled,
-    tiled_score_pool,
     training_crops,
 )
 
@@ -139,8 +137,6 @@ def test_tile_text():
     t = parse_tile("0.5,overlap=0.5,crops=random", (64, 64), 4)
     assert (t.scale, t.overlap, t.crops, t.score_pool) == (0.5, 0.5, "random", 4)  # the model's window by default
     assert parse_tile("native,score_pool=2", (64, 64), 4).score_pool == 2
-    # adtr-train's default window for tiles: smaller than lite0's untiled 16, never larger than a model's own
-    assert tiled_score_pool(16) == TILED_SCORE_POOL < 16 and tiled_score_pool(1) == 1
     bad_texts = ("big", "1,overlap=0.9", "0,overlap=0.2", "1,crops=spiral", "1,colour=red", "1,score_pool=0")
     for bad in (*bad_texts, "1,score_pool=2.5"):
         with pytest.raises(TilingError, match="--tile") as info:

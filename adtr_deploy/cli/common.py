@@ -31,8 +31,8 @@ tile_option = click.option(
     "resized by a factor (0.5), with tiles covering size=N source pixels, or auto (native unless an image needs more "
     "than 64 tiles); neighbours overlap by F of a tile (0.25). Calibration and evaluation then score whole images "
     "tiled and stitched, and adtr-export / adtr-run tile the same way (model.json). crops=random trains on as many "
-    "random crops instead of the grid; score_pool=N scores the stitched map's maximum N x N mean (default: a "
-    "window smaller than the untiled model's, chosen on validation). See docs/train.md#large-images-small-defects-tiling.",
+    "random crops instead of the grid; score_pool=N scores the stitched map's maximum N x N mean (default: the "
+    "model's score_pool). See docs/train.md#large-images-small-defects-tiling.",
 )
 
 

@@ -16,7 +16,7 @@ from adtr_deploy.data.datasets import AnomalyData
 from adtr_deploy.errors import UserError
 from adtr_deploy.model.checkpoint import read_checkpoint
 from adtr_deploy.model.config import ADTRConfig, get_preset
-from adtr_deploy.tiling import Tiling, check_requested, parse_tile, tiled_score_pool
+from adtr_deploy.tiling import Tiling, check_requested, parse_tile
 from adtr_deploy.train.config import TrainConfig
 from adtr_deploy.train.trainer import CHECKPOINT_NAME, split_validation
 
@@ -113,7 +113,7 @@ def tiling_for(text: str | None, plan: RunPlan, out_dir: Path, *, resume: bool) 
         stored = (read_checkpoint(out_dir / CHECKPOINT_NAME).get("info") or {}).get("tiling")
         model = None if stored is None else Tiling.from_dict(stored, str(out_dir / CHECKPOINT_NAME))
         return check_requested(model, text, f"the run in {out_dir}") if text is not None else model
-    return parse_tile(text, plan.model.input_size, tiled_score_pool(plan.model.score_pool))
+    return parse_tile(text, plan.model.input_size, plan.model.score_pool)
 
 
 @dataclass(frozen=True)
