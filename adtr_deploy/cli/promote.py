@@ -62,7 +62,7 @@ def table(report: dict) -> list[str]:
     "review_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="The running model's review folder (good/, defect/, review.jsonl; adtr-run's OUT/review by default).",
+    help="The running model's review folder (good/, defect/, review.jsonl; adtr-run's OUT/review by default; OUT/review/v<N> when it ran version N of a versioned folder).",
 )
 @click.option(
     "--to",
@@ -111,7 +111,7 @@ def command(
 
     \b
     Example:
-      adtr promote export_v2/ --against models/brick --review runs/line3/review --good heldout_good/ --by "J. Doe"
+      adtr promote export_v2/ --against models/brick --review runs/line3/review/v1 --good heldout_good/ --by "J. Doe"
     """
     from adtr_deploy.fileio import write_json_atomic
     from adtr_deploy.runtime.promote import PromotionRefused, promote
