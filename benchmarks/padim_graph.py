@@ -1,5 +1,7 @@
 """anomalib's PaDiM-ResNet18 inference graph, for a speed comparison (issue 27): built in torch, exported to ONNX.
 
+    python benchmarks/padim_graph.py /tmp/padim/model.onnx
+
 As anomalib's Padim (models/image/padim) computes at inference: resnet18 (torchvision's architecture, written out
 here: BasicBlock below; torchvision is not a dependency), the features of layer1, layer2
 and layer3 at 224 x 224 px (56, 28, 14 px maps), layer2/3 upsampled (nearest) to 56 x 56 and concatenated (448
@@ -127,3 +129,19 @@ def tail_names(onnx_path: Path) -> list[str]:
             for out in node.output:
                 queue.extend(consumers.get(out, []))
     return sorted(tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python benchmarks/padim_graph.py OUT.onnx [--size 224]`: write PaDiM-ResNet18's graph (openvino_levers.py uses it)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--size", type=int, default=224)
+    args = ap.parse_args(argv)
+    print(export_padim(args.out, args.size))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
