@@ -354,3 +354,34 @@ def test_fp32_head_keeps_exactly_the_output_projection_in_fp32(model):
     without_head, kept = plan_nodes(graph, "transformer", fp32_head=True)
     assert set(everything) - set(without_head) == heads
     assert [kept[h] for h in heads] == ["the reconstruction head (output projection)"]
+
+
+def test_the_input_standardization_does_not_make_the_whole_graph_the_map_tail(model):
+    """input_norm "image" (every lite preset) standardizes each image with a Sqrt at the graph's start; only the map's
+    own reduction starts the FP32 tail, so INT8 still quantizes the network and FP16 still converts it."""
+    import dataclasses as dc
+
+    from adtr_deploy.export.fp16 import fp32_node_names
+    from adtr_deploy.export.onnx import fused_for_export, torch_to_onnx
+    from adtr_deploy.export.quant_graph import name_nodes, plan_nodes
+    from adtr_deploy.spec import ModelSpec
+
+    torch.manual_seed(0)
+    standardized = ADTR(dc.replace(get_preset("tiny"), input_norm="image")).eval()
+    standardized.load_state_dict(model.state_dict(), strict=False)
+    module, _, _ = fused_for_export(standardized, ExportOptions())
+    graph = torch_to_onnx(module, ModelSpec(input_size=SIZE, preset="tiny"), dynamo=False)
+    name_nodes(graph)
+    sqrt_ops = [n for n in graph.graph.node if n.op_type == "Sqrt"]
+    assert len(sqrt_ops) >= 2  # the input's std and the map's norm
+    tail = map_node_names(graph)
+    weighted = [n for n in graph.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    assert sum(n.name in tail for n in weighted) <= 1  # at most the Mahalanobis whitening, never the network
+    assert not {"LayerNormalization", "Softmax", "MatMul"} & {n.op_type for n in graph.graph.node if n.name in tail}
+    plain_module, _, _ = fused_for_export(model, ExportOptions())  # the same model without the standardization
+    plain = torch_to_onnx(plain_module, ModelSpec(input_size=SIZE, preset="tiny"), dynamo=False)
+    name_nodes(plain)
+    quantized, _ = plan_nodes(graph, "all")
+    assert len(quantized) == len(plan_nodes(plain, "all")[0]) > 0  # the network quantized as without it (before: none)
+    fp32 = fp32_node_names(graph)
+    assert len(fp32) < len(graph.graph.node) / 2  # FP16 converts the network (before the fix: everything stayed FP32)

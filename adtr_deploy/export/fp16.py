@@ -45,6 +45,9 @@ FP32_OPS: frozenset[str] = frozenset(
 )
 # Ops that start the FP32 tail: every node downstream of them (the map and the score) stays FP32.
 FP32_TAIL_OPS: frozenset[str] = frozenset({"ReduceSum", "ReduceSumSquare", "ReduceL2", "Sqrt"})
+# Ops only the network before the map has (the transformer): a tail op with one of them downstream is not the map's
+# reduction but, e.g., the per-image input standardization's Sqrt (input_norm "image"), whose downstream is everything.
+NETWORK_OPS: frozenset[str] = frozenset({"MatMul", "Gemm", "LayerNormalization", "Softmax"})
 # Elementwise ops that may join the FP32 side when all their consumers are there.
 ELEMENTWISE_OPS: frozenset[str] = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Abs"})
 # Weighted ops; one applied straight to a difference (Sub) is the Mahalanobis error's whitening, part of the map.
@@ -105,6 +108,23 @@ def is_residual_whitening(node: onnx.NodeProto, producer: dict[str, onnx.NodePro
     return node.op_type in WEIGHTED_OPS and prev is not None and prev.op_type == "Sub"
 
 
+def map_tail_starts(graph: onnx.GraphProto, consumers) -> list[onnx.NodeProto]:
+    """The nodes that start the map's FP32 tail: FP32_TAIL_OPS with no NETWORK_OPS downstream of them."""
+    starts = []
+    for start in (n for n in graph.node if n.op_type in FP32_TAIL_OPS):
+        seen, queue, network = {start.name}, deque([start]), False
+        while queue and not network:
+            for out in queue.popleft().output:
+                for nxt in consumers.get(out, ()):
+                    network = network or nxt.op_type in NETWORK_OPS
+                    if nxt.name not in seen:
+                        seen.add(nxt.name)
+                        queue.append(nxt)
+        if not network:
+            starts.append(start)
+    return starts
+
+
 def fp32_node_names(model: onnx.ModelProto) -> set[str]:
     """Names of the nodes that keep FP32 (see the module docstring). Node names must be unique and non-empty."""
     graph = model.graph
@@ -115,7 +135,8 @@ def fp32_node_names(model: onnx.ModelProto) -> set[str]:
                 consumers[name].append(node)
     fp32 = {n.name for n in graph.node if n.op_type in FP32_OPS}
     # Forward closure from the L2 map: the map, its upsampling and the score.
-    queue = deque(n for n in graph.node if n.op_type in FP32_TAIL_OPS)
+    queue = deque(map_tail_starts(graph, consumers))
+    fp32 |= {n.name for n in queue}
     while queue:
         node = queue.popleft()
         for out in node.output:
@@ -138,6 +159,16 @@ def fp32_node_names(model: onnx.ModelProto) -> set[str]:
             if (users or feeds_output) and all(u.name in fp32 for u in users):
                 fp32.add(node.name)
                 changed = True
+    # The input prologue: what the image goes through before the first weighted op (the cast, the per-image
+    # standardization of input_norm "image": statistics over a whole image, elementwise on it) stays FP32; it is cheap,
+    # and in FP16 its rounding reaches every later layer.
+    queue = deque(c for i in graph.input for c in consumers.get(i.name, ()))
+    while queue:
+        node = queue.popleft()
+        if node.name in fp32 or node.op_type in WEIGHTED_OPS:
+            continue
+        fp32.add(node.name)
+        queue.extend(c for out in node.output for c in consumers.get(out, ()))
     return fp32
 
 

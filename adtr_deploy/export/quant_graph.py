@@ -10,7 +10,7 @@ from collections import defaultdict, deque
 import onnx
 
 from adtr_deploy.export.formats import QUANT_SCOPES
-from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, FP32_TAIL_OPS, is_residual_whitening
+from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, is_residual_whitening, map_tail_starts
 
 KEEP_FP32_OPS: frozenset[str] = frozenset({"LayerNormalization", "Softmax"})
 WEIGHT_INPUT = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # which input of a quantizable op holds its weight
@@ -47,7 +47,7 @@ def map_node_names(model: onnx.ModelProto) -> set[str]:
     graph = model.graph
     consumers = consumers_of(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    starts = [n for n in graph.node if n.op_type in FP32_TAIL_OPS]
+    starts = map_tail_starts(graph, consumers)
     tail: set[str] = set()
     queue = deque(starts)
     while queue:  # forward: the reduction and everything downstream (upsampling, blur, pooling, max)
