@@ -238,6 +238,24 @@ def test_photometric_augmentation_changes_each_image_per_epoch_reproducibly_and_
     assert not torch.equal(model.error_whiten, torch.eye(model.channels))  # fitted (on shifted good images)
 
 
+def test_noise_augmentation_adds_seeded_sensor_noise_alone_or_with_the_light_change(mvtec_root, tmp_path):
+    from adtr_deploy.train.augment import PhotometricImages
+
+    data = open_dataset(mvtec_root, "tex")
+    clean = load_image(data.train[0].path, (64, 64)).astype(np.float32)
+    ds = PhotometricImages(list(data.train[:3]), (64, 64), 0.0, seed=0, noise=6.0)  # noise alone: no light change
+    ds.set_epoch(0)
+    a = ds[0]["image"].numpy().astype(np.float32)
+    residual = a - clean
+    assert 0.0 < residual.std() <= 6.5 and abs(residual.mean()) < 1.0  # zero-mean noise of at most std 6
+    assert np.array_equal(a, ds[0]["image"].numpy())  # the same (seed, epoch, image): the same noise
+    ds.set_epoch(1)
+    assert not np.array_equal(a, ds[0]["image"].numpy())
+    assert np.array_equal(PhotometricImages(list(data.train[:1]), (64, 64), 0.0)[0]["image"].numpy(), clean)
+    path = train(TINY, fast(epochs=1, noise=6.0), data, tmp_path / "noise", evaluate=False)
+    assert load_checkpoint(path)[1]["info"]["train"]["noise"] == 6.0
+
+
 # -- the calibrated threshold's margin toward synthetic defects (calibration.DEFECT_MARGIN) -----------------------------
 def test_the_threshold_is_lifted_a_share_of_the_way_to_the_synthetic_defects_and_never_lowered():
     from adtr_deploy.calibration import DEFECT_QUANTILE, calibrate

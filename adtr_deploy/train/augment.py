@@ -4,7 +4,8 @@ Each epoch every training image gets a fresh random global change of its light, 
 is reproducible: brightness times 1 +- s, contrast times 1 +- s/2 and each channel's gain times 1 +- s/2 (a colour
 cast), s = the strength. The transformer then learns to reconstruct the features of differently lit good parts, and the
 error statistics fitted after training (Mahalanobis whitening, border standardization: train/features.py
-fit_error_metric) see them too. The calibration images are left as they are. The backbone runs on every batch (the
+fit_error_metric) see them too. With `noise`, each image also gets Gaussian sensor noise of a random std in
+[0, noise] pixel levels (a raised camera gain), after the light change. The calibration images are left as they are. The backbone runs on every batch (the
 features change every epoch), which costs about 35 ms per 224 px image on 2 CPU cores.
 """
 
@@ -18,6 +19,7 @@ import torch
 from adtr_deploy.data.datasets import load_sample
 from adtr_deploy.data.mvtec import Sample
 from adtr_deploy.data.shifts import brightness, channel_gains, contrast
+from adtr_deploy.data.shifts import noise as add_noise
 
 
 def photometric(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
@@ -31,8 +33,11 @@ def photometric(image: np.ndarray, rng: np.random.Generator, strength: float) ->
 class PhotometricImages(torch.utils.data.Dataset):
     """Training images with a fresh photometric change per epoch: items {"image" uint8 (H, W, 3), "label", "index"}."""
 
-    def __init__(self, samples: list[Sample], size: tuple[int, int], strength: float, seed: int = 0):
+    def __init__(
+        self, samples: list[Sample], size: tuple[int, int], strength: float, seed: int = 0, noise: float = 0.0
+    ):
         self.samples = list(samples)
+        self.noise = float(noise)
         self.size = (int(size[0]), int(size[1]))
         self.strength = float(strength)
         self.seed = int(seed)
@@ -48,4 +53,6 @@ class PhotometricImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng((self.seed, self.epoch, index))
         image = photometric(self._images[index], rng, self.strength)
+        if self.noise > 0:
+            image = add_noise(image, rng.uniform(0.0, self.noise), seed=int(rng.integers(2**31)))
         return {"image": torch.from_numpy(image), "label": 0, "index": index}

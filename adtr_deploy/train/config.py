@@ -41,6 +41,9 @@ class TrainConfig:
     # brightness (1 +- s), contrast and per-channel gain (1 +- s/2) change per image and epoch, also in the error
     # statistics' fit; 0 = off. The features are then computed every batch instead of cached.
     photometric: float = 0.0
+    # Sensor-noise augmentation (train/augment.py, with the photometric one): Gaussian noise of a random std in
+    # [0, noise] pixel levels per image and epoch; 0 = off. A lever of issue 31 (noise), measured in docs/robustness.md.
+    noise: float = 0.0
     alpha: float = 0.003  # ADTR+ only: weight of the push terms (the paper's)
     topk: int = 20  # ADTR+ only: k of L_img's top-k mean (the paper's)
     progress: bool = True

@@ -141,10 +141,10 @@ def train(
     log = TrainLog(out_dir / LOG_NAME, keep_until=start) if w.is_main else None  # only rank 0 writes
     show = cfg.progress and w.is_main
     standardize = state is None and init_from is None and cfg.standardize_features
-    if cfg.photometric > 0 and train_dataset is None:
+    if (cfg.photometric > 0 or cfg.noise > 0) and train_dataset is None:
         from adtr_deploy.train.augment import PhotometricImages
 
-        train_dataset = PhotometricImages(train_samples, model.cfg.input_size, cfg.photometric, cfg.seed)
+        train_dataset = PhotometricImages(train_samples, model.cfg.input_size, cfg.photometric, cfg.seed, cfg.noise)
     training = training_set(
         model, train_samples, cfg, device, w, dataset=train_dataset, standardize=standardize, progress=show
     )
