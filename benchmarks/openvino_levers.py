@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +41,14 @@ def map_tail_names(onnx_path: Path) -> list[str]:
     """The anomaly-map tail of our ONNX graph: the ReduceSum of the L2 error, all after it, and the Pow/Sub feeding it."""
     import onnx
 
+    from adtr_deploy.export.fp16 import downstream
     from adtr_deploy.export.quant_graph import consumers_of
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     consumers = consumers_of(graph)
     producer = {o: n for n in graph.node for o in n.output}
     starts = [n for n in graph.node if n.op_type == "ReduceSum"]
-    tail: set[str] = set()
-    queue = deque(starts)
-    while queue:
-        node = queue.popleft()
-        if node.name not in tail:
-            tail.add(node.name)
-            for out in node.output:
-                queue.extend(consumers.get(out, []))
+    tail = set(downstream(starts, consumers))
     for node in starts:
         p = producer.get(node.input[0])
         while p is not None and p.op_type in ("Pow", "Sub"):

@@ -116,19 +116,11 @@ def tail_names(onnx_path: Path) -> list[str]:
     """The nodes after the feature selection (Gather): the Mahalanobis part and the map, kept float by NNCF."""
     import onnx
 
+    from adtr_deploy.export.fp16 import downstream
     from adtr_deploy.export.quant_graph import consumers_of
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    consumers = consumers_of(graph)
-    tail: set[str] = set()
-    queue = [n for n in graph.node if n.op_type == "Gather"]
-    while queue:
-        node = queue.pop()
-        if node.name not in tail:
-            tail.add(node.name)
-            for out in node.output:
-                queue.extend(consumers.get(out, []))
-    return sorted(tail)
+    return sorted(downstream([n for n in graph.node if n.op_type == "Gather"], consumers_of(graph)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,21 +108,28 @@ def is_residual_whitening(node: onnx.NodeProto, producer: dict[str, onnx.NodePro
     return node.op_type in WEIGHTED_OPS and prev is not None and prev.op_type == "Sub"
 
 
+def downstream(starts, consumers, stop=None) -> dict[str, onnx.NodeProto]:
+    """The nodes reachable from `starts` (included) along their outputs, by name; a node for which `stop(node)` is true
+    is neither included nor followed."""
+    found: dict[str, onnx.NodeProto] = {}
+    queue = deque(starts)
+    while queue:
+        node = queue.popleft()
+        if node.name in found or (stop is not None and stop(node)):
+            continue
+        found[node.name] = node
+        queue.extend(c for out in node.output for c in consumers.get(out, ()))
+    return found
+
+
 def map_tail_starts(graph: onnx.GraphProto, consumers) -> list[onnx.NodeProto]:
     """The nodes that start the map's FP32 tail: FP32_TAIL_OPS with no NETWORK_OPS downstream of them."""
-    starts = []
-    for start in (n for n in graph.node if n.op_type in FP32_TAIL_OPS):
-        seen, queue, network = {start.name}, deque([start]), False
-        while queue and not network:
-            for out in queue.popleft().output:
-                for nxt in consumers.get(out, ()):
-                    network = network or nxt.op_type in NETWORK_OPS
-                    if nxt.name not in seen:
-                        seen.add(nxt.name)
-                        queue.append(nxt)
-        if not network:
-            starts.append(start)
-    return starts
+    return [
+        start
+        for start in graph.node
+        if start.op_type in FP32_TAIL_OPS
+        and not any(n.op_type in NETWORK_OPS for n in downstream([start], consumers).values())
+    ]
 
 
 def fp32_node_names(model: onnx.ModelProto) -> set[str]:
@@ -162,13 +169,8 @@ def fp32_node_names(model: onnx.ModelProto) -> set[str]:
     # The input prologue: what the image goes through before the first weighted op (the cast, the per-image
     # standardization of input_norm "image": statistics over a whole image, elementwise on it) stays FP32; it is cheap,
     # and in FP16 its rounding reaches every later layer.
-    queue = deque(c for i in graph.input for c in consumers.get(i.name, ()))
-    while queue:
-        node = queue.popleft()
-        if node.name in fp32 or node.op_type in WEIGHTED_OPS:
-            continue
-        fp32.add(node.name)
-        queue.extend(c for out in node.output for c in consumers.get(out, ()))
+    inputs = [c for i in graph.input for c in consumers.get(i.name, ())]
+    fp32 |= set(downstream(inputs, consumers, stop=lambda n: n.name in fp32 or n.op_type in WEIGHTED_OPS))
     return fp32
 
 

@@ -10,7 +10,7 @@ from collections import defaultdict, deque
 import onnx
 
 from adtr_deploy.export.formats import QUANT_SCOPES
-from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, is_residual_whitening, map_tail_starts
+from adtr_deploy.export.fp16 import ELEMENTWISE_OPS, downstream, is_residual_whitening, map_tail_starts
 
 KEEP_FP32_OPS: frozenset[str] = frozenset({"LayerNormalization", "Softmax"})
 WEIGHT_INPUT = {"Conv": 1, "MatMul": 1, "Gemm": 1}  # which input of a quantizable op holds its weight
@@ -48,14 +48,9 @@ def map_node_names(model: onnx.ModelProto) -> set[str]:
     consumers = consumers_of(graph)
     producer = {o: n for n in graph.node for o in n.output}
     starts = map_tail_starts(graph, consumers)
-    tail: set[str] = set()
-    queue = deque(starts)
-    while queue:  # forward: the reduction and everything downstream (upsampling, blur, pooling, max)
-        node = queue.popleft()
-        if node.name in tail:
-            continue
-        tail.add(node.name)
-        queue.extend(c for out in node.output for c in consumers.get(out, ()))
+    tail = set(
+        downstream(starts, consumers)
+    )  # forward: the reduction and all after it (upsampling, blur, pooling, max)
     queue = deque(starts)
     while queue:  # backward: the elementwise chain (Pow, whitening, Sub) that only feeds the map
         node = queue.popleft()
