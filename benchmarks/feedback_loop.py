@@ -125,13 +125,19 @@ def is_defect(name: str) -> bool:
 
 
 # -- measuring -----------------------------------------------------------------------------------------------------
+def decisions(flagged: np.ndarray, defect: np.ndarray) -> dict:
+    """False-alarm rate on the good parts and recall on the defective ones (None where there are none)."""
+    return {
+        "false_alarm_rate": round(float(flagged[~defect].mean()), 4) if (~defect).any() else None,
+        "recall": round(float(flagged[defect].mean()), 4) if defect.any() else None,
+    }
+
+
 def rates(scores: np.ndarray, defect: np.ndarray, threshold: float) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    flagged = scores > threshold
     return {
-        "false_alarm_rate": round(float(flagged[~defect].mean()), 4),
-        "recall": round(float(flagged[defect].mean()), 4) if defect.any() else None,
+        **decisions(scores > threshold, defect),  # runtime/postprocess.py's decision: raw score > threshold
         "auroc": round(float(roc_auc_score(defect, scores)), 4) if defect.any() and (~defect).any() else None,
         "good": int((~defect).sum()),
         "defects": int(defect.sum()),
@@ -159,11 +165,7 @@ def phase_rates(recs: list[dict], truth: list[bool]) -> dict:
     ok = [r for r in recs if r.get("status") == "ok"]
     defect = np.array([truth[r["frame"]] for r in ok], dtype=bool)
     flagged = np.array([bool(r["is_anomaly"]) for r in ok], dtype=bool)
-    return {
-        "false_alarm_rate": round(float(flagged[~defect].mean()), 4) if (~defect).any() else None,
-        "recall": round(float(flagged[defect].mean()), 4) if defect.any() else None,
-        "frames": len(recs),
-    }
+    return {**decisions(flagged, defect), "frames": len(recs)}
 
 
 def run_camera(items, models: Path, out: Path, fps: float, extra: list[str], during=None) -> dict:
