@@ -18,6 +18,11 @@ calibration images and the synthetic defects drawn on them (data/validation.synt
 `--scores margin=0,margin=0.1,margin=0.25` is how the margin was chosen on the validation split. `relative` is the lever
 "a score relative to the image itself" (the image score minus the median of its own map), thresholded at the same
 rule (mean + 3 std of the calibration images, at least their maximum) on the run's own calibration images.
+`recalibrated` (needs `--line LINE`) is the operator's remedy of the runtime (adtr_deploy.runtime.recalibrate): the good
+images of LINE/<category>/test/good are the line's first parts, confirmed good by an operator (never the evaluated
+split: e.g. `adtr data demo --seed 1`, other parts of the same line); the runtime's DriftMonitor judges them against
+the deployed calibration (is the line in DRIFT before any light changed?), `recalibrated()` computes the threshold an
+`adtr recalibrate` on them would write (the margin toward defects kept), and every shift is scored at that threshold.
 
     python benchmarks/drift.py --run base=RUNS/base --run robust=RUNS/robust --categories brick,grass,gravel \\
         --val VALROOT --data DEMO --splits val --out benchmarks/results/drift_val.json
@@ -116,12 +121,42 @@ def margin_thresholds(inferencer, run: Path, margins: list[float]) -> dict[float
     return {m: calibrate(good, defect_scores=defects, margin=m).threshold for m in margins}
 
 
-def measure(run: Path, split: Split, shifts: list[str], scores: list[str]) -> list[dict]:
+def line_recalibration(inferencer, line: np.ndarray) -> dict:
+    """What the runtime says of a line's confirmed-good parts (unshifted): the DriftMonitor's verdict against the deployed
+    calibration, and the threshold `adtr recalibrate` would write from them (or why it refuses)."""
+    from adtr_deploy.runtime.drift import DriftMonitor
+    from adtr_deploy.runtime.recalibrate import RecalibrationError, check_frames, recalibrated
+
+    maps, scores, flagged = predict(inferencer, line)
+    monitor = DriftMonitor(inferencer.spec.calibration, window=len(scores), threshold=inferencer.threshold)
+    for s in scores:
+        monitor.add(float(s))
+    status = monitor.status()
+    out = {
+        "frames": len(scores),
+        "flagged_at_deployed_threshold": float(flagged.mean()),
+        "drift_state": status["state"],
+        "drift_shift_sigmas": status["shift_sigmas"],
+        "deployed_threshold": float(inferencer.threshold),
+    }
+    try:
+        check_frames(scores, inferencer.spec.calibration, inferencer.threshold, what="line's good frames")
+        spec = recalibrated(inferencer.spec, scores, maps, by="benchmarks/drift.py", source="line", model_sha256=None)
+        out["threshold"] = float(spec.calibration.threshold)
+    except RecalibrationError as exc:
+        out["refused"] = str(exc)
+    return out
+
+
+def measure(
+    run: Path, split: Split, shifts: list[str], scores: list[str], line: np.ndarray | None = None
+) -> list[dict]:
     from adtr_deploy.runtime.inferencer import Inferencer
 
     rows = []
     with Inferencer(export_onnx(run), batch_size=8) as inf:
         rel_threshold = relative_threshold(inf, run) if "relative" in scores else None
+        recal = line_recalibration(inf, line) if line is not None else None
         margins = [float(k.split("=", 1)[1]) for k in scores if k.startswith("margin=")]
         at_margin = margin_thresholds(inf, run, margins) if margins else {}
         good, bad = split.labels == 0, split.labels == 1
@@ -136,6 +171,11 @@ def measure(run: Path, split: Split, shifts: list[str], scores: list[str]) -> li
                 elif kind.startswith("margin="):
                     threshold = at_margin[float(kind.split("=", 1)[1])]
                     s, f = raw, raw > threshold
+                elif kind == "recalibrated":
+                    if "threshold" not in recal:
+                        continue
+                    threshold = recal["threshold"]
+                    s, f = raw, raw > threshold
                 else:
                     s = relative_scores(maps, raw)
                     f, threshold = s > rel_threshold, rel_threshold
@@ -149,6 +189,7 @@ def measure(run: Path, split: Split, shifts: list[str], scores: list[str]) -> li
                         "image_auroc": float(image_auroc(s, split.labels)),
                         "pixel_auroc": float(pixel_auroc(maps[:, None], split.masks[:, None])),
                         "good_score_median": float(np.median(s[good])),
+                        **({"line": recal} if recal is not None and shift == "none" else {}),
                     }
                 )
     return rows
@@ -215,6 +256,22 @@ def markdown(result: dict) -> str:
             lines.append(f"| {SHIFTS[shift][0]}{star} | " + " | ".join(cells) + " |")
         thresholds = {r["category"]: r["threshold"] for r in sel if r["shift"] == "none"}
         lines += ["", "Thresholds: " + ", ".join(f"{c} {t:.4g}" for c, t in thresholds.items())]
+        lined = {r["category"]: r["line"] for r in sel if r["shift"] == "none" and "line" in r}
+        if lined:
+            lines += [
+                "",
+                "The line's confirmed-good parts (unshifted, scored at the deployed threshold): "
+                + "; ".join(
+                    f"{c} {v['frames']} parts, {_pct(v['flagged_at_deployed_threshold'])} flagged, drift monitor "
+                    f"{v['drift_state'].upper()} ({v['drift_shift_sigmas']:+.1f} sigmas), "
+                    + (
+                        f"recalibrated threshold {v['threshold']:.4g}"
+                        if "threshold" in v
+                        else f"refused: {v['refused']}"
+                    )
+                    for c, v in lined.items()
+                ),
+            ]
         goals = {k: v for k, v in result["goal"].items() if k.startswith(f"{setting}/{score}/{split}/")}
         met = [k.split("/")[-1] for k, v in goals.items() if v["met"]]
         missed = {k.split("/")[-1]: v["missed"] for k, v in goals.items() if not v["met"]}
@@ -245,7 +302,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, help="the real data root (its test split) for --splits test")
     parser.add_argument("--splits", default="val", help="val, test or val,test")
     parser.add_argument("--shifts", default=",".join(SHIFTS), help="names from adtr_deploy/data/shifts.py SHIFTS")
-    parser.add_argument("--scores", default="raw", help="raw and/or relative (the self-referential score)")
+    parser.add_argument("--scores", default="raw", help="raw, good-rule, relative, margin=A, recalibrated (--line)")
+    parser.add_argument(
+        "--line", type=Path, help="LINE/<category>/test/good: a line's confirmed-good parts (recalibrated)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/drift.json"))
     args = parser.parse_args(argv)
@@ -261,8 +321,14 @@ def main(argv: list[str] | None = None) -> dict:
         shifts = ["none", *[s for s in shifts if s != "none"]]
     scores = [s.strip() for s in args.scores.split(",")]
     for s in scores:
-        if s not in ("raw", "good-rule", "relative") and not s.startswith("margin="):
-            parser.error(f"unknown score {s!r}; choose raw, good-rule, relative or margin=A (A in [0, 1])")
+        if s not in ("raw", "good-rule", "relative", "recalibrated") and not s.startswith("margin="):
+            parser.error(
+                f"unknown score {s!r}; choose raw, good-rule, relative, recalibrated or margin=A (A in [0, 1])"
+            )
+    if "recalibrated" in scores and args.line is None:
+        parser.error(
+            "the recalibrated score needs --line LINE (a line's confirmed-good parts, LINE/<category>/test/good)"
+        )
     roots = {"val": args.val, "test": args.data}
     splits = [s.strip() for s in args.splits.split(",")]
     for s in splits:
@@ -280,9 +346,12 @@ def main(argv: list[str] | None = None) -> dict:
             from adtr_deploy.model.checkpoint import read_checkpoint
 
             size = tuple(read_checkpoint(run / "checkpoint.pt")["config"]["input_size"])
+            line = None
+            if args.line is not None:
+                line = np.stack([read_image(p) for p in sorted((args.line / category / "test" / "good").glob("*.png"))])
             for split in splits:
                 data = load_split(roots[split], category, size)
-                for r in measure(run, data, shifts, scores):
+                for r in measure(run, data, shifts, scores, line):
                     rows.append({"setting": name, "category": category, "split": split, **r})
                 print(f"{name} {category} {split}: done ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     result = {

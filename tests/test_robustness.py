@@ -220,6 +220,57 @@ def test_the_drift_benchmark_scores_shifts_through_the_runtime(runs, mvtec_root,
     assert "bright" in (tmp_path / "drift.md").read_text()
 
 
+def test_the_drift_benchmark_recalibrates_on_a_lines_confirmed_good_parts(runs, mvtec_root, tmp_path):
+    """--line: the line's good parts (other crops, not the evaluated split) give the threshold `adtr recalibrate` would
+    write, and every shift is scored at it; a line holding a defective part is refused, as the runtime refuses it."""
+    import sys
+
+    from adtr_deploy.calibration import calibrate
+    from adtr_deploy.runtime.inferencer import Inferencer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import drift
+
+    _, ckpt = runs["robust"]
+    line = make_mvtec(tmp_path / "line", "tex", n_train=1, n_good=24, n_masked=1, n_unmasked=1, seed=1)
+
+    def bench(line_root: Path, out: str) -> list[dict]:
+        return drift.main(
+            [
+                "--run", f"robust={ckpt.parent.parent}", "--categories", "tex", "--data", str(mvtec_root),
+                "--splits", "test", "--shifts", "bright+15", "--scores", "raw,recalibrated",
+                "--line", str(line_root), "--out", str(tmp_path / out),
+            ]
+        )["rows"]  # fmt: skip
+
+    rows = bench(line, "d.json")
+    goods = [read_image(p) for p in sorted((line / "tex" / "test" / "good").glob("*.png"))]
+    with Inferencer(ckpt.parent / "export_onnx" / "model.onnx") as inf:
+        preds = inf.predict_batch(goods)
+        margin = inf.spec.calibration.margin
+    expected = calibrate(np.array([p.score for p in preds]), keep_margin=margin).threshold
+    recal = [r for r in rows if r["score"] == "recalibrated"]
+    assert [r["shift"] for r in recal] == ["none", "bright+15"]
+    assert all(r["threshold"] == pytest.approx(expected, rel=1e-6) for r in recal)
+    info = recal[0]["line"]
+    assert (
+        info["frames"] == 24 and info["drift_state"] in ("ok", "drift") and info["threshold"] == recal[0]["threshold"]
+    )
+    assert "recalibrated threshold" in (tmp_path / "d.md").read_text()
+
+    # a defective part among the line's "good" ones: refused (the runtime's rule), so no recalibrated rows
+    bad = tmp_path / "bad_line" / "tex" / "test" / "good"
+    bad.mkdir(parents=True)
+    for p in (line / "tex" / "test" / "good").glob("*.png"):
+        (bad / p.name).write_bytes(p.read_bytes())
+    with Inferencer(ckpt.parent / "export_onnx" / "model.onnx") as inf:
+        worst = max((mvtec_root / "tex" / "test").glob("[!g]*/*.png"), key=lambda p: inf.predict(read_image(p)).score)
+    (bad / "zzz.png").write_bytes(worst.read_bytes())
+    rows = bench(tmp_path / "bad_line", "bad.json")
+    assert not [r for r in rows if r["score"] == "recalibrated"]
+    assert "look like flagged parts" in next(r["line"]["refused"] for r in rows if "line" in r)
+
+
 def test_photometric_augmentation_changes_each_image_per_epoch_reproducibly_and_trains(mvtec_root, tmp_path):
     from adtr_deploy.train.augment import PhotometricImages
 
