@@ -143,7 +143,7 @@ def test_the_default_onnx_export_is_the_fused_graph_and_reads_the_uint8_input_wi
     inits = {t.name for t in model.graph.initializer}
     weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
     assert len(weighted) == 10
-    assert onnx_export.verification["passed"] and onnx_export.verification["tolerance"] == 1e-4
+    assert onnx_export.verification["passed"] and onnx_export.verification["tolerance"] == 5e-4
 
 
 def test_verification_ran_on_the_checkpoint_calibration_images_at_batch_1_and_8(onnx_export, ts_export):

@@ -22,7 +22,7 @@ ov = pytest.importorskip("openvino", reason="openvino is not installed (pip inst
 pytest.importorskip("onnxruntime", reason="the OpenVINO tests compare with ONNX Runtime")
 
 SIZE = (rf.INPUT_SIZE, rf.INPUT_SIZE)
-TOL = 1e-4  # the FP32 tolerance of every export (relative to the reference map's range)
+TOL = 1e-4  # stricter than the export's FP32 bound (5e-4, formats.PRECISIONS), which the tiny model meets
 
 
 @pytest.fixture(scope="module")

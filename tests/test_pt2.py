@@ -66,7 +66,7 @@ def pt2_export(work, checkpoint):
 def test_pt2_export_is_verified_at_fp32_tolerance_and_carries_its_spec(pt2_export):
     v = pt2_export.verification
     assert pt2_export.path.suffix == ".pt2" and pt2_export.path.is_file()
-    assert v["passed"] and v["batch_sizes"] == [1, 8] and v["tolerance"] == 1e-4
+    assert v["passed"] and v["batch_sizes"] == [1, 8] and v["tolerance"] == 5e-4
     assert v["map"]["max_rel"] <= 1e-4 and v["decision_agreement"] == 1.0
     spec = json.loads(pt2_export.spec_path.read_text())
     embedded = json.loads(read_embedded_spec(pt2_export.path))

@@ -90,8 +90,12 @@ INT8_STATIC = {
 # (correlation) and its scores relatively, at bounds measured on a trained lite0 (docs/lowprec.md): a collapse of the
 # pixel-level accuracy (the failure users report for quantized transformers) falls far below them.
 PRECISIONS: dict[str, dict[str, Any]] = {
+    # FP32: float32 reassociation (ONNX Runtime's reductions and GEMMs against PyTorch's), amplified by the
+    # Mahalanobis whitening, measured up to 1.2e-4 of the map range on the six demo categories' default models
+    # (stars; 0.6-7e-5 the others; the same with --no-fuse, map correlation 0.999999999): 5e-4 is that noise with
+    # headroom, still 20x under FP16's bound. It was 1e-4 until a default stars model failed its own export at 1.19e-4.
     "fp32": {
-        "tolerance": 1e-4,
+        "tolerance": 5e-4,
         "min_map_correlation": None,
         "max_score_rel": None,
         "onnx_pass": None,
