@@ -143,6 +143,17 @@ def load_mask(path: str | Path | None, size: Sequence[int]) -> np.ndarray:
     return m > (127 if int(m.max(initial=0)) > 1 else 0)  # 0/255 masks, and 0/1 masks too
 
 
+def saturated_fraction(img: np.ndarray, stride: int = 2, max_samples: int = 65536) -> float:
+    """The share of an RGB uint8 image's channel values at 255 (clipped highlights), on every `stride`-th row and column
+    (a larger stride on large frames, so that at most about `max_samples` pixels are read: ~0.1 ms a frame).
+
+    Clipped texture is the one change of the light that the input standardization cannot undo (docs/robustness.md):
+    the drift monitor shows it beside the scores so an operator sees when the exposure, not the parts, moved."""
+    step = max(int(stride), int(np.sqrt(img.shape[0] * img.shape[1] / max_samples)))
+    view = img[::step, ::step]
+    return float(np.count_nonzero(view == 255)) / max(view.size, 1)
+
+
 def stack_batch(images: Iterable[np.ndarray]) -> np.ndarray:
     """A list of prepared images -> contiguous uint8 batch (N, H, W, 3)."""
     return np.ascontiguousarray(np.stack(list(images), axis=0).astype(np.uint8, copy=False))

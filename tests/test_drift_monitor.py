@@ -80,6 +80,52 @@ def test_a_global_shift_raises_drift_once_and_its_return_clears_it_once():
     json.dumps(m.got, allow_nan=False)  # events go to sinks as strict JSON
 
 
+def test_an_upward_drift_with_clipped_highlights_says_the_exposure_went_up():
+    """Records carry their frame's share of pixel values clipped at 255: an upward DRIFT with many of them names the
+    exposure (texture lost to clipping is what the input standardization cannot undo); without them, or downwards, not."""
+    from adtr_deploy.runtime.drift import SATURATION_HINT, describe
+
+    def records(scores, saturated):
+        for sc in scores:
+            yield {"status": "ok", "score": float(sc), "saturated": saturated}
+
+    clipped = monitor(window=50)
+    for r in records(good(60), 0.002):
+        clipped.observe(r)
+    assert clipped.status()["saturated_fraction"] == pytest.approx(0.002) and clipped.status()["hint"] is None
+    for r in records(good(60, seed=1, shift_sigmas=4.0), 0.2):  # brighter light, a fifth of the values at 255
+        clipped.observe(r)
+    started = clipped.got[0]
+    assert started["state"] == "started" and started["saturated_fraction"] == pytest.approx(0.2)
+    assert "clipped at 255" in started["hint"] and "clipped at 255" in describe(started)
+    assert "20.0 %" in clipped.status()["hint"]
+    json.dumps(clipped.got, allow_nan=False)
+
+    for shift, saturated in ((4.0, SATURATION_HINT / 2), (-4.0, 0.2)):  # few clipped values; or a dimmer, darker line
+        m = monitor(window=50)
+        for r in records(good(120, shift_sigmas=shift), saturated):
+            m.observe(r)
+        assert m.got[0]["state"] == "started" and "hint" not in m.got[0] and m.status()["hint"] is None
+        assert "clipped" not in describe(m.got[0])
+    plain = monitor(window=50)  # scores added without a saturation (another caller): none shown
+    feed(plain, good(120, shift_sigmas=4.0))
+    assert plain.status()["saturated_fraction"] is None and "hint" not in plain.got[0]
+
+
+def test_saturated_fraction_counts_values_at_255_on_a_bounded_sample():
+    from adtr_deploy.preprocess import saturated_fraction
+
+    img = np.full((64, 64, 3), 200, np.uint8)
+    assert saturated_fraction(img) == 0.0
+    img[:, :32] = 255  # half the pixels, all channels
+    assert saturated_fraction(img) == pytest.approx(0.5)
+    img[:, :32, 1:] = 254  # only the red channel clipped there
+    assert saturated_fraction(img) == pytest.approx(1 / 6)
+    big = np.zeros((4000, 5000, 3), np.uint8)
+    big[:1000] = 255  # a quarter of a 20-megapixel frame: read on a strided sample of about 65k pixels
+    assert saturated_fraction(big) == pytest.approx(0.25, abs=0.01)
+
+
 def test_a_downward_shift_is_drift_too():
     m = monitor(window=50)
     feed(m, good(200, shift_sigmas=-3.0))  # defects would now pass under the threshold unseen
@@ -386,6 +432,9 @@ def test_drift_shows_on_a_live_source_whose_light_changes_and_clears_after_recal
             assert d["rolling_median"] > cal.threshold  # the whole population moved past the threshold
             m = metrics(url)
             assert sample(m, "adtr_drift_active") == 1 and sample(m, "adtr_score_drift") >= 2
+            # gravel 30 % brighter clips almost nothing: the drift is the parts' light, not the exposure's limit
+            assert d["saturated_fraction"] < 0.01 and d["hint"] is None
+            assert sample(m, "adtr_input_saturated_fraction") == pytest.approx(d["saturated_fraction"], abs=0.01)
             assert sample(m, "adtr_line_state", state="drift") == 1
             code, _, page = get(url)
             assert code == 200 and b'id="drift"' in page and b"DRIFT" in get(url + "static/app.js")[2]

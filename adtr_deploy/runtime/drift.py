@@ -18,6 +18,12 @@ hysteresis band between the two keeps a median that hovers near the limit from f
   false alarms flood in, not after. A shift downwards counts too: defects then score under the threshold unseen.
 - clear_sigmas 1 (half of `sigmas` unless given): the population has to come well back before the state clears.
 
+Beside the scores the monitor keeps each record's `saturated` (the share of the frame's pixel values clipped at 255,
+adtr_deploy.preprocess.saturated_fraction) and shows their median over the window. Clipped highlights are the one change
+of the light that the model's input standardization cannot undo (texture above 255 is gone; docs/robustness.md): when
+DRIFT starts upwards while at least SATURATION_HINT of the values are clipped, the event and the page say that the
+exposure went up past what the camera records, and that a recalibration will not bring the lost texture back.
+
 Nothing here changes the threshold: the monitor reports, the operator decides (adtr_deploy.runtime.recalibrate).
 Everything is bounded: the ring holds `keep` floats (the last scores, also what an API recalibration may use), whatever
 the run length. Thread-safe: the pipeline's inference thread adds scores, HTTP threads read the status.
@@ -39,6 +45,9 @@ DEFAULT_WINDOW = 100
 DEFAULT_SIGMAS = 2.0
 MIN_WINDOW = 20  # also the fewest frames a recalibration accepts (adtr_deploy.runtime.recalibrate.MIN_FRAMES)
 KEEP = 500  # scores kept for an API recalibration (at least `window`)
+# The median share of clipped pixel values (at 255) from which an upward DRIFT is said to come from the exposure: 1 %.
+# The demo's textures clip at most 0.2 % of their values unshifted and tissue's pale one 20 % at +15 % light.
+SATURATION_HINT = 0.01
 
 
 def _finite_calibration(cal: Calibration) -> str | None:
@@ -81,6 +90,7 @@ class DriftMonitor:
         self.clear_sigmas = float(clear)
         self.keep = max(int(keep), self.window)
         self._ring = np.zeros(self.keep, dtype=np.float64)
+        self._saturated = np.full(self.keep, np.nan)  # each score's record's `saturated` (NaN: not given)
         self._next = 0  # ring position of the next score
         self._count = 0  # scores held (<= keep)
         self._seen = 0  # good scores seen since the start or the last recalibration
@@ -105,12 +115,15 @@ class DriftMonitor:
         score = record.get("score")
         if record.get("status") != "ok" or score is None or not math.isfinite(score):
             return
-        self.add(float(score))
+        saturated = record.get("saturated")
+        self.add(float(score), None if saturated is None else float(saturated))
 
-    def add(self, score: float) -> dict | None:
-        """Add one raw score; returns the event when this score started or cleared drift (listeners are told too)."""
+    def add(self, score: float, saturated: float | None = None) -> dict | None:
+        """Add one raw score (and its frame's share of clipped pixel values, if known); returns the event when this
+        score started or cleared drift (listeners are told too)."""
         with self._lock:
             self._ring[self._next] = score
+            self._saturated[self._next] = np.nan if saturated is None else saturated
             self._next = (self._next + 1) % self.keep
             self._count = min(self._count + 1, self.keep)
             self._seen += 1
@@ -119,11 +132,17 @@ class DriftMonitor:
             self._tell(event)
         return event
 
-    def _window_scores(self, n: int) -> np.ndarray:
-        """The last n scores held, oldest first (caller holds the lock)."""
+    def _window_scores(self, n: int, ring: np.ndarray | None = None) -> np.ndarray:
+        """The last n scores held (or their saturation, from that ring), oldest first (caller holds the lock)."""
         n = min(n, self._count)
         idx = (self._next - n + np.arange(n)) % self.keep
-        return self._ring[idx]
+        return (self._ring if ring is None else ring)[idx]
+
+    def _saturation(self) -> float | None:
+        """Median share of clipped pixel values over the window's frames that gave one (caller holds the lock)."""
+        values = self._window_scores(self.window, self._saturated)
+        values = values[np.isfinite(values)]
+        return float(np.median(values)) if values.size else None
 
     def _evaluate(self) -> dict | None:
         if self.off_reason is not None or self._count < self.window:
@@ -154,6 +173,11 @@ class DriftMonitor:
             "sigmas": self.sigmas,
             "calibration": self._calibration_view(),
         }
+        saturated = self._saturation()
+        event["saturated_fraction"] = None if saturated is None else round(saturated, 4)
+        if active and self.shift is not None and self.shift > 0 and saturated is not None:
+            if saturated >= SATURATION_HINT:
+                event["hint"] = saturation_hint(saturated)
         if not active and started is not None:
             event["lasted_s"] = round(now - started, 3)
         return event
@@ -195,6 +219,7 @@ class DriftMonitor:
         with self._lock:
             held = self._window_scores(self.window)
             over = float(np.mean(held > self.threshold)) if held.size else None
+            saturated = self._saturation()
             if self.off_reason is not None:
                 state = "off"
             elif self._count < self.window:
@@ -212,10 +237,23 @@ class DriftMonitor:
                 "sigmas": self.sigmas,
                 "clear_sigmas": self.clear_sigmas,
                 "over_threshold_fraction": None if over is None else round(over, 4),
+                "saturated_fraction": None if saturated is None else round(saturated, 4),
+                "hint": saturation_hint(saturated)
+                if self.active and (self.shift or 0) > 0 and saturated is not None and saturated >= SATURATION_HINT
+                else None,
                 "calibration": self._calibration_view(),
                 "recalibrations": self.version,
                 "off_reason": self.off_reason,
             }
+
+
+def saturation_hint(saturated: float) -> str:
+    """What an upward drift with clipped highlights means, and what to do."""
+    return (
+        f"{100 * saturated:.1f} % of the recent frames' pixel values are clipped at 255: the light or the camera's "
+        "exposure/gain went up past what the camera records; lower it (a recalibration accepts the lost texture, it "
+        "cannot bring it back)"
+    )
 
 
 def describe(event: dict) -> str:
@@ -223,8 +261,9 @@ def describe(event: dict) -> str:
     if event["state"] == "started":
         return (
             f"DRIFT: the median of the last {event['window']} good scores ({event['rolling_median']:.6g}) is "
-            f"{event['shift_sigmas']:+.2f} calibration sigmas from the good mean; the threshold is unchanged; if the "
-            "parts are good, recalibrate (POST /api/recalibrate or adtr recalibrate)"
+            f"{event['shift_sigmas']:+.2f} calibration sigmas from the good mean; the threshold is unchanged; "
+            + (f"{event['hint']}; " if event.get("hint") else "")
+            + "if the parts are good, recalibrate (POST /api/recalibrate or adtr recalibrate)"
         )
     lasted = f" after {event['lasted_s']:.0f} s" if event.get("lasted_s") is not None else ""
     return f"drift cleared{lasted}: the scores are back within the calibration"

@@ -29,7 +29,7 @@ import numpy as np
 
 from adtr_deploy.errors import UserError
 from adtr_deploy.imageheader import DEFAULT_MAX_PIXELS
-from adtr_deploy.preprocess import ImageDecodeError, resize
+from adtr_deploy.preprocess import ImageDecodeError, resize, saturated_fraction
 from adtr_deploy.runtime import outdir
 from adtr_deploy.runtime.base import Backend
 from adtr_deploy.runtime.display import DEFAULT_VIDEO_FPS, VideoOut, Window
@@ -133,10 +133,11 @@ class Pipeline:
         return self.state.skipped if self.state else 0
 
     # -- worker side -------------------------------------------------------------------------------------------------
-    def _load(self, frame: Frame) -> tuple[np.ndarray | None, np.ndarray]:
-        """Decode and preprocess one frame (in a worker thread): (original RGB if needed for pictures, model input)."""
+    def _load(self, frame: Frame) -> tuple[np.ndarray | None, np.ndarray, float]:
+        """Decode and preprocess one frame (worker thread): (original RGB or None, model input, share clipped at 255)."""
         rgb = decode_frame(frame, self.options.max_pixels)
-        return (rgb if self._keep_original else None), rgb if self.tiling else resize(rgb, self.backend.spec.input_size)
+        x = rgb if self.tiling else resize(rgb, self.backend.spec.input_size)
+        return (rgb if self._keep_original else None), x, saturated_fraction(x)
 
     # -- one run -----------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -353,7 +354,7 @@ class Pipeline:
                 self._write(state, build_record(frame, None, item, state.run_id, self.model_sha256, self.model_version))
                 continue
             pred = predictions[id(frame)]
-            record = build_record(frame, pred, None, state.run_id, self.model_sha256, self.model_version)
+            record = build_record(frame, pred, None, state.run_id, self.model_sha256, self.model_version, item[2])
             original, picture = item[0], None
             if original is not None and self._draws:
                 picture = overlay(original, pred, self.post.heat(pred.anomaly_map))

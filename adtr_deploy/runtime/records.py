@@ -77,9 +77,11 @@ def build_record(
     run_id: str,
     sha256: str | None,
     version: int | None = None,
+    saturated: float | None = None,
 ) -> dict:
     """One frame's record; `latency_ms` runs from the moment the frame was taken from the source until now;
-    `model_version`: the version of a versioned model folder that scored it (None for a plain model path)."""
+    `model_version`: the version of a versioned model folder that scored it (None for a plain model path);
+    `saturated`: the share of the model input's pixel values clipped at 255 (scored frames; the drift monitor's)."""
     latency = (time.perf_counter() - frame.acquired) * 1000
     record = {
         "source": frame.source,
@@ -95,6 +97,8 @@ def build_record(
         "model_sha256": sha256[:16] if sha256 else None,
         "model_version": version,
     }
+    if saturated is not None:
+        record["saturated"] = round(saturated, 4)
     if frame.gap is not None:
         record["gap"] = frame.gap
     return record

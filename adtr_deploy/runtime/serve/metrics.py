@@ -89,6 +89,11 @@ class _StateCollector:
             value=int(bool(drift.get("active"))),
         )
         yield GaugeMetricFamily(
+            "adtr_input_saturated_fraction",
+            "Median share of the recent frames' pixel values clipped at 255 (over-exposure), over the drift window.",
+            value=drift.get("saturated_fraction") or 0.0,
+        )
+        yield GaugeMetricFamily(
             "adtr_model_version", "Version of the versioned model folder running (0: a plain model path).",
             value=model.get("version") or 0,
         )  # fmt: skip

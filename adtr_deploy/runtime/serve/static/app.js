@@ -232,7 +232,8 @@ function showDrift(d) {
   const since = d.since ? new Date(d.since * 1000).toLocaleTimeString() : "?";
   el.textContent = "DRIFT since " + since + ": the median of the last " + d.window + " scores is " +
     fmt(d.shift_sigmas, 1) + " calibration sigmas from the good mean (" + fmt(100 * d.over_threshold_fraction, 0) +
-    " % above the threshold). If the parts are good, recalibrate: POST /api/recalibrate or adtr recalibrate.";
+    " % above the threshold). " + (d.hint ? d.hint[0].toUpperCase() + d.hint.slice(1) + ". " : "") +
+    "If the parts are good, recalibrate: POST /api/recalibrate or adtr recalibrate.";
 }
 
 function show(s) {
