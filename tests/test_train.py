@@ -228,6 +228,21 @@ def test_cli_trains_a_plain_folder_without_metrics(tmp_path):
     assert all(torch.equal(after["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
 
 
+def test_cli_augmentation_options_reach_the_training_and_are_bounded(tmp_path):
+    """--augment-light / --augment-noise (issue 31's levers b and e) train with the photometric dataset and are recorded;
+    values out of range get click's one sentence."""
+    folder = make_folder(tmp_path / "good", n=8)
+    out = tmp_path / "run"
+    base = ["--data", str(folder), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--quiet"]
+    result = CliRunner().invoke(train_command, [*base, "--augment-light", "0.2", "--augment-noise", "4"])
+    assert result.exit_code == 0, result.output
+    train_cfg = torch.load(out / "checkpoint.pt", weights_only=True)["info"]["train"]
+    assert train_cfg["photometric"] == 0.2 and train_cfg["noise"] == 4.0
+    for opt, bad in (("--augment-light", "0.9"), ("--augment-noise", "-1")):
+        res = CliRunner().invoke(train_command, [*base, "--overwrite", opt, bad])
+        assert res.exit_code == 2 and bad in res.output and "Traceback" not in res.output
+
+
 def test_cli_input_size_and_stages_shape_the_model_and_bad_values_get_one_sentence(tmp_path):
     folder = make_folder(tmp_path / "good", n=8)
     out = tmp_path / "run"

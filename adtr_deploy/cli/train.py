@@ -62,6 +62,24 @@ from adtr_deploy.cli.train_options import feedback_option, model_options, parse_
     help="Lift the calibrated threshold this share of the way from the good images' rule toward synthetic defects drawn "
     "on the calibration images (never lowered; 0 = the good images alone). See docs/robustness.md.",
 )
+@click.option(
+    "--augment-light",
+    type=click.FloatRange(0.0, 0.5),
+    default=0.0,
+    show_default=True,
+    help="Photometric augmentation of the good images: a fresh random brightness (1 +- S), contrast and per-channel "
+    "gain each epoch (also in the error statistics' fit). Not the default: the in-graph standardization already undoes "
+    "global light changes; it helps a pale texture that brighter light clips at 255, at some accuracy "
+    "(docs/robustness.md, lever b). Features are then computed every batch (slower).",
+)
+@click.option(
+    "--augment-noise",
+    type=click.FloatRange(0.0, 30.0),
+    default=0.0,
+    show_default=True,
+    help="Sensor-noise augmentation: Gaussian noise of a random std in [0, STD] grey levels per image and epoch. For a "
+    "camera known to be noisy; it costs recall on a clean line (docs/robustness.md, lever e).",
+)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its saved options and state.")
 @click.option("--overwrite", is_flag=True, help="Start a new run even if --out already holds one.")
 @click.option("--no-cache", is_flag=True, help="Recompute backbone features every step instead of caching them once.")
@@ -236,6 +254,8 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
         "seed": opts["seed"],
         "val_fraction": opts["val_fraction"],
         "threshold_margin": opts["threshold_margin"],
+        "photometric": opts["augment_light"],
+        "noise": opts["augment_noise"],
         "cache_features": not opts["no_cache"],
         "cache_dtype": opts["cache_dtype"],
         "checkpoint_every": opts["checkpoint_every"],
@@ -245,7 +265,8 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
     }
     runtime = {"device": opts["device"], "workers": opts["workers"], "progress": not opts["quiet"]}
     if opts["resume"]:  # options given again take effect; the others are the run's stored ones
-        changes = {k: v for k, v in values.items() if k in given or (k == "cache_features" and "no_cache" in given)}
+        option = {"cache_features": "no_cache", "photometric": "augment_light", "noise": "augment_noise"}
+        changes = {k: v for k, v in values.items() if k in given or option.get(k) in given}
         plan = plans.resumed_run(out, changes | runtime, category)
     else:
         plan = plans.new_run(
