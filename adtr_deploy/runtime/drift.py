@@ -144,6 +144,12 @@ class DriftMonitor:
         values = values[np.isfinite(values)]
         return float(np.median(values)) if values.size else None
 
+    def _hint(self, saturated: float | None) -> str | None:
+        """The over-exposure hint while an upward DRIFT comes with clipped highlights (caller holds the lock)."""
+        if self.active and (self.shift or 0) > 0 and saturated is not None and saturated >= SATURATION_HINT:
+            return saturation_hint(saturated)
+        return None
+
     def _evaluate(self) -> dict | None:
         if self.off_reason is not None or self._count < self.window:
             self.median = self.shift = None
@@ -175,9 +181,8 @@ class DriftMonitor:
         }
         saturated = self._saturation()
         event["saturated_fraction"] = None if saturated is None else round(saturated, 4)
-        if active and self.shift is not None and self.shift > 0 and saturated is not None:
-            if saturated >= SATURATION_HINT:
-                event["hint"] = saturation_hint(saturated)
+        if self._hint(saturated):
+            event["hint"] = self._hint(saturated)
         if not active and started is not None:
             event["lasted_s"] = round(now - started, 3)
         return event
@@ -238,9 +243,7 @@ class DriftMonitor:
                 "clear_sigmas": self.clear_sigmas,
                 "over_threshold_fraction": None if over is None else round(over, 4),
                 "saturated_fraction": None if saturated is None else round(saturated, 4),
-                "hint": saturation_hint(saturated)
-                if self.active and (self.shift or 0) > 0 and saturated is not None and saturated >= SATURATION_HINT
-                else None,
+                "hint": self._hint(saturated),
                 "calibration": self._calibration_view(),
                 "recalibrations": self.version,
                 "off_reason": self.off_reason,
