@@ -3,7 +3,7 @@ with an N x N window (`--tile ...,score_pool=N`, default the model's own 16). A 
 16 x 16 window, so small defects score low: is a smaller window better? Chosen on a VALIDATION split, then the test
 split is read once, for the chosen window only.
 
-The model: a tiled run of benchmarks/tiling.py (`--tile native`, in --work, exported to ONNX), scored with ONNX Runtime
+The model: a tiled run of benchmarks/tiling.py (`--tile native`, or any other scale, in --work, exported to ONNX), scored with ONNX Runtime
 (CPU) through the runtime's own tiling (adtr_deploy/tiling.py run_tiled). The window is applied to the stitched map
 after the model, so every window is measured on the same maps (one pass per image).
 
@@ -133,7 +133,7 @@ def markdown(r: dict) -> str:
         "",
         f"`{r['command']}`",
         "",
-        f"Model: {r['model']} (`--tile native`, lite0). Validation: {v['good_images']} good and {v['defects']} "
+        f"Model: {r['model']} (`--tile {r.get('tiling', {}).get('scale', 1):g}`, lite0). Validation: {v['good_images']} good and {v['defects']} "
         f"defective images (scratch, pinhole, stain) made from the photograph's training columns with seed "
         f"{r['val_seed']}, never seen in training. Thresholds: each window calibrated on the run's "
         f"{r['calibration']['images']} calibration images and their {r['calibration']['synthetic_defects']} synthetic "
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = Scorer(run_dir / "export" / "model.onnx", windows)
     result = {"command": command_line("tiling_score_window.py", argv), "category": args.category}
     result |= {"model": str(run_dir), "val_seed": args.val_seed, "windows": list(windows)}
+    result["tiling"] = scorer.tiling.to_dict()
     result["calibration"] = cal = calibrations(scorer, run_dir)
     cal["windows"] = {n: cal.pop(n) for n in windows}
 
