@@ -28,7 +28,8 @@ tile_option = click.option(
     default=None,
     metavar="SCALE[,overlap=F][,size=N][,crops=grid|random][,score_pool=N]",
     help="Train on tiles of the model's input size cut from the images at native resolution (SCALE native or 1), "
-    "resized by a factor (0.5), with tiles covering size=N source pixels, or auto (native unless an image needs more "
+    "resized by a factor (0.5; 2 upsamples: a finer grid for defects under 8 px, 4x the tiles), with tiles covering "
+    "size=N source pixels, or auto (native unless an image needs more "
     "than 64 tiles); neighbours overlap by F of a tile (0.25). Calibration and evaluation then score whole images "
     "tiled and stitched, and adtr-export / adtr-run tile the same way (model.json). crops=random trains on as many "
     "random crops instead of the grid; score_pool=N scores the stitched map's maximum N x N mean (default: the "
