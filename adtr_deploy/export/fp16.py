@@ -141,16 +141,10 @@ def fp32_node_names(model: onnx.ModelProto) -> set[str]:
             if name:
                 consumers[name].append(node)
     fp32 = {n.name for n in graph.node if n.op_type in FP32_OPS}
-    # Forward closure from the L2 map: the map, its upsampling and the score.
-    queue = deque(map_tail_starts(graph, consumers))
-    fp32 |= {n.name for n in queue}
-    while queue:
-        node = queue.popleft()
-        for out in node.output:
-            for nxt in consumers.get(out, ()):
-                if nxt.name not in fp32:
-                    fp32.add(nxt.name)
-                    queue.append(nxt)
+    # Forward closure from the L2 map: the map, its upsampling and the score (an FP32 op already kept is not followed).
+    starts = map_tail_starts(graph, consumers)
+    kept, start_names = set(fp32), {n.name for n in starts}
+    fp32 |= set(downstream(starts, consumers, stop=lambda n: n.name in kept and n.name not in start_names))
     # Backward: elementwise ops (and the residual's whitening) whose every consumer is FP32 join it (to a fixed point;
     # stops at any other op).
     graph_outputs = {o.name for o in graph.output}

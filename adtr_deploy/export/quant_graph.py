@@ -48,9 +48,8 @@ def map_node_names(model: onnx.ModelProto) -> set[str]:
     consumers = consumers_of(graph)
     producer = {o: n for n in graph.node for o in n.output}
     starts = map_tail_starts(graph, consumers)
-    tail = set(
-        downstream(starts, consumers)
-    )  # forward: the reduction and all after it (upsampling, blur, pooling, max)
+    # forward: the reduction and all after it (upsampling, blur, pooling, max)
+    tail = set(downstream(starts, consumers))
     queue = deque(starts)
     while queue:  # backward: the elementwise chain (Pow, whitening, Sub) that only feeds the map
         node = queue.popleft()

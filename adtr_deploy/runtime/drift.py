@@ -181,8 +181,9 @@ class DriftMonitor:
         }
         saturated = self._saturation()
         event["saturated_fraction"] = None if saturated is None else round(saturated, 4)
-        if self._hint(saturated):
-            event["hint"] = self._hint(saturated)
+        hint = self._hint(saturated)
+        if hint:
+            event["hint"] = hint
         if not active and started is not None:
             event["lasted_s"] = round(now - started, 3)
         return event

@@ -5,8 +5,9 @@ is reproducible: brightness times 1 +- s, contrast times 1 +- s/2 and each chann
 cast), s = the strength. The transformer then learns to reconstruct the features of differently lit good parts, and the
 error statistics fitted after training (Mahalanobis whitening, border standardization: train/features.py
 fit_error_metric) see them too. With `noise`, each image also gets Gaussian sensor noise of a random std in
-[0, noise] pixel levels (a raised camera gain), after the light change. The calibration images are left as they are. The backbone runs on every batch (the
-features change every epoch), which costs about 35 ms per 224 px image on 2 CPU cores.
+[0, noise] pixel levels (a raised camera gain), after the light change. The calibration images are left as they are.
+The backbone runs on every batch (the features change every epoch), which costs about 35 ms per 224 px image on 2 CPU
+cores.
 """
 
 from __future__ import annotations
