@@ -154,6 +154,56 @@ def saturated_fraction(img: np.ndarray, stride: int = 2, max_samples: int = 6553
     return float(np.count_nonzero(view == 255)) / max(view.size, 1)
 
 
+# Headroom of the training images (issue 31): the brightest values, their HEADROOM_QUANTILE per channel, set against
+# 255. A light brighter than 255 / that value clips the texture there, which no standardization undoes; adtr-train warns
+# below HEADROOM_WARN_GAIN (the issue's goal covers brightness +15 %).
+HEADROOM_QUANTILE = 0.999
+HEADROOM_WARN_GAIN = 1.15
+CHANNELS = ("red", "green", "blue")
+
+
+def value_histogram(img: np.ndarray) -> np.ndarray:
+    """Counts of each value 0..255 per channel of a uint8 RGB image (H, W, 3) -> (3, 256) int64: summed over images,
+    the whole set's value distribution at the cost of 768 numbers."""
+    flat = np.ascontiguousarray(img).reshape(-1, 3)
+    return np.stack([np.bincount(flat[:, c], minlength=256)[:256] for c in range(3)]).astype(np.int64)
+
+
+def headroom(hist: np.ndarray, quantile: float = HEADROOM_QUANTILE) -> dict:
+    """(3, 256) value counts -> how much brighter the light can get before the brightest values clip: per channel the
+    `quantile` value, the share already at 255, and `gain` (255 / the highest of those values, at most 255)."""
+    hist = np.asarray(hist, dtype=np.float64)
+    cum = np.cumsum(hist, axis=1) / np.maximum(hist.sum(axis=1, keepdims=True), 1.0)
+    top = [int(np.searchsorted(cum[c], quantile)) for c in range(3)]
+    brightest = int(np.argmax(top))
+    return {
+        "quantile": quantile,
+        "values": top,
+        "at_255": [round(float(hist[c, 255] / max(hist[c].sum(), 1.0)), 6) for c in range(3)],
+        "channel": CHANNELS[brightest],
+        "gain": round(255.0 / max(top[brightest], 1), 4),
+    }
+
+
+def headroom_warning(room: dict, threshold: float = HEADROOM_WARN_GAIN) -> str | None:
+    """One sentence when the training images leave less than `threshold` of brightening before they clip, else None."""
+    if room["gain"] >= threshold:
+        return None
+    if max(room["values"]) >= 255:
+        return (
+            f"{100 * max(room['at_255']):.2f} % of the training images' {room['channel']} values are already clipped at "
+            "255: that texture is lost, and a brighter light clips more of it, a change the model cannot undo "
+            "(docs/robustness.md); lower the camera's exposure or gain so good parts stay below about "
+            f"{int(255 / threshold)}"
+        )
+    return (
+        f"the training images' brightest values reach {max(room['values'])} ({room['channel']}, "
+        f"{100 * room['quantile']:.1f}th percentile): a light {100 * (room['gain'] - 1):.0f} % brighter clips them at "
+        "255, and clipped texture is a change the model cannot undo (docs/robustness.md); if the line's light can rise, "
+        f"lower the camera's exposure or gain so good parts stay below about {int(255 / threshold)}"
+    )
+
+
 def stack_batch(images: Iterable[np.ndarray]) -> np.ndarray:
     """A list of prepared images -> contiguous uint8 batch (N, H, W, 3)."""
     return np.ascontiguousarray(np.stack(list(images), axis=0).astype(np.uint8, copy=False))

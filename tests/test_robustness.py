@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -351,3 +353,100 @@ def test_a_model_json_from_before_the_margin_loads_with_margin_zero():
     del data["calibration"]["margin"]  # as every model.json exported before the margin existed
     spec = ModelSpec.from_json(json.dumps(data))
     assert spec.calibration.margin == 0.0 and spec.threshold == ModelSpec().threshold
+
+
+def test_headroom_reads_the_brightest_values_and_warns_only_without_room():
+    from adtr_deploy.preprocess import headroom, headroom_warning, value_histogram
+
+    images = texture_images(6, 64, seed=3)
+    hist = sum(value_histogram(im) for im in images)
+    assert hist.shape == (3, 256) and hist.sum() == images.size
+    dark = headroom(sum(value_histogram(brightness(im, 0.5)) for im in images))
+    assert dark["gain"] >= 255 / 128 - 1e-3 and headroom_warning(dark) is None  # half the light: room to double it
+    pale = np.full((32, 32, 3), 120, np.uint8)
+    pale[:4, :, 2] = 241  # the blue highlights of a pale texture: 12.5 % of the blue values
+    room = headroom(value_histogram(pale))
+    assert room["values"] == [120, 120, 241] and room["channel"] == "blue" and room["gain"] == round(255 / 241, 4)
+    warning = headroom_warning(room)
+    assert "241" in warning and "blue" in warning and "6 % brighter" in warning
+    pale[:1, :, 0] = 255  # already clipped in the training images
+    clipped = headroom(value_histogram(pale))
+    assert clipped["gain"] == 1.0 and "already clipped" in headroom_warning(clipped)
+
+
+def test_highlight_augmentation_only_brightens_and_clips_like_a_brighter_light():
+    from adtr_deploy.train.augment import highlights
+
+    image = texture_images(1, 64, seed=5)[0]
+    rng = np.random.default_rng(0)
+    out = [highlights(image, rng, 0.25) for _ in range(8)]
+    gains = [o.astype(float).mean() / image.astype(float).mean() for o in out]
+    assert all(0.99 <= g <= 1.26 for g in gains) and max(gains) > 1.05
+    assert all((o >= image).all() for o in out)  # never darker anywhere
+    bright = highlights(np.full((4, 4, 3), 240, np.uint8), np.random.default_rng(1), 0.25)
+    assert bright.max() <= 255 and bright.min() >= 240
+
+
+def test_pale_training_images_turn_the_highlight_augmentation_on_and_say_so(mvtec_root, tmp_path, capsys):
+    """Training images with less than 15 % of headroom below 255 (a pale texture a brighter light clips) train with
+    clipped highlights under the input standardization, automatically; adtr-train warns; 0 turns it off; a model
+    without the standardization and images with headroom are left as they were; model.json records the headroom."""
+    from adtr_deploy.export import export_checkpoint
+
+    pale = tmp_path / "pale"
+    for s in list_mvtec(mvtec_root, "tex", "train") + list_mvtec(mvtec_root, "tex", "test"):
+        dst = pale / Path(s.path).relative_to(mvtec_root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        img = brightness(read_image(s.path), 1.9)  # brick, lit until its highlights clip
+        cv2.imwrite(str(dst), img[..., ::-1])
+    shutil.copytree(mvtec_root / "tex" / "ground_truth", pale / "tex" / "ground_truth")
+    data = open_dataset(pale, "tex")
+    path = train(ROBUST, fast(epochs=1), data, tmp_path / "auto", evaluate=False)
+    info = load_checkpoint(path)[1]["info"]
+    assert info["headroom"]["gain"] < 1.15 and info["headroom"]["highlights"] == 0.25
+    err = capsys.readouterr().err
+    assert "warning:" in err and "trains with clipped highlights" in err
+    off = train(ROBUST, fast(epochs=1, highlights=0.0), data, tmp_path / "off", evaluate=False)
+    assert load_checkpoint(off)[1]["info"]["headroom"]["highlights"] == 0.0
+    assert "warning:" in capsys.readouterr().err  # still told about the headroom
+    plain = train(TINY, fast(epochs=1), data, tmp_path / "plain", evaluate=False)
+    assert load_checkpoint(plain)[1]["info"]["headroom"]["highlights"] == 0.0  # no standardization: not automatic
+    err = capsys.readouterr().err
+    assert "warning:" in err and "trains with clipped highlights" not in err
+    normal = train(ROBUST, fast(epochs=1), open_dataset(mvtec_root, "tex"), tmp_path / "normal", evaluate=False)
+    room = load_checkpoint(normal)[1]["info"]["headroom"]
+    assert room["gain"] >= 1.15 and room["highlights"] == 0.0
+    assert "warning:" not in capsys.readouterr().err
+    spec = json.loads(export_checkpoint(path, "onnx", tmp_path / "onnx").spec_path.read_text())
+    assert spec["extra"]["headroom"]["highlights"] == 0.25
+
+
+def test_the_peer_drift_benchmark_puts_a_nearest_neighbour_detector_beside_the_model(runs, mvtec_root, tmp_path):
+    """benchmarks/drift_peer.py on a tiny run: the PatchCore-style peer is thresholded by the same rule on the same
+    calibration images; the model's own rows equal its checkpoint's scores; without the input standardization the
+    peer's good scores follow a brighter light, with it they stay."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import drift_peer
+
+    model, ckpt = runs["robust"]
+    result = drift_peer.main(
+        [
+            "--runs", str(ckpt.parent.parent), "--data", str(mvtec_root), "--categories", "tex",
+            "--shifts", "none,bright+15,bright-20", "--out", str(tmp_path / "peer.json"),
+        ]
+    )  # fmt: skip
+    rows = {(r["setting"], r["shift"]): r for r in result["rows"]}
+    assert {d for d, _ in rows} == {"adtr", "patchcore", "patchcore+norm"} and len(result["summary"]) == 3
+    for r in rows.values():
+        assert 0 <= r["false_alarms"] <= 1 and 0 <= r["recall"] <= 1 and np.isfinite(r["threshold"])
+        assert r["train_images"] + r["calibration_images"] == 20
+    good = _good_images(mvtec_root)
+    assert np.isclose(rows["adtr", "none"]["good_score_median"], np.median(_scores(model, good)[1]), rtol=1e-4)
+
+    def moved(d):
+        return abs(rows[d, "bright-20"]["good_score_median"] - rows[d, "none"]["good_score_median"])
+
+    assert moved("patchcore") > 3 * moved("patchcore+norm")
+    assert "patchcore+norm" in (tmp_path / "peer.md").read_text()

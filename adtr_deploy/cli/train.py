@@ -80,6 +80,15 @@ from adtr_deploy.cli.train_options import feedback_option, model_options, parse_
     help="Sensor-noise augmentation: Gaussian noise of a random std in [0, STD] grey levels per image and epoch. For a "
     "camera known to be noisy; it costs recall on a clean line (docs/robustness.md, lever e).",
 )
+@click.option(
+    "--augment-highlights",
+    type=click.FloatRange(0.0, 0.5),
+    default=None,
+    help="Highlight augmentation: each training image brightened by a random gain up to 1 + G and clipped at 255, so "
+    "the model learns that clipped highlights of a brighter light belong to good parts. Default: automatic, 0.25 when "
+    "the training images' brightest values leave less than 15 % of headroom below 255 (adtr-train then says so), "
+    "else off; 0 turns it off (docs/robustness.md, lever g).",
+)
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its saved options and state.")
 @click.option("--overwrite", is_flag=True, help="Start a new run even if --out already holds one.")
 @click.option("--no-cache", is_flag=True, help="Recompute backbone features every step instead of caching them once.")
@@ -256,6 +265,7 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
         "threshold_margin": opts["threshold_margin"],
         "photometric": opts["augment_light"],
         "noise": opts["augment_noise"],
+        "highlights": opts["augment_highlights"],
         "cache_features": not opts["no_cache"],
         "cache_dtype": opts["cache_dtype"],
         "checkpoint_every": opts["checkpoint_every"],
@@ -265,7 +275,12 @@ def _train_one(ctx: click.Context, data_root: str, category: str | None, out_dir
     }
     runtime = {"device": opts["device"], "workers": opts["workers"], "progress": not opts["quiet"]}
     if opts["resume"]:  # options given again take effect; the others are the run's stored ones
-        option = {"cache_features": "no_cache", "photometric": "augment_light", "noise": "augment_noise"}
+        option = {
+            "cache_features": "no_cache",
+            "photometric": "augment_light",
+            "noise": "augment_noise",
+            "highlights": "augment_highlights",
+        }
         changes = {k: v for k, v in values.items() if k in given or option.get(k) in given}
         plan = plans.resumed_run(out, changes | runtime, category)
     else:

@@ -105,6 +105,7 @@ def base_spec(ckpt: dict[str, Any], fmt: str, options: ExportOptions, checkpoint
             "data": info.get("data"),
             **({"feedback": info["feedback"]} if info.get("feedback") else {}),  # adtr-train --feedback's provenance
             **input_norm_record(cfg, ckpt),
+            **({"headroom": info["headroom"]} if info.get("headroom") else {}),  # the training images' (issue 31)
         },
     )
 

@@ -44,6 +44,10 @@ class TrainConfig:
     # Sensor-noise augmentation (train/augment.py, with the photometric one): Gaussian noise of a random std in
     # [0, noise] pixel levels per image and epoch; 0 = off. A lever of issue 31 (noise), measured in docs/robustness.md.
     noise: float = 0.0
+    # Highlight augmentation (train/augment.py, lever (g) of issue 31): each training image brightened by a gain in
+    # [1, 1 + highlights] and clipped at 255; None = automatic (augment.AUTO_HIGHLIGHTS when the training images leave
+    # less than preprocess.HEADROOM_WARN_GAIN of headroom, with the input standardization; else off), 0 = off.
+    highlights: float | None = None
     alpha: float = 0.003  # ADTR+ only: weight of the push terms (the paper's)
     topk: int = 20  # ADTR+ only: k of L_img's top-k mean (the paper's)
     progress: bool = True

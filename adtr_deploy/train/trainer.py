@@ -13,6 +13,7 @@ comparison and for data too large to cache). A run folder holds:
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from adtr_deploy.errors import UserError
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from adtr_deploy.model.config import ADTRConfig
+from adtr_deploy.preprocess import HEADROOM_WARN_GAIN, headroom, headroom_warning, value_histogram
 from adtr_deploy.tiling import Tiling, run_tiled
 from adtr_deploy.train import distributed
 from adtr_deploy.train.config import TrainConfig
@@ -120,6 +122,16 @@ def train(
     train_samples = [data.train[i] for i in train_idx] + list(extra_good[0])
     val_samples = [data.train[i] for i in val_idx] + list(extra_good[1])
     data_order = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in val_samples]}
+    room = training_headroom(train_samples, model_cfg.input_size)
+    room["highlights"] = highlights = _highlights(cfg, room, model_cfg, tiling, train_dataset)
+    if w.is_main and headroom_warning(room):
+        did = (
+            f"; adtr-train therefore trains with clipped highlights (gains up to {1 + highlights:g}; "
+            "--augment-highlights 0 turns it off)"
+            if cfg.highlights is None and highlights > 0
+            else ""
+        )
+        print(f"warning: {headroom_warning(room)}{did}", file=sys.stderr, flush=True)
     if tiling is not None:
         if train_dataset is not None:
             raise UserError(f"--tile trains on crops of good images only; train --mode {cfg.mode} without --tile")
@@ -132,6 +144,7 @@ def train(
         "data": data.info(),
         "train": cfg.to_dict(),
         "split": {"train_images": len(train_samples), "calibration_images": len(val_samples)},
+        "headroom": room,
         **(extra_info or {}),
         **({"tiling": tiling.to_dict()} if tiling is not None else {}),
     }
@@ -141,10 +154,12 @@ def train(
     log = TrainLog(out_dir / LOG_NAME, keep_until=start) if w.is_main else None  # only rank 0 writes
     show = cfg.progress and w.is_main
     standardize = state is None and init_from is None and cfg.standardize_features
-    if (cfg.photometric > 0 or cfg.noise > 0) and train_dataset is None:
+    if (cfg.photometric > 0 or cfg.noise > 0 or highlights > 0) and train_dataset is None:
         from adtr_deploy.train.augment import PhotometricImages
 
-        train_dataset = PhotometricImages(train_samples, model.cfg.input_size, cfg.photometric, cfg.seed, cfg.noise)
+        train_dataset = PhotometricImages(
+            train_samples, model.cfg.input_size, cfg.photometric, cfg.seed, cfg.noise, highlights=highlights
+        )
     training = training_set(
         model, train_samples, cfg, device, w, dataset=train_dataset, standardize=standardize, progress=show
     )
@@ -323,3 +338,24 @@ def _calibrate_and_evaluate(
         metrics = {"model": str(run.ckpt_path.resolve()), "mode": cfg.mode, **(extra_info or {}), **metrics}
         write_results(metrics, data.test, scores, out_dir / METRICS_NAME)
         run.checkpoint(cfg.epochs, calibration=calibration, metrics=metrics)
+
+
+def training_headroom(samples: Sequence[Sample], size: tuple[int, int]) -> dict:
+    """How much brighter the light can get before the training images' brightest values clip (preprocess.headroom),
+    over the good images at the model's input size: adtr-train warns when it is less than the drift goal's +15 %."""
+    hist = np.zeros((3, 256), dtype=np.int64)
+    for s in samples:
+        hist += value_histogram(load_sample(s, size))
+    return headroom(hist)
+
+
+def _highlights(cfg: TrainConfig, room: dict, model_cfg: ADTRConfig, tiling, dataset) -> float:
+    """The highlight augmentation's strength: cfg.highlights when given; automatically augment.AUTO_HIGHLIGHTS for
+    training images with less headroom than HEADROOM_WARN_GAIN under the input standardization (which undoes the gain,
+    so only the clipping is learned), on whole images (not tiles, not ADTR+'s own dataset); else 0."""
+    from adtr_deploy.train.augment import AUTO_HIGHLIGHTS
+
+    if cfg.highlights is not None:
+        return float(cfg.highlights)
+    low = room["gain"] < HEADROOM_WARN_GAIN
+    return AUTO_HIGHLIGHTS if low and model_cfg.input_norm == "image" and tiling is None and dataset is None else 0.0
