@@ -229,16 +229,20 @@ def test_cli_trains_a_plain_folder_without_metrics(tmp_path):
 
 
 def test_cli_augmentation_options_reach_the_training_and_are_bounded(tmp_path):
-    """--augment-light / --augment-noise (issue 31's levers b and e) train with the photometric dataset and are recorded;
-    values out of range get click's one sentence."""
+    """--augment-light / --augment-noise / --augment-highlights (issue 31's levers b, e, g) train with the photometric
+    dataset and are recorded; values out of range get click's one sentence."""
     folder = make_folder(tmp_path / "good", n=8)
     out = tmp_path / "run"
     base = ["--data", str(folder), "--out", str(out), "--preset", "tiny", "--epochs", "1", "--quiet"]
-    result = CliRunner().invoke(train_command, [*base, "--augment-light", "0.2", "--augment-noise", "4"])
+    result = CliRunner().invoke(
+        train_command, [*base, "--augment-light", "0.2", "--augment-noise", "4", "--augment-highlights", "0.1"]
+    )
     assert result.exit_code == 0, result.output
-    train_cfg = torch.load(out / "checkpoint.pt", weights_only=True)["info"]["train"]
-    assert train_cfg["photometric"] == 0.2 and train_cfg["noise"] == 4.0
-    for opt, bad in (("--augment-light", "0.9"), ("--augment-noise", "-1")):
+    info = torch.load(out / "checkpoint.pt", weights_only=True)["info"]
+    train_cfg = info["train"]
+    assert train_cfg["photometric"] == 0.2 and train_cfg["noise"] == 4.0 and train_cfg["highlights"] == 0.1
+    assert info["headroom"]["highlights"] == 0.1  # given: used whatever the headroom
+    for opt, bad in (("--augment-light", "0.9"), ("--augment-noise", "-1"), ("--augment-highlights", "0.8")):
         res = CliRunner().invoke(train_command, [*base, "--overwrite", opt, bad])
         assert res.exit_code == 2 and bad in res.output and "Traceback" not in res.output
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from adtr_deploy.cli.common import CONTEXT, quiet_option, tile_option, user_errors, workers_option
-from adtr_deploy.cli.train_options import feedback_option, model_options, parse_input_size, parse_stages
+from adtr_deploy.cli.train_options import (
+    augment_options,
+    feedback_option,
+    model_options,
+    parse_input_size,
+    parse_stages,
+)
 
 
 @click.command(context_settings=CONTEXT)
@@ -62,33 +68,7 @@ from adtr_deploy.cli.train_options import feedback_option, model_options, parse_
     help="Lift the calibrated threshold this share of the way from the good images' rule toward synthetic defects drawn "
     "on the calibration images (never lowered; 0 = the good images alone). See docs/robustness.md.",
 )
-@click.option(
-    "--augment-light",
-    type=click.FloatRange(0.0, 0.5),
-    default=0.0,
-    show_default=True,
-    help="Photometric augmentation of the good images: a fresh random brightness (1 +- S), contrast and per-channel "
-    "gain each epoch (also in the error statistics' fit). Not the default: the in-graph standardization already undoes "
-    "global light changes; it helps a pale texture that brighter light clips at 255, at some accuracy "
-    "(docs/robustness.md, lever b). Features are then computed every batch (slower).",
-)
-@click.option(
-    "--augment-noise",
-    type=click.FloatRange(0.0, 30.0),
-    default=0.0,
-    show_default=True,
-    help="Sensor-noise augmentation: Gaussian noise of a random std in [0, STD] grey levels per image and epoch. For a "
-    "camera known to be noisy; it costs recall on a clean line (docs/robustness.md, lever e).",
-)
-@click.option(
-    "--augment-highlights",
-    type=click.FloatRange(0.0, 0.5),
-    default=None,
-    help="Highlight augmentation: each training image brightened by a random gain up to 1 + G and clipped at 255, so "
-    "the model learns that clipped highlights of a brighter light belong to good parts. Default: automatic, 0.25 when "
-    "the training images' brightest values leave less than 15 % of headroom below 255 (adtr-train then says so), "
-    "else off; 0 turns it off (docs/robustness.md, lever g).",
-)
+@augment_options
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out with its saved options and state.")
 @click.option("--overwrite", is_flag=True, help="Start a new run even if --out already holds one.")
 @click.option("--no-cache", is_flag=True, help="Recompute backbone features every step instead of caching them once.")

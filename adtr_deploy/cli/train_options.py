@@ -1,5 +1,5 @@
-"""adtr-train's options that shape the model (preset, backbone weights, input size, stages, error metric) and their
-parsers: declared once here, so the command module keeps to how a run is trained."""
+"""adtr-train's options that shape the model (preset, backbone weights, input size, stages, error metric), those that
+augment the good images, and their parsers: declared once here, so the command module keeps to how a run is trained."""
 
 from __future__ import annotations
 
@@ -96,3 +96,42 @@ feedback_option = click.option(
     "synthetic ones; without defects: plain ADTR unless --mode adtr+). --data/--category default to the checkpoint's, "
     "--epochs to 2. Provenance in the checkpoint's info['feedback'] (docs/adtr_plus.md).",
 )
+
+
+# How the good images are augmented (docs/robustness.md, levers b, e and g).
+_AUGMENT_OPTIONS = [
+    click.option(
+        "--augment-light",
+        type=click.FloatRange(0.0, 0.5),
+        default=0.0,
+        show_default=True,
+        help="Photometric augmentation of the good images: a fresh random brightness (1 +- S), contrast and per-channel "
+        "gain each epoch (also in the error statistics' fit). Not the default: the in-graph standardization already undoes "
+        "global light changes; for a pale texture that brighter light clips at 255 --augment-highlights does more at less "
+        "accuracy (docs/robustness.md, levers b and g). Features are then computed every batch (slower).",
+    ),
+    click.option(
+        "--augment-noise",
+        type=click.FloatRange(0.0, 30.0),
+        default=0.0,
+        show_default=True,
+        help="Sensor-noise augmentation: Gaussian noise of a random std in [0, STD] grey levels per image and epoch. For a "
+        "camera known to be noisy; it costs recall on a clean line (docs/robustness.md, lever e).",
+    ),
+    click.option(
+        "--augment-highlights",
+        type=click.FloatRange(0.0, 0.5),
+        default=None,
+        help="Highlight augmentation: each training image brightened by a random gain up to 1 + G and clipped at 255, so "
+        "the model learns that clipped highlights of a brighter light belong to good parts. Default: automatic, 0.25 when "
+        "the training images' brightest values leave less than 15 % of headroom below 255 (adtr-train then says so), "
+        "else off; 0 turns it off (docs/robustness.md, lever g).",
+    ),
+]
+
+
+def augment_options(command: Callable) -> Callable:
+    """Apply the augmentation options (--augment-light, --augment-noise, --augment-highlights) to a click command."""
+    for option in reversed(_AUGMENT_OPTIONS):
+        command = option(command)
+    return command
