@@ -385,6 +385,11 @@ def test_highlight_augmentation_only_brightens_and_clips_like_a_brighter_light()
     assert all((o >= image).all() for o in out)  # never darker anywhere
     bright = highlights(np.full((4, 4, 3), 240, np.uint8), np.random.default_rng(1), 0.25)
     assert bright.max() <= 255 and bright.min() >= 240
+    # a run stored before the automatic lever resumes without it; a new run's stored config keeps "automatic"
+    old = TrainConfig().to_dict()
+    del old["highlights"]
+    assert TrainConfig.from_dict(old).highlights == 0.0
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).highlights is None
 
 
 def test_pale_training_images_turn_the_highlight_augmentation_on_and_say_so(mvtec_root, tmp_path, capsys):
