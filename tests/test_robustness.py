@@ -455,3 +455,18 @@ def test_the_peer_drift_benchmark_puts_a_nearest_neighbour_detector_beside_the_m
 
     assert moved("patchcore") > 3 * moved("patchcore+norm")
     assert "patchcore+norm" in (tmp_path / "peer.md").read_text()
+
+
+def test_a_tiled_models_headroom_reads_the_images_own_pixels(tmp_path):
+    """Small specular highlights that a resize to the input size averages away are read at the image's own size when
+    the model is tiled (training_headroom with size None)."""
+    from adtr_deploy.data.mvtec import Sample
+    from adtr_deploy.train.trainer import training_headroom
+
+    image = np.full((512, 512, 3), 110, np.uint8)
+    image[::16, ::16] = 250  # one bright pixel in 256: single-pixel glints
+    path = tmp_path / "glints.png"
+    cv2.imwrite(str(path), image)
+    resized = training_headroom([Sample(path)], (64, 64))
+    native = training_headroom([Sample(path)], None)
+    assert resized["gain"] > 1.15 and native["values"] == [250, 250, 250] and native["gain"] < 1.15

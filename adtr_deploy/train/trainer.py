@@ -31,7 +31,7 @@ from adtr_deploy.errors import UserError
 from adtr_deploy.model.adtr import ADTR
 from adtr_deploy.model.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from adtr_deploy.model.config import ADTRConfig
-from adtr_deploy.preprocess import HEADROOM_WARN_GAIN, headroom, headroom_warning, value_histogram
+from adtr_deploy.preprocess import HEADROOM_WARN_GAIN, headroom, headroom_warning, read_image, value_histogram
 from adtr_deploy.tiling import Tiling, run_tiled
 from adtr_deploy.train import distributed
 from adtr_deploy.train.config import TrainConfig
@@ -122,7 +122,7 @@ def train(
     train_samples = [data.train[i] for i in train_idx] + list(extra_good[0])
     val_samples = [data.train[i] for i in val_idx] + list(extra_good[1])
     data_order = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in val_samples]}
-    room = training_headroom(train_samples, model_cfg.input_size)
+    room = training_headroom(train_samples, None if tiling is not None else model_cfg.input_size)
     room["highlights"] = highlights = _highlights(cfg, room, model_cfg, tiling, train_dataset)
     if w.is_main and headroom_warning(room):
         did = (
@@ -340,12 +340,15 @@ def _calibrate_and_evaluate(
         run.checkpoint(cfg.epochs, calibration=calibration, metrics=metrics)
 
 
-def training_headroom(samples: Sequence[Sample], size: tuple[int, int]) -> dict:
+def training_headroom(samples: Sequence[Sample], size: tuple[int, int] | None) -> dict:
     """How much brighter the light can get before the training images' brightest values clip (preprocess.headroom),
-    over the good images at the model's input size: adtr-train warns when it is less than the drift goal's +15 %."""
+    over the good images at the model's input size, or at their own (`size` None: a tiled model sees its images' own
+    pixels, whose small highlights a resize to the input size would average away): adtr-train warns when it is less
+    than the drift goal's +15 %."""
     hist = np.zeros((3, 256), dtype=np.int64)
     for s in samples:
-        hist += value_histogram(load_sample(s, size))
+        image = load_sample(s, size) if size is not None or s.pixels is not None else read_image(s.path)
+        hist += value_histogram(image)
     return headroom(hist)
 
 
