@@ -75,25 +75,21 @@ class Detector:
 
     def __init__(self, kind: str, model, train_images: list[np.ndarray]):
         self.kind, self.model = kind, model
-        self.bank = None
+        self.train_features = None  # the memory bank: every token of every training image
         if kind != "adtr":
-            f = _features(model, train_images, standardize=kind == "patchcore+norm")
-            self.bank = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+            self.train_features = _features(model, train_images, standardize=kind == "patchcore+norm")
 
     def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from adtr_deploy.bench.studies import score_tokens
+        from adtr_deploy.bench.studies import nearest_training_distance, score_tokens
 
         if self.kind == "adtr":
             with torch.no_grad():
                 out = [self.model(torch.from_numpy(np.stack(images[i : i + 16]))) for i in range(0, len(images), 16)]
             return torch.cat([m for m, _ in out])[:, 0].numpy(), torch.cat([s for _, s in out]).numpy()
         f = _features(self.model, images, standardize=self.kind == "patchcore+norm")
-        n, c, h, w = f.shape
-        query = f.permute(0, 2, 3, 1).reshape(-1, c)
-        d = torch.cat([torch.cdist(q, self.bank).min(dim=1).values for q in query.split(2048)])
-        return score_tokens(self.model, d.reshape(n, 1, h, w))
+        return score_tokens(self.model, nearest_training_distance(self.train_features, f))
 
 
 def measure(run: Path, data: Path, category: str, shifts: list[str], detectors: list[str]) -> list[dict]:
@@ -104,7 +100,8 @@ def measure(run: Path, data: Path, category: str, shifts: list[str], detectors: 
     model = model_from_checkpoint(ckpt).eval()
     size = tuple(model.cfg.input_size)
     calib_paths = [str(Path(p).resolve()) for p in ckpt["info"]["calibration_images"]]
-    train = [s for s in list_mvtec(data, category, "train") if str(Path(s.path).resolve()) not in set(calib_paths)]
+    held_out = set(calib_paths)
+    train = [s for s in list_mvtec(data, category, "train") if str(Path(s.path).resolve()) not in held_out]
     train_images = [prepare(read_image(s.path), size) for s in train]
     calib = [prepare(read_image(p), size) for p in calib_paths]
     defects = synthetic_defects(calib, seed=0)

@@ -124,14 +124,15 @@ def train(
     data_order = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in val_samples]}
     room = training_headroom(train_samples, None if tiling is not None else model_cfg.input_size)
     room["highlights"] = highlights = _highlights(cfg, room, model_cfg, tiling, train_dataset)
-    if w.is_main and headroom_warning(room):
+    warning = headroom_warning(room)
+    if w.is_main and warning:
         did = (
             f"; adtr-train therefore trains with clipped highlights (gains up to {1 + highlights:g}; "
             "--augment-highlights 0 turns it off)"
             if cfg.highlights is None and highlights > 0
             else ""
         )
-        print(f"warning: {headroom_warning(room)}{did}", file=sys.stderr, flush=True)
+        print(f"warning: {warning}{did}", file=sys.stderr, flush=True)
     if tiling is not None:
         if train_dataset is not None:
             raise UserError(f"--tile trains on crops of good images only; train --mode {cfg.mode} without --tile")
