@@ -4,7 +4,8 @@
         --work /tmp/ov --out benchmarks/results/openvino_cpu.json
 
 For each trained run, in one process:
-1. export with adtr-export's own export_checkpoint (TorchScript-based ONNX exporter), every export verified against the
+1. export with adtr-export's own export_checkpoint (`--exporter`: dynamo, adtr-export's default, or the TorchScript-based
+   one, whose graph computes its pads at run time), every export verified against the
    checkpoint on the good images of DATA/CATEGORY/test (a validation split: the run must not have trained on it):
    ONNX FP32, ONNX INT8, OpenVINO BF16, INT8 and INT8-BF16 (int8 layers, the rest bf16); an export refused by
    verification is exported again unverified (FOLDER-unverified) so its accuracy and speed can still be reported,
@@ -47,14 +48,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def export_all(run: Path, verify_images: Path, work: Path) -> dict[str, dict]:
+def export_all(run: Path, verify_images: Path, work: Path, dynamo: bool = True) -> dict[str, dict]:
     from adtr_deploy.export import export_checkpoint
     from adtr_deploy.export.verify import VerificationError
 
     out = {}
     for folder, (fmt, kwargs) in EXPORTS.items():
         t0 = time.time()
-        common = {"dynamo": False, "verify_images": str(verify_images)}
+        common = {"dynamo": dynamo, "verify_images": str(verify_images)}
         try:
             result = export_checkpoint(run, fmt, work / folder, **common, **kwargs)
             v = result.verification
@@ -141,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--run", action="append", required=True, help="CATEGORY=RUN_DIR (an adtr-train folder)")
     ap.add_argument("--time", default="", help="comma-separated categories to time (--choose-fastest's code)")
+    ap.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        default="dynamo",
+        help="ONNX exporter of every export (default: dynamo, what adtr-export writes by default)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--min-seconds", type=float, default=4.0)
     ap.add_argument("--work", type=Path, required=True, help="where the exports go (outside the repository)")
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         category, _, run = item.partition("=")
         work = args.work / category
         verify_images = args.data / category / "test" / "good"
-        exports = export_all(Path(run), verify_images, work)
+        exports = export_all(Path(run), verify_images, work, dynamo=args.exporter == "dynamo")
         entry = {"run": run, "exports": exports, "accuracy": evaluate_all(args.data, category, work, exports)}
         if category in args.time.split(","):
             files = sorted(p for p in (args.data / category / "test").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)

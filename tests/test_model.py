@@ -292,6 +292,18 @@ def test_mahalanobis_error_is_the_residuals_norm_under_its_shrunk_covariance():
         ADTR(get_preset("tiny", error_metric="l2")).set_error_statistics(mean, cov)
 
 
+def test_the_score_is_the_largest_window_mean_of_the_map_for_any_window_and_input_shape():
+    """The score's k x k mean is computed as two 1-D means (docs/bench.md, "The score window"): the same value."""
+    rng = np.random.default_rng(0)
+    for size, k in (((64, 64), 16), ((48, 80), 5), ((32, 40), 1)):
+        model = ADTR(get_preset("tiny").replace(input_size=size, score_pool=k)).eval()
+        err = torch.from_numpy(rng.gamma(2.0, 1.0, size=(3, 1, 7, 9)).astype(np.float32))
+        with torch.no_grad():
+            amap, score = model.map_and_score(err)
+        windows = np.lib.stride_tricks.sliding_window_view(amap[:, 0].double().numpy(), (k, k), axis=(1, 2))
+        np.testing.assert_allclose(score.numpy(), windows.mean(axis=(-1, -2)).max(axis=(1, 2)), rtol=1e-6)
+
+
 def test_gaussian_blur_option_smooths_the_map():
     cfg = get_preset("tiny")
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from adtr_deploy.export.formats import (
     ALL,
     CALIBRATION_METHODS,
     DEFAULT_CALIB_COUNT,
+    DEFAULT_CALIB_METHOD,
     FORMATS,
     PRECISIONS,
     QUANT_SCOPES,
@@ -105,7 +106,7 @@ def _describe(result) -> list[str]:
 @click.option(
     "--calib-method",
     type=click.Choice(list(CALIBRATION_METHODS)),
-    default="minmax",
+    default=DEFAULT_CALIB_METHOD,
     show_default=True,
     help="int8: how activation ranges are chosen from the calibration images.",
 )

@@ -22,6 +22,7 @@ from adtr_deploy.errors import UserError
 from adtr_deploy.export.formats import (
     ALL,
     DEFAULT_CALIB_COUNT,
+    DEFAULT_CALIB_METHOD,
     FORMATS,
     PRECISIONS,
     ExportOptions,
@@ -274,7 +275,7 @@ def export_checkpoint(
     device: str = "cuda:0",
     timing_cache: str | None = None,
     calib_images: str | None = None,
-    calib_method: str = "minmax",
+    calib_method: str = DEFAULT_CALIB_METHOD,
     calib_count: int = DEFAULT_CALIB_COUNT,
     quant_scope: str = "transformer",
     per_channel: bool = True,
@@ -292,8 +293,8 @@ def export_checkpoint(
     parity check (nothing is published then).
 
     INT8 (precision "int8"): calibrated on `calib_images` (a folder or glob of good images), else on the checkpoint's
-    calibration hold-out images plus its train/good images, at most `calib_count`, with `calib_method` (minmax,
-    entropy, percentile); images inside the evaluated test split are refused. `quant_scope` (all, backbone,
+    calibration hold-out images plus its train/good images, at most `calib_count`, with `calib_method` (percentile, the
+    default; minmax, entropy); images inside the evaluated test split are refused. `quant_scope` (all, backbone,
     transformer), `per_channel`, `reduce_range` and `quantize_outputs` (True: Conv/MatMul outputs are quantized too)
     choose what and how it quantizes (adtr_deploy/export/quantize.py); "int8-dynamic" uses per_channel/reduce_range.
     `pt2_device`: what the pt2 format compiles for and is verified on. `fuse` (ONNX, TensorRT, pt2): export the fused
