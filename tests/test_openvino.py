@@ -286,3 +286,23 @@ def test_concurrent_callers_share_the_streams_and_each_gets_its_own_outputs(imag
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "a caller is stuck"
     assert wrong == []
+
+
+def test_each_batch_size_gets_a_static_compilation_up_to_the_limit_and_gives_the_same_outputs(images):
+    """A dynamic-batch model compiled once more per batch part size (STATIC_SHAPES at most): same maps and scores as the
+    dynamic compilation and as ONNX Runtime; unequal parts over the streams, and sizes past the limit, run dynamic."""
+    from adtr_deploy.runtime.openvino import OpenVINOBackend
+
+    path = rf.onnx_model()
+    ref_map, ref_score = open_model(path, "cpu").run(images)
+    with OpenVINOBackend(path, threads=1, static_shapes=0) as dynamic:
+        dyn_map, dyn_score = dynamic.run(images)
+        assert dynamic.describe()["static_batch_sizes"] == []
+    with OpenVINOBackend(path, threads=2, streams=2, static_shapes=2) as engine:
+        for n in (1, 4, 6, 5, 2):  # parts of 1, 2, 3, unequal (3 + 2), then 1 again
+            amap, score = engine.run(images[:n])
+            assert _rel(score, ref_score[:n], ref_map) < TOL and _rel(amap, ref_map[:n], ref_map) < TOL, n
+            assert _rel(amap, dyn_map[:n], ref_map) < TOL
+        # part sizes 1 and 2 compiled static; 3 came past the limit of 2 and 5 split unequally: both ran dynamic
+        assert engine.describe()["static_batch_sizes"] == [1, 2]
+        assert all(r.compiled.inputs[0].get_partial_shape().is_static for r in engine._static.values())

@@ -7,7 +7,11 @@ only a BF16 or INT8-BF16 export (verified as such) runs in bf16 (an FP16 precisi
 offers it yet). `threads` and `streams` mean what they mean for ONNX
 Runtime: `threads` CPU threads in all (INFERENCE_NUM_THREADS; default: the physical cores), `streams` inference runs at
 once sharing them (OpenVINO's NUM_STREAMS, one infer request per stream; a batch is split over them as ONNX Runtime's
-streams split it, runtime/streams.py). Torch-free; openvino is imported only when this backend is chosen.
+streams split it, runtime/streams.py). Our exports keep the batch axis dynamic; OpenVINO's CPU plugin runs a model
+compiled for one static shape faster (INT8 at batch 1 about a quarter faster: docs/bench.md, "Static shapes"), so each
+batch size the backend meets gets its own static compilation, made the first time (about a second), for at most
+STATIC_SHAPES sizes; other sizes, and batches split into unequal parts over the streams, run on the dynamic one.
+Torch-free; openvino is imported only when this backend is chosen.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ PRECISION_HINTS: dict[str, str] = {
     "int8-dynamic": "f32",
     "int8-bf16": "bf16",  # an OpenVINO export: int8 where the graph says, the rest in bf16
 }
+# How many batch (part) sizes get a static-shape compilation of their own; each holds its own copy of the compiled
+# weights (a few MB to tens of MB for lite0), so a run that meets many sizes (a folder's last batch, a camera's
+# varying batches) is bounded. 0 turns static compilation off.
+STATIC_SHAPES = 4
 # where the spec lives in the model's rt_info: our IR (SPEC_RT_KEY), an ONNX file's metadata_props (framework/...)
 SPEC_RT_KEY = [METADATA_KEY]
 ONNX_SPEC_RT_KEY = ["framework", METADATA_KEY]
@@ -126,7 +134,7 @@ class _Requests:
     one run in 12 here hung for good inside infer's input copy (OpenVINO 2026.4, Python 3.10)."""
 
     def __init__(self, compiled, count: int):
-        self.count = count
+        self.compiled, self.count = compiled, count
         self._free = [compiled.create_infer_request() for _ in range(count)]
         self._cond = threading.Condition()
 
@@ -158,7 +166,15 @@ class OpenVINOBackend(Backend):
 
     name = "openvino"
 
-    def __init__(self, path: str | Path, device: str = "cpu", *, threads: int | None = None, streams: int = 1):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        *,
+        threads: int | None = None,
+        streams: int = 1,
+        static_shapes: int = STATIC_SHAPES,
+    ):
         ov = import_openvino()
         target = ov_device(device)
         if streams < 1:
@@ -203,22 +219,48 @@ class OpenVINOBackend(Backend):
         self.threads = (threads or physical_cores()) if target.startswith("CPU") else None
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
-        try:
-            self.compiled = core.compile_model(model, target, config)
-        except ov_errors() as exc:
-            raise BackendError(
-                f"OpenVINO could not compile {path} for {target} at {hint} ({last_line(exc)}); try --device cpu"
-            ) from None
+        self._core, self._config, self._model = core, config, model
+        self.target, self.hint, self.version = target, hint, ov.__version__
+        self.compiled = self._compile(model)
         ran = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.inference_precision = str(getattr(ran, "get_type_name", lambda: ran)())
         self.ov_streams = int(self.compiled.get_property("NUM_STREAMS"))
-        self.target, self.hint, self.version = target, hint, ov.__version__
         self._fetch = list(self.spec.output_names)
         self._requests = _Requests(self.compiled, streams)
         self.concurrency = streams
+        # batch part size -> requests of its static compilation; only for a dynamic batch axis
+        self._static: dict[int, _Requests] = {}
+        self._static_limit = static_shapes if not (shape and shape[0]) else 0
+        self._static_lock = threading.Lock()
+
+    def _compile(self, model):
+        try:
+            return self._core.compile_model(model, self.target, self._config)
+        except ov_errors() as exc:
+            raise BackendError(
+                f"OpenVINO could not compile {self.path} for {self.target} at {self.hint} ({last_line(exc)}); "
+                "try --device cpu"
+            ) from None
+
+    def _requests_for(self, count: int) -> _Requests:
+        """The requests a batch of `count` images runs on: the static compilation of its part size (made now if this is
+        a new size and fewer than STATIC_SHAPES exist), else the dynamic one."""
+        parts = max(1, min(self.concurrency, count))
+        if count % parts or not self._static_limit:
+            return self._requests
+        size = count // parts
+        with self._static_lock:  # a new size compiles once, while other callers of new sizes wait
+            requests = self._static.get(size)
+            if requests is None and len(self._static) < self._static_limit:
+                model = self._model.clone()
+                h, w = self.spec.input_size
+                model.reshape({model.inputs[0].get_any_name(): [size, h, w, 3]})
+                requests = self._static[size] = _Requests(self._compile(model), self.concurrency)
+        return requests or self._requests
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        amap, score = self._requests.run(self._fetch, self.check_batch(batch))
+        batch = self.check_batch(batch)
+        amap, score = self._requests_for(len(batch)).run(self._fetch, batch)
         return self.as_outputs(amap, score)
 
     def describe(self) -> dict:
@@ -231,4 +273,5 @@ class OpenVINOBackend(Backend):
             "inference_precision": self.inference_precision,  # what the plugin runs: f32 where the CPU lacks BF16
             "threads": self.threads,
             "streams": self.ov_streams,
+            "static_batch_sizes": sorted(self._static),  # part sizes compiled for a static shape so far
         }
