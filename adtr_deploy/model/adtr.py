@@ -351,7 +351,7 @@ class ADTR(nn.Module):
             amap = F.conv2d(F.pad(amap, (pad, pad, pad, pad), mode="replicate"), self.blur_kernel)
         # The k x k mean as a k x 1 mean of 1 x k means: the same sums in another order (scores agree to ~1e-7
         # relative), 2k additions per pixel instead of k*k. OpenVINO's CPU plugin spent 2.6 ms of a 16 ms INT8 inference
-        # on one 16 x 16 window (docs/bench.md, "The score window").
+        # on one 16 x 16 window (docs/bench.md, "The score window, the exporter and the calibration").
         k = self.cfg.score_pool
         pooled = F.avg_pool2d(F.avg_pool2d(amap, (k, 1), stride=1), (1, k), stride=1)
         score = torch.amax(pooled, dim=(1, 2, 3))  # (N,)

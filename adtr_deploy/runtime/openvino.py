@@ -8,7 +8,7 @@ offers it yet). `threads` and `streams` mean what they mean for ONNX
 Runtime: `threads` CPU threads in all (INFERENCE_NUM_THREADS; default: the physical cores), `streams` inference runs at
 once sharing them (OpenVINO's NUM_STREAMS, one infer request per stream; a batch is split over them as ONNX Runtime's
 streams split it, runtime/streams.py). Our exports keep the batch axis dynamic; OpenVINO's CPU plugin runs a model
-compiled for one static shape faster (INT8 at batch 1 about a quarter faster: docs/bench.md, "Static shapes"), so each
+compiled for one static shape faster (INT8 9-15 % at batch 1, 4-12 % at batch 8: docs/bench.md, "Static shapes"), so each
 batch size the backend meets gets its own static compilation, made the first time (about a second), for at most
 STATIC_SHAPES sizes; other sizes, and batches split into unequal parts over the streams, run on the dynamic one.
 Torch-free; openvino is imported only when this backend is chosen.
@@ -232,6 +232,9 @@ class OpenVINOBackend(Backend):
         self._static: dict[int, _Requests] = {}
         self._static_limit = static_shapes if not (shape and shape[0]) else 0
         self._static_lock = threading.Lock()
+        self.static_error: str | None = None  # why a static compilation failed (then only the dynamic one runs)
+        if not self._static_limit:
+            self._model = None
 
     def _compile(self, model):
         try:
@@ -246,16 +249,25 @@ class OpenVINOBackend(Backend):
         """The requests a batch of `count` images runs on: the static compilation of its part size (made now if this is
         a new size and fewer than STATIC_SHAPES exist), else the dynamic one."""
         parts = max(1, min(self.concurrency, count))
-        if count % parts or not self._static_limit:
+        if count % parts:
             return self._requests
         size = count // parts
+        requests = self._static.get(size)
+        if requests is not None or self._model is None:
+            return requests or self._requests
         with self._static_lock:  # a new size compiles once, while other callers of new sizes wait
             requests = self._static.get(size)
-            if requests is None and len(self._static) < self._static_limit:
+            if requests is None and self._model is not None:
                 model = self._model.clone()
                 h, w = self.spec.input_size
-                model.reshape({model.inputs[0].get_any_name(): [size, h, w, 3]})
-                requests = self._static[size] = _Requests(self._compile(model), self.concurrency)
+                try:
+                    model.reshape({model.inputs[0].get_any_name(): [size, h, w, 3]})
+                    requests = self._static[size] = _Requests(self._compile(model), self.concurrency)
+                except (BackendError, *ov_errors()) as exc:  # an optimization only: the dynamic compilation runs
+                    self.static_error, self._model = last_line(exc), None
+                    return self._requests
+                if len(self._static) >= self._static_limit:
+                    self._model = None  # the limit is reached: the graph (and its weights) is no longer needed
         return requests or self._requests
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,4 +286,5 @@ class OpenVINOBackend(Backend):
             "threads": self.threads,
             "streams": self.ov_streams,
             "static_batch_sizes": sorted(self._static),  # part sizes compiled for a static shape so far
+            **({"static_error": self.static_error} if self.static_error else {}),
         }
