@@ -69,8 +69,9 @@ engine_options = options(
         "--backend",
         default="auto",
         show_default=True,
-        help="auto (by file suffix), onnxruntime, openvino (model.onnx or model.xml), tensorrt, torchscript, pt2, or "
-        "triton (then --model is the served model's name).",
+        help="auto (by file suffix), onnxruntime, openvino (model.onnx or model.xml; each batch size is compiled once "
+        "for its static shape, about a second at its first batch), tensorrt, torchscript, pt2, or triton (then --model "
+        "is the served model's name).",
     ),
     click.option(
         "--url", default=None, help="Triton server HOST:PORT (with --backend triton). Default: localhost:8000 (http)."
