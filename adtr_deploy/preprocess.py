@@ -189,18 +189,18 @@ def headroom_warning(room: dict, threshold: float = HEADROOM_WARN_GAIN) -> str |
     """One sentence when the training images leave less than `threshold` of brightening before they clip, else None."""
     if room["gain"] >= threshold:
         return None
+    advice = f"lower the camera's exposure or gain so good parts stay below about {int(255 / threshold)}"
     if max(room["values"]) >= 255:
         return (
             f"{100 * max(room['at_255']):.2f} % of the training images' {room['channel']} values are already clipped at "
             "255: that texture is lost, and a brighter light clips more of it, a change the model cannot undo "
-            "(docs/robustness.md); lower the camera's exposure or gain so good parts stay below about "
-            f"{int(255 / threshold)}"
+            f"(docs/robustness.md); {advice}"
         )
     return (
         f"the training images' brightest values reach {max(room['values'])} ({room['channel']}, "
         f"{100 * room['quantile']:.1f}th percentile): a light {100 * (room['gain'] - 1):.0f} % brighter clips them at "
         "255, and clipped texture is a change the model cannot undo (docs/robustness.md); if the line's light can rise, "
-        f"lower the camera's exposure or gain so good parts stay below about {int(255 / threshold)}"
+        f"{advice}"
     )
 
 
